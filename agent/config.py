@@ -1,0 +1,236 @@
+"""Every setting as a typed dataclass field; TOML file, then CLI flags, then validation.
+
+Each field's metadata says what it means and what is allowed, so the same table drives the
+TOML loader, the generated `--section-key` flags, validation messages and the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-voice-agent/config.toml")
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, lo: float | None = None,
+       hi: float | None = None, alias: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi,
+                                             "alias": alias})
+
+
+@dataclass
+class AudioConfig:
+    source: str = _f("mic", "mic, mic:NAME_OR_INDEX, or an audio file path", alias="source")
+    speed: float = _f(0.0, "pace file sources at X times real time; 0 = as fast as possible",
+                      lo=0.0, hi=1000.0, alias="speed")
+    block_ms: int = _f(100, "audio read size in milliseconds", lo=10, hi=1000)
+    mic_rate: int = _f(0, "microphone sample rate in Hz; 0 = the device's default",
+                       lo=0, hi=192000)
+    mic_channels: int = _f(0, "microphone channels (down-mixed to mono); 0 = device default",
+                           lo=0, hi=32)
+    queue_blocks: int = _f(100, "capture queue length in blocks; overflow is counted, never blocks",
+                           lo=2, hi=10000)
+
+
+@dataclass
+class VadConfig:
+    frame_ms: int = _f(30, "webrtcvad frame length", choices=(10, 20, 30))
+    aggressiveness: int = _f(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)", lo=0, hi=3)
+    preroll_ms: int = _f(150, "audio kept before the trigger and given to the model", lo=0, hi=1000)
+    trigger_frames: int = _f(2, "speech frames within trigger_window that start an utterance",
+                             lo=1, hi=50)
+    trigger_window: int = _f(3, "frames considered for the trigger", lo=1, hi=50)
+    hangover_ms: int = _f(240, "non-speech after the last speech frame that ends an utterance",
+                          lo=0, hi=3000)
+    min_speech_ms: int = _f(90, "utterances with less speech than this are discarded",
+                            lo=0, hi=5000)
+    max_utterance_ms: int = _f(3000, "utterances are force-cut at this length", lo=100, hi=60000)
+    energy_gate_db: float = _f(6.0, "a frame counts as speech only this far above the noise floor",
+                               lo=0.0, hi=60.0)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "model directory (model.onnx + manifest.json); empty = bundled default",
+                   alias="model")
+    threads: int = _f(1, "ONNX Runtime intra-op threads", lo=1, hi=64)
+
+
+@dataclass
+class DecisionConfig:
+    mode: str = _f("partial", "degree of automation",
+                   choices=("off", "shadow", "assist", "partial", "full"), alias="mode")
+    threshold: float = _f(-1.0, "confidence to act at; -1 = the model's calibrated threshold",
+                          lo=-1.0, hi=1.0, alias="threshold")
+
+
+@dataclass
+class OutputConfig:
+    decisions: str = _f("", "decisions JSON Lines path, '-' for stdout; empty = STATE_DIR/"
+                        "decisions.jsonl", alias="decisions")
+
+
+@dataclass
+class TelemetryConfig:
+    sink: str = _f("none", "where aggregated monitoring goes", choices=("none",),
+                   alias="telemetry")
+
+
+@dataclass
+class AgentConfig:
+    device_id: str = _f("", "device id in telemetry; empty = derived from the machine",
+                        alias="device-id")
+    state_dir: str = _f("", "local state (decisions, baselines, outbox); empty = "
+                        "$STATE_DIRECTORY or ~/.local/state/edge-voice-agent",
+                        alias="state-dir")
+
+
+@dataclass
+class Config:
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def state_path(self) -> Path:
+        if self.agent.state_dir:
+            return Path(self.agent.state_dir)
+        if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "edge-voice-agent"
+
+    def decisions_target(self) -> str:
+        return self.output.decisions or str(self.state_path() / "decisions.jsonl")
+
+
+def sections() -> list[tuple[str, type]]:
+    return [(f.name, f.type if isinstance(f.type, type) else globals()[f.type])
+            for f in dataclasses.fields(Config)]
+
+
+def settings() -> list[tuple[str, dataclasses.Field]]:
+    """All (section, field) pairs in declaration order."""
+    return [(name, f) for name, cls in sections() for f in dataclasses.fields(cls)]
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = f.type
+    return {"str": str, "int": int, "float": float, "bool": bool}.get(t, t) if isinstance(t, str) \
+        else t
+
+
+def coerce(section: str, f: dataclasses.Field, value: Any, origin: str) -> Any:
+    """Convert and check one value; raise ConfigError naming key, value and what is allowed."""
+    key = f"{section}.{f.name}"
+    t = _field_type(f)
+    meta = f.metadata
+    try:
+        if t is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = value.lower() in ("true", "1", "yes")
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif t is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {key} = {value!r} is not a valid {t.__name__}; "
+                          f"allowed: {_allowed(f)}") from None
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{origin}: {key} = {value!r} is not allowed; allowed: {_allowed(f)}")
+    if (meta["lo"] is not None and value < meta["lo"]) or \
+            (meta["hi"] is not None and value > meta["hi"]):
+        raise ConfigError(f"{origin}: {key} = {value!r} is out of range; allowed: {_allowed(f)}")
+    return value
+
+
+def _allowed(f: dataclasses.Field) -> str:
+    m = f.metadata
+    if m["choices"] is not None:
+        return ", ".join(str(c) for c in m["choices"])
+    t = _field_type(f).__name__
+    if m["lo"] is not None:
+        return f"{t} from {m['lo']:g} to {m['hi']:g}"
+    return t
+
+
+def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file (if any), then `overrides` {"section.key": value}; validated."""
+    cfg = Config()
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; pass an existing file to "
+                              "--config") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the syntax") \
+                from None
+        _apply_mapping(cfg, data, str(path))
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        _set(cfg, section, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def _apply_mapping(cfg: Config, data: dict, origin: str) -> None:
+    known = dict(sections())
+    for section, values in data.items():
+        if section not in known:
+            raise ConfigError(f"{origin}: unknown section [{section}]; allowed: "
+                              f"{', '.join(known)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: {section} must be a table [{section}]")
+        for key, value in values.items():
+            _set(cfg, section, key, value, origin)
+
+
+def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    sec = getattr(cfg, section, None)
+    fields = {f.name: f for f in dataclasses.fields(sec)} if sec is not None else {}
+    if key not in fields:
+        allowed = ", ".join(fields) if fields else ", ".join(n for n, _ in sections())
+        raise ConfigError(f"{origin}: unknown setting {section}.{key}; allowed: {allowed}")
+    setattr(sec, key, coerce(section, fields[key], value, origin))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules that single-field checks cannot express."""
+    v = cfg.vad
+    if v.trigger_frames > v.trigger_window:
+        raise ConfigError(f"vad.trigger_frames = {v.trigger_frames} exceeds vad.trigger_window = "
+                          f"{v.trigger_window}; allowed: trigger_frames <= trigger_window")
+    if v.max_utterance_ms <= v.min_speech_ms:
+        raise ConfigError(f"vad.max_utterance_ms = {v.max_utterance_ms} must exceed "
+                          f"vad.min_speech_ms = {v.min_speech_ms}")
+
+
+def flag_name(section: str, f: dataclasses.Field) -> str:
+    return f"--{section}-{f.name.replace('_', '-')}"
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)

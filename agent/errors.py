@@ -1,0 +1,13 @@
+"""One error type whose message is a single line naming the thing and the fix."""
+
+
+class AgentError(Exception):
+    """An error the user can act on; the CLI prints it as one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class ConfigError(AgentError):
+    """Invalid configuration (file or flag): exit code 2, like argparse usage errors."""
+
+    exit_code = 2
