@@ -51,7 +51,7 @@ class VadConfig:
     min_speech_ms: int = _f(90, "utterances with less speech than this are discarded",
                             lo=0, hi=5000)
     max_utterance_ms: int = _f(3000, "utterances are force-cut at this length", lo=100, hi=60000)
-    energy_gate_db: float = _f(6.0, "a frame counts as speech only this far above the noise floor",
+    energy_gate_db: float = _f(3.0, "a frame counts as speech only this far above the noise floor",
                                lo=0.0, hi=60.0)
 
 
@@ -60,6 +60,8 @@ class ModelConfig:
     path: str = _f("", "model directory (model.onnx + manifest.json); empty = bundled default",
                    alias="model")
     threads: int = _f(1, "ONNX Runtime intra-op threads", lo=1, hi=64)
+    thresholds: str = _f("", "thresholds.json for this model; empty = the bundled "
+                         "calibration/<model name>/thresholds.json")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Audio I/O edge (sources) and the stream conditioning that follows it (mono, resampling)."""
