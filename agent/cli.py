@@ -39,9 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="On-device spoken-digit recognition with "
                                 "calibrated confidence and aggregated fleet monitoring.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    p.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="stderr log level [INFO]")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     run = sub.add_parser("run", help="listen to a microphone or file and decide on each utterance")
     _add_settings(run)
@@ -123,7 +131,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    try:
+    try:  # fail before any work when the extra is missing
+        import skl2onnx  # noqa: F401
+        import sklearn  # noqa: F401
+
         from agent.training.train import train
     except ImportError as e:
         raise AgentError(f"training needs the 'train' extra ({e.name} is missing); install it "

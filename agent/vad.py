@@ -182,4 +182,4 @@ class Segmenter:
             return None
         return Utterance(start=start, end=end, audio_start=audio_start, audio=audio,
                          rate=self.rate, speech_frames=speech, forced_cut=forced,
-                         emitted_at=self.clock)
+                         emitted_at=self._clock)
