@@ -57,13 +57,16 @@ class Pipeline:
     def clock_s(self) -> float:
         return self.segmenter.clock / self.rate
 
-    def feed(self, block: AudioBlock) -> list[Decision]:
+    def condition(self, block: AudioBlock) -> np.ndarray:
+        """Mono at the model's rate: the same conditioning whatever the source."""
         if self._resampler is None or self._resampler.in_rate != block.rate:
             self._resampler = Resampler(block.rate, self.rate)
+        return self._resampler.process(to_mono(block.samples))
+
+    def feed(self, block: AudioBlock) -> list[Decision]:
         dropped = block.dropped * self.rate // block.rate
         self.dropped_frames += dropped
-        samples = self._resampler.process(to_mono(block.samples))
-        return self._consume(samples, dropped)
+        return self._consume(self.condition(block), dropped)
 
     def finish(self) -> list[Decision]:
         """End of stream: drain the resampler and close the utterance in progress."""
