@@ -1,0 +1,137 @@
+"""Build the stats and alarm payloads (schema 1, docs/stats.schema.json, docs/alarm.schema.json).
+
+Pure functions: the caller passes the window, drift scores, identity and process figures, and a
+wall-clock anchor for audio time 0 (the only place wall time enters: to label windows in UTC).
+
+Encoding choices that keep a payload with every metric filled far below 8 KB:
+* `hist` is run-trimmed: [first_bin, count, count, ...] -- the counts of consecutive bins from
+  the first to the last non-empty one ([] when empty); bin indices as in agent.metric_catalog
+  (0 = underflow, len(edges) = overflow). Edges are not repeated: they are part of schema 1.
+  `Histogram.from_compact(spec.edges, hist, ...)` rebuilds it on the operator side.
+* floats are rounded to 5 significant digits (window bounds to 1 ms, drift scores to 4
+  decimals); counts are exact, so operators can still merge histograms exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.drift import AlarmEvent, DriftScore
+from agent.metric_catalog import METRICS, MetricSpec
+from agent.privacy import DEFAULT_K, class_outputs
+from agent.windows import Histogram, WindowSummary
+
+STATS_SCHEMA = 1
+ALARM_SCHEMA = 1
+MAX_PAYLOAD_BYTES = 8192
+ACCURACY_METHOD = "mean_calibrated_top_probability"
+ACCURACY_VALID_IF = "calibration_holds"
+
+
+def payload_bytes(payload: Any) -> bytes:
+    """Compact UTF-8 JSON, the same encoding the telemetry sinks put on the wire."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def iso_utc(epoch_s: float) -> str:
+    """ISO 8601 UTC with milliseconds and a Z: 2024-05-01T12:00:00.000Z."""
+    dt = datetime.fromtimestamp(round(epoch_s, 3), tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def _anchor_epoch(utc_anchor: float | datetime) -> float:
+    if isinstance(utc_anchor, datetime):
+        if utc_anchor.tzinfo is None:
+            raise ValueError("utc_anchor must be timezone-aware (wall time at audio time 0)")
+        return utc_anchor.timestamp()
+    return float(utc_anchor)
+
+
+def _num(x: float | None, digits: int = 5) -> float | None:
+    """Round to `digits` significant digits; None stays None."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
+def metric_entry(spec: MetricSpec, h: Histogram, min_values: int = 1) -> dict[str, Any]:
+    """One `metrics` entry. Below `min_values` values only stage and count are published."""
+    n = h.count
+    if n == 0 or n < min_values:
+        return {"stage": spec.stage, "count": n, "mean": None, "min": None, "max": None,
+                "p50": None, "p95": None, "hist": []}
+    return {"stage": spec.stage, "count": n, "mean": _num(h.mean), "min": _num(h.min),
+            "max": _num(h.max), "p50": _num(h.quantile(0.5)), "p95": _num(h.quantile(0.95)),
+            "hist": h.compact()}
+
+
+def drift_entry(d: DriftScore | None, active: bool) -> dict[str, Any]:
+    """One `drift` entry; state is alarm (a rule on the metric is raised), ok, or no_data."""
+    if d is None or d.score is None:
+        return {"score": None, "baseline": None, "state": "alarm" if active else "no_data"}
+    return {"score": round(d.score, 4), "baseline": d.baseline,
+            "state": "alarm" if active else "ok"}
+
+
+def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None, *,
+                  device_id: str, boot_id: str, seq: int, model: Mapping[str, Any],
+                  process: Mapping[str, Any], utc_anchor: float | datetime,
+                  historical: bool = False, k: int = DEFAULT_K,
+                  active_alarms: Collection[str] = (),
+                  catalog: Sequence[MetricSpec] = METRICS, min_values: int = 1) -> dict[str, Any]:
+    """The `{prefix}/{device_id}/stats` payload for one closed window (or roll-up).
+
+    `utc_anchor` is the wall-clock time (epoch seconds or an aware datetime) of audio time 0.
+    `estimated_accuracy` is the mean calibrated top probability of the window's decisions; it
+    estimates accuracy only while the model's calibration holds, which the payload states.
+    """
+    t0 = _anchor_epoch(utc_anchor)
+    drift = drift or {}
+    metrics = {}
+    for m in catalog:
+        h = summary.hists.get(m.name)
+        metrics[m.name] = metric_entry(m, h if h is not None else Histogram(m.edges), min_values)
+    conf = summary.hists.get("confidence")
+    n_conf = conf.count if conf is not None else 0
+    return {
+        "schema": STATS_SCHEMA,
+        "device_id": device_id,
+        "boot_id": boot_id,
+        "seq": int(seq),
+        "historical": bool(historical),
+        "window": {"start_s": round(summary.start_s, 3), "end_s": round(summary.end_s, 3),
+                   "start_utc": iso_utc(t0 + summary.start_s),
+                   "end_utc": iso_utc(t0 + summary.end_s)},
+        "counts": {k_: int(summary.counts.get(k_, 0)) for k_ in
+                   ("frames", "speech_frames", "utterances", "accepted", "abstained",
+                    "dropped_frames")},
+        "metrics": metrics,
+        "drift": {m.name: drift_entry(drift.get(m.name), m.name in active_alarms)
+                  for m in catalog},
+        "estimated_accuracy": {"value": _num(conf.mean, 4) if n_conf else None, "n": n_conf,
+                               "method": ACCURACY_METHOD, "valid_if": ACCURACY_VALID_IF},
+        "outputs": class_outputs(summary.classes, summary.counts.get("utterances", 0), k),
+        "model": dict(model),
+        "process": {key: (_num(v) if isinstance(v, float) else v)
+                    for key, v in process.items()},
+    }
+
+
+def alarm_payload(event: AlarmEvent, *, device_id: str, boot_id: str, seq: int
+                  ) -> dict[str, Any]:
+    """The `{prefix}/{device_id}/alarm` payload for one raised/cleared transition."""
+    return {
+        "schema": ALARM_SCHEMA,
+        "device_id": device_id,
+        "boot_id": boot_id,
+        "seq": int(seq),
+        "metric": event.metric,
+        "stage": event.stage,
+        "state": event.state,
+        "value": _num(event.value),
+        "threshold": float(event.threshold),
+        "window_end_s": round(event.window_end_s, 3),
+        "reason": event.reason,
+    }
