@@ -79,9 +79,52 @@ class OutputConfig:
 
 
 @dataclass
+class MonitoringConfig:
+    window_s: float = _f(60.0, "stats window length in audio seconds", lo=1.0, hi=86400.0,
+                         alias="window")
+    drift_method: str = _f("js", "drift score: js (Jensen-Shannon distance, bounded 0-1) or psi",
+                           choices=("js", "psi"))
+    drift_span_s: float = _f(30.0, "drift is scored on the trailing windows covering this span",
+                             lo=1.0, hi=86400.0)
+    device_baseline_s: float = _f(120.0, "audio seconds the device baseline is learned from",
+                                  lo=1.0, hi=30 * 86400.0)
+    device_baseline_min_utterances: int = _f(20, "utterances needed before the device baseline "
+                                             "freezes", lo=0, hi=100000)
+    k: int = _f(20, "class counts are published only for windows with at least k utterances",
+                lo=1, hi=100000)
+    baseline: str = _f("", "training baseline.json; empty = the bundled calibration/<model>/"
+                       "baseline.json")
+
+
+@dataclass
 class TelemetryConfig:
-    sink: str = _f("none", "where aggregated monitoring goes", choices=("none",),
-                   alias="telemetry")
+    sink: str = _f("none", "where aggregated monitoring goes: none, stdout, file:PATH, "
+                   "mqtt://HOST:PORT or mqtts://HOST:PORT", alias="telemetry")
+    prefix: str = _f("eva", "topic prefix: {prefix}/{device_id}/stats|alarm|status|birth")
+    username: str = _f("", "MQTT username; empty = the device id when a password file is set")
+    password_file: str = _f("", "file whose first line is the MQTT password")
+    ca_file: str = _f("", "mqtts: CA bundle; empty = the system trust store")
+    cert_file: str = _f("", "mqtts: client certificate (with key_file)")
+    key_file: str = _f("", "mqtts: client private key")
+    keepalive_s: int = _f(30, "MQTT keepalive", lo=5, hi=3600)
+    mqtt_protocol: str = _f("auto", "MQTT protocol: auto = 5 with a 3.1.1 fallback",
+                            choices=("auto", "5", "3.1.1"))
+    max_inflight: int = _f(16, "QoS 1 messages in flight before waiting for acknowledgements",
+                           lo=1, hi=1000)
+    reconnect_min_s: float = _f(1.0, "first reconnect delay (doubles, with jitter)",
+                                lo=0.05, hi=600.0)
+    reconnect_max_s: float = _f(60.0, "longest reconnect delay", lo=0.1, hi=3600.0)
+    outbox_max_messages: int = _f(10000, "outbox bound in messages (oldest dropped, counted)",
+                                  lo=1, hi=10_000_000)
+    outbox_max_bytes: int = _f(16 * 1024 * 1024, "outbox bound in bytes", lo=1024, hi=2**40)
+    outbox_max_age_s: float = _f(7 * 86400.0, "outbox messages older than this are dropped",
+                                 lo=1.0, hi=365 * 86400.0)
+    outbox_sync: str = _f("normal", "normal: survives kill -9; full: also power loss (one fsync "
+                          "per message)", choices=("normal", "full"))
+    historical_on_reconnect: bool = _f(False, "also mark messages queued during an outage "
+                                       "historical (not only those from an earlier process)")
+    drain_timeout_s: float = _f(10.0, "at the end of a file source, wait this long for the "
+                                "outbox to drain", lo=0.0, hi=3600.0, alias="drain-timeout")
 
 
 @dataclass
@@ -101,7 +144,21 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    # Alarm rules are tables keyed by metric ([alarms.snr_db] ...); validated by agent.drift.
+    alarms: dict = field(default_factory=dict)
+    rollup_alarms: dict = field(default_factory=dict)
+
+    def alarm_rules(self) -> list:
+        from agent.drift import DEFAULT_ALARMS, rules_from_config
+
+        return rules_from_config(self.alarms or DEFAULT_ALARMS, "alarms")
+
+    def rollup_alarm_rules(self) -> list:
+        from agent.drift import DEFAULT_ROLLUP_ALARMS, rules_from_config
+
+        return rules_from_config(self.rollup_alarms or DEFAULT_ROLLUP_ALARMS, "rollup_alarms")
 
     def state_path(self) -> Path:
         if self.agent.state_dir:
@@ -115,9 +172,13 @@ class Config:
         return self.output.decisions or str(self.state_path() / "decisions.jsonl")
 
 
+RULE_SECTIONS = ("alarms", "rollup_alarms")
+
+
 def sections() -> list[tuple[str, type]]:
+    """The scalar-setting sections (alarm rule tables are handled apart)."""
     return [(f.name, f.type if isinstance(f.type, type) else globals()[f.type])
-            for f in dataclasses.fields(Config)]
+            for f in dataclasses.fields(Config) if f.name not in RULE_SECTIONS]
 
 
 def settings() -> list[tuple[str, dataclasses.Field]]:
@@ -201,9 +262,14 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
 def _apply_mapping(cfg: Config, data: dict, origin: str) -> None:
     known = dict(sections())
     for section, values in data.items():
+        if section in RULE_SECTIONS:
+            if not isinstance(values, dict | list):
+                raise ConfigError(f"{origin}: [{section}] must hold tables, one per metric")
+            setattr(cfg, section, values)
+            continue
         if section not in known:
             raise ConfigError(f"{origin}: unknown section [{section}]; allowed: "
-                              f"{', '.join(known)}")
+                              f"{', '.join([*known, *RULE_SECTIONS])}")
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: {section} must be a table [{section}]")
         for key, value in values.items():
@@ -228,6 +294,14 @@ def validate(cfg: Config) -> None:
     if v.max_utterance_ms <= v.min_speech_ms:
         raise ConfigError(f"vad.max_utterance_ms = {v.max_utterance_ms} must exceed "
                           f"vad.min_speech_ms = {v.min_speech_ms}")
+    from agent.telemetry.sinks import parse_sink_spec
+
+    try:
+        parse_sink_spec(cfg.telemetry.sink)
+    except ConfigError as e:
+        raise ConfigError(f"telemetry.sink: {e}") from None
+    cfg.alarm_rules()          # raise ConfigError naming the bad rule key, if any
+    cfg.rollup_alarm_rules()
 
 
 def flag_name(section: str, f: dataclasses.Field) -> str:

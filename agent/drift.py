@@ -393,6 +393,18 @@ DEFAULT_ALARMS: dict[str, Any] = {
 }
 
 
+# Gradual drift: hourly and daily roll-ups against the training baseline. Many values per
+# roll-up make the scores stable, so thresholds are lower and one roll-up in a row suffices.
+DEFAULT_ROLLUP_ALARMS: dict[str, Any] = {
+    "confidence": {"on": "drift", "threshold": 0.3, "raise_after": 1, "clear_after": 1,
+                   "min_count": 100, "baseline": "training"},
+    "input_rms_dbfs": {"on": "drift", "threshold": 0.4, "raise_after": 1, "clear_after": 1,
+                       "min_count": 100, "baseline": "training"},
+    "utterance_length_s": {"on": "drift", "threshold": 0.4, "raise_after": 1, "clear_after": 1,
+                           "min_count": 100, "baseline": "training"},
+}
+
+
 @dataclass
 class _RuleState:
     raised: bool = False

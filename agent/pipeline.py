@@ -86,7 +86,8 @@ class Pipeline:
         probs = None
         label = confidence = margin = None
         accepted = False
-        if self.model is not None and self.policy.runs_model:
+        runs = self.model is not None and self.policy.runs_model
+        if runs:
             feats = extract(u.audio, self.model.manifest.features)
             probs = self.model.predict(feats[None, :])[0]
             label, confidence, margin, accepted = self.policy.decide(
@@ -95,7 +96,7 @@ class Pipeline:
         d = Decision(start=u.start / self.rate, end=u.end / self.rate,
                      decided_at=u.emitted_at / self.rate, label=label, confidence=confidence,
                      accepted=accepted,
-                     model=self.model.manifest.ref if self.model is not None else None,
+                     model=self.model.manifest.ref if runs else None,
                      latency_ms=latency_ms, margin=margin, mode=self.policy.mode,
                      forced_cut=u.forced_cut)
         outcome = Outcome(u, d, probs)

@@ -3,6 +3,7 @@ threads, writes decisions locally, and stops cleanly on a signal or at the end o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
@@ -13,13 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from agent import __version__
 from agent.audio.sources import AudioBlock, open_source
-from agent.config import Config
+from agent.config import Config, to_dict
 from agent.decision import Decision, Policy, Thresholds
+from agent.drift import Baseline, DeviceBaselineLearner
 from agent.errors import AgentError
+from agent.metric_catalog import METRICS
 from agent.model import ModelRunner
+from agent.monitor import Monitor
 from agent.pipeline import Pipeline
 from agent.resources import calibration_dir, default_model_dir
+from agent.telemetry.device_id import resolve_device_id
+from agent.telemetry.sinks import Sink, make_sink
 
 log = logging.getLogger("edge-voice-agent")
 
@@ -50,6 +57,85 @@ def build_pipeline(cfg: Config) -> Pipeline:
         return Pipeline(cfg.vad, model, Policy("off", 1.0, model.manifest.unknown_label))
     model = load_model(cfg)
     return Pipeline(cfg.vad, model, load_policy(cfg, model))
+
+
+def config_digest(cfg: Config) -> str:
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_info(pipeline: Pipeline) -> dict:
+    m = pipeline.model.manifest if pipeline.model else None
+    return {"name": m.name if m else "none", "version": m.version if m else "",
+            "sha256": m.sha256 if m else "", "mode": pipeline.policy.mode,
+            "threshold": round(pipeline.policy.threshold, 6)}
+
+
+def birth_payload(cfg: Config, pipeline: Pipeline, device_id: str, boot_id: str,
+                  baselines: list[str]) -> dict:
+    """Everything a consumer needs to decode this boot's stats: versions and metric schema."""
+    return {"schema": 1, "device_id": device_id, "boot_id": boot_id,
+            "agent_version": __version__, "model": model_info(pipeline),
+            "config_digest": config_digest(cfg), "window_s": cfg.monitoring.window_s,
+            "drift_method": cfg.monitoring.drift_method, "k": cfg.monitoring.k,
+            "baselines": baselines,
+            "metrics": {m.name: {"stage": m.stage, "unit": m.unit, "edges": list(m.edges)}
+                        for m in METRICS}}
+
+
+def load_training_baseline(cfg: Config, pipeline: Pipeline) -> Baseline | None:
+    if pipeline.model is None:
+        return None
+    path = Path(cfg.monitoring.baseline) if cfg.monitoring.baseline else \
+        calibration_dir(pipeline.model.manifest.name) / "baseline.json"
+    if not path.is_file():
+        if cfg.monitoring.baseline:
+            raise AgentError(f"training baseline {path} does not exist; run "
+                             "'edge-voice-agent calibrate' or fix monitoring.baseline")
+        log.warning("no training baseline at %s: drift is scored against the device baseline "
+                    "only (run 'edge-voice-agent calibrate')", path)
+        return None
+    b = Baseline.load(path)
+    if b.meta.get("model_sha256") not in (None, pipeline.model.manifest.sha256):
+        log.warning("training baseline %s was made for another model build; recalibrate", path)
+    return Baseline(name="training", hists=b.hists, meta=b.meta)
+
+
+def build_monitor(cfg: Config, pipeline: Pipeline, device_id: str, emit) -> Monitor:
+    state = cfg.state_path()
+    baselines = [b for b in [load_training_baseline(cfg, pipeline)] if b is not None]
+    ref = pipeline.model.manifest.ref if pipeline.model else "none"
+    learner = DeviceBaselineLearner.resume(
+        state / "device-baseline.json", cfg.monitoring.device_baseline_s,
+        meta={"model": ref}, min_utterances=cfg.monitoring.device_baseline_min_utterances)
+    log.info("device baseline: %s", learner.note)
+    return Monitor(emit=emit, device_id=device_id, model_info=model_info(pipeline),
+                   rate=pipeline.rate, window_s=cfg.monitoring.window_s,
+                   drift_method=cfg.monitoring.drift_method,
+                   drift_span_s=cfg.monitoring.drift_span_s, k=cfg.monitoring.k,
+                   baselines=baselines, learner=learner, rules=cfg.alarm_rules(),
+                   rollup_rules=cfg.rollup_alarm_rules(),
+                   unknown_label=pipeline.policy.unknown_label, prefix=cfg.telemetry.prefix)
+
+
+def build_sink(cfg: Config, device_id: str, birth: dict) -> Sink:
+    from agent.telemetry.mqtt import MqttOptions
+    from agent.telemetry.outbox import OutboxLimits
+
+    t = cfg.telemetry
+    return make_sink(t.sink, device_id=device_id, prefix=t.prefix, state_dir=cfg.state_path(),
+                     birth=birth,
+                     mqtt=MqttOptions(username=t.username, password_file=t.password_file,
+                                      ca_file=t.ca_file, cert_file=t.cert_file,
+                                      key_file=t.key_file, keepalive_s=t.keepalive_s,
+                                      protocol=t.mqtt_protocol,
+                                      reconnect_min_s=t.reconnect_min_s,
+                                      reconnect_max_s=t.reconnect_max_s,
+                                      max_inflight=t.max_inflight,
+                                      historical_on_reconnect=t.historical_on_reconnect),
+                     outbox=OutboxLimits(max_messages=t.outbox_max_messages,
+                                         max_bytes=t.outbox_max_bytes,
+                                         max_age_s=t.outbox_max_age_s, sync=t.outbox_sync))
 
 
 class DecisionWriter:
@@ -87,6 +173,8 @@ class RunSummary:
     audio_seconds: float
     dropped_frames: int
     source: str
+    windows: int = 0
+    drained: bool = True
 
 
 _END = object()
@@ -138,6 +226,14 @@ def run(cfg: Config, stop: threading.Event | None = None) -> RunSummary:
     pipeline = build_pipeline(cfg)
     source = open_source(cfg.audio.source, cfg.audio.block_ms, cfg.audio.speed,
                          cfg.audio.mic_rate, cfg.audio.mic_channels, stop)
+    telemetry_on = cfg.telemetry.sink != "none"
+    device_id = resolve_device_id(cfg.agent.device_id) if telemetry_on else \
+        (cfg.agent.device_id or "local")
+    sink: Sink | None = None
+    monitor = build_monitor(cfg, pipeline, device_id, lambda m: sink.publish(m))
+    sink = build_sink(cfg, device_id, birth_payload(
+        cfg, pipeline, device_id, monitor.boot_id, [b.name for b in monitor.baselines]))
+    pipeline.observers.append(monitor)
     writer = DecisionWriter(cfg.decisions_target())
     log.info("listening to %s; model %s; mode %s (threshold %.3f); decisions → %s",
              source.describe(), pipeline.model.manifest.ref if pipeline.model else "none",
@@ -160,14 +256,18 @@ def run(cfg: Config, stop: threading.Event | None = None) -> RunSummary:
             lost = capture.take_overflow()
             if lost:  # queue overflow counts as dropped input too
                 item = AudioBlock(item.samples, item.rate, item.dropped + lost)
+            if source.live or cfg.audio.speed > 0:  # an unpaced file fills the queue on purpose
+                monitor.queue_depth = q.qsize()
             writer.write(pipeline.feed(item))
         writer.write(pipeline.finish())
+        monitor.finish(pipeline.clock_s)
     finally:
         stop.set()
         writer.close()
         capture.join(timeout=2.0)
+        drained = sink.close(cfg.telemetry.drain_timeout_s)
     return RunSummary(writer.count, pipeline.clock_s, pipeline.dropped_frames,
-                      source.describe())
+                      source.describe(), monitor.windows_emitted, drained)
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

@@ -47,6 +47,8 @@ class VadBlockStats:
     frame_db: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     speech: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     noise_floor_db: float = float("nan")
+    start: int = 0          # clock position (samples) of the first frame
+    frame: int = 1          # samples per frame
 
 
 class Segmenter:
@@ -93,8 +95,9 @@ class Segmenter:
         buf = np.concatenate([self._pending, samples]) if len(self._pending) else samples
         n = len(buf) // self.frame
         self._pending = buf[n * self.frame:].astype(np.float32, copy=True)
+        first = self._clock
         if n == 0:
-            return [], VadBlockStats(noise_floor_db=self._floor())
+            return [], VadBlockStats(noise_floor_db=self._floor(), start=first, frame=self.frame)
         frames = np.asarray(buf[: n * self.frame], np.float32).reshape(n, self.frame)
         power = np.einsum("ij,ij->i", frames, frames) / self.frame
         frame_db = (10.0 * np.log10(np.maximum(power, 1e-10))).astype(np.float32)
@@ -120,7 +123,7 @@ class Segmenter:
                 out.append(u)
         self.frames += n
         self.speech_frames += int(speech.sum())
-        return out, VadBlockStats(frame_db, speech, self._floor())
+        return out, VadBlockStats(frame_db, speech, self._floor(), first, self.frame)
 
     def flush(self) -> list[Utterance]:
         """End of stream: close the utterance in progress (as if silence followed)."""

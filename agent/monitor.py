@@ -1,0 +1,217 @@
+"""On-device monitoring: a pipeline observer that turns measurements into telemetry messages.
+
+per-frame and per-utterance measurements → windows on the audio clock → drift against the
+training and device baselines → alarm rules → stats and alarm payloads. Hourly and daily
+roll-ups of the same windows are scored against the training baseline with their own rules,
+so a slow change that no single window shows still raises an alarm.
+
+Only aggregates leave: per-utterance values exist here in memory, for the length of a window.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.drift import (
+    AlarmEvent,
+    AlarmRule,
+    AlarmTracker,
+    Baseline,
+    DeviceBaselineLearner,
+    score_window,
+)
+from agent.payloads import alarm_payload, stats_payload
+from agent.pipeline import Outcome
+from agent.telemetry.message import DEFAULT_PREFIX, Message, topic
+from agent.vad import VadBlockStats
+from agent.windows import DAY_S, HOUR_S, RollUp, Trailing, WindowAggregator, WindowSummary
+
+CLIP_LEVEL = 0.999  # |sample| at or above this counts as clipped
+
+
+@dataclass(frozen=True)
+class UtteranceMeasures:
+    """Input-stage measurements of one utterance's speech span (not its pre-roll)."""
+
+    rms_dbfs: float
+    peak_dbfs: float
+    clipping_ratio: float
+    length_s: float
+
+
+def measure_utterance(o: Outcome) -> UtteranceMeasures:
+    u = o.utterance
+    speech = u.audio[max(0, u.start - u.audio_start):max(0, u.end - u.audio_start)]
+    if len(speech) == 0:
+        speech = u.audio
+    if len(speech) == 0:
+        return UtteranceMeasures(-120.0, -120.0, 0.0, 0.0)
+    a = np.abs(speech)
+    rms = float(np.sqrt(np.mean(np.square(speech, dtype=np.float64))))
+    return UtteranceMeasures(20 * math.log10(max(rms, 1e-6)),
+                             20 * math.log10(max(float(a.max()), 1e-6)),
+                             float(np.mean(a >= CLIP_LEVEL)), (u.end - u.start) / u.rate)
+
+
+class ProcessProbe:
+    """CPU % since the previous call and current RSS, read from the kernel (no psutil)."""
+
+    def __init__(self) -> None:
+        self._t = time.monotonic()
+        self._cpu = time.process_time()
+        self._start = self._t
+
+    def sample(self) -> dict[str, float]:
+        now, cpu = time.monotonic(), time.process_time()
+        dt = max(now - self._t, 1e-6)
+        pct = 100.0 * (cpu - self._cpu) / dt
+        self._t, self._cpu = now, cpu
+        return {"cpu_percent": round(pct, 1), "rss_mb": round(rss_mb(), 1),
+                "uptime_s": round(now - self._start, 1)}
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Monitor:
+    """Observer of the pipeline (see `agent.pipeline.Observer`); emits `Message`s via `emit`."""
+
+    def __init__(self, *, emit: Callable[[Message], None], device_id: str,
+                 model_info: Mapping[str, Any], rate: int, window_s: float = 60.0,
+                 drift_method: str = "js", drift_span_s: float = 30.0, k: int = 20,
+                 baselines: Sequence[Baseline] = (), learner: DeviceBaselineLearner | None = None,
+                 rules: Sequence[AlarmRule] = (), rollup_rules: Sequence[AlarmRule] = (),
+                 unknown_label: str | None = None, prefix: str = DEFAULT_PREFIX,
+                 boot_id: str | None = None, utc_anchor: float | None = None,
+                 probe: ProcessProbe | None = None) -> None:
+        self.emit = emit
+        self.device_id = device_id
+        self.model_info = dict(model_info)
+        self.rate = rate
+        self.window_s = window_s
+        self.drift_method = drift_method
+        self.k = k
+        self.baselines = list(baselines)
+        self.learner = learner
+        if learner is not None and learner.baseline is not None:
+            self.baselines.append(learner.baseline)
+        self.tracker = AlarmTracker(rules)
+        self.rollups = [(RollUp(p), AlarmTracker(rollup_rules), label)
+                        for p, label in ((HOUR_S, "hourly"), (DAY_S, "daily"))
+                        if p % window_s == 0]
+        self.prefix = prefix
+        self.boot_id = boot_id or uuid.uuid4().hex[:16]
+        self.utc_anchor = time.time() if utc_anchor is None else utc_anchor
+        self.probe = probe or ProcessProbe()
+        self.agg = WindowAggregator(window_s, unknown_label=unknown_label or "unknown")
+        self.trailing = Trailing(max(1, math.ceil(drift_span_s / window_s)))
+        self.seq = 0
+        self.queue_depth: int | None = None  # set by the service for live sources only
+        self.noise_floor_db = float("nan")
+        self.windows_emitted = 0
+        self.last_payload: dict[str, Any] | None = None
+
+    # --- observer interface --------------------------------------------------------------
+    def on_block(self, clock_s: float, stats: VadBlockStats, dropped: int) -> None:
+        n = len(stats.frame_db)
+        frame_s = stats.frame / self.rate
+        t0 = stats.start / self.rate
+        if dropped:
+            self.agg.count("dropped_frames", dropped, t0)
+        i = 0
+        while i < n:  # split the block's frames at window boundaries, by each frame's time
+            t = t0 + i * frame_s
+            self._process(self.agg.advance(t))
+            j = min(n, i + max(1, math.ceil((self.agg.window_end_s - t) / frame_s - 1e-9)))
+            sp = stats.speech[i:j]
+            self.agg.count("frames", j - i, t)
+            self.agg.count("speech_frames", int(sp.sum()), t)
+            quiet = stats.frame_db[i:j][~sp]
+            if len(quiet):
+                self.agg.observe("noise_floor_dbfs", quiet, t)
+            i = j
+        if not math.isnan(stats.noise_floor_db):
+            self.noise_floor_db = stats.noise_floor_db
+        if self.queue_depth is not None:
+            self.agg.observe("queue_depth", self.queue_depth, clock_s)
+        self._process(self.agg.advance(clock_s))
+
+    def on_outcome(self, o: Outcome) -> None:
+        d = o.decision
+        t = d.decided_at
+        m = measure_utterance(o)
+        self.agg.count("utterances", 1, t)
+        self.agg.observe("input_rms_dbfs", m.rms_dbfs, t)
+        self.agg.observe("input_peak_dbfs", m.peak_dbfs, t)
+        self.agg.observe("clipping_ratio", m.clipping_ratio, t)
+        self.agg.observe("utterance_length_s", m.length_s, t)
+        if not math.isnan(self.noise_floor_db):
+            self.agg.observe("snr_db", m.rms_dbfs - self.noise_floor_db, t)
+        self.agg.observe("eou_latency_ms", (d.decided_at - d.end) * 1000.0, t)
+        self.agg.observe("compute_latency_ms", d.latency_ms, t)
+        if d.label is not None:
+            self.agg.record_decision(d.label, d.accepted, t, confidence=d.confidence,
+                                     margin=d.margin)
+
+    # --- windows → drift → alarms → messages ---------------------------------------------
+    def finish(self, clock_s: float) -> None:
+        """End of stream or shutdown: publish the last, partial window."""
+        self._process(self.agg.finish(clock_s))
+        for rollup, tracker, label in self.rollups:
+            for s in rollup.finish():
+                self._score_rollup(s, tracker, label)
+
+    def replace_rules(self, rules: Sequence[AlarmRule]) -> None:
+        for e in self.tracker.replace_rules(rules):
+            self._emit_alarm(e)
+
+    def _process(self, closed: list[WindowSummary]) -> None:
+        for s in closed:
+            view = self.trailing.add(s)
+            drift = score_window(view, self.baselines, self.drift_method)
+            events = self.tracker.update(view, drift)
+            self.last_payload = stats_payload(
+                s, drift, device_id=self.device_id, boot_id=self.boot_id, seq=self._next(),
+                model=self.model_info, process=self.probe.sample(), utc_anchor=self.utc_anchor,
+                k=self.k, active_alarms=self.tracker.active)
+            self.emit(Message(topic(self.prefix, self.device_id, "stats"), self.last_payload))
+            self.windows_emitted += 1
+            for e in events:
+                self._emit_alarm(e)
+            if self.learner is not None:
+                learned = self.learner.add(s)
+                if learned is not None:
+                    self.baselines.append(learned)
+            for rollup, tracker, label in self.rollups:
+                for r in rollup.add(s):
+                    self._score_rollup(r, tracker, label)
+
+    def _score_rollup(self, s: WindowSummary, tracker: AlarmTracker, label: str) -> None:
+        training = [b for b in self.baselines if b.name == "training"]
+        drift = score_window(s, training, self.drift_method)
+        for e in tracker.update(s, drift):
+            self._emit_alarm(AlarmEvent(e.metric, e.stage, e.state, e.value, e.threshold,
+                                        e.window_end_s, f"{label} roll-up: {e.reason}"))
+
+    def _emit_alarm(self, e: AlarmEvent) -> None:
+        p = alarm_payload(e, device_id=self.device_id, boot_id=self.boot_id, seq=self._next())
+        self.emit(Message(topic(self.prefix, self.device_id, "alarm"), p))
+
+    def _next(self) -> int:
+        n = self.seq
+        self.seq += 1
+        return n

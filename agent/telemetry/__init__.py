@@ -1,0 +1,30 @@
+"""Telemetry: message schema, sinks (none, stdout, file, mqtt) and the durable outbox.
+
+Service usage::
+
+    sink = make_sink(cfg.telemetry.sink, device_id=dev, prefix=..., state_dir=cfg.state_path(),
+                     birth=birth_payload, mqtt=MqttOptions(...), outbox=OutboxLimits(...))
+    sink.publish(Message(topic(prefix, dev, "stats"), payload))   # pipeline thread, ~tens of µs
+    ok = sink.close(drain_timeout_s=10.0)                         # at shutdown
+
+`mqtt` is imported lazily so `none`/`stdout`/`file` do not load paho.
+"""
+
+from agent.telemetry.device_id import derive_device_id, resolve_device_id
+from agent.telemetry.message import DEFAULT_PREFIX, KINDS, Message, topic
+from agent.telemetry.outbox import OUTBOX_FILENAME, Outbox, OutboxLimits
+from agent.telemetry.sinks import (
+    SINK_FORMS,
+    FileSink,
+    NullSink,
+    Sink,
+    StdoutSink,
+    make_sink,
+    parse_sink_spec,
+)
+
+__all__ = [
+    "DEFAULT_PREFIX", "KINDS", "OUTBOX_FILENAME", "SINK_FORMS", "FileSink", "Message",
+    "NullSink", "Outbox", "OutboxLimits", "Sink", "StdoutSink", "derive_device_id",
+    "make_sink", "parse_sink_spec", "resolve_device_id", "topic",
+]
