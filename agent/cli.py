@@ -87,8 +87,13 @@ def cmd_run(args: argparse.Namespace, **forced) -> int:
     service.install_signal_handlers(stop)
     summary = service.run(cfg, stop)
     logging.getLogger(PROG).info("done: %d decisions over %.1f s of audio from %s; %d frames "
-                                 "dropped", summary.decisions, summary.audio_seconds,
-                                 summary.source, summary.dropped_frames)
+                                 "dropped; %d stats windows", summary.decisions,
+                                 summary.audio_seconds, summary.source, summary.dropped_frames,
+                                 summary.windows)
+    if not summary.drained:
+        raise AgentError(f"telemetry outbox not drained within {cfg.telemetry.drain_timeout_s:g}"
+                         f" s ({cfg.telemetry.sink} unreachable?); the undelivered messages stay "
+                         f"in {cfg.state_path()} and are sent on the next run")
     return 0
 
 
