@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +85,53 @@ def check_method(method: str, key: str = "monitoring.drift_method") -> str:
     return method
 
 
-def drift_score(window: Histogram, baseline: Histogram, method: str = "js") -> float | None:
-    """Score `window` against `baseline`; None when either is empty."""
+NULL_QUANTILE = 0.99
+NULL_DRAWS = 400
+
+
+@lru_cache(maxsize=4096)
+def _null_score(baseline_counts: tuple[int, ...], n: int, method: str) -> float:
+    """The NULL_QUANTILE of the raw score between `n` values drawn from the baseline itself
+    and the baseline: what chance alone reaches with that few values (seeded: deterministic)."""
+    p = _proportions(baseline_counts)
+    rng = np.random.default_rng(n * 7919 + len(p))
+    a = rng.multinomial(n, p, size=NULL_DRAWS) / n       # draws as proportions, vectorised
+    if method == "js":
+        m = 0.5 * (a + p)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ka = np.where(a > 0, a * np.log2(a / m), 0.0).sum(1)
+            kp = np.where(p > 0, p * np.log2(p / m), 0.0).sum(1)
+        scores = np.sqrt(np.clip(0.5 * ka + 0.5 * kp, 0.0, 1.0))
+    else:
+        e = PSI_EPS
+        a2, p2 = (a + e) / (1.0 + e * p.size), (p + e) / (1.0 + e * p.size)
+        scores = ((a2 - p2) * np.log(a2 / p2)).sum(1)
+    return float(np.sort(scores)[int(NULL_QUANTILE * (NULL_DRAWS - 1))])
+
+
+def drift_score(window: Histogram, baseline: Histogram, method: str = "js",
+                corrected: bool = True) -> float | None:
+    """Score `window` against `baseline`; None when either is empty.
+
+    A histogram of a dozen values is far from any smooth baseline by chance alone (raw JS
+    around 0.5 for 12 values), so the score is corrected for the window's sample size: the raw
+    score minus what 99 % of same-sized samples of the baseline itself would reach, rescaled to
+    0..1 for JS (0 = indistinguishable from the baseline at that size, 1 = disjoint). Exact and
+    deterministic: the chance level is simulated once per (baseline, size) with a fixed seed.
+    """
     check_method(method)
     if not np.array_equal(window.edges, baseline.edges):
         raise ValueError("window and baseline histograms have different edges")
     if window.count == 0 or baseline.count == 0:
         return None
+    raw = js_distance(window.counts, baseline.counts) if method == "js" else \
+        psi(window.counts, baseline.counts)
+    if not corrected:
+        return raw
+    chance = _null_score(tuple(int(c) for c in baseline.counts), int(window.count), method)
     if method == "js":
-        return js_distance(window.counts, baseline.counts)
-    return psi(window.counts, baseline.counts)
+        return max(0.0, (raw - chance) / (1.0 - chance)) if chance < 1.0 else 0.0
+    return max(0.0, raw - chance)
 
 
 @dataclass(frozen=True)
@@ -378,16 +416,16 @@ def rules_from_config(section: Mapping[str, Any] | Sequence[Mapping[str, Any]],
 # Starting points for the demo streams; tune per fleet. Audio and the noise floor carry the
 # sudden "muffled microphone" case; model confidence the "new voices" case.
 DEFAULT_ALARMS: dict[str, Any] = {
-    "noise_floor_dbfs": {"on": "drift", "threshold": 0.5, "raise_after": 2, "clear_after": 3,
+    "noise_floor_dbfs": {"on": "drift", "threshold": 0.35, "raise_after": 2, "clear_after": 3,
                          "min_count": 50},
-    "input_rms_dbfs": {"on": "drift", "threshold": 0.7, "raise_after": 2, "clear_after": 3,
-                       "min_count": 8},
-    "snr_db": {"on": "drift", "threshold": 0.7, "raise_after": 2, "clear_after": 3,
-               "min_count": 8},
+    "input_rms_dbfs": {"on": "drift", "threshold": 0.25, "raise_after": 2, "clear_after": 3,
+                       "min_count": 6},
+    "snr_db": {"on": "drift", "threshold": 0.3, "raise_after": 2, "clear_after": 3,
+               "min_count": 6},
     "clipping_ratio": {"on": "value_high", "stat": "mean", "threshold": 0.01, "raise_after": 2,
                        "clear_after": 3, "min_count": 3},
-    "confidence": {"on": "drift", "threshold": 0.5, "raise_after": 3, "clear_after": 3,
-                   "min_count": 20},
+    "confidence": {"on": "drift", "threshold": 0.25, "raise_after": 3, "clear_after": 3,
+                   "min_count": 8},
     "queue_depth": {"on": "value_high", "stat": "p95", "threshold": 64, "raise_after": 2,
                     "clear_after": 2, "min_count": 1},
 }
@@ -396,11 +434,11 @@ DEFAULT_ALARMS: dict[str, Any] = {
 # Gradual drift: hourly and daily roll-ups against the training baseline. Many values per
 # roll-up make the scores stable, so thresholds are lower and one roll-up in a row suffices.
 DEFAULT_ROLLUP_ALARMS: dict[str, Any] = {
-    "confidence": {"on": "drift", "threshold": 0.3, "raise_after": 1, "clear_after": 1,
+    "confidence": {"on": "drift", "threshold": 0.15, "raise_after": 1, "clear_after": 1,
                    "min_count": 100, "baseline": "training"},
-    "input_rms_dbfs": {"on": "drift", "threshold": 0.4, "raise_after": 1, "clear_after": 1,
+    "input_rms_dbfs": {"on": "drift", "threshold": 0.15, "raise_after": 1, "clear_after": 1,
                        "min_count": 100, "baseline": "training"},
-    "utterance_length_s": {"on": "drift", "threshold": 0.4, "raise_after": 1, "clear_after": 1,
+    "utterance_length_s": {"on": "drift", "threshold": 0.15, "raise_after": 1, "clear_after": 1,
                            "min_count": 100, "baseline": "training"},
 }
 
@@ -501,7 +539,7 @@ def _reason(r: AlarmRule, v: float, raised: bool, drift: Mapping[str, DriftScore
     n = r.raise_after if raised else r.clear_after
     if r.on == "drift":
         ds = (drift or {})[r.metric]
-        what = "JS distance" if ds.method == "js" else "PSI"
+        what = "JS distance (size-corrected)" if ds.method == "js" else "PSI (size-corrected)"
         against = r.baseline or ds.baseline
         op = ">=" if raised else "<"
         return (f"{r.metric} {what} {v:.3f} {op} {r.threshold:g} against the {against} "

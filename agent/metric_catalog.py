@@ -65,6 +65,11 @@ METRICS: tuple[MetricSpec, ...] = (
                "utterance level over the running noise floor; falls when the room gets noisy"),
     MetricSpec("noise_floor_dbfs", "audio", "dBFS", _steps(-96, -12, 4),
                "level of non-speech frames (many per window, so drift on it is reliable)"),
+    MetricSpec("audio_outage_s", "audio", "s",
+               (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                7200.0, 21600.0, 86400.0),
+               "length of each capture outage (microphone unplugged, busy or failing), recorded "
+               "when capture resumes; its audio alarm is raised at the loss, cleared at the return"),
     # --- vad: how the segmenter behaves ------------------------------------------------------
     MetricSpec("utterance_length_s", "vad", "s",
                (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5,
@@ -97,6 +102,9 @@ METRICS: tuple[MetricSpec, ...] = (
                (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0,
                 256.0, 512.0, 1024.0),
                "capture queue length seen by the pipeline; growth means it cannot keep up"),
+    MetricSpec("config_reload_ok", "system", "bool", (0.5,),
+               "1 per applied SIGHUP reload, 0 per refused one (the previous configuration keeps "
+               "running); its system alarm stays raised until a reload succeeds"),
 )
 
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
@@ -104,6 +112,14 @@ BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
 # Metrics the window aggregator computes itself, once per window, when the window closes.
 WINDOW_DERIVED: frozenset[str] = frozenset(
     {"vad_speech_ratio", "utterance_rate_per_min", "unknown_ratio"})
+
+# One value per utterance. In a window with fewer than k utterances their distributions
+# (min, max, quantiles, histogram) would be a list of individual utterances' values, so the
+# payload keeps only count and mean there, and only count below MEAN_MIN_VALUES.
+PER_UTTERANCE: frozenset[str] = frozenset(
+    {"input_rms_dbfs", "input_peak_dbfs", "clipping_ratio", "snr_db", "utterance_length_s",
+     "confidence", "margin", "compute_latency_ms", "eou_latency_ms"})
+MEAN_MIN_VALUES = 3
 
 
 def spec(name: str) -> MetricSpec:

@@ -97,8 +97,10 @@ class Monitor:
                  rules: Sequence[AlarmRule] = (), rollup_rules: Sequence[AlarmRule] = (),
                  unknown_label: str | None = None, prefix: str = DEFAULT_PREFIX,
                  boot_id: str | None = None, utc_anchor: float | None = None,
-                 probe: ProcessProbe | None = None) -> None:
+                 probe: ProcessProbe | None = None,
+                 on_window: Callable[[WindowSummary], None] | None = None) -> None:
         self.emit = emit
+        self.on_window = on_window
         self.device_id = device_id
         self.model_info = dict(model_info)
         self.rate = rate
@@ -181,6 +183,8 @@ class Monitor:
 
     def _process(self, closed: list[WindowSummary]) -> None:
         for s in closed:
+            if self.on_window is not None:
+                self.on_window(s)
             view = self.trailing.add(s)
             drift = score_window(view, self.baselines, self.drift_method)
             events = self.tracker.update(view, drift)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.drift import AlarmEvent, DriftScore
-from agent.metric_catalog import METRICS, MetricSpec
+from agent.metric_catalog import MEAN_MIN_VALUES, METRICS, PER_UTTERANCE, MetricSpec
 from agent.privacy import DEFAULT_K, class_outputs
 from agent.windows import Histogram, WindowSummary
 
@@ -56,12 +56,17 @@ def _num(x: float | None, digits: int = 5) -> float | None:
     return None if x is None else float(f"{x:.{digits}g}")
 
 
-def metric_entry(spec: MetricSpec, h: Histogram, min_values: int = 1) -> dict[str, Any]:
-    """One `metrics` entry. Below `min_values` values only stage and count are published."""
+def metric_entry(spec: MetricSpec, h: Histogram, min_values: int = 1,
+                 distribution_min: int = 1) -> dict[str, Any]:
+    """One `metrics` entry. Below `min_values` values only stage and count are published;
+    below `distribution_min` also the mean, but no min, max, quantiles or histogram."""
     n = h.count
     if n == 0 or n < min_values:
         return {"stage": spec.stage, "count": n, "mean": None, "min": None, "max": None,
                 "p50": None, "p95": None, "hist": []}
+    if n < distribution_min:
+        return {"stage": spec.stage, "count": n, "mean": _num(h.mean), "min": None,
+                "max": None, "p50": None, "p95": None, "hist": []}
     return {"stage": spec.stage, "count": n, "mean": _num(h.mean), "min": _num(h.min),
             "max": _num(h.max), "p50": _num(h.quantile(0.5)), "p95": _num(h.quantile(0.95)),
             "hist": h.compact()}
@@ -92,9 +97,15 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
     metrics = {}
     for m in catalog:
         h = summary.hists.get(m.name)
-        metrics[m.name] = metric_entry(m, h if h is not None else Histogram(m.edges), min_values)
+        h = h if h is not None else Histogram(m.edges)
+        if m.name in PER_UTTERANCE:  # see metric_catalog.PER_UTTERANCE: no individual values
+            metrics[m.name] = metric_entry(m, h, max(min_values, MEAN_MIN_VALUES), k)
+        else:
+            metrics[m.name] = metric_entry(m, h, min_values)
     conf = summary.hists.get("confidence")
     n_conf = conf.count if conf is not None else 0
+    if n_conf < MEAN_MIN_VALUES:  # one or two decisions' confidence is theirs alone
+        n_conf = 0
     return {
         "schema": STATS_SCHEMA,
         "device_id": device_id,
