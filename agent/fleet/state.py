@@ -1,0 +1,566 @@
+"""The merged state of a fleet, built from the messages its devices publish.
+
+Pure and single-threaded: `FleetState.ingest(topic, payload, retained)` takes one message as it
+came off the broker (or a file) and never raises on bad input -- a fleet view must survive one
+broken or hostile device, so every problem is counted against the device it came from.
+
+Semantics (see docs/fleet.md):
+* Delivery is at-least-once (QoS 1, outbox replays), so stats and alarms are deduplicated by
+  (device, boot_id, seq); `seq` is one counter per boot across stats and alarm.
+* Gaps are the seq numbers missing between the lowest and highest seen of each boot: messages
+  lost for good (an outbox that had to drop) or not arrived yet (a replay still running).
+* Counts and histograms are sums over every distinct window received, whatever its order or
+  `historical` flag. Histograms use fixed edges (agent.metric_catalog, or the device's birth for
+  metrics the catalogue does not know), so merging across windows and devices adds integer counts
+  and is exact; a payload whose device declared different edges is refused (`edges_mismatch`)
+  rather than merged into meaningless bins.
+* Active alarms are those of the device's current boot: a restarted agent starts with no raised
+  rule and never clears the previous boot's alarms itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from agent.metric_catalog import METRICS, MetricSpec
+from agent.telemetry.message import DEFAULT_PREFIX
+from agent.windows import COUNTERS, Histogram
+
+FLEET_SCHEMA = 1
+MAX_PAYLOAD_BYTES = 65536  # devices send <= 8 KB; anything far larger is refused unparsed
+MAX_GAP_RANGES = 20        # gap ranges listed per boot in to_json (the total is always exact)
+ERROR_KINDS = ("invalid_json", "schema", "edges_mismatch")
+_LEVEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ROLLUP_REASON = re.compile(r"^(\w+) roll-up: ")
+
+
+class SeqSet:
+    """Distinct non-negative integers as sorted disjoint ranges: O(ranges) memory, not O(seqs).
+
+    A device that is never lost anything stays one range however long it runs.
+    """
+
+    __slots__ = ("_lo", "_hi")
+
+    def __init__(self) -> None:
+        self._lo: list[int] = []
+        self._hi: list[int] = []
+
+    def add(self, s: int) -> bool:
+        """Insert `s`; False if it was already present (a duplicate)."""
+        lo, hi = self._lo, self._hi
+        i = bisect_right(lo, s) - 1  # last range starting at or before s
+        if i >= 0 and hi[i] >= s:
+            return False
+        left = i >= 0 and hi[i] == s - 1
+        right = i + 1 < len(lo) and lo[i + 1] == s + 1
+        if left and right:
+            hi[i] = hi[i + 1]
+            del lo[i + 1], hi[i + 1]
+        elif left:
+            hi[i] = s
+        elif right:
+            lo[i + 1] = s
+        else:
+            lo.insert(i + 1, s)
+            hi.insert(i + 1, s)
+        return True
+
+    def __contains__(self, s: object) -> bool:
+        if not isinstance(s, int):
+            return False
+        i = bisect_right(self._lo, s) - 1
+        return i >= 0 and self._hi[i] >= s
+
+    def __len__(self) -> int:
+        return sum(h - lo + 1 for lo, h in zip(self._lo, self._hi, strict=True))
+
+    @property
+    def min(self) -> int | None:
+        return self._lo[0] if self._lo else None
+
+    @property
+    def max(self) -> int | None:
+        return self._hi[-1] if self._hi else None
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """Missing ranges [first, last] between the lowest and the highest present."""
+        return [(self._hi[k] + 1, self._lo[k + 1] - 1) for k in range(len(self._lo) - 1)]
+
+    def missing(self) -> int:
+        return sum(b - a + 1 for a, b in self.gaps())
+
+
+# --- validation: the fields this module relies on, checked by hand (no jsonschema at run time)
+class _Invalid(ValueError):
+    """A payload that does not match its schema; the message says which field."""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return (isinstance(x, int | float) and not isinstance(x, bool)
+            and math.isfinite(float(x)))
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise _Invalid(what)
+
+
+def _check_ids(p: Any, device: str) -> None:
+    _need(isinstance(p, dict), "payload is not a JSON object")
+    _need(p.get("schema") == 1 and _is_int(p.get("schema")), "schema is not 1")
+    _need(p.get("device_id") == device, "device_id does not match the topic")
+    _need(isinstance(p.get("boot_id"), str) and bool(_LEVEL.match(p["boot_id"])), "boot_id")
+    _need(_is_int(p.get("seq")) and p["seq"] >= 0, "seq")
+    od = p.get("outbox_dropped", 1)
+    _need(_is_int(od) and od >= 1, "outbox_dropped")
+
+
+def _check_stats(p: Any, device: str) -> None:
+    _check_ids(p, device)
+    for key in ("historical", "window", "counts", "metrics", "drift", "estimated_accuracy",
+                "outputs", "model", "process"):
+        _need(key in p, f"missing {key}")
+    _need(isinstance(p["historical"], bool), "historical")
+    w = p["window"]
+    _need(isinstance(w, dict) and _is_num(w.get("start_s")) and _is_num(w.get("end_s"))
+          and w["end_s"] >= w["start_s"] >= 0, "window bounds")
+    _need(isinstance(w.get("start_utc"), str) and isinstance(w.get("end_utc"), str),
+          "window utc")
+    c = p["counts"]
+    _need(isinstance(c, dict) and all(_is_int(c.get(k)) and c[k] >= 0 for k in COUNTERS),
+          "counts")
+    _need(isinstance(p["metrics"], dict), "metrics")
+    for name, m in p["metrics"].items():
+        _need(isinstance(m, dict) and _is_int(m.get("count")) and m["count"] >= 0,
+              f"metrics.{name}.count")
+        for k in ("mean", "min", "max"):
+            _need(m.get(k) is None or _is_num(m[k]), f"metrics.{name}.{k}")
+        h = m.get("hist")
+        _need(isinstance(h, list) and all(_is_int(x) and x >= 0 for x in h)
+              and len(h) != 1, f"metrics.{name}.hist")
+        if h:
+            _need(sum(h[1:]) == m["count"], f"metrics.{name}: hist does not sum to count")
+            _need(all(_is_num(m.get(k)) for k in ("mean", "min", "max")),
+                  f"metrics.{name}: hist without mean/min/max")
+    a = p["estimated_accuracy"]
+    _need(isinstance(a, dict) and _is_int(a.get("n")) and a["n"] >= 0
+          and (a.get("value") is None or (_is_num(a["value"]) and 0 <= a["value"] <= 1)),
+          "estimated_accuracy")
+    _need(isinstance(p["model"], dict), "model")
+
+
+def _check_alarm(p: Any, device: str) -> None:
+    _check_ids(p, device)
+    _need(isinstance(p.get("metric"), str) and isinstance(p.get("stage"), str), "metric/stage")
+    _need(p.get("state") in ("raised", "cleared"), "state")
+    _need("value" in p and (p["value"] is None or _is_num(p["value"])), "value")
+    _need(_is_num(p.get("threshold")), "threshold")
+    _need(_is_num(p.get("window_end_s")), "window_end_s")
+    _need(isinstance(p.get("reason"), str), "reason")
+
+
+def _birth_edges(p: Any) -> dict[str, np.ndarray]:
+    """The metric edges a birth payload declares ({} if none); raises _Invalid if malformed."""
+    _need(isinstance(p, dict), "birth is not a JSON object")
+    if "boot_id" in p:
+        _need(isinstance(p["boot_id"], str) and bool(_LEVEL.match(p["boot_id"])), "boot_id")
+    metrics = p.get("metrics", {})
+    _need(isinstance(metrics, dict), "birth metrics")
+    out = {}
+    for name, m in metrics.items():
+        _need(isinstance(m, dict), f"birth metrics.{name}")
+        if "edges" not in m:
+            continue
+        e = m["edges"]
+        _need(isinstance(e, list) and len(e) > 0 and all(_is_num(x) for x in e)
+              and all(b > a for a, b in zip(e, e[1:], strict=False)),
+              f"birth metrics.{name}.edges")
+        out[name] = np.asarray(e, dtype=np.float64)
+    return out
+
+
+# --- merged state ---------------------------------------------------------------------------
+@dataclass
+class _MetricAcc:
+    """One metric merged over windows: exact binned counts plus the published means."""
+
+    hist: Histogram
+    count: int = 0        # every value the windows counted, binned or not
+    mean_sum: float = 0.0  # sum of mean * count over windows that published a mean
+    mean_n: int = 0
+
+    def add(self, entry: Mapping[str, Any], h: Histogram | None) -> None:
+        self.count += int(entry["count"])
+        if entry.get("mean") is not None and entry["count"] > 0:
+            self.mean_sum += float(entry["mean"]) * entry["count"]
+            self.mean_n += int(entry["count"])
+        if h is not None:
+            self.hist.merge_in(h)
+
+    def merge_in(self, other: _MetricAcc) -> None:
+        self.hist.merge_in(other.hist)
+        self.count += other.count
+        self.mean_sum += other.mean_sum
+        self.mean_n += other.mean_n
+
+    @property
+    def mean(self) -> float | None:
+        return self.mean_sum / self.mean_n if self.mean_n else None
+
+    def to_json(self, unit: str | None = None, stage: str | None = None) -> dict[str, Any]:
+        h = self.hist
+        n = h.count
+        out: dict[str, Any] = {}
+        if stage is not None:
+            out["stage"] = stage
+        if unit is not None:
+            out["unit"] = unit
+        out.update({
+            "count": self.count, "binned": n, "mean": _round(self.mean),
+            "min": _round(h.min) if n else None, "max": _round(h.max) if n else None,
+            "p50": _round(h.quantile(0.5)), "p95": _round(h.quantile(0.95)),
+            "hist": h.compact()})
+        return out
+
+
+@dataclass
+class _Totals:
+    """What sums over windows: counters, metrics, the accuracy estimate's weights."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    metrics: dict[str, _MetricAcc] = field(default_factory=dict)
+    windows: int = 0
+    acc_sum: float = 0.0
+    acc_n: int = 0
+
+    def metric(self, name: str, edges: np.ndarray) -> _MetricAcc:
+        m = self.metrics.get(name)
+        if m is None:
+            m = self.metrics[name] = _MetricAcc(Histogram(edges))
+        return m
+
+    def abstain_rate(self) -> float | None:
+        d = self.counts["accepted"] + self.counts["abstained"]
+        return self.counts["abstained"] / d if d else None
+
+    def accuracy(self) -> float | None:
+        return self.acc_sum / self.acc_n if self.acc_n else None
+
+
+@dataclass
+class _Device:
+    device_id: str
+    online: bool | None = None
+    status_retained: bool = False
+    boot_id: str | None = None          # current boot (birth, or newest live message)
+    birth: dict[str, Any] | None = None
+    births: dict[str | None, dict[str, np.ndarray]] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+    seqs: dict[str, SeqSet] = field(default_factory=dict)
+    last: dict[str, Any] | None = None   # the stats payload with the latest window end
+    totals: _Totals = field(default_factory=_Totals)
+    alarms: dict[str, dict[tuple, dict[str, Any]]] = field(default_factory=dict)  # boot -> key
+    alarm_events: int = 0
+    duplicates: int = 0
+    outbox_dropped: int = 0
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
+    last_error: str | None = None
+    last_seen: float | None = None
+
+    def birth_fields(self) -> dict[str, Any]:
+        b = self.birth or {}
+        return {k: b.get(k) for k in ("agent_version", "config_digest", "window_s")}
+
+
+def _round(x: float | None, digits: int = 6) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+def _utc(epoch_s: float | None) -> str | None:
+    if epoch_s is None:
+        return None
+    return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _alarm_key(p: Mapping[str, Any]) -> tuple[str, float, str]:
+    """Which rule an alarm event belongs to. The payload has no rule id, so a rule is told
+    apart by metric, threshold and scope (per window, or an hourly/daily roll-up)."""
+    m = _ROLLUP_REASON.match(p["reason"])
+    return p["metric"], float(p["threshold"]), m.group(1) if m else "window"
+
+
+class FleetState:
+    """Everything learnt from a fleet's messages so far; feed it with `ingest`."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, catalog: Sequence[MetricSpec] = METRICS,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.prefix = prefix or DEFAULT_PREFIX
+        self._specs = {m.name: m for m in catalog}
+        # Reference edges: the catalogue's, plus (first seen) a birth's for metrics it lacks.
+        self._edges: dict[str, np.ndarray] = {
+            m.name: np.asarray(m.edges, dtype=np.float64) for m in catalog}
+        self._clock = clock
+        self.devices: dict[str, _Device] = {}
+        self.fleet = _Totals()
+        self.messages = 0
+        self.unknown_topics = 0
+        self.unexpected = 0  # inputs the checks let through but merging choked on (a bug)
+
+    # --- input -----------------------------------------------------------------------------
+    def ingest(self, topic: str, payload: bytes | str | Mapping[str, Any],
+               retained: bool = False) -> str:
+        """Apply one message; returns what happened: stats | alarm | status | birth |
+        duplicate | invalid_json | schema | edges_mismatch | unknown_topic. Never raises."""
+        self.messages += 1
+        parsed = self._parse_topic(topic)
+        if parsed is None:
+            self.unknown_topics += 1
+            return "unknown_topic"
+        device_id, kind = parsed
+        dev = self.devices.get(device_id)
+        if dev is None:
+            dev = self.devices[device_id] = _Device(device_id)
+        if not retained:
+            dev.last_seen = self._clock()
+        try:
+            if kind == "status":
+                return self._status(dev, payload, retained)
+            p = _decode(payload)
+            if kind == "birth":
+                return self._birth(dev, p)
+            if kind == "alarm":
+                _check_alarm(p, device_id)
+                return self._alarm(dev, p)
+            _check_stats(p, device_id)
+            return self._stats(dev, p)
+        except _Invalid as e:
+            kind_err = e.args[1] if len(e.args) > 1 else "schema"
+            dev.errors[kind_err] += 1
+            dev.last_error = f"{kind}: {e.args[0]}"
+            return kind_err
+        except Exception as e:  # noqa: BLE001 - a check missed a shape; still never crash
+            dev.errors["schema"] += 1
+            self.unexpected += 1
+            dev.last_error = f"{kind}: unexpected {type(e).__name__}: {e}"[:200]
+            return "schema"
+
+    def _parse_topic(self, topic: str) -> tuple[str, str] | None:
+        head = self.prefix + "/"
+        if not isinstance(topic, str) or not topic.startswith(head):
+            return None
+        parts = topic[len(head):].split("/")
+        if len(parts) != 2 or not _LEVEL.match(parts[0]) or parts[1] not in (
+                "stats", "alarm", "status", "birth"):
+            return None
+        return parts[0], parts[1]
+
+    def _status(self, dev: _Device, payload: Any, retained: bool) -> str:
+        raw = payload.encode() if isinstance(payload, str) else payload
+        if isinstance(raw, bytes | bytearray):
+            text = bytes(raw).strip()
+            if text in (b"online", b"offline"):
+                dev.online = text == b"online"
+                dev.status_retained = retained
+                return "status"
+        raise _Invalid("status is not 'online' or 'offline'")
+
+    def _birth(self, dev: _Device, p: Any) -> str:
+        edges = _birth_edges(p)
+        for name, e in edges.items():
+            self._edges.setdefault(name, e)
+        boot = p.get("boot_id")
+        dev.births[boot] = edges
+        dev.birth = {k: p[k] for k in ("agent_version", "config_digest", "window_s",
+                                       "drift_method") if k in p}
+        if isinstance(p.get("model"), dict):
+            dev.model = p["model"]
+        if boot is not None:
+            dev.boot_id = boot
+        return "birth"
+
+    def _first_time(self, dev: _Device, p: Mapping[str, Any]) -> bool:
+        """Record (boot, seq); False for a duplicate."""
+        seqs = dev.seqs.get(p["boot_id"])
+        if seqs is None:
+            seqs = dev.seqs[p["boot_id"]] = SeqSet()
+        if not seqs.add(p["seq"]):
+            dev.duplicates += 1
+            return False
+        dev.outbox_dropped += int(p.get("outbox_dropped", 0))
+        if dev.boot_id is None or not p.get("historical", False):
+            dev.boot_id = p["boot_id"]
+        return True
+
+    def _alarm(self, dev: _Device, p: dict[str, Any]) -> str:
+        if not self._first_time(dev, p):
+            return "duplicate"
+        dev.alarm_events += 1
+        rules = dev.alarms.setdefault(p["boot_id"], {})
+        key = _alarm_key(p)
+        prev = rules.get(key)
+        if prev is None or prev["seq"] < p["seq"]:  # a late replay must not undo a newer event
+            rules[key] = {"metric": p["metric"], "stage": p["stage"], "state": p["state"],
+                          "scope": key[2], "value": p["value"], "threshold": p["threshold"],
+                          "window_end_s": p["window_end_s"], "reason": p["reason"],
+                          "seq": p["seq"]}
+        return "alarm"
+
+    def _stats(self, dev: _Device, p: dict[str, Any]) -> str:
+        if not self._first_time(dev, p):
+            return "duplicate"
+        declared = dev.births.get(p["boot_id"], dev.births.get(None, {}))
+        hists: dict[str, Histogram | None] = {}
+        for name, entry in p["metrics"].items():
+            ref = self._edges.get(name)
+            if ref is None:
+                ref = declared.get(name)
+                if ref is None:
+                    raise _Invalid(f"metric {name} has no known edges", "schema")
+            if name in declared and not np.array_equal(declared[name], ref):
+                raise _Invalid(f"metric {name}: the birth's edges differ from the fleet's",
+                               "edges_mismatch")
+            if not entry["hist"]:
+                hists[name] = None
+                continue
+            try:
+                hists[name] = Histogram.from_compact(ref, entry["hist"], min=entry["min"],
+                                                     max=entry["max"], mean=entry["mean"])
+            except ValueError:
+                raise _Invalid(f"metric {name}: hist does not fit the edges",
+                               "edges_mismatch") from None
+        for totals in (dev.totals, self.fleet):
+            totals.windows += 1
+            for k in COUNTERS:
+                totals.counts[k] += p["counts"][k]
+            for name, entry in p["metrics"].items():
+                totals.metric(name, self._edges.get(name, declared.get(name))).add(
+                    entry, hists[name])
+            acc = p["estimated_accuracy"]
+            if acc.get("value") is not None and acc["n"] > 0:
+                totals.acc_sum += float(acc["value"]) * acc["n"]
+                totals.acc_n += acc["n"]
+        if dev.model is None or not dev.births:
+            dev.model = p["model"]
+        last = dev.last
+        if last is None or (p["window"]["end_utc"], p["seq"]) >= (
+                last["window"]["end_utc"], last["seq"]):
+            dev.last = {"boot_id": p["boot_id"], "seq": p["seq"], "historical": p["historical"],
+                        "window": dict(p["window"]), "counts": dict(p["counts"])}
+        return "stats"
+
+    # --- output ----------------------------------------------------------------------------
+    def _device_json(self, d: _Device) -> dict[str, Any]:
+        boots = {}
+        missing = 0
+        for boot, s in d.seqs.items():
+            g = s.gaps()
+            n_missing = s.missing()
+            missing += n_missing
+            boots[boot] = {"first_seq": s.min, "last_seq": s.max, "received": len(s),
+                           "missing": n_missing,
+                           "gaps": [list(r) for r in g[:MAX_GAP_RANGES]]}
+        active = [a for a in d.alarms.get(d.boot_id or "", {}).values()
+                  if a["state"] == "raised"] if d.boot_id else []
+        active.sort(key=lambda a: (a["metric"], a["scope"], a["threshold"]))
+        t = d.totals
+        return {
+            "online": d.online, "status_retained": d.status_retained,
+            "boot_id": d.boot_id, "model": d.model, **d.birth_fields(),
+            "last_seen_utc": _utc(d.last_seen),
+            "windows": t.windows, "alarm_events": d.alarm_events, "duplicates": d.duplicates,
+            "outbox_dropped": d.outbox_dropped, "missing": missing,
+            "counts": dict(t.counts),
+            "utterances_per_min": _round(_rate(d.last)),
+            "abstain_rate": _round(t.abstain_rate()),
+            "estimated_accuracy": {"value": _round(t.accuracy()), "n": t.acc_n},
+            "input_rms_dbfs": _round(t.metrics["input_rms_dbfs"].mean)
+            if "input_rms_dbfs" in t.metrics else None,
+            "active_alarms": [{k: v for k, v in a.items() if k != "state"} for a in active],
+            "last_window": d.last,
+            "boots": boots,
+            "errors": dict(d.errors), "last_error": d.last_error,
+            "metrics": {n: m.to_json() for n, m in sorted(t.metrics.items())},
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The merged state as a JSON-serialisable dict (the `fleet watch --json` output)."""
+        devices = {dev_id: self._device_json(d) for dev_id, d in sorted(self.devices.items())}
+        f = self.fleet
+        rates = [v["utterances_per_min"] for v in devices.values()
+                 if v["utterances_per_min"] is not None]
+        errors = {k: sum(d.errors[k] for d in self.devices.values()) for k in ERROR_KINDS}
+        errors["unknown_topic"] = self.unknown_topics
+        metrics = {}
+        for name, m in f.metrics.items():
+            s = self._specs.get(name)
+            metrics[name] = m.to_json(unit=s.unit if s else None, stage=s.stage if s else None)
+        order = [m for m in self._specs if m in metrics] + sorted(set(metrics) - set(self._specs))
+        fleet = {
+            "devices": len(devices),
+            "online": sum(1 for v in devices.values() if v["online"] is True),
+            "offline": sum(1 for v in devices.values() if v["online"] is False),
+            "windows": f.windows,
+            "alarm_events": sum(d.alarm_events for d in self.devices.values()),
+            "active_alarms": sum(len(v["active_alarms"]) for v in devices.values()),
+            "duplicates": sum(d.duplicates for d in self.devices.values()),
+            "missing": sum(v["missing"] for v in devices.values()),
+            "outbox_dropped": sum(d.outbox_dropped for d in self.devices.values()),
+            "counts": dict(f.counts),
+            "utterances_per_min": _round(sum(rates)) if rates else None,
+            "abstain_rate": _round(f.abstain_rate()),
+            "estimated_accuracy": {"value": _round(f.accuracy()), "n": f.acc_n},
+            "input_rms_dbfs": _round(f.metrics["input_rms_dbfs"].mean)
+            if "input_rms_dbfs" in f.metrics else None,
+            "errors": errors,
+            "metrics": {name: metrics[name] for name in order},
+        }
+        return {"schema": FLEET_SCHEMA, "prefix": self.prefix, "generated_utc": _utc(self._clock()),
+                "messages": self.messages, "fleet": fleet, "devices": devices}
+
+
+def _rate(last: Mapping[str, Any] | None) -> float | None:
+    """Utterances per minute over one window (None for an empty or zero-length one)."""
+    if last is None:
+        return None
+    dur = last["window"]["end_s"] - last["window"]["start_s"]
+    return last["counts"]["utterances"] * 60.0 / dur if dur > 0 else None
+
+
+def _decode(payload: bytes | str | Mapping[str, Any]) -> Any:
+    """JSON payload → Python; `_Invalid(..., "invalid_json")` when it is not JSON at all."""
+    if isinstance(payload, Mapping):
+        return dict(payload)
+    if isinstance(payload, bytes | bytearray | memoryview):
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise _Invalid(f"payload larger than {MAX_PAYLOAD_BYTES} bytes", "invalid_json")
+        try:
+            payload = bytes(payload).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Invalid("payload is not UTF-8", "invalid_json") from None
+    if not isinstance(payload, str):
+        raise _Invalid("payload is not text", "invalid_json")
+    try:
+        return json.loads(payload, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise _Invalid("payload is not valid JSON", "invalid_json") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
