@@ -126,6 +126,8 @@ class Monitor:
         self.noise_floor_db = float("nan")
         self.windows_emitted = 0
         self.last_payload: dict[str, Any] | None = None
+        # Alarms the service raises itself (device lost, reload refused), not a window rule.
+        self.held_alarms: set[str] = set()
 
     # --- observer interface --------------------------------------------------------------
     def on_block(self, clock_s: float, stats: VadBlockStats, dropped: int) -> None:
@@ -149,7 +151,7 @@ class Monitor:
         if not math.isnan(stats.noise_floor_db):
             self.noise_floor_db = stats.noise_floor_db
         if self.queue_depth is not None:
-            self.agg.observe("queue_depth", self.queue_depth, clock_s)
+            self.agg.observe("queue_depth", self.queue_depth, t0)
         self._process(self.agg.advance(clock_s))
 
     def on_outcome(self, o: Outcome) -> None:
@@ -177,9 +179,32 @@ class Monitor:
             for s in rollup.finish():
                 self._score_rollup(s, tracker, label)
 
-    def replace_rules(self, rules: Sequence[AlarmRule]) -> None:
+    def replace_rules(self, rules: Sequence[AlarmRule],
+                      rollup_rules: Sequence[AlarmRule] | None = None) -> None:
         for e in self.tracker.replace_rules(rules):
             self._emit_alarm(e)
+        for _, tracker, _ in self.rollups if rollup_rules is not None else ():
+            for e in tracker.replace_rules(rollup_rules):
+                self._emit_alarm(e)
+
+    @property
+    def active_alarms(self) -> frozenset[str]:
+        """Metrics with a raised alarm: window rules plus those the service holds."""
+        return self.tracker.active | self.held_alarms
+
+    def service_alarm(self, e: AlarmEvent) -> None:
+        """Publish a transition decided by the service itself (not by a window rule) and hold
+        it in the stats payloads' drift states until it is cleared."""
+        if e.state == "raised":
+            self.held_alarms.add(e.metric)
+        else:
+            self.held_alarms.discard(e.metric)
+        self._emit_alarm(e)
+
+    def observe(self, metric: str, value: float, clock_s: float) -> None:
+        """One value of a catalogue metric measured by the service (e.g. an outage length)."""
+        self.agg.observe(metric, value, clock_s)
+        self._process(self.agg.advance(clock_s))
 
     def _process(self, closed: list[WindowSummary]) -> None:
         for s in closed:
@@ -191,7 +216,7 @@ class Monitor:
             self.last_payload = stats_payload(
                 s, drift, device_id=self.device_id, boot_id=self.boot_id, seq=self._next(),
                 model=self.model_info, process=self.probe.sample(), utc_anchor=self.utc_anchor,
-                k=self.k, active_alarms=self.tracker.active)
+                k=self.k, active_alarms=self.active_alarms)
             self.emit(Message(topic(self.prefix, self.device_id, "stats"), self.last_payload))
             self.windows_emitted += 1
             for e in events:
