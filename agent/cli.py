@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="at most N clips per speaker and digit (quick runs)")
     tr.add_argument("--target-precision", type=float, default=0.99)
     tr.add_argument("--seed", type=int, default=0)
+
+    doc = sub.add_parser("doctor", help="check audio devices, model, calibration, state "
+                         "directory, broker and clock; exit 0 only when no check fails")
+    doc.add_argument("--json", action="store_true",
+                     help="print a JSON list of {check, status, detail}")
+    _add_settings(doc)
+
+    from agent.fleet import watch as fleet_watch  # argparse only; paho/rich load on use
+    fleet_watch.add_parser(sub)
     return p
 
 
@@ -83,14 +92,14 @@ def cmd_run(args: argparse.Namespace, **forced) -> int:
     from agent import service
 
     cfg = _config(args, **forced)
-    stop = threading.Event()
-    service.install_signal_handlers(stop)
-    summary = service.run(cfg, stop)
+    signals = service.install_signal_handlers()
+    summary = service.run(cfg, threading.Event(), signals=signals,
+                          load_config=lambda: _config(args, **forced))
     logging.getLogger(PROG).info("done: %d decisions over %.1f s of audio from %s; %d frames "
                                  "dropped; %d stats windows", summary.decisions,
                                  summary.audio_seconds, summary.source, summary.dropped_frames,
                                  summary.windows)
-    if not summary.drained:
+    if not summary.drained and not summary.stopped:  # on a stop the outbox keeps it durably
         raise AgentError(f"telemetry outbox not drained within {cfg.telemetry.drain_timeout_s:g}"
                          f" s ({cfg.telemetry.sink} unreachable?); the undelivered messages stay "
                          f"in {cfg.state_path()} and are sent on the next run")
@@ -153,13 +162,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "train": cmd_train}
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    return doctor.main(lambda: _config(args), as_json=args.json)
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "train": cmd_train,
+            "doctor": cmd_doctor,
+            "fleet": lambda args: args.fleet_func(args)}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from agent import logs
+
+    logs.setup(args.log_level)  # stderr, one line per event (journald priorities under systemd)
     try:
         return COMMANDS[args.command](args)
     except AgentError as e:

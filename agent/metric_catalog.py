@@ -69,7 +69,7 @@ METRICS: tuple[MetricSpec, ...] = (
                (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
                 7200.0, 21600.0, 86400.0),
                "length of each capture outage (microphone unplugged, busy or failing), recorded "
-               "when capture resumes; its audio alarm is raised at the loss, cleared at the return"),
+               "when capture resumes; its audio alarm is raised at the loss, cleared at return"),
     # --- vad: how the segmenter behaves ------------------------------------------------------
     MetricSpec("utterance_length_s", "vad", "s",
                (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5,
@@ -102,7 +102,7 @@ METRICS: tuple[MetricSpec, ...] = (
                (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0,
                 256.0, 512.0, 1024.0),
                "capture queue length seen by the pipeline; growth means it cannot keep up"),
-    MetricSpec("config_reload_ok", "system", "bool", (0.5,),
+    MetricSpec("config_reload_ok", "system", "bool", (0.5, 1.5),
                "1 per applied SIGHUP reload, 0 per refused one (the previous configuration keeps "
                "running); its system alarm stays raised until a reload succeeds"),
 )

@@ -75,11 +75,38 @@ class Pipeline:
             out = self._consume(self._resampler.flush(), 0)
         return out + [self._decide(u) for u in self.segmenter.flush()]
 
+    def skip(self, samples: int) -> list[Decision]:
+        """The source was away for `samples` (at the pipeline's rate): decide the utterance in
+        progress if it has enough speech, restart resampling (the audio is discontinuous) and
+        move the clock on by the gap, which observers see as an empty block of dropped frames."""
+        out = self._consume(self._resampler.flush(), 0) if self._resampler is not None else []
+        self._resampler = None
+        start = self.segmenter.clock
+        out += [self._decide(u) for u in self.segmenter.skip(samples)]
+        samples = self.segmenter.clock - start
+        self.dropped_frames += samples
+        stats = VadBlockStats(start=start, frame=self.segmenter.frame)  # no frames heard
+        for o in self.observers:
+            o.on_block(self.clock_s, stats, samples)
+        return out
+
     def _consume(self, samples: np.ndarray, dropped: int) -> list[Decision]:
         utts, stats = self.segmenter.push(samples)
+        # Observers see frames and decisions in audio-time order: the block's frames are cut
+        # where each utterance was released, so a window boundary inside a block is exact.
+        decisions, i = [], 0
+        for u in utts:
+            k = (u.emitted_at - stats.start) // stats.frame
+            self._observe(stats.slice(i, k), dropped)
+            dropped = 0
+            decisions.append(self._decide(u))
+            i = k
+        self._observe(stats.slice(i, len(stats.frame_db)), dropped)
+        return decisions
+
+    def _observe(self, stats: VadBlockStats, dropped: int) -> None:
         for o in self.observers:
-            o.on_block(self.clock_s, stats, dropped)
-        return [self._decide(u) for u in utts]
+            o.on_block(stats.end / self.rate, stats, dropped)
 
     def _decide(self, u: Utterance) -> Decision:
         t0 = time.perf_counter()

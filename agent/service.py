@@ -1,8 +1,30 @@
 """The shell around the pure pipeline: builds it from config, runs capture and processing
-threads, writes decisions locally, and stops cleanly on a signal or at the end of a file."""
+threads, writes decisions locally, and lives as a systemd service.
+
+Lifecycle, all driven from the pipeline thread (signal handlers only set flags):
+
+* systemd: READY=1 once model, audio source and sinks are up; STATUS= summaries at most every
+  STATUS_INTERVAL_S (and at once on device loss/return or a reload); WATCHDOG=1 from the
+  pipeline loop itself, also while it waits on an empty queue, so only a stuck loop (or a live
+  device stuck in a driver read for STALL_S) stops the pings; RELOADING=1 … READY=1 around
+  SIGHUP; STOPPING=1 on shutdown.
+* SIGTERM/SIGINT: capture stops; audio already captured is processed for up to
+  DRAIN_ON_STOP_S; the utterance in progress is *decided* if it already holds vad.min_speech_ms
+  of speech (the same rule as for any utterance, so a word cut by the stop is still answered)
+  and dropped otherwise; the current partial window is published; exit within STOP_BUDGET_S.
+* SIGHUP: the config file is read again and the model, policy, alarm rules and training baseline
+  are built completely before one swap between two blocks; anything that fails leaves the old
+  parts running, logs one line and raises a `config_reload_ok` system alarm. Settings that
+  cannot change live are named as needing a restart.
+* Device loss (live sources): capture keeps retrying with bounded exponential back-off and
+  finds the device again by name; the pipeline logs once, raises an `audio_outage_s` audio alarm
+  and clears it on return. The audio clock keeps counting through the outage (the time away
+  is a gap of dropped frames), so windows stay aligned with wall time.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -10,21 +32,27 @@ import queue
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
+
+import numpy as np
 
 from agent import __version__
-from agent.audio.sources import AudioBlock, open_source
-from agent.config import Config, to_dict
+from agent.audio.sources import AudioBlock, FileSource, MicOpener
+from agent.config import RULE_SECTIONS, Config, to_dict
 from agent.decision import Decision, Policy, Thresholds
-from agent.drift import Baseline, DeviceBaselineLearner
+from agent.drift import AlarmEvent, AlarmRule, Baseline, DeviceBaselineLearner
 from agent.errors import AgentError
+from agent.features import extract
 from agent.metric_catalog import METRICS
 from agent.model import ModelRunner
 from agent.monitor import Monitor
 from agent.pipeline import Pipeline
 from agent.resources import calibration_dir, default_model_dir
+from agent.sdnotify import Notifier
 from agent.telemetry.device_id import resolve_device_id
 from agent.telemetry.sinks import Sink, make_sink
 
@@ -83,11 +111,11 @@ def birth_payload(cfg: Config, pipeline: Pipeline, device_id: str, boot_id: str,
                         for m in METRICS}}
 
 
-def load_training_baseline(cfg: Config, pipeline: Pipeline) -> Baseline | None:
-    if pipeline.model is None:
+def load_training_baseline(cfg: Config, model: ModelRunner | None) -> Baseline | None:
+    if model is None:
         return None
     path = Path(cfg.monitoring.baseline) if cfg.monitoring.baseline else \
-        calibration_dir(pipeline.model.manifest.name) / "baseline.json"
+        calibration_dir(model.manifest.name) / "baseline.json"
     if not path.is_file():
         if cfg.monitoring.baseline:
             raise AgentError(f"training baseline {path} does not exist; run "
@@ -96,14 +124,14 @@ def load_training_baseline(cfg: Config, pipeline: Pipeline) -> Baseline | None:
                     "only (run 'edge-voice-agent calibrate')", path)
         return None
     b = Baseline.load(path)
-    if b.meta.get("model_sha256") not in (None, pipeline.model.manifest.sha256):
+    if b.meta.get("model_sha256") not in (None, model.manifest.sha256):
         log.warning("training baseline %s was made for another model build; recalibrate", path)
     return Baseline(name="training", hists=b.hists, meta=b.meta)
 
 
 def build_monitor(cfg: Config, pipeline: Pipeline, device_id: str, emit) -> Monitor:
     state = cfg.state_path()
-    baselines = [b for b in [load_training_baseline(cfg, pipeline)] if b is not None]
+    baselines = [b for b in [load_training_baseline(cfg, pipeline.model)] if b is not None]
     ref = pipeline.model.manifest.ref if pipeline.model else "none"
     learner = DeviceBaselineLearner.resume(
         state / "device-baseline.json", cfg.monitoring.device_baseline_s,
@@ -167,28 +195,105 @@ class DecisionWriter:
             self._f.close()
 
 
+
+STATUS_INTERVAL_S = 2.0   # STATUS= at most this often (sooner on a device or reload event)
+STOP_BUDGET_S = 4.0       # signal → exit; the promise is 5 s (the unit's TimeoutStopSec is 15)
+DRAIN_ON_STOP_S = 1.0     # of that budget: processing audio already captured
+TICK_S = 0.25             # longest the loop waits for audio before pinging, polling signals
+# A live device that neither delivers nor fails for this long is stuck in a driver read; the
+# loop then withholds WATCHDOG=1 so systemd restarts the service (WatchdogSec later).
+STALL_S = 10.0
+# Settings a SIGHUP applies; every other difference is reported as needing a restart (the
+# source, rates, VAD state and windows are tied to the running clock, sinks to open files).
+LIVE_SECTIONS = ("model", "decision", *RULE_SECTIONS)
+LIVE_KEYS = frozenset({"monitoring.baseline", "monitoring.k"})
+REASON_MAX = 200          # alarm.schema.json: reason maxLength
+
+
 @dataclass
 class RunSummary:
     decisions: int
-    audio_seconds: float
+    audio_seconds: float      # audio heard (the clock minus the time the device was away)
     dropped_frames: int
     source: str
     windows: int = 0
     drained: bool = True
+    stopped: bool = False     # ended by a signal (or the caller's stop), not by the source
+    clock_s: float = 0.0      # the pipeline's audio clock, outages included
+    outage_s: float = 0.0
+    reloads: int = 0
+
+
+class Source(Protocol):
+    """What capture needs: blocks, whether it is live, and a description for logs."""
+
+    live: bool
+
+    def __iter__(self) -> Iterator[AudioBlock]: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class SourceLost:
+    """Capture lost a live source (open or read failed); sent once per outage."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SourceBack:
+    """Capture reopened the source after `outage_s` seconds away."""
+
+    description: str
+    outage_s: float
+
+
+@dataclass(frozen=True)
+class Gap:
+    """`seconds` of wall time without audio, while the source is away: the clock moves on."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Reopening a lost live source: wait first_s, doubling up to max_s. No jitter: one local
+    device, no fleet to desynchronise. Time away is reported every tick_s so windows keep
+    closing on schedule during a long outage."""
+
+    first_s: float = 0.5
+    max_s: float = 30.0
+    tick_s: float = 1.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_s, self.first_s * 2.0 ** min(attempt, 30))
 
 
 _END = object()
 
 
+def _one_line(e: BaseException | str) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 class Capture(threading.Thread):
     """Reads the source into a bounded queue. A live device never waits for the pipeline:
-    when the queue is full the block is dropped and counted. A file waits instead (no loss)."""
+    when the queue is full the block is dropped and counted. A file waits instead (no loss).
 
-    def __init__(self, source, q: queue.Queue, stop: threading.Event) -> None:
+    A live source that fails (open or read) is reopened through `opener` with back-off; the
+    pipeline hears SourceLost once, Gap ticks while it is away, then SourceBack.
+    """
+
+    def __init__(self, opener: Callable[[], Source], q: queue.Queue, stop: threading.Event, *,
+                 live: bool, source: Source | None, error: str = "", retry: Retry = Retry(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(name="capture", daemon=True)
-        self.source, self.q, self.stop = source, q, stop
+        self.opener, self.q, self.stop, self.live = opener, q, stop, live
+        self.source, self.error, self.retry, self.clock = source, error, retry, clock
         self._overflow = 0
         self._lock = threading.Lock()
+        self._mark = 0.0  # clock up to which time away has been reported
 
     def take_overflow(self) -> int:
         """Frames dropped on a full queue since the last call."""
@@ -198,82 +303,477 @@ class Capture(threading.Thread):
 
     def run(self) -> None:
         try:
-            for block in self.source:
-                if self.source.live:
+            if self.live:
+                self._run_live()
+            else:
+                assert self.source is not None
+                self._pump(self.source)
+        except BaseException as e:  # handed to the pipeline thread, which reports it
+            self._put(e, force=True)
+            return
+        self._put(_END, force=True)
+
+    def _put(self, item: object, force: bool = False) -> bool:
+        """Blocking put that gives up once stopped (after ~2 s when `force`d)."""
+        give_up = None
+        while True:
+            try:
+                self.q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                if self.stop.is_set():
+                    if not force:
+                        return False
+                    give_up = give_up or time.monotonic() + 2.0
+                    if time.monotonic() > give_up:
+                        return False
+
+    def _pump(self, source: Source) -> str | None:
+        """Blocks into the queue until stopped (None) or the source fails (the reason)."""
+        it = iter(source)
+        try:
+            for block in it:
+                if source.live:
                     try:
                         self.q.put_nowait(block)
                     except queue.Full:
                         with self._lock:
                             self._overflow += len(block.samples)
-                else:
-                    while not self.stop.is_set():
-                        try:
-                            self.q.put(block, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
+                elif not self._put(block):
+                    return None
                 if self.stop.is_set():
-                    break
-        except BaseException as e:  # handed to the pipeline thread, which reports it
-            self.q.put(e)
-            return
-        self.q.put(_END)
+                    return None
+        except Exception as e:
+            if not source.live:
+                raise
+            return _one_line(e)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # release the device before any reopen
+        return None if self.stop.is_set() or not source.live else \
+            "the device stopped delivering audio"
 
+    def _run_live(self) -> None:
+        source = self.source
+        reason = self.error
+        while not self.stop.is_set():
+            if source is None:
+                source = self._reopen(reason)
+                if source is None:
+                    return
+            reason = self._pump(source)
+            if reason is None:
+                return
+            source = None
 
-def run(cfg: Config, stop: threading.Event | None = None) -> RunSummary:
-    """Run until the source ends or `stop` is set; returns what was done."""
-    stop = stop or threading.Event()
-    pipeline = build_pipeline(cfg)
-    source = open_source(cfg.audio.source, cfg.audio.block_ms, cfg.audio.speed,
-                         cfg.audio.mic_rate, cfg.audio.mic_channels, stop)
-    telemetry_on = cfg.telemetry.sink != "none"
-    device_id = resolve_device_id(cfg.agent.device_id) if telemetry_on else \
-        (cfg.agent.device_id or "local")
-    sink: Sink | None = None
-    monitor = build_monitor(cfg, pipeline, device_id, lambda m: sink.publish(m))
-    sink = build_sink(cfg, device_id, birth_payload(
-        cfg, pipeline, device_id, monitor.boot_id, [b.name for b in monitor.baselines]))
-    pipeline.observers.append(monitor)
-    writer = DecisionWriter(cfg.decisions_target())
-    log.info("listening to %s; model %s; mode %s (threshold %.3f); decisions → %s",
-             source.describe(), pipeline.model.manifest.ref if pipeline.model else "none",
-             pipeline.policy.mode, pipeline.policy.threshold, writer.target)
-    q: queue.Queue = queue.Queue(maxsize=cfg.audio.queue_blocks)
-    capture = Capture(source, q, stop)
-    capture.start()
-    try:
-        while True:
+    def _reopen(self, reason: str) -> Source | None:
+        lost_at = self._mark = self.clock()
+        self._put(SourceLost(reason))
+        attempt = 0
+        while not self.stop.is_set():
+            self._wait(self.retry.delay(attempt))
+            if self.stop.is_set():
+                return None
+            attempt += 1
             try:
-                item = q.get(timeout=0.5)
+                source = self.opener()
+            except Exception:  # noqa: BLE001 - logged once, as SourceLost; keep trying
+                continue
+            now = self.clock()
+            self._report_gap(now)
+            self._put(SourceBack(source.describe(), now - lost_at))
+            return source
+        return None
+
+    def _wait(self, seconds: float) -> None:
+        end = self.clock() + seconds
+        while not self.stop.is_set():
+            left = end - self.clock()
+            if left <= 0:
+                return
+            self.stop.wait(min(left, self.retry.tick_s))
+            self._report_gap(self.clock())
+
+    def _report_gap(self, now: float) -> None:
+        if now > self._mark:
+            self._put(Gap(now - self._mark))
+            self._mark = now
+
+
+class Signals:
+    """Flags the signal handlers set. A handler only writes an attribute (safe at any point of
+    the interrupted code, unlike taking a lock); the pipeline loop polls them every tick and
+    does the work."""
+
+    def __init__(self) -> None:
+        self.stop_signal = ""
+        self.reloads_requested = 0
+
+    def install(self) -> Signals:
+        def on_stop(signum: int, frame: object) -> None:
+            self.stop_signal = signal.Signals(signum).name
+
+        def on_hup(signum: int, frame: object) -> None:
+            self.reloads_requested += 1
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+        return self
+
+
+def install_signal_handlers() -> Signals:
+    """SIGTERM/SIGINT → stop, SIGHUP → reload (main thread only)."""
+    return Signals().install()
+
+
+@dataclass
+class LiveParts:
+    """What a SIGHUP replaces, built completely before the swap."""
+
+    cfg: Config
+    model: ModelRunner | None
+    policy: Policy
+    rules: list[AlarmRule]
+    rollup_rules: list[AlarmRule]
+    training: Baseline | None
+
+
+def build_live_parts(cfg: Config, rate: int) -> LiveParts:
+    """Load and check everything a reload swaps in; raises (AgentError) on any problem."""
+    model = load_model(cfg)
+    m = model.manifest
+    if m.sample_rate != rate:
+        raise AgentError(f"model {m.ref} runs at {m.sample_rate} Hz but the running pipeline at "
+                         f"{rate} Hz; a model with another rate needs a restart")
+    policy = Policy("off", 1.0, m.unknown_label) if cfg.decision.mode == "off" else \
+        load_policy(cfg, model)
+    extract(np.zeros(rate // 4, np.float32), m.features)  # feature constants, before the swap
+    return LiveParts(cfg, model, policy, cfg.alarm_rules(), cfg.rollup_alarm_rules(),
+                     load_training_baseline(cfg, model))
+
+
+def restart_needed(running: Config, new: Config) -> list[str]:
+    """Changed settings that a reload cannot apply."""
+    a, b = to_dict(running), to_dict(new)
+    out = []
+    for section, values in a.items():
+        if section in LIVE_SECTIONS or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name not in LIVE_KEYS and b[section][key] != value:
+                out.append(name)
+    return out
+
+
+def merge_live(running: Config, new: Config) -> Config:
+    """The configuration actually running after a reload: live settings from `new`."""
+    return dataclasses.replace(
+        running, model=new.model, decision=new.decision, alarms=new.alarms,
+        rollup_alarms=new.rollup_alarms,
+        monitoring=dataclasses.replace(running.monitoring, baseline=new.monitoring.baseline,
+                                       k=new.monitoring.k))
+
+
+def open_configured_source(cfg: Config, stop: threading.Event
+                           ) -> tuple[Callable[[], Source], bool]:
+    """(opener, live) for audio.source: a file opens once; a microphone reopens by name."""
+    a = cfg.audio
+    if a.source == "mic" or a.source.startswith("mic:"):
+        if a.speed:
+            raise AgentError("--speed applies to file sources only; remove it for the microphone")
+        return MicOpener(a.source[4:] or None, a.mic_rate, a.mic_channels, a.block_ms, stop), True
+    return (lambda: FileSource(a.source, a.block_ms, a.speed, stop)), False
+
+
+class Service:
+    """One run of the daemon; every method runs on the pipeline (calling) thread."""
+
+    def __init__(self, cfg: Config, stop: threading.Event, *, signals: Signals,
+                 load_config: Callable[[], Config] | None, notifier: Notifier,
+                 opener: Callable[[], Source] | None, live: bool, retry: Retry) -> None:
+        self.cfg, self.stop, self.signals = cfg, stop, signals
+        self.load_config, self.notifier, self.retry = load_config, notifier, retry
+        self.pipeline = build_pipeline(cfg)
+        if opener is None:
+            opener, live = open_configured_source(cfg, stop)
+        self.opener, self.live = opener, live
+        source: Source | None = None
+        error = ""
+        try:
+            source = opener()
+        except Exception as e:
+            if not live:
+                raise
+            error = _one_line(e)  # a live device may come later: capture keeps trying
+        describe = getattr(opener, "describe", None)
+        self.source_desc = source.describe() if source is not None else \
+            (describe() if describe else "live source")
+        telemetry_on = cfg.telemetry.sink != "none"
+        self.device_id = resolve_device_id(cfg.agent.device_id) if telemetry_on else \
+            (cfg.agent.device_id or "local")
+        self.sink: Sink | None = None
+        self.monitor = build_monitor(cfg, self.pipeline, self.device_id,
+                                     lambda msg: self.sink.publish(msg))
+        self.sink = build_sink(cfg, self.device_id, self._birth())
+        self.pipeline.observers.append(self.monitor)
+        self.writer = DecisionWriter(cfg.decisions_target())
+        self.q: queue.Queue = queue.Queue(maxsize=cfg.audio.queue_blocks)
+        self.capture = Capture(opener, self.q, stop, live=live, source=source, error=error,
+                               retry=retry)
+        self.audio_down = False
+        self.outage_s = 0.0
+        self.reloads = 0
+        self._reloads_seen = signals.reloads_requested
+        self._gap_carry = 0.0
+        self._status_at = -1e9
+        self._status_sent = ""
+        self.ended = False
+        self._last_audio = time.monotonic()
+        self._stall_logged = False
+        interval = notifier.watchdog_interval
+        self.tick = min(TICK_S, interval / 2) if interval else TICK_S
+
+    # --- status -----------------------------------------------------------------------------
+    def _birth(self) -> dict:
+        return birth_payload(self.cfg, self.pipeline, self.device_id, self.monitor.boot_id,
+                             [b.name for b in self.monitor.baselines])
+
+    def status_text(self) -> str:
+        p = self.pipeline
+        ref = p.model.manifest.ref if p.model else "none"
+        src = f"audio lost, retrying ({self.source_desc})" if self.audio_down else self.source_desc
+        alarms = ", ".join(sorted(self.monitor.active_alarms)) or "none"
+        return (f"{src}; model {ref}; mode {p.policy.mode} (threshold {p.policy.threshold:.3f}); "
+                f"{self.writer.count} decisions; alarms: {alarms}")
+
+    def _status(self, now: float, force: bool = False) -> None:
+        if not force and now - self._status_at < STATUS_INTERVAL_S:
+            return
+        text = self.status_text()
+        self._status_at = now
+        if text != self._status_sent:
+            self._status_sent = text
+            self.notifier.status(text)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def start(self) -> None:
+        p = self.pipeline
+        log.info("listening to %s; model %s; mode %s (threshold %.3f); decisions → %s",
+                 self.source_desc, p.model.manifest.ref if p.model else "none", p.policy.mode,
+                 p.policy.threshold, self.writer.target)
+        self.capture.start()
+        self._status_sent = self.status_text()
+        self._status_at = time.monotonic()
+        self.notifier.ready(self._status_sent)
+
+    def loop(self) -> None:
+        """Until the source ends or a stop: blocks in, decisions out, pings and flags polled."""
+        while True:
+            self._poll_signals()
+            if self.stop.is_set():
+                return
+            now = time.monotonic()
+            if not self._stalled(now):
+                self.notifier.maybe_ping(now)
+            self._status(now)
+            if self.signals.reloads_requested != self._reloads_seen:
+                self._reloads_seen = self.signals.reloads_requested
+                self.reload()
+            try:
+                item = self.q.get(timeout=self.tick)
             except queue.Empty:
-                if stop.is_set() and not capture.is_alive():
-                    break
                 continue
             if item is _END:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            lost = capture.take_overflow()
+                self.ended = True
+                return
+            self.handle(item)
+
+    def _stalled(self, now: float) -> bool:
+        if not self.live or self.audio_down or now - self._last_audio < STALL_S:
+            return False
+        if not self._stall_logged:
+            self._stall_logged = True
+            log.error("capture stalled: no audio and no error from %s for %.0f s; withholding "
+                      "watchdog pings so systemd restarts the service", self.source_desc,
+                      now - self._last_audio)
+        return True
+
+    def _poll_signals(self) -> None:
+        if self.signals.stop_signal and not self.stop.is_set():
+            log.info("%s received: stopping capture; the utterance in progress is decided if it "
+                     "already has %d ms of speech (vad.min_speech_ms), else dropped; the current "
+                     "window is flushed", self.signals.stop_signal, self.cfg.vad.min_speech_ms)
+            self.stop.set()
+
+    def handle(self, item: object) -> None:
+        if isinstance(item, AudioBlock):
+            self._last_audio = time.monotonic()
+            lost = self.capture.take_overflow()
             if lost:  # queue overflow counts as dropped input too
                 item = AudioBlock(item.samples, item.rate, item.dropped + lost)
-            if source.live or cfg.audio.speed > 0:  # an unpaced file fills the queue on purpose
-                monitor.queue_depth = q.qsize()
-            writer.write(pipeline.feed(item))
-        writer.write(pipeline.finish())
-        monitor.finish(pipeline.clock_s)
+            if self.live or self.cfg.audio.speed > 0:  # an unpaced file fills the queue
+                self.monitor.queue_depth = self.q.qsize()
+            self.writer.write(self.pipeline.feed(item))
+        elif isinstance(item, Gap):
+            self._gap_carry += item.seconds * self.pipeline.rate
+            n = int(self._gap_carry)
+            self._gap_carry -= n
+            self.outage_s += n / self.pipeline.rate
+            self.writer.write(self.pipeline.skip(n))
+        elif isinstance(item, SourceLost):
+            self._on_lost(item)
+        elif isinstance(item, SourceBack):
+            self._on_back(item)
+        elif isinstance(item, BaseException):
+            raise item
+
+    def _on_lost(self, ev: SourceLost) -> None:
+        if self.audio_down:
+            return  # one line and one alarm per outage
+        self.audio_down = True
+        log.warning("audio source %s lost (%s); retrying with back-off up to %g s, resuming "
+                    "when it returns (logged once per outage)", self.source_desc, ev.reason,
+                    self.retry.max_s)
+        self.monitor.service_alarm(AlarmEvent(
+            "audio_outage_s", "audio", "raised", 0.0, 0.0, self.pipeline.clock_s,
+            f"capture lost: {ev.reason}"[:REASON_MAX]))
+        self._status(time.monotonic(), force=True)
+
+    def _on_back(self, ev: SourceBack) -> None:
+        self.audio_down = False
+        self._last_audio = time.monotonic()
+        self.source_desc = ev.description
+        log.info("audio source back after %.1f s: %s", ev.outage_s, ev.description)
+        clock = self.pipeline.clock_s
+        self.monitor.observe("audio_outage_s", ev.outage_s, clock)
+        self.monitor.service_alarm(AlarmEvent(
+            "audio_outage_s", "audio", "cleared", round(ev.outage_s, 3), 0.0, clock,
+            f"capture resumed after {ev.outage_s:.1f} s: {ev.description}"[:REASON_MAX]))
+        self._status(time.monotonic(), force=True)
+
+    # --- SIGHUP -----------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Build the new parts completely, then swap them between two blocks; on any failure
+        keep the running ones, log one line and raise the config_reload_ok alarm."""
+        self.notifier.reloading()
+        self.notifier.maybe_ping()
+        t0 = time.monotonic()
+        clock = self.pipeline.clock_s
+        try:
+            if self.load_config is None:
+                raise AgentError("this run has no config loader to reload from")
+            new = self.load_config()
+            parts = build_live_parts(new, self.pipeline.rate)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the old config keeps running
+            log.error("reload refused, the previous configuration keeps running: %s",
+                      _one_line(e))
+            self.monitor.observe("config_reload_ok", 0.0, clock)
+            if "config_reload_ok" not in self.monitor.held_alarms:
+                self.monitor.service_alarm(AlarmEvent(
+                    "config_reload_ok", "system", "raised", 0.0, 1.0, clock,
+                    f"reload refused: {_one_line(e)}"[:REASON_MAX]))
+            self.notifier.ready(self.status_text())
+            return
+        pending = restart_needed(self.cfg, new)
+        p, mon = self.pipeline, self.monitor
+        p.model, p.policy = parts.model, parts.policy
+        mon.replace_rules(parts.rules, parts.rollup_rules)
+        mon.model_info = model_info(p)
+        mon.k = parts.cfg.monitoring.k
+        mon.agg.unknown_label = parts.policy.unknown_label or "unknown"
+        mon.baselines = [b for b in mon.baselines if b.name != "training"] + \
+            ([parts.training] if parts.training is not None else [])
+        self.cfg = merge_live(self.cfg, new)
+        self.reloads += 1
+        mon.observe("config_reload_ok", 1.0, clock)
+        if "config_reload_ok" in mon.held_alarms:
+            mon.service_alarm(AlarmEvent("config_reload_ok", "system", "cleared", 1.0, 1.0,
+                                         clock, "reload applied"))
+        update_birth = getattr(self.sink, "update_birth", None)
+        if update_birth is not None:
+            update_birth(self._birth())
+        log.info("reloaded at audio %.3f s in %.0f ms: model %s, mode %s (threshold %.3f), %d "
+                 "alarm rules", clock, (time.monotonic() - t0) * 1000,
+                 p.model.manifest.ref if p.model else "none", p.policy.mode, p.policy.threshold,
+                 len(parts.rules))
+        if pending:
+            log.warning("changed settings need a restart and were not applied: %s",
+                        ", ".join(pending))
+        self.notifier.ready(self.status_text())
+
+    # --- shutdown ---------------------------------------------------------------------------
+    def drain(self) -> None:
+        """After a stop: process what capture already queued, for at most DRAIN_ON_STOP_S;
+        anything left after that is dropped (the stop promise wins over the last blocks)."""
+        deadline = time.monotonic() + DRAIN_ON_STOP_S
+        while time.monotonic() < deadline:
+            self.notifier.maybe_ping()
+            try:
+                item = self.q.get(timeout=0.05)
+            except queue.Empty:
+                if not self.capture.is_alive():
+                    return
+                continue
+            if item is _END:
+                return
+            if not isinstance(item, BaseException):
+                self.handle(item)
+
+    def close(self, stopped: bool, t_stop: float) -> bool:
+        """Decide the utterance in progress, publish the last window, close files and sinks."""
+        self.writer.write(self.pipeline.finish())
+        self.monitor.finish(self.pipeline.clock_s)
+        self.writer.close()
+        self.capture.join(timeout=0.5)
+        timeout = self.cfg.telemetry.drain_timeout_s
+        if stopped:
+            timeout = min(timeout, max(0.2, STOP_BUDGET_S - (time.monotonic() - t_stop)))
+        assert self.sink is not None
+        drained = self.sink.close(timeout)
+        if not drained and stopped:
+            log.warning("telemetry not delivered within %.1f s of the stop; it stays in the "
+                        "outbox in %s and is sent on the next start", timeout,
+                        self.cfg.state_path())
+        return drained
+
+
+def run(cfg: Config, stop: threading.Event | None = None, *, signals: Signals | None = None,
+        load_config: Callable[[], Config] | None = None, notifier: Notifier | None = None,
+        opener: Callable[[], Source] | None = None, live: bool = False,
+        retry: Retry | None = None) -> RunSummary:
+    """Run until the source ends or `stop` is set (or a stop signal is flagged in `signals`).
+
+    `opener`/`live` replace the configured audio source (tests inject failing fakes);
+    `load_config` re-reads the configuration on SIGHUP.
+    """
+    stop = stop or threading.Event()
+    signals = signals or Signals()
+    notifier = notifier or Notifier()
+    svc = Service(cfg, stop, signals=signals, load_config=load_config, notifier=notifier,
+                  opener=opener, live=live, retry=retry or Retry())
+    t_stop = 0.0
+    drained = False
+    try:
+        svc.start()
+        svc.loop()
+        stopped = not svc.ended
+        t_stop = time.monotonic()
+        notifier.stopping()
+        if stopped:
+            svc.drain()
     finally:
         stop.set()
-        writer.close()
-        capture.join(timeout=2.0)
-        drained = sink.close(cfg.telemetry.drain_timeout_s)
-    return RunSummary(writer.count, pipeline.clock_s, pipeline.dropped_frames,
-                      source.describe(), monitor.windows_emitted, drained)
-
-
-def install_signal_handlers(stop: threading.Event) -> None:
-    def handler(signum, frame):
-        log.info("received %s; finishing", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+        if not t_stop:  # an error: still try to publish what was measured
+            t_stop = time.monotonic()
+            stopped = True
+        try:
+            drained = svc.close(stopped, t_stop)
+        finally:
+            notifier.close()
+    clock = svc.pipeline.clock_s
+    return RunSummary(svc.writer.count, clock - svc.outage_s, svc.pipeline.dropped_frames,
+                      svc.source_desc, svc.monitor.windows_emitted, drained, stopped, clock,
+                      svc.outage_s, svc.reloads)

@@ -50,6 +50,16 @@ class VadBlockStats:
     start: int = 0          # clock position (samples) of the first frame
     frame: int = 1          # samples per frame
 
+    @property
+    def end(self) -> int:
+        """Clock position just after the last frame."""
+        return self.start + len(self.frame_db) * self.frame
+
+    def slice(self, i: int, j: int) -> VadBlockStats:
+        """Frames i..j-1, so observers can see frames and utterances in time order."""
+        return VadBlockStats(self.frame_db[i:j], self.speech[i:j], self.noise_floor_db,
+                             self.start + i * self.frame, self.frame)
+
 
 class Segmenter:
     """Stateful, pure (no I/O) VAD state machine. `push` samples, get finished utterances."""
@@ -131,6 +141,18 @@ class Segmenter:
             return []
         u = self._close(forced=False)
         return [u] if u is not None else []
+
+    def skip(self, n: int) -> list[Utterance]:
+        """A hole of `n` samples in the input (the device was away): close the utterance in
+        progress as `flush` does, forget the pre-roll, trigger window and partial frame (that
+        audio is not continuous with what follows), and move the clock on by `n` so positions
+        after the hole stay aligned with the time the stream covers. The noise floor is kept."""
+        out = self.flush()
+        self._clock = self.clock + max(0, int(n))
+        self._pending = np.zeros(0, np.float32)
+        self._recent.clear()
+        self._history.clear()
+        return out
 
     def _floor(self) -> float:
         return float("nan") if self.noise_floor_db is None else float(self.noise_floor_db)

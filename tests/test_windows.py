@@ -25,9 +25,9 @@ def test_catalogue_is_complete_and_small():
     names = [m.name for m in METRICS]
     assert names == [
         "input_rms_dbfs", "input_peak_dbfs", "clipping_ratio", "snr_db", "noise_floor_dbfs",
-        "utterance_length_s", "vad_speech_ratio", "utterance_rate_per_min",
+        "audio_outage_s", "utterance_length_s", "vad_speech_ratio", "utterance_rate_per_min",
         "confidence", "margin", "unknown_ratio",
-        "compute_latency_ms", "eou_latency_ms", "queue_depth"]
+        "compute_latency_ms", "eou_latency_ms", "queue_depth", "config_reload_ok"]
     assert {m.stage for m in METRICS} == set(STAGES)
     for m in METRICS:
         assert m.bins <= MAX_BINS, m.name

@@ -7,6 +7,7 @@ pipeline can count losses without knowing which device produced them.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,6 +149,59 @@ def _sounddevice():
     return sd
 
 
+_ALSA_SUFFIX = re.compile(r"\s*\((?:plug)?hw:\d+(?:,\d+)?\)\s*$")
+
+
+def stable_device_name(name: str) -> str:
+    """The device name without ALSA's "(hw:CARD,DEV)" suffix.
+
+    The card number changes when a USB microphone is unplugged and plugged back (or another card
+    appears first), so the suffix-free name, not the index, is what finds the same device again.
+    """
+    return _ALSA_SUFFIX.sub("", name).strip() or name
+
+
+def rescan_devices() -> None:
+    """Make PortAudio list devices afresh: it enumerates them once, when initialised, so a
+    re-plugged microphone stays invisible until it is re-initialised. Call with no stream open."""
+    sd = _sounddevice()
+    sd._terminate()  # the documented way to re-enumerate in sounddevice (no public API)
+    sd._initialize()
+
+
+class MicOpener:
+    """Opens the configured microphone; after a loss, finds the same device again by name.
+
+    The first open resolves `device` (None, an index or a name); later opens rescan PortAudio and
+    look the device up by its stable name (see `stable_device_name`), at the rate it first had,
+    so a microphone that comes back under another index is still the one resumed.
+    """
+
+    live = True
+
+    def __init__(self, device: str | int | None = None, rate: int = 0, channels: int = 0,
+                 block_ms: int = 100, stop: Event | None = None) -> None:
+        _sounddevice()  # no PortAudio library is permanent: fail at start, do not retry it
+        self.wanted = device
+        self.rate, self.channels, self.block_ms, self.stop = rate, channels, block_ms, stop
+        self.name: str | None = None
+        self.opens = 0
+
+    def __call__(self) -> MicSource:
+        if self.opens:
+            rescan_devices()
+        self.opens += 1
+        src = MicSource(self.wanted if self.name is None else self.name, self.rate,
+                        self.channels, self.block_ms, self.stop)
+        if self.name is None:
+            self.name = stable_device_name(src.device_name)
+            self.rate, self.channels = src.rate, src.channels
+        return src
+
+    def describe(self) -> str:
+        return f"microphone '{self.name or self.wanted or 'default'}'"
+
+
 def input_devices() -> list[tuple[int, str]]:
     sd = _sounddevice()
     return [(i, str(d["name"])) for i, d in enumerate(sd.query_devices())
@@ -172,7 +226,8 @@ def find_input_device(device: str | int | None) -> int:
         if idx in dict(devices):
             return idx
         raise AgentError(f"microphone index {idx} is not an input device; available: {listing}")
-    matches = [i for i, n in devices if str(device).lower() in n.lower()]
+    exact = [i for i, n in devices if stable_device_name(n).lower() == str(device).lower()]
+    matches = exact or [i for i, n in devices if str(device).lower() in n.lower()]
     if not matches:
         raise AgentError(f"no input device matches '{device}'; available: {listing}")
     return matches[0]
