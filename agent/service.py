@@ -147,10 +147,12 @@ def build_monitor(cfg: Config, pipeline: Pipeline, device_id: str, emit) -> Moni
 
 
 def build_sink(cfg: Config, device_id: str, birth: dict) -> Sink:
+    t = cfg.telemetry
+    if not t.sink.startswith("mqtt"):  # paho and sqlite3 only when they are used
+        return make_sink(t.sink, device_id=device_id, prefix=t.prefix, birth=birth)
     from agent.telemetry.mqtt import MqttOptions
     from agent.telemetry.outbox import OutboxLimits
 
-    t = cfg.telemetry
     return make_sink(t.sink, device_id=device_id, prefix=t.prefix, state_dir=cfg.state_path(),
                      birth=birth,
                      mqtt=MqttOptions(username=t.username, password_file=t.password_file,

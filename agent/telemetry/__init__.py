@@ -7,12 +7,14 @@ Service usage::
     sink.publish(Message(topic(prefix, dev, "stats"), payload))   # pipeline thread, ~tens of µs
     ok = sink.close(drain_timeout_s=10.0)                         # at shutdown
 
-`mqtt` is imported lazily so `none`/`stdout`/`file` do not load paho.
+`mqtt` and `outbox` are imported lazily (by name, below) so `none`/`stdout`/`file` load
+neither paho nor sqlite3: the daemon's memory budget is small.
 """
+
+from typing import Any
 
 from agent.telemetry.device_id import derive_device_id, resolve_device_id
 from agent.telemetry.message import DEFAULT_PREFIX, KINDS, Message, topic
-from agent.telemetry.outbox import OUTBOX_FILENAME, Outbox, OutboxLimits
 from agent.telemetry.sinks import (
     SINK_FORMS,
     FileSink,
@@ -28,3 +30,11 @@ __all__ = [
     "NullSink", "Outbox", "OutboxLimits", "Sink", "StdoutSink", "derive_device_id",
     "make_sink", "parse_sink_spec", "resolve_device_id", "topic",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("OUTBOX_FILENAME", "Outbox", "OutboxLimits"):
+        from agent.telemetry import outbox
+
+        return getattr(outbox, name)
+    raise AttributeError(name)
