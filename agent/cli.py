@@ -61,21 +61,45 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("files", nargs="+", type=Path)
     _add_settings(cl)
 
-    tr = sub.add_parser("train", help="train, evaluate (leave-one-speaker-out) and export a "
-                        "model (needs the 'train' extra)")
-    tr.add_argument("--data", required=True, type=Path, help="folder of {digit}_{speaker}_{take}"
-                    ".wav recordings")
+    def data_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--data", required=True, type=Path,
+                       help="folder of {digit}_{speaker}_{take}.wav recordings")
+        q.add_argument("--speakers", default="", help="comma list of speakers; empty = all")
+        q.add_argument("--limit-per-class", type=int, default=None,
+                       help="at most N clips per speaker and digit (quick runs)")
+        q.add_argument("--small", action="store_true",
+                       help="a few hundred synthetic clips instead of thousands (quick runs)")
+        q.add_argument("--cache", type=Path, default=None,
+                       help="where synthesised speech is cached [~/.cache/edge-voice-agent]")
+        q.add_argument("--workers", type=int, default=2, help="processes [2]")
+        q.add_argument("--seed", type=int, default=0)
+
+    tr = sub.add_parser("train", help="train, evaluate (leave-one-speaker-out), calibrate and "
+                        "export a model with its card (needs the 'train' extra)")
+    data_args(tr)
     tr.add_argument("--out", type=Path, default=Path("models/fsdd-digits"),
                     help="model directory to write [models/fsdd-digits]")
     tr.add_argument("--calibration-out", type=Path, default=None,
-                    help="where thresholds.json goes [calibration/<model name>]")
+                    help="thresholds, baseline and out-of-fold predictions "
+                    "[calibration/<model name>]")
     tr.add_argument("--name", default="fsdd-digits")
-    tr.add_argument("--model-version", default="0.1.0")
-    tr.add_argument("--speakers", default="", help="comma list of speakers to use; empty = all")
-    tr.add_argument("--limit-per-class", type=int, default=None,
-                    help="at most N clips per speaker and digit (quick runs)")
-    tr.add_argument("--target-precision", type=float, default=0.99)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--model-version", default="1.0.0")
+
+    ev = sub.add_parser("evaluate", help="leave-one-speaker-out evaluation of the training "
+                        "recipe: accuracy by speaker, accent, class and condition, confusion, "
+                        "calibration, coverage and precision at the threshold, false accepts "
+                        "(needs the 'train' extra)")
+    data_args(ev)
+    ev.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    ca = sub.add_parser("calibrate", help="write the training baseline (baseline.json) for a "
+                        "model by running its training recordings through the daemon's pipeline")
+    ca.add_argument("--data", required=True, type=Path)
+    ca.add_argument("--speakers", default="")
+    ca.add_argument("--model", type=Path, default=None, help="model directory [bundled]")
+    ca.add_argument("--calibration-out", type=Path, default=None,
+                    help="[calibration/<model name>]")
+    ca.add_argument("--seed", type=int, default=0)
 
     doc = sub.add_parser("doctor", help="check audio devices, model, calibration, state "
                          "directory, broker and clock; exit 0 only when no check fails")
@@ -144,21 +168,83 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return status
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _training():
+    """The training modules, or a one-line error naming the missing extra."""
     try:  # fail before any work when the extra is missing
         import skl2onnx  # noqa: F401
         import sklearn  # noqa: F401
 
-        from agent.training.train import train
+        from agent.training import evaluate, train
     except ImportError as e:
         raise AgentError(f"training needs the 'train' extra ({e.name} is missing); install it "
                          "with: pip install 'edge-voice-agent[train]'") from None
+    return train, evaluate
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _recipe(args: argparse.Namespace):
+    from agent.training.recipe import Recipe
+
+    return Recipe().small() if args.small else Recipe()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    train, _ = _training()
     calib = args.calibration_out or Path("calibration") / args.name
     speakers = {s for s in args.speakers.split(",") if s} or None
-    train(args.data, args.out, calib, name=args.name, version=args.model_version,
-          seed=args.seed, speakers=speakers, limit_per_class=args.limit_per_class,
-          target_precision=args.target_precision,
-          log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    train.train(args.data, args.out, calib, name=args.name, version=args.model_version,
+                seed=args.seed, speakers=speakers, limit_per_class=args.limit_per_class,
+                recipe=_recipe(args), cache=args.cache, workers=args.workers, log=_log)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    train, evaluate = _training()
+    speakers = {s for s in args.speakers.split(",") if s} or None
+    r = _recipe(args)
+    ds = evaluate.build_dataset(args.data, args.cache or train.DEFAULT_CACHE, r, args.seed,
+                                speakers, args.limit_per_class, args.workers, _log)
+    report = train.public(evaluate.loso(ds, r, args.seed, args.workers, _log))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    c = report["conditions"]
+    print(f"leave-one-speaker-out over {', '.join(report['speakers'])}")
+    for k, label in (("clean", "clean"), ("snr10", "white noise 10 dB SNR"),
+                     ("quiet20", "20 dB quieter"), ("padded", "VAD-like padding")):
+        per = ", ".join(f"{s} {v:.3f}" for s, v in c[k]["per_speaker"].items())
+        print(f"accuracy {label}: {c[k]['mean']:.3f} (worst {c[k]['worst']:.3f}; {per})")
+    print("per accent: " + ", ".join(f"{a} {v:.3f}" for a, v in report["per_accent"].items()))
+    print("per class: " + ", ".join(f"{d} {v:.3f}" for d, v in report["per_class"].items()))
+    cal, th, neg = report["calibration"], report["threshold"], report["negatives"]
+    print(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal['ece']:.4f} "
+          f"(uncalibrated {cal['ece_uncalibrated']:.4f})")
+    print(f"threshold {th['value']:.4f} for precision {th['target_precision']}: precision "
+          f"{th['precision']:.4f}, coverage {th['coverage']:.4f}")
+    print(f"false accepts on {neg['n']} negatives: {neg['false_accepts']:.4f} (" + ", ".join(
+        f"{k} {v:.3f}" for k, v in neg["by_kind"].items()) + ")")
+    print("confusion (rows spoken, columns decided " + " ".join(
+        report["confusion"]["columns"]) + "):")
+    for d, row in zip(report["confusion"]["rows"], report["confusion"]["counts"], strict=True):
+        print(f"  {d}: " + " ".join(f"{v:4d}" for v in row))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _training()
+    from agent.model import Manifest
+    from agent.resources import default_model_dir
+    from agent.training.calibrate import calibrate
+    from agent.training.dataset import discover
+
+    model_dir = args.model or default_model_dir()
+    name = Manifest.read(model_dir / "manifest.json").name
+    speakers = {s for s in args.speakers.split(",") if s} or None
+    calibrate(model_dir, discover(args.data, speakers),
+              args.calibration_out or Path("calibration") / name, seed=args.seed, log=_log)
     return 0
 
 
@@ -169,7 +255,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "train": cmd_train,
-            "doctor": cmd_doctor,
+            "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "doctor": cmd_doctor,
             "fleet": lambda args: args.fleet_func(args)}
 
 

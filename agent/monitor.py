@@ -177,7 +177,10 @@ class Monitor:
         self._process(self.agg.finish(clock_s))
         for rollup, tracker, label in self.rollups:
             for s in rollup.finish():
-                self._score_rollup(s, tracker, label)
+                # a roll-up cut short by the end of the stream speaks for its period only
+                # when it covers at least half of it
+                if s.end_s - s.start_s >= rollup.period_s / 2:
+                    self._score_rollup(s, tracker, label)
 
     def replace_rules(self, rules: Sequence[AlarmRule],
                       rollup_rules: Sequence[AlarmRule] | None = None) -> None:
