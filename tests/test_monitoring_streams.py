@@ -14,6 +14,13 @@ import soundfile as sf
 from agent.privacy import find_violations
 from tests.conftest import ROOT, eva
 
+# A model trained without theo (tests/data/no-theo, made by `edge-voice-agent train --speakers
+# jackson,nicolas,yweweler,lucas`), so streams of theo's voice are a voice it never heard.
+HELD_OUT = "theo"
+NO_THEO = ROOT / "tests" / "data" / "no-theo"
+HELD_OUT_MODEL = ("--model", str(NO_THEO / "model"), "--model-thresholds",
+                  str(NO_THEO / "calibration" / "thresholds.json"), "--monitoring-baseline",
+                  str(NO_THEO / "calibration" / "baseline.json"))
 SCHEMAS = {kind: json.loads((ROOT / "docs" / f"{kind}.schema.json").read_text())
            for kind in ("stats", "alarm")}
 VOLATILE = ("boot_id", "process", "config_digest")  # differ between runs by nature
@@ -48,15 +55,17 @@ def of(msgs: list[dict], kind: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def stable(make_stream, tmp_path_factory):
-    stream = make_stream(seconds=300, seed=21)
-    msgs, decisions = run_agent(tmp_path_factory.mktemp("stable"), stream.with_suffix(".wav"))
+    stream = make_stream(speakers=HELD_OUT, seconds=300, seed=21)
+    msgs, decisions = run_agent(tmp_path_factory.mktemp("stable"), stream.with_suffix(".wav"),
+                                *HELD_OUT_MODEL)
     return stream, msgs, decisions
 
 
 @pytest.fixture(scope="module")
 def drift(make_stream, tmp_path_factory):
-    stream = make_stream(seconds=300, drift_at=240, seed=22)
-    return run_agent(tmp_path_factory.mktemp("drift"), stream.with_suffix(".wav"))
+    stream = make_stream(speakers=HELD_OUT, seconds=300, drift_at=240, seed=22)
+    return run_agent(tmp_path_factory.mktemp("drift"), stream.with_suffix(".wav"),
+                     *HELD_OUT_MODEL)
 
 
 @pytest.mark.slow

@@ -118,7 +118,8 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         f"Model file {size_bytes / 1e6:.2f} MB; features + inference {latency_ms:.2f} ms per "
         f"utterance (one core); training {train_seconds / 60:.1f} min on a 2-core machine "
         "(`edge-voice-agent train --data ../shared/data/fsdd/recordings`, seed "
-        f"{manifest['training'].get('seed', 0)}).",
+        f"{manifest['training'].get('seed', 0)}; synthesising the speech on a first run, "
+        "before it is cached, adds about 3.5 min).",
         "",
         "## Known limits",
         "",
