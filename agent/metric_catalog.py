@@ -86,6 +86,10 @@ METRICS: tuple[MetricSpec, ...] = (
                "calibrated top probability of each decision; its mean estimates accuracy"),
     MetricSpec("margin", "model", "probability", _steps(0.05, 0.95, 0.05) + (0.98,),
                "top minus runner-up probability of each decision"),
+    MetricSpec("digit_confidence", "model", "probability",
+               _steps(0.1, 0.95, 0.05) + (0.97, 0.99, 0.995),
+               "calibrated probability of the best digit (the top class, or the runner-up when "
+               "the top is unknown); its mean is the label-free accuracy estimate"),
     MetricSpec("unknown_ratio", "model", "ratio",
                (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                "decisions labelled unknown / decisions, one value per window (derived)"),
@@ -118,7 +122,7 @@ WINDOW_DERIVED: frozenset[str] = frozenset(
 # payload keeps only count and mean there, and only count below MEAN_MIN_VALUES.
 PER_UTTERANCE: frozenset[str] = frozenset(
     {"input_rms_dbfs", "input_peak_dbfs", "clipping_ratio", "snr_db", "utterance_length_s",
-     "confidence", "margin", "compute_latency_ms", "eou_latency_ms"})
+     "confidence", "margin", "digit_confidence", "compute_latency_ms", "eou_latency_ms"})
 MEAN_MIN_VALUES = 3
 
 

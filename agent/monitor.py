@@ -119,6 +119,7 @@ class Monitor:
         self.boot_id = boot_id or uuid.uuid4().hex[:16]
         self.utc_anchor = time.time() if utc_anchor is None else utc_anchor
         self.probe = probe or ProcessProbe()
+        self.unknown_label = unknown_label
         self.agg = WindowAggregator(window_s, unknown_label=unknown_label or "unknown")
         self.trailing = Trailing(max(1, math.ceil(drift_span_s / window_s)))
         self.seq = 0
@@ -170,6 +171,11 @@ class Monitor:
         if d.label is not None:
             self.agg.record_decision(d.label, d.accepted, t, confidence=d.confidence,
                                      margin=d.margin)
+        if d.confidence is not None and d.margin is not None:
+            # best digit: the top class, or the runner-up when the top class is "unknown"
+            best_digit = d.confidence - d.margin if d.label == self.unknown_label else \
+                d.confidence
+            self.agg.observe("digit_confidence", best_digit, t)
 
     # --- windows → drift → alarms → messages ---------------------------------------------
     def finish(self, clock_s: float) -> None:

@@ -102,7 +102,10 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
             metrics[m.name] = metric_entry(m, h, max(min_values, MEAN_MIN_VALUES), k)
         else:
             metrics[m.name] = metric_entry(m, h, min_values)
-    conf = summary.hists.get("confidence")
+    # the probability that the recognised digit is right, averaged: an accuracy estimate
+    conf = summary.hists.get("digit_confidence")
+    if conf is None or conf.count == 0:
+        conf = summary.hists.get("confidence")
     n_conf = conf.count if conf is not None else 0
     if n_conf < MEAN_MIN_VALUES:  # one or two decisions' confidence is theirs alone
         n_conf = 0

@@ -171,8 +171,8 @@ def test_stats_payload_content():
     assert p["drift"]["snr_db"]["state"] == "alarm"
     assert p["drift"]["input_rms_dbfs"] == {"score": 0.5, "baseline": "training", "state": "ok"}
     acc = p["estimated_accuracy"]
-    assert acc["value"] == pytest.approx(s.hists["confidence"].mean, abs=1e-4)
-    assert acc["n"] == s.hists["confidence"].count and acc["valid_if"] == "calibration_holds"
+    assert acc["value"] == pytest.approx(s.hists["digit_confidence"].mean, abs=1e-4)
+    assert acc["n"] == s.hists["digit_confidence"].count and acc["valid_if"] == "calibration_holds"
 
 
 def test_empty_window_payload_validates():

@@ -26,7 +26,7 @@ def test_catalogue_is_complete_and_small():
     assert names == [
         "input_rms_dbfs", "input_peak_dbfs", "clipping_ratio", "snr_db", "noise_floor_dbfs",
         "audio_outage_s", "utterance_length_s", "vad_speech_ratio", "utterance_rate_per_min",
-        "confidence", "margin", "unknown_ratio",
+        "confidence", "margin", "digit_confidence", "unknown_ratio",
         "compute_latency_ms", "eou_latency_ms", "queue_depth", "config_reload_ok"]
     assert {m.stage for m in METRICS} == set(STAGES)
     for m in METRICS:

@@ -81,7 +81,9 @@ def model_stage_hists(oof_probs: np.ndarray) -> dict[str, Histogram]:
     conf.add(top2[:, 1])
     margin = Histogram.for_metric(BY_NAME["margin"])
     margin.add(top2[:, 1] - top2[:, 0])
-    return {"confidence": conf, "margin": margin}
+    digit = Histogram.for_metric(BY_NAME["digit_confidence"])
+    digit.add(oof_probs[:, :10].max(1))  # classes 0-9 are the digits, "unknown" is last
+    return {"confidence": conf, "margin": margin, "digit_confidence": digit}
 
 
 def calibrate(model_dir: Path, clips: list[Clip], calibration_dir: Path, *, seed: int = 0,
