@@ -99,11 +99,11 @@ def log_mel(pcm: np.ndarray, p: FeatureParams) -> tuple[np.ndarray, np.ndarray]:
     if len(x) < min_len:
         x = np.pad(x, (0, min_len - len(x)))
     x = x - x.mean()
-    n = 1 + (len(x) - p.win) // p.hop
-    idx = np.arange(p.win)[None, :] + p.hop * np.arange(n)[:, None]
-    energy = 10.0 * np.log10(np.sum(x[idx] ** 2, axis=1) + 1e-12)
+    frames = np.lib.stride_tricks.sliding_window_view(x, p.win)[::p.hop]  # views, no copies
+    energy = 10.0 * np.log10(np.einsum("ij,ij->i", frames, frames) + 1e-12)
     x = np.append(x[0], x[1:] - p.preemphasis * x[:-1])
-    spec = np.fft.rfft(x[idx] * window, p.n_fft)
+    spec = np.fft.rfft(np.lib.stride_tricks.sliding_window_view(x, p.win)[::p.hop] * window,
+                       p.n_fft)
     mel = (spec.real ** 2 + spec.imag ** 2) @ fb
     if p.spec_sub > 0:  # minimum statistics over a 3-frame moving average, per band
         k = min(3, len(mel))
