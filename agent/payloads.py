@@ -65,11 +65,11 @@ def metric_entry(spec: MetricSpec, h: Histogram, min_values: int = 1,
         return {"stage": spec.stage, "count": n, "mean": None, "min": None, "max": None,
                 "p50": None, "p95": None, "hist": []}
     if n < distribution_min:
-        return {"stage": spec.stage, "count": n, "mean": _num(h.mean), "min": None,
+        return {"stage": spec.stage, "count": n, "mean": _num(h.sum / n), "min": None,
                 "max": None, "p50": None, "p95": None, "hist": []}
-    return {"stage": spec.stage, "count": n, "mean": _num(h.mean), "min": _num(h.min),
-            "max": _num(h.max), "p50": _num(h.quantile(0.5)), "p95": _num(h.quantile(0.95)),
-            "hist": h.compact()}
+    p50, p95 = h.quantiles((0.5, 0.95))
+    return {"stage": spec.stage, "count": n, "mean": _num(h.sum / n), "min": _num(h.min),
+            "max": _num(h.max), "p50": _num(p50), "p95": _num(p95), "hist": h.compact()}
 
 
 def drift_entry(d: DriftScore | None, active: bool) -> dict[str, Any]:

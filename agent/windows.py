@@ -11,6 +11,7 @@ Exactness: histogram counts, min and max merge exactly (integers and order stati
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -164,6 +165,32 @@ class Histogram:
             return self.max
         lo, hi = self._bin_bounds(b)
         return lo + (j + 0.5) / c * (hi - lo)
+
+    def quantiles(self, qs: Sequence[float]) -> list[float | None]:
+        """`quantile(q)` for each q with one pass over the bins (payload building is on the
+        pipeline thread once per window)."""
+        counts = self.counts.tolist()
+        n = sum(counts)
+        if n == 0:
+            return [None for _ in qs]
+        cum = list(itertools.accumulate(counts))
+        out: list[float | None] = []
+        for q in qs:
+            if not 0.0 <= q <= 1.0:
+                raise ValueError(f"quantile {q} outside [0, 1]")
+            k = min(n - 1, max(0, math.ceil(q * n - 1e-9) - 1))
+            if k == 0:
+                out.append(self.min)
+                continue
+            if k == n - 1:
+                out.append(self.max)
+                continue
+            b = bisect.bisect_right(cum, k)
+            c = counts[b]
+            j = k - (cum[b] - c)
+            lo, hi = self._bin_bounds(b)
+            out.append(lo + (j + 0.5) / c * (hi - lo))
+        return out
 
     def quantile_error_bound(self, q: float) -> float | None:
         """Largest possible |quantile(q) - true inverted-CDF quantile| for this histogram."""

@@ -309,3 +309,14 @@ def test_trailing_merges_last_n():
         views += [tr.add(w) for w in agg.advance((i + 1) * 10.0)]
     assert [v.counts["utterances"] for v in views] == [1, 3, 6, 9, 12]
     assert (views[-1].start_s, views[-1].end_s, views[-1].windows) == (20.0, 50.0, 3)
+
+
+def test_quantiles_in_one_pass_equal_quantile_one_by_one():
+    rng = np.random.default_rng(3)
+    for m in METRICS:
+        h = Histogram(m.edges)
+        assert h.quantiles((0.5, 0.95)) == [None, None]
+        lo, hi = m.edges[0], m.edges[-1]
+        h.add(rng.uniform(lo - (hi - lo) * 0.1, hi + (hi - lo) * 0.1, 37))
+        qs = (0.0, 0.05, 0.5, 0.95, 1.0)
+        assert h.quantiles(qs) == [h.quantile(q) for q in qs], m.name
