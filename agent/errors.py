@@ -11,3 +11,8 @@ class ConfigError(AgentError):
     """Invalid configuration (file or flag): exit code 2, like argparse usage errors."""
 
     exit_code = 2
+
+
+def one_line(e: BaseException | str) -> str:
+    """An exception (or text) as one line for an error message: whitespace folded."""
+    return " ".join(str(e).split()) or type(e).__name__

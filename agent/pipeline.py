@@ -68,11 +68,14 @@ class Pipeline:
         self.dropped_frames += dropped
         return self._consume(self.condition(block), dropped)
 
+    def flush_conditioning(self) -> np.ndarray:
+        """End of stream: the resampler's remaining tail (empty when nothing is buffered)."""
+        return self._resampler.flush() if self._resampler is not None else \
+            np.zeros(0, np.float32)
+
     def finish(self) -> list[Decision]:
         """End of stream: drain the resampler and close the utterance in progress."""
-        out = []
-        if self._resampler is not None:
-            out = self._consume(self._resampler.flush(), 0)
+        out = self._consume(self.flush_conditioning(), 0)
         return out + [self._decide(u) for u in self.segmenter.flush()]
 
     def skip(self, samples: int) -> list[Decision]:

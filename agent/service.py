@@ -45,7 +45,7 @@ from agent.audio.sources import AudioBlock, FileSource, MicOpener
 from agent.config import RULE_SECTIONS, Config, to_dict
 from agent.decision import Decision, Policy, Thresholds
 from agent.drift import AlarmEvent, AlarmRule, Baseline, DeviceBaselineLearner
-from agent.errors import AgentError
+from agent.errors import AgentError, one_line
 from agent.features import extract
 from agent.metric_catalog import METRICS
 from agent.model import ModelRunner
@@ -275,9 +275,6 @@ class Retry:
 _END = object()
 
 
-def _one_line(e: BaseException | str) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
 
 class Capture(threading.Thread):
     """Reads the source into a bounded queue. A live device never waits for the pipeline:
@@ -348,7 +345,7 @@ class Capture(threading.Thread):
         except Exception as e:
             if not source.live:
                 raise
-            return _one_line(e)
+            return one_line(e)
         finally:
             close = getattr(it, "close", None)
             if close is not None:
@@ -509,7 +506,7 @@ class Service:
         except Exception as e:
             if not live:
                 raise
-            error = _one_line(e)  # a live device may come later: capture keeps trying
+            error = one_line(e)  # a live device may come later: capture keeps trying
         describe = getattr(opener, "describe", None)
         self.source_desc = source.describe() if source is not None else \
             (describe() if describe else "live source")
@@ -671,12 +668,12 @@ class Service:
             parts = build_live_parts(new, self.pipeline.rate)
         except Exception as e:  # noqa: BLE001 - whatever went wrong, the old config keeps running
             log.error("reload refused, the previous configuration keeps running: %s",
-                      _one_line(e))
+                      one_line(e))
             self.monitor.observe("config_reload_ok", 0.0, clock)
             if "config_reload_ok" not in self.monitor.held_alarms:
                 self.monitor.service_alarm(AlarmEvent(
                     "config_reload_ok", "system", "raised", 0.0, 1.0, clock,
-                    f"reload refused: {_one_line(e)}"[:REASON_MAX]))
+                    f"reload refused: {one_line(e)}"[:REASON_MAX]))
             self.notifier.ready(self.status_text())
             return
         pending = restart_needed(self.cfg, new)

@@ -32,7 +32,7 @@ def test_training_and_serving_features_agree(tmp_path):
         model = ModelRunner(default_model_dir())
         p = Pipeline(VadConfig(), model, Policy("full", 0.0))
         pcm = [p.condition(block) for block in FileSource(path, block_ms=30)]
-        pcm.append(p._resampler.flush() if p._resampler else np.zeros(0, np.float32))
+        pcm.append(p.flush_conditioning())
         serve_vec = extract(np.concatenate(pcm), model.manifest.features)
         np.testing.assert_allclose(serve_vec, train_vec, atol=1e-5)
 

@@ -16,7 +16,7 @@ from threading import Event
 
 import numpy as np
 
-from agent.errors import AgentError
+from agent.errors import AgentError, one_line
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class FileSource:
         try:
             self._file = sf.SoundFile(str(self.path))
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-            raise AgentError(f"audio file {self.path} cannot be read ({_one_line(e)}); "
+            raise AgentError(f"audio file {self.path} cannot be read ({one_line(e)}); "
                              "give a WAV, FLAC or OGG file") from None
         self.rate = int(self._file.samplerate)
         self.channels = int(self._file.channels)
@@ -72,7 +72,7 @@ class FileSource:
                     data = self._file.read(self.block_frames, dtype="float32", always_2d=True)
                 except (sf.LibsndfileError, RuntimeError) as e:
                     raise AgentError(f"audio file {self.path} is corrupt after "
-                                     f"{done / self.rate:.2f} s ({_one_line(e)}); re-record or "
+                                     f"{done / self.rate:.2f} s ({one_line(e)}); re-record or "
                                      "re-encode it") from None
                 if len(data) == 0:
                     return
@@ -113,7 +113,7 @@ class MicSource:
                                           blocksize=self.block_frames)
         except (sd.PortAudioError, ValueError) as e:
             raise AgentError(f"microphone '{self.device_name}' cannot be opened at {self.rate} Hz, "
-                             f"{self.channels} ch ({_one_line(e)}); check the device is free or "
+                             f"{self.channels} ch ({one_line(e)}); check the device is free or "
                              "set audio.mic_rate / audio.mic_channels") from None
 
     def __iter__(self) -> Iterator[AudioBlock]:
@@ -125,7 +125,7 @@ class MicSource:
                     data, overflowed = self._stream.read(self.block_frames)
                 except sd.PortAudioError as e:
                     raise AgentError(f"microphone '{self.device_name}' failed while reading "
-                                     f"({_one_line(e)}); is it still connected?") from None
+                                     f"({one_line(e)}); is it still connected?") from None
                 dropped = 0
                 if overflowed:
                     # PortAudio says input was lost but not how much: count one block, the
@@ -144,7 +144,7 @@ def _sounddevice():
     try:
         import sounddevice as sd
     except OSError as e:
-        raise AgentError(f"sounddevice cannot load PortAudio ({_one_line(e)}); install the "
+        raise AgentError(f"sounddevice cannot load PortAudio ({one_line(e)}); install the "
                          "system package libportaudio2") from None
     return sd
 
@@ -243,6 +243,3 @@ def open_source(spec: str, block_ms: int = 100, speed: float = 0.0, mic_rate: in
         return MicSource(device, mic_rate, mic_channels, block_ms, stop)
     return FileSource(spec, block_ms, speed, stop)
 
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
