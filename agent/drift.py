@@ -18,6 +18,7 @@ merge of windows (agent.windows.Trailing) or on roll-ups.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from numpy.typing import ArrayLike
 
 from agent.errors import AgentError, ConfigError
 from agent.metric_catalog import BY_NAME, METRICS, MetricSpec
+from agent.state_health import StateHealth
 from agent.windows import Histogram, WindowSummary, merge_summaries
 
 DRIFT_METHODS: tuple[str, ...] = ("js", "psi")
@@ -194,8 +196,13 @@ class Baseline:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
-        os.replace(tmp, p)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
+            os.replace(tmp, p)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a half-written temp file only takes space
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, catalog: Sequence[MetricSpec] = METRICS
@@ -223,7 +230,7 @@ class DeviceBaselineLearner:
 
     def __init__(self, learn_s: float, *, path: str | os.PathLike | None = None,
                  meta: Mapping[str, Any] | None = None, min_utterances: int = 0,
-                 name: str = "device") -> None:
+                 name: str = "device", health: StateHealth | None = None) -> None:
         if not learn_s > 0:
             raise ValueError("device baseline learning time must be > 0 s")
         self.learn_s = float(learn_s)
@@ -234,6 +241,8 @@ class DeviceBaselineLearner:
         self.baseline: Baseline | None = None
         self.note = ""
         self._parts: list[WindowSummary] = []
+        self.health = health or StateHealth()
+        self.unsaved = False  # frozen, but the save failed: retried with every window
 
     @property
     def frozen(self) -> bool:
@@ -241,10 +250,11 @@ class DeviceBaselineLearner:
 
     @classmethod
     def resume(cls, path: str | os.PathLike, learn_s: float, *,
-               meta: Mapping[str, Any] | None = None, min_utterances: int = 0
-               ) -> DeviceBaselineLearner:
+               meta: Mapping[str, Any] | None = None, min_utterances: int = 0,
+               health: StateHealth | None = None) -> DeviceBaselineLearner:
         """A learner that is already frozen if `path` holds a baseline for the same model."""
-        learner = cls(learn_s, path=path, meta=meta, min_utterances=min_utterances)
+        learner = cls(learn_s, path=path, meta=meta, min_utterances=min_utterances,
+                      health=health)
         p = Path(path)
         if not p.exists():
             learner.note = "no device baseline yet: learning"
@@ -266,6 +276,8 @@ class DeviceBaselineLearner:
     def add(self, summary: WindowSummary) -> Baseline | None:
         """Feed a closed window; returns the baseline once, at the moment it freezes."""
         if self.frozen:
+            if self.unsaved:
+                self._save()
             return None
         self._parts.append(summary)  # past learn_s without enough utterances: keep learning
         if summary.end_s >= self.learn_s - 1e-9 and self._ready():
@@ -273,10 +285,25 @@ class DeviceBaselineLearner:
             self.baseline = Baseline.from_summary(
                 self.name, merged, {"learned_s": merged.end_s, "frozen": True, **self.meta})
             self._parts = []
-            if self.path is not None:
-                self.baseline.save(self.path)
+            self._save()
             return self.baseline
         return None
+
+    def _save(self) -> None:
+        """Save the frozen baseline; a full or read-only disk keeps it in memory only (drift
+        is still scored against it) and the save is retried with the next window."""
+        if self.path is None or self.baseline is None:
+            return
+        try:
+            self.baseline.save(self.path)
+        except OSError as e:
+            self.unsaved = True
+            self.health.write_failed("baseline", self.path, e, "the device baseline is kept in "
+                                     "memory (drift still scored against it) and saved when the "
+                                     "disk takes data again")
+            return
+        self.unsaved = False
+        self.health.write_ok("baseline", self.path)
 
     def _ready(self) -> bool:
         return sum(p.counts.get("utterances", 0) for p in self._parts) >= self.min_utterances

@@ -109,13 +109,22 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("config_reload_ok", "system", "bool", (0.5, 1.5),
                "1 per applied SIGHUP reload, 0 per refused one (the previous configuration keeps "
                "running); its system alarm stays raised until a reload succeeds"),
+    MetricSpec("state_write_errors", "system", "errors",
+               (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0, 10000.0),
+               "failed writes to the state directory (decisions file, device baseline, telemetry "
+               "outbox) in a window that had any, one value per such window (derived); its "
+               "system alarm is raised at the first failure, cleared when every part writes "
+               "again"),
+    MetricSpec("state_files_quarantined", "system", "files", (0.5, 1.5),
+               "1 per corrupt state file moved aside (kept for inspection) and replaced by a "
+               "fresh one; its system alarm stays raised for the rest of the boot"),
 )
 
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
 
 # Metrics the window aggregator computes itself, once per window, when the window closes.
 WINDOW_DERIVED: frozenset[str] = frozenset(
-    {"vad_speech_ratio", "utterance_rate_per_min", "unknown_ratio"})
+    {"vad_speech_ratio", "utterance_rate_per_min", "unknown_ratio", "state_write_errors"})
 
 # One value per utterance. In a window with fewer than k utterances their distributions
 # (min, max, quantiles, histogram) would be a list of individual utterances' values, so the

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.clock import UtcStamper
 from agent.drift import (
     AlarmEvent,
     AlarmRule,
@@ -31,6 +32,7 @@ from agent.drift import (
 )
 from agent.payloads import alarm_payload, stats_payload
 from agent.pipeline import Outcome
+from agent.state_health import StateHealth
 from agent.telemetry.message import DEFAULT_PREFIX, Message, topic
 from agent.vad import VadBlockStats
 from agent.windows import DAY_S, HOUR_S, RollUp, Trailing, WindowAggregator, WindowSummary
@@ -98,7 +100,8 @@ class Monitor:
                  unknown_label: str | None = None, prefix: str = DEFAULT_PREFIX,
                  boot_id: str | None = None, utc_anchor: float | None = None,
                  probe: ProcessProbe | None = None,
-                 on_window: Callable[[WindowSummary], None] | None = None) -> None:
+                 on_window: Callable[[WindowSummary], None] | None = None,
+                 stamper: UtcStamper | None = None, health: StateHealth | None = None) -> None:
         self.emit = emit
         self.on_window = on_window
         self.device_id = device_id
@@ -117,7 +120,8 @@ class Monitor:
                         if p % window_s == 0]
         self.prefix = prefix
         self.boot_id = boot_id or uuid.uuid4().hex[:16]
-        self.utc_anchor = time.time() if utc_anchor is None else utc_anchor
+        self.stamper = stamper or UtcStamper("wall", anchor=utc_anchor)
+        self.health = health
         self.probe = probe or ProcessProbe()
         self.unknown_label = unknown_label
         self.agg = WindowAggregator(window_s, unknown_label=unknown_label or "unknown")
@@ -153,7 +157,22 @@ class Monitor:
             self.noise_floor_db = stats.noise_floor_db
         if self.queue_depth is not None:
             self.agg.observe("queue_depth", self.queue_depth, t0)
+        self._take_health(clock_s)
         self._process(self.agg.advance(clock_s))
+
+    def _take_health(self, clock_s: float) -> None:
+        """State-directory faults reported by the parts that own files (any thread) become
+        window counts and system alarms here, on the pipeline thread."""
+        if self.health is None:
+            return
+        errors, quarantined, events = self.health.take()
+        if errors:
+            self.agg.count("state_write_errors", errors, clock_s)
+        if quarantined:
+            self.agg.observe("state_files_quarantined", [1.0] * quarantined, clock_s)
+        for e in events:
+            self.service_alarm(AlarmEvent(e.metric, "system", e.state, e.value, 0.0, clock_s,
+                                          e.reason))
 
     def on_outcome(self, o: Outcome) -> None:
         d = o.decision
@@ -180,6 +199,7 @@ class Monitor:
     # --- windows → drift → alarms → messages ---------------------------------------------
     def finish(self, clock_s: float) -> None:
         """End of stream or shutdown: publish the last, partial window."""
+        self._take_health(clock_s)
         self._process(self.agg.finish(clock_s))
         for rollup, tracker, label in self.rollups:
             for s in rollup.finish():
@@ -222,10 +242,12 @@ class Monitor:
             view = self.trailing.add(s)
             drift = score_window(view, self.baselines, self.drift_method)
             events = self.tracker.update(view, drift)
+            anchor, synced = self.stamper.current()
             self.last_payload = stats_payload(
                 s, drift, device_id=self.device_id, boot_id=self.boot_id, seq=self._next(),
-                model=self.model_info, process=self.probe.sample(), utc_anchor=self.utc_anchor,
-                k=self.k, active_alarms=self.active_alarms)
+                model=self.model_info, process=self.probe.sample(), utc_anchor=anchor,
+                k=self.k, active_alarms=self.active_alarms, utc_source=self.stamper.source,
+                utc_synced=synced)
             self.emit(Message(topic(self.prefix, self.device_id, "stats"), self.last_payload))
             self.windows_emitted += 1
             for e in events:

@@ -85,10 +85,14 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
                   process: Mapping[str, Any], utc_anchor: float | datetime,
                   historical: bool = False, k: int = DEFAULT_K,
                   active_alarms: Collection[str] = (),
-                  catalog: Sequence[MetricSpec] = METRICS, min_values: int = 1) -> dict[str, Any]:
+                  catalog: Sequence[MetricSpec] = METRICS, min_values: int = 1,
+                  utc_source: str = "wall", utc_synced: bool | None = None) -> dict[str, Any]:
     """The `{prefix}/{device_id}/stats` payload for one closed window (or roll-up).
 
-    `utc_anchor` is the wall-clock time (epoch seconds or an aware datetime) of audio time 0.
+    `utc_anchor` is the wall-clock time (epoch seconds or an aware datetime) of audio time 0;
+    `utc_source` says how it was taken (`wall`: the live wall clock, re-anchored on a step;
+    `file`: a replayed file's audio clock from the start of processing, not live) and
+    `utc_synced` whether that wall clock was synchronised (None: unknown); see agent.clock.
     `estimated_accuracy` is the mean calibrated top probability of the window's decisions; it
     estimates accuracy only while the model's calibration holds, which the payload states.
     """
@@ -117,10 +121,11 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
         "historical": bool(historical),
         "window": {"start_s": round(summary.start_s, 3), "end_s": round(summary.end_s, 3),
                    "start_utc": iso_utc(t0 + summary.start_s),
-                   "end_utc": iso_utc(t0 + summary.end_s)},
+                   "end_utc": iso_utc(t0 + summary.end_s),
+                   "utc_source": utc_source, "utc_synced": utc_synced},
         "counts": {k_: int(summary.counts.get(k_, 0)) for k_ in
                    ("frames", "speech_frames", "utterances", "accepted", "abstained",
-                    "dropped_frames")},
+                    "dropped_frames", "state_write_errors")},
         "metrics": metrics,
         "drift": {m.name: drift_entry(drift.get(m.name), m.name in active_alarms)
                   for m in catalog},

@@ -30,20 +30,21 @@ import json
 import logging
 import queue
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from agent import __version__
 from agent.audio.sources import AudioBlock, FileSource, MicOpener
+from agent.clock import UtcStamper
 from agent.config import RULE_SECTIONS, Config, to_dict
-from agent.decision import Decision, Policy, Thresholds
+from agent.decision import Policy, Thresholds
+from agent.decision_log import DecisionWriter
 from agent.drift import AlarmEvent, AlarmRule, Baseline, DeviceBaselineLearner
 from agent.errors import AgentError, one_line
 from agent.features import extract
@@ -53,6 +54,7 @@ from agent.monitor import Monitor
 from agent.pipeline import Pipeline
 from agent.resources import calibration_dir, default_model_dir
 from agent.sdnotify import Notifier
+from agent.state_health import StateHealth
 from agent.telemetry.device_id import resolve_device_id
 from agent.telemetry.sinks import Sink, make_sink
 
@@ -129,13 +131,15 @@ def load_training_baseline(cfg: Config, model: ModelRunner | None) -> Baseline |
     return Baseline(name="training", hists=b.hists, meta=b.meta)
 
 
-def build_monitor(cfg: Config, pipeline: Pipeline, device_id: str, emit) -> Monitor:
+def build_monitor(cfg: Config, pipeline: Pipeline, device_id: str, emit, *,
+                  health: StateHealth | None = None, live: bool = True) -> Monitor:
     state = cfg.state_path()
     baselines = [b for b in [load_training_baseline(cfg, pipeline.model)] if b is not None]
     ref = pipeline.model.manifest.ref if pipeline.model else "none"
     learner = DeviceBaselineLearner.resume(
         state / "device-baseline.json", cfg.monitoring.device_baseline_s,
-        meta={"model": ref}, min_utterances=cfg.monitoring.device_baseline_min_utterances)
+        meta={"model": ref}, min_utterances=cfg.monitoring.device_baseline_min_utterances,
+        health=health)
     log.info("device baseline: %s", learner.note)
     return Monitor(emit=emit, device_id=device_id, model_info=model_info(pipeline),
                    rate=pipeline.rate, window_s=cfg.monitoring.window_s,
@@ -143,10 +147,12 @@ def build_monitor(cfg: Config, pipeline: Pipeline, device_id: str, emit) -> Moni
                    drift_span_s=cfg.monitoring.drift_span_s, k=cfg.monitoring.k,
                    baselines=baselines, learner=learner, rules=cfg.alarm_rules(),
                    rollup_rules=cfg.rollup_alarm_rules(),
-                   unknown_label=pipeline.policy.unknown_label, prefix=cfg.telemetry.prefix)
+                   unknown_label=pipeline.policy.unknown_label, prefix=cfg.telemetry.prefix,
+                   stamper=UtcStamper("wall" if live else "file"), health=health)
 
 
-def build_sink(cfg: Config, device_id: str, birth: dict) -> Sink:
+def build_sink(cfg: Config, device_id: str, birth: dict,
+               health: StateHealth | None = None) -> Sink:
     t = cfg.telemetry
     if not t.sink.startswith("mqtt"):  # paho and sqlite3 only when they are used
         return make_sink(t.sink, device_id=device_id, prefix=t.prefix, birth=birth)
@@ -154,7 +160,7 @@ def build_sink(cfg: Config, device_id: str, birth: dict) -> Sink:
     from agent.telemetry.outbox import OutboxLimits
 
     return make_sink(t.sink, device_id=device_id, prefix=t.prefix, state_dir=cfg.state_path(),
-                     birth=birth,
+                     birth=birth, health=health,
                      mqtt=MqttOptions(username=t.username, password_file=t.password_file,
                                       ca_file=t.ca_file, cert_file=t.cert_file,
                                       key_file=t.key_file, keepalive_s=t.keepalive_s,
@@ -166,36 +172,6 @@ def build_sink(cfg: Config, device_id: str, birth: dict) -> Sink:
                      outbox=OutboxLimits(max_messages=t.outbox_max_messages,
                                          max_bytes=t.outbox_max_bytes,
                                          max_age_s=t.outbox_max_age_s, sync=t.outbox_sync))
-
-
-class DecisionWriter:
-    """Decisions as JSON Lines to a local file (appended, flushed per line) or stdout."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        if target == "-":
-            self._f: IO[str] = sys.stdout
-        else:
-            path = Path(target)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._f = open(path, "a", encoding="utf-8")
-            except OSError as e:
-                raise AgentError(f"decisions file {path} cannot be opened ({e.strerror}); choose "
-                                 "a writable --decisions path or --state-dir") from None
-        self.count = 0
-
-    def write(self, decisions: list[Decision]) -> None:
-        for d in decisions:
-            self._f.write(json.dumps(d.to_json()) + "\n")
-            self.count += 1
-        if decisions:
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not sys.stdout:
-            self._f.close()
-
 
 
 STATUS_INTERVAL_S = 2.0   # STATUS= at most this often (sooner on a device or reload event)
@@ -514,11 +490,13 @@ class Service:
         self.device_id = resolve_device_id(cfg.agent.device_id) if telemetry_on else \
             (cfg.agent.device_id or "local")
         self.sink: Sink | None = None
+        self.health = StateHealth()  # full/read-only/corrupt state: one picture, see docs/faults.md
         self.monitor = build_monitor(cfg, self.pipeline, self.device_id,
-                                     lambda msg: self.sink.publish(msg))
-        self.sink = build_sink(cfg, self.device_id, self._birth())
+                                     lambda msg: self.sink.publish(msg), health=self.health,
+                                     live=live)
+        self.sink = build_sink(cfg, self.device_id, self._birth(), self.health)
         self.pipeline.observers.append(self.monitor)
-        self.writer = DecisionWriter(cfg.decisions_target())
+        self.writer = DecisionWriter(cfg.decisions_target(), self.health)
         self.q: queue.Queue = queue.Queue(maxsize=cfg.audio.queue_blocks)
         self.capture = Capture(opener, self.q, stop, live=live, source=source, error=error,
                                retry=retry)

@@ -23,7 +23,8 @@ from numpy.typing import ArrayLike
 from agent.metric_catalog import METRICS, WINDOW_DERIVED, MetricSpec
 
 COUNTERS: tuple[str, ...] = (
-    "frames", "speech_frames", "utterances", "accepted", "abstained", "dropped_frames")
+    "frames", "speech_frames", "utterances", "accepted", "abstained", "dropped_frames",
+    "state_write_errors")
 HOUR_S = 3600.0
 DAY_S = 86400.0
 _EPS_S = 1e-9  # tolerance when comparing audio-clock boundaries
@@ -337,7 +338,7 @@ class WindowAggregator:
 
     When a window closes, the aggregator records the per-window metrics itself (WINDOW_DERIVED):
     vad_speech_ratio and utterance_rate_per_min when the window saw frames, unknown_ratio when it
-    saw decisions.
+    saw decisions, state_write_errors when it counted any.
     """
 
     def __init__(self, window_s: float = 60.0, *, catalog: Sequence[MetricSpec] = METRICS,
@@ -377,6 +378,8 @@ class WindowAggregator:
         decisions = c["accepted"] + c["abstained"]
         if "unknown_ratio" in self._names and decisions > 0:
             self._hists["unknown_ratio"].add(self._classes.get(self.unknown_label, 0) / decisions)
+        if "state_write_errors" in self._names and c.get("state_write_errors"):
+            self._hists["state_write_errors"].add(c["state_write_errors"])
         self._closed.append(WindowSummary(start, end_s, self.window_s, dict(c),
                                           dict(sorted(self._classes.items())), self._hists))
         self._reset()

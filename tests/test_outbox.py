@@ -123,9 +123,11 @@ def test_live_since_marks_older_rows_historical(tmp_path: Path) -> None:
     now = [100.0]
     with Outbox(tmp_path / "ob.sqlite3", clock=lambda: now[0]) as ob:
         ob.append(msg(0))  # committed during an outage
+        now[0] = 150.0
+        reconnect = ob.now()
         now[0] = 200.0
         ob.append(msg(1))  # committed after the reconnect at t=150
-        rows = ob.peek(live_since=150.0)
+        rows = ob.peek(live_since=reconnect)
         assert [r.historical for r in rows] == [True, False]
         assert [json.loads(r.payload)["historical"] for r in rows] == [True, False]
         assert not any(r.historical for r in ob.peek())

@@ -153,11 +153,13 @@ def test_full_stats_payload_validates_and_fits_in_8_kb():
 def test_stats_payload_content():
     s = _full_summary()
     p = stats_payload(s, _drift_all(0.5), utc_anchor=ANCHOR.timestamp(), model=MODEL,
-                      process=PROCESS, active_alarms={"snr_db"}, **IDS)
+                      process=PROCESS, active_alarms={"snr_db"}, utc_source="file",
+                      utc_synced=True, **IDS)
     assert p["schema"] == 1 and p["historical"] is False
     assert p["window"] == {"start_s": 3600.0, "end_s": 3660.0,
                            "start_utc": "2024-05-01T13:00:00.000Z",
-                           "end_utc": "2024-05-01T13:01:00.000Z"}
+                           "end_utc": "2024-05-01T13:01:00.000Z",
+                           "utc_source": "file", "utc_synced": True}
     assert p["counts"]["utterances"] == 400 and p["counts"]["dropped_frames"] == 12
     assert p["outputs"]["suppressed"] is False and sum(p["outputs"]["classes"].values()) > 0
     rms = p["metrics"]["input_rms_dbfs"]

@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import ConfigError
+from agent.state_health import StateHealth
 from agent.telemetry.message import DEFAULT_PREFIX, Message, check_level, json_bytes, topic
 from agent.telemetry.outbox import Outbox, OutboxLimits
 
@@ -85,7 +86,8 @@ class MqttSink:
     def __init__(self, host: str, port: int, *, device_id: str, outbox_path: str | Path,
                  tls: bool = False, prefix: str = DEFAULT_PREFIX, birth: dict | None = None,
                  options: MqttOptions | None = None,
-                 outbox_limits: OutboxLimits | None = None) -> None:
+                 outbox_limits: OutboxLimits | None = None,
+                 health: StateHealth | None = None) -> None:
         self.host, self.port, self.tls = host, port, tls
         self.device_id = check_level(device_id)
         self.options = opts = options or MqttOptions()
@@ -103,7 +105,7 @@ class MqttSink:
             value = getattr(opts, name)
             if value and not Path(value).is_file():
                 raise ConfigError(f"telemetry.{name} {value!r} does not exist")
-        self._outbox = Outbox(outbox_path, outbox_limits, autocheckpoint=False)
+        self._outbox = Outbox(outbox_path, outbox_limits, autocheckpoint=False, health=health)
         self._rng = random.Random()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -262,7 +264,7 @@ class MqttSink:
         self._attempt = 0
         self._refusal_logged = ""
         self.connects += 1
-        self._connected_at = time.time()  # the outbox clock
+        self._connected_at = self._outbox.now()  # the outbox clock
         client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
         if self._birth is not None:
             client.publish(self.birth_topic, self._birth, qos=1, retain=True)

@@ -19,6 +19,7 @@ from agent.errors import ConfigError
 from agent.telemetry.message import DEFAULT_PREFIX, Message, topic
 
 if TYPE_CHECKING:
+    from agent.state_health import StateHealth
     from agent.telemetry.mqtt import MqttOptions
     from agent.telemetry.outbox import OutboxLimits
 
@@ -148,7 +149,7 @@ def parse_sink_spec(spec: str) -> tuple[str, str, int]:
 def make_sink(spec: str, *, device_id: str = "", prefix: str = DEFAULT_PREFIX,
               state_dir: str | os.PathLike[str] | None = None, birth: dict | None = None,
               mqtt: MqttOptions | None = None, outbox: OutboxLimits | None = None,
-              stream: IO[str] | None = None) -> Sink:
+              stream: IO[str] | None = None, health: StateHealth | None = None) -> Sink:
     """Build the sink for `spec`.
 
     `birth` (the payload describing this boot and its metric schema) is written first by the
@@ -178,4 +179,5 @@ def make_sink(spec: str, *, device_id: str = "", prefix: str = DEFAULT_PREFIX,
                           "for its outbox")
     return MqttSink(target, port, device_id=device_id, tls=(kind == "mqtts"), prefix=prefix,
                     birth=birth, options=mqtt or MqttOptions(),
-                    outbox_path=Path(state_dir) / OUTBOX_FILENAME, outbox_limits=outbox)
+                    outbox_path=Path(state_dir) / OUTBOX_FILENAME, outbox_limits=outbox,
+                    health=health)
