@@ -34,7 +34,7 @@ from numpy.typing import ArrayLike
 from agent.errors import AgentError, ConfigError
 from agent.metric_catalog import BY_NAME, METRICS, MetricSpec
 from agent.state_health import StateHealth
-from agent.windows import Histogram, WindowSummary, merge_summaries
+from agent.windows import Histogram, WindowSummary, copy_summary, merge_into
 
 DRIFT_METHODS: tuple[str, ...] = ("js", "psi")
 PSI_EPS = 1e-4
@@ -240,7 +240,7 @@ class DeviceBaselineLearner:
         self.name = name
         self.baseline: Baseline | None = None
         self.note = ""
-        self._parts: list[WindowSummary] = []
+        self._acc: WindowSummary | None = None  # windows merged so far (memory stays flat)
         self.health = health or StateHealth()
         self.unsaved = False  # frozen, but the save failed: retried with every window
 
@@ -279,12 +279,18 @@ class DeviceBaselineLearner:
             if self.unsaved:
                 self._save()
             return None
-        self._parts.append(summary)  # past learn_s without enough utterances: keep learning
+        # past learn_s without enough utterances: keep learning (merged as it goes, so a silent
+        # device that never freezes does not keep every window)
+        if self._acc is None:
+            self._acc = copy_summary(summary)
+        else:
+            merge_into(self._acc, summary)
         if summary.end_s >= self.learn_s - 1e-9 and self._ready():
-            merged = merge_summaries(self._parts)
+            merged = self._acc
+            merged.nominal_s = merged.end_s - merged.start_s
             self.baseline = Baseline.from_summary(
                 self.name, merged, {"learned_s": merged.end_s, "frozen": True, **self.meta})
-            self._parts = []
+            self._acc = None
             self._save()
             return self.baseline
         return None
@@ -306,7 +312,8 @@ class DeviceBaselineLearner:
         self.health.write_ok("baseline", self.path)
 
     def _ready(self) -> bool:
-        return sum(p.counts.get("utterances", 0) for p in self._parts) >= self.min_utterances
+        n = self._acc.counts.get("utterances", 0) if self._acc is not None else 0
+        return n >= self.min_utterances
 
 
 def score_window(summary: WindowSummary, baselines: Iterable[Baseline], method: str = "js"

@@ -155,7 +155,9 @@ class Monitor:
             i = j
         if not math.isnan(stats.noise_floor_db):
             self.noise_floor_db = stats.noise_floor_db
-        if self.queue_depth is not None:
+        if self.queue_depth is not None and n:
+            # only a block that carried frames: the end-of-stream flush is an empty block at
+            # the final clock, and a value there opened a zero-length window on paced files
             self.agg.observe("queue_depth", self.queue_depth, t0)
         self._take_health(clock_s)
         self._process(self.agg.advance(clock_s))

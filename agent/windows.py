@@ -30,6 +30,27 @@ DAY_S = 86400.0
 _EPS_S = 1e-9  # tolerance when comparing audio-clock boundaries
 
 
+_EDGES: dict[tuple[float, ...], tuple[np.ndarray, list[float]]] = {}
+_EDGES_MAX = 256  # distinct edge sets kept (the catalogue has ~20); others are built per call
+
+
+def _shared_edges(edges: Sequence[float] | np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """One read-only edges array and list (for the scalar fast path's bisect) per edge set:
+    every window builds a histogram per metric, and a private copy of each window's edges was
+    most of its memory."""
+    e = np.asarray(edges, dtype=np.float64)
+    if e.ndim != 1 or e.size == 0 or not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
+        raise ValueError("histogram edges must be a non-empty, finite, increasing sequence")
+    key = tuple(e.tolist())
+    shared = _EDGES.get(key)
+    if shared is None:
+        e.flags.writeable = False
+        shared = (e, list(key))
+        if len(_EDGES) < _EDGES_MAX:
+            _EDGES[key] = shared
+    return shared
+
+
 class Histogram:
     """Counts over fixed edges plus exact count/min/max and the sum.
 
@@ -53,12 +74,8 @@ class Histogram:
     __slots__ = ("edges", "counts", "sum", "min", "max", "invalid", "_edge_list")
 
     def __init__(self, edges: Sequence[float] | np.ndarray) -> None:
-        e = np.asarray(edges, dtype=np.float64)
-        if e.ndim != 1 or e.size == 0 or not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
-            raise ValueError("histogram edges must be a non-empty, finite, increasing sequence")
-        self.edges = e
-        self._edge_list = e.tolist()  # for the scalar fast path (bisect, no numpy call)
-        self.counts = np.zeros(e.size + 1, dtype=np.int64)
+        self.edges, self._edge_list = _shared_edges(edges)
+        self.counts = np.zeros(self.edges.size + 1, dtype=np.int64)
         self.sum = 0.0
         self.min = math.inf
         self.max = -math.inf
@@ -301,30 +318,45 @@ class WindowSummary:
         return self.counts.get("accepted", 0) + self.counts.get("abstained", 0)
 
 
+def merge_into(acc: WindowSummary, part: WindowSummary) -> WindowSummary:
+    """Add `part` into `acc` in place (exact, see the module docstring); returns `acc`.
+
+    Roll-ups and the device baseline keep one running merge instead of every window, so memory
+    stays flat over days of uptime."""
+    for k, h in part.hists.items():
+        if k in acc.hists:
+            acc.hists[k].merge_in(h)
+        else:
+            acc.hists[k] = h.copy()
+    for k, v in part.counts.items():
+        acc.counts[k] = acc.counts.get(k, 0) + v
+    for k, v in part.classes.items():
+        acc.classes[k] = acc.classes.get(k, 0) + v
+    acc.classes = dict(sorted(acc.classes.items()))
+    acc.start_s = min(acc.start_s, part.start_s)
+    acc.end_s = max(acc.end_s, part.end_s)
+    acc.windows += part.windows
+    return acc
+
+
+def copy_summary(s: WindowSummary, nominal_s: float | None = None) -> WindowSummary:
+    """An independent copy (histograms copied) to merge into."""
+    return WindowSummary(s.start_s, s.end_s, s.nominal_s if nominal_s is None else nominal_s,
+                         dict(s.counts), dict(s.classes),
+                         {k: h.copy() for k, h in s.hists.items()}, s.windows)
+
+
 def merge_summaries(parts: Sequence[WindowSummary], nominal_s: float | None = None
                     ) -> WindowSummary:
     """Exact merge of windows into one spanning min(start)..max(end)."""
     if not parts:
         raise ValueError("nothing to merge")
-    first = parts[0]
-    hists = {k: h.copy() for k, h in first.hists.items()}
-    counts = dict(first.counts)
-    classes = dict(first.classes)
+    acc = copy_summary(parts[0])
     for p in parts[1:]:
-        for k, h in p.hists.items():
-            if k in hists:
-                hists[k].merge_in(h)
-            else:
-                hists[k] = h.copy()
-        for k, v in p.counts.items():
-            counts[k] = counts.get(k, 0) + v
-        for k, v in p.classes.items():
-            classes[k] = classes.get(k, 0) + v
-    start = min(p.start_s for p in parts)
-    end = max(p.end_s for p in parts)
-    return WindowSummary(start, end, nominal_s if nominal_s is not None else end - start,
-                         counts, dict(sorted(classes.items())), hists,
-                         sum(p.windows for p in parts))
+        merge_into(acc, p)
+    acc.classes = dict(sorted(acc.classes.items()))
+    acc.nominal_s = nominal_s if nominal_s is not None else acc.end_s - acc.start_s
+    return acc
 
 
 class WindowAggregator:
@@ -442,21 +474,20 @@ class RollUp:
     A roll-up is emitted as soon as the window that reaches its period end arrives, or when a
     window of a later period arrives (a gap); `finish()` returns the partial last one. Windows must
     not straddle a period boundary: choose a period that is a multiple of the window length.
+    Each window is merged in as it arrives (fixed-bin histograms merge exactly), so a day-long
+    roll-up holds one summary, not 1,440 windows.
     """
 
     def __init__(self, period_s: float) -> None:
         if not period_s > 0:
             raise ValueError(f"roll-up period must be > 0 s, got {period_s}")
         self.period_s = float(period_s)
-        self._parts: list[WindowSummary] = []
+        self._acc: WindowSummary | None = None
         self._period: int | None = None
 
     def _emit(self) -> list[WindowSummary]:
-        if not self._parts:
-            return []
-        out = merge_summaries(self._parts, nominal_s=self.period_s)
-        self._parts, self._period = [], None
-        return [out]
+        out, self._acc, self._period = self._acc, None, None
+        return [out] if out is not None else []
 
     def add(self, summary: WindowSummary) -> list[WindowSummary]:
         """Take one closed window; return the roll-ups it completes (zero, one or two)."""
@@ -467,7 +498,10 @@ class RollUp:
                              "multiple of the window length")
         out = self._emit() if self._period is not None and p != self._period else []
         self._period = p
-        self._parts.append(summary)
+        if self._acc is None:
+            self._acc = copy_summary(summary, nominal_s=self.period_s)
+        else:
+            merge_into(self._acc, summary)
         if summary.end_s >= (p + 1) * self.period_s - _EPS_S:
             out += self._emit()
         return out
