@@ -118,6 +118,10 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("state_files_quarantined", "system", "files", (0.5, 1.5),
                "1 per corrupt state file moved aside (kept for inspection) and replaced by a "
                "fresh one; its system alarm stays raised for the rest of the boot"),
+    MetricSpec("telemetry_restarts", "system", "count", (0.5, 1.5),
+               "1 each time the MQTT client's network thread was found dead and restarted "
+               "(telemetry was silently stopped until then); its count per window is the number "
+               "of restarts"),
 )
 
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}

@@ -503,6 +503,7 @@ class Service:
         self.audio_down = False
         self.outage_s = 0.0
         self.reloads = 0
+        self._sink_restarts = 0
         self._reloads_seen = signals.reloads_requested
         self._gap_carry = 0.0
         self._status_at = -1e9
@@ -556,6 +557,7 @@ class Service:
             if not self._stalled(now):
                 self.notifier.maybe_ping(now)
             self._status(now)
+            self._count_sink_restarts()
             if self.signals.reloads_requested != self._reloads_seen:
                 self._reloads_seen = self.signals.reloads_requested
                 self.reload()
@@ -567,6 +569,14 @@ class Service:
                 self.ended = True
                 return
             self.handle(item)
+
+    def _count_sink_restarts(self) -> None:
+        """The sink restarts its own dead network thread; the count goes into the system
+        metrics here, on the pipeline thread that owns the monitor."""
+        n = getattr(self.sink, "restarts", 0)
+        while self._sink_restarts < n:
+            self._sink_restarts += 1
+            self.monitor.observe("telemetry_restarts", 1.0, self.pipeline.clock_s)
 
     def _stalled(self, now: float) -> bool:
         if not self.live or self.audio_down or now - self._last_audio < STALL_S:

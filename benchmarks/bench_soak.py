@@ -73,7 +73,7 @@ class GeneratedSource:
             while len(buf) < step:
                 buf = np.concatenate([buf, self._minute()])
             n = min(step, self.total - done)
-            block, buf = buf[:n], buf[n:]
+            block, buf = buf[:n].copy(), buf[n:]  # its own array, as a file read gives
             done += n
             yield AudioBlock(block[:, None], self.rate)
         self.rss_by_hour.append(rss_mb())

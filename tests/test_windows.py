@@ -28,7 +28,8 @@ def test_catalogue_is_complete_and_small():
         "audio_outage_s", "utterance_length_s", "vad_speech_ratio", "utterance_rate_per_min",
         "confidence", "margin", "digit_confidence", "unknown_ratio",
         "compute_latency_ms", "eou_latency_ms", "queue_depth", "config_reload_ok",
-        "state_write_errors", "state_files_quarantined"]
+        "state_write_errors", "state_files_quarantined",
+        "telemetry_restarts"]
     assert {m.stage for m in METRICS} == set(STAGES)
     for m in METRICS:
         assert m.bins <= MAX_BINS, m.name

@@ -19,6 +19,7 @@ import logging
 import queue
 import random
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,16 +30,37 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, one_line
 from agent.state_health import StateHealth
+from agent.telemetry.link import CauseLog, connect_error_cause
 from agent.telemetry.message import DEFAULT_PREFIX, Message, check_level, json_bytes, topic
 from agent.telemetry.outbox import Outbox, OutboxLimits
 
 log = logging.getLogger(__name__)
 
+# An attempt whose TCP/TLS connect succeeded but got no CONNACK for this long is reported
+# (paho itself only gives up after the keepalive, silently).
+CONNACK_WAIT_S = 5.0
+
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _UNSUPPORTED_PROTOCOL = 132  # MQTT 5 CONNACK reason; paho maps a 3.1.1 broker's "1" to it
+
+
+class _Client(mqtt.Client):
+    """paho's client whose network thread keeps the exception that killed it.
+
+    An exception escaping paho's loop (seen: an OSError from time.sleep) ends the thread with a
+    multi-line traceback on stderr and telemetry silently dead. Kept here instead, the sink's
+    supervisor names it in one log line and restarts the client."""
+
+    death: BaseException | None = None
+
+    def _thread_main(self) -> None:
+        try:
+            super()._thread_main()
+        except Exception as e:  # noqa: BLE001 - reported and handled by MqttSink._supervise
+            self.death = e
 
 
 @dataclass(frozen=True)
@@ -123,7 +145,10 @@ class MqttSink:
         self._closed = False
         self._close_result: bool | None = None
         self.delivered = self.rejected = self.append_errors = self.connects = 0
-        self._refusal_logged = ""
+        self.restarts = 0  # paho network threads found dead and replaced
+        self._causes = CauseLog(log)
+        self._pre_connect_at: float | None = None  # an attempt without CONNACK or failure yet
+        self._net_thread: threading.Thread | None = None
         self._protocol = mqtt.MQTTv311 if opts.protocol == "3.1.1" else mqtt.MQTTv5
         self._client = self._new_client()
         self._thread = threading.Thread(target=self._run, name="telemetry-publisher",
@@ -202,6 +227,7 @@ class MqttSink:
                 "dropped": ob["dropped"], "rejected": self.rejected,
                 "append_errors": self.append_errors, "in_flight": len(self._inflight),
                 "connected": self._connected.is_set(), "connects": self.connects,
+                "restarts": self.restarts,
                 "protocol": "5" if self._protocol == mqtt.MQTTv5 else "3.1.1"}
 
     # -- paho client and callbacks (run on paho's network thread) ------------------------
@@ -209,8 +235,8 @@ class MqttSink:
         opts = self.options
         self._gen += 1
         gen = self._gen
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id,
-                        protocol=self._protocol)
+        c = _Client(CallbackAPIVersion.VERSION2, client_id=self.device_id,
+                    protocol=self._protocol)
         c.max_inflight_messages_set(0)  # our own window bounds what is in flight
         c.will_set(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
         username = opts.username or (self.device_id if self._password is not None else "")
@@ -228,6 +254,7 @@ class MqttSink:
         c.reconnect_delay_set(opts.reconnect_min_s, opts.reconnect_min_s)  # type: ignore[arg-type]
         c.connect_async(self.host, self.port, keepalive=opts.keepalive_s)
         c.loop_start()
+        self._net_thread = getattr(c, "_thread", None)  # paho keeps no public handle on it
         return c
 
     def _on_pre_connect(self, gen: int, client: mqtt.Client) -> None:
@@ -235,17 +262,23 @@ class MqttSink:
         # first and then min(2 × previous, max), so min = max = our jittered delay.
         if gen != self._gen:
             return
+        self._pre_connect_at = time.monotonic()
         d = backoff_delay(self._attempt, self.options.reconnect_min_s,
                           self.options.reconnect_max_s, self._rng)
         self._attempt += 1
         client.reconnect_delay_set(d, d)  # type: ignore[arg-type]
 
     def _on_connect_fail(self, gen: int) -> None:
-        # TCP/TLS failed (refused, unreachable, DNS, certificate). Say so once per outage, not
-        # at every back-off step; the rows wait in the outbox meanwhile.
-        if gen == self._gen and self._attempt == 1 and not self._closed:
-            log.warning("telemetry broker %s:%d unreachable (TCP/TLS); retrying with back-off "
-                        "up to %.0f s", self.host, self.port, self.options.reconnect_max_s)
+        # TCP/TLS failed (refused, unreachable, DNS, certificate). paho calls this inside its
+        # `except OSError`, so the exception in flight is the real cause. Said once per cause,
+        # not at every back-off step; the rows wait in the outbox meanwhile.
+        if gen != self._gen or self._closed:
+            return
+        self._pre_connect_at = None
+        cause = connect_error_cause(sys.exc_info()[1])
+        self._causes.report(cause, "telemetry broker %s:%d unreachable: %s; retrying with "
+                            "back-off up to %.0f s (logged again only if the cause changes)",
+                            self.host, self.port, cause, self.options.reconnect_max_s)
 
     def _on_connect(self, gen: int, client: mqtt.Client, rc: ReasonCode) -> None:
         if gen != self._gen:
@@ -257,12 +290,14 @@ class MqttSink:
                          self.port)
                 self._fallback = True
                 self._wake.set()
-            elif str(rc) != self._refusal_logged:
-                self._refusal_logged = str(rc)
-                log.error("broker %s:%d refused the connection: %s", self.host, self.port, rc)
+            else:
+                self._causes.report(f"refused: {rc}", "broker %s:%d refused the connection: %s",
+                                    self.host, self.port, rc, level=logging.ERROR)
+            self._pre_connect_at = None
             return
         self._attempt = 0
-        self._refusal_logged = ""
+        self._pre_connect_at = None
+        self._causes.clear()
         self.connects += 1
         self._connected_at = self._outbox.now()  # the outbox clock
         client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
@@ -282,10 +317,55 @@ class MqttSink:
         self._wake.set()
         if was and not self._closed:
             log.warning("telemetry disconnected from %s:%d: %s", self.host, self.port, rc)
+        elif self._pre_connect_at is not None and not self._closed:
+            self._pre_connect_at = None  # closed before any CONNACK (e.g. paho's keepalive)
+            self._report_silent_broker()
+
+    def _report_silent_broker(self) -> None:
+        self._causes.report(
+            "no CONNACK", "telemetry broker %s:%d accepted the connection but did not answer "
+            "MQTT CONNECT within %g s (not an MQTT broker on that port, or overloaded?); "
+            "retrying with back-off up to %.0f s", self.host, self.port, CONNACK_WAIT_S,
+            self.options.reconnect_max_s)
 
     def _on_publish(self, gen: int, mid: int, rc: ReasonCode) -> None:
         self._acks.put((gen, mid, bool(rc.is_failure)))
         self._wake.set()
+
+    # -- supervision (publisher thread) --------------------------------------------------
+    def _supervise(self) -> None:
+        """Notice what paho does not report: its network thread dead, or a connection that
+        TCP (and TLS) accepted but MQTT never answered."""
+        if self._closed or self._stop.is_set():
+            return
+        t = self._net_thread
+        if t is not None and not t.is_alive():
+            self._restart_network_thread()
+            return
+        started = self._pre_connect_at
+        if (started is not None and not self._connected.is_set()
+                and time.monotonic() - started >= CONNACK_WAIT_S
+                and self._client.socket() is not None):
+            self._report_silent_broker()
+
+    def _restart_network_thread(self) -> None:
+        old = self._client
+        death = getattr(old, "death", None)
+        self.restarts += 1
+        log.error("telemetry network thread died (%s); restarting the MQTT client (%d restart(s) "
+                  "so far, counted in the telemetry_restarts system metric)",
+                  one_line(death) if death is not None else "no exception reported",
+                  self.restarts)
+        self._connected.clear()
+        try:
+            old.loop_stop()
+            sock = old.socket()
+            if sock is not None:  # the broker sees the old connection end (its will fires)
+                sock.close()
+        except Exception as e:  # noqa: BLE001 - the old client is dropped either way
+            log.debug("closing the dead MQTT client: %s", e)
+        self._inflight.clear()  # the rewind after the new connect re-sends them in order
+        self._client = self._new_client()
 
     # -- publisher thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -294,6 +374,7 @@ class MqttSink:
             self._wake.wait(timeout=0.5)
             self._wake.clear()
             try:
+                self._supervise()
                 if self._fallback:
                     self._fall_back_to_311()
                 self._take_acks()
