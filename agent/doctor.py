@@ -23,13 +23,17 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from agent.clock import SYNC_FLOOR
 from agent.config import Config
 
 OK, FAIL, SKIP = "OK", "FAIL", "SKIP"
 # The wall clock must be past this release's date: a board without a real-time clock boots at
 # 1970 (or at fake-hwclock's last save) until NTP syncs, and then TLS certificates are "not yet
 # valid" and windows get wrong UTC labels. Raise it with each release.
-BUILD_DATE = datetime(2026, 1, 1, tzinfo=UTC)
+BUILD_DATE = SYNC_FLOOR
+# Below this much free space in the state directory the outbox starts dropping old telemetry
+# to keep its reserve, and decisions soon stop being written.
+MIN_FREE_BYTES = 4 * 1024 * 1024
 AUDIO_READ_TIMEOUT_S = 3.0
 BROKER_TIMEOUT_S = 5.0
 
@@ -289,6 +293,59 @@ def check_broker(cfg: Config, timeout_s: float = BROKER_TIMEOUT_S) -> Check:
     return Check("broker", FAIL, detail)
 
 
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_state_space(cfg: Config, min_free: int = MIN_FREE_BYTES) -> Check:
+    """Free space (and a writable mount) where decisions, baselines and the outbox live."""
+    path = _existing(cfg.state_path())
+    try:
+        st = os.statvfs(path)
+    except OSError as e:
+        return Check("state_space", FAIL, f"{path}: cannot read free space ({e.strerror})")
+    if st.f_flag & os.ST_RDONLY:
+        return Check("state_space", FAIL, f"{path} is on a read-only file system; remount it "
+                     "read-write or set agent.state_dir")
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    shown = f"{free / 2**20:.1f} MiB free of {total / 2**20:.1f} MiB at {path}"
+    if free < min(min_free, total // 10):
+        return Check("state_space", FAIL, f"{shown}: the telemetry outbox drops old messages "
+                     "to keep its reserve and decisions stop being written; free space or set "
+                     "agent.state_dir")
+    return Check("state_space", OK, shown)
+
+
+def check_outbox(cfg: Config) -> Check:
+    """The telemetry outbox is a sound SQLite database (PRAGMA quick_check), read-only."""
+    import sqlite3
+
+    from agent.telemetry.outbox import OUTBOX_FILENAME
+
+    path = cfg.state_path() / OUTBOX_FILENAME
+    if not path.exists():
+        if not cfg.telemetry.sink.startswith("mqtt"):
+            return Check("outbox", SKIP, f"telemetry is {cfg.telemetry.sink}: no outbox")
+        return Check("outbox", OK, f"{path} does not exist yet; created at the first start")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+        try:
+            result = db.execute("PRAGMA quick_check").fetchone()[0]
+            queued = db.execute("SELECT count(*) FROM outbox").fetchone()[0] \
+                if result == "ok" else 0
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        result = _msg(e)
+    if result != "ok":
+        return Check("outbox", FAIL, f"{path} is damaged ({result}); the agent moves it aside "
+                     "and starts a fresh one at its next start (its unsent telemetry is lost); "
+                     "move it away now to inspect it")
+    return Check("outbox", OK, f"{path}: integrity ok, {queued} message(s) queued")
+
+
 # --- clock ----------------------------------------------------------------------------------
 def check_clock(build_date: datetime = BUILD_DATE,
                 wall: Callable[[], float] = time.time,
@@ -312,6 +369,7 @@ def check_clock(build_date: datetime = BUILD_DATE,
 def run_checks(cfg: Config) -> list[Check]:
     return [check_audio_devices(cfg), check_audio_source(cfg), check_model(cfg),
             check_thresholds(cfg), check_baseline(cfg), check_state_dir(cfg),
+            check_state_space(cfg), check_outbox(cfg),
             check_broker(cfg), check_clock()]
 
 

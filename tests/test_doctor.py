@@ -18,7 +18,7 @@ from tests.conftest import eva
 from tests.mqtt_fixtures import BrokerFactory, Pki, free_port, mosquitto, pki  # noqa: F401
 
 CHECKS = ["config", "audio_devices", "audio_source", "model", "thresholds", "baseline",
-          "state_dir", "broker", "clock"]
+          "state_dir", "state_space", "outbox", "broker", "clock"]
 
 
 @pytest.fixture
@@ -161,3 +161,30 @@ def test_doctor_exit_code_follows_failures(capsys: pytest.CaptureFixture, state:
     assert doctor.main(lambda: good, as_json=True) == 1
     report = json.loads(capsys.readouterr().out)
     assert [c["status"] for c in report if c["check"] == "state_dir"] == ["FAIL"]
+
+
+def test_outbox_integrity_and_state_space(tmp_path: Path, state: Path) -> None:
+    """Issue 10: doctor runs PRAGMA quick_check on the outbox and reads the free space."""
+    from agent.telemetry.message import Message
+    from agent.telemetry.outbox import OUTBOX_FILENAME, Outbox
+    from tests.fs_fixtures import fill, tiny_fs
+
+    cfg = _cfg(state)
+    cfg.telemetry.sink = "mqtt://127.0.0.1:1883"
+    assert doctor.check_outbox(cfg).status == "OK"  # not created yet
+    with Outbox(state / OUTBOX_FILENAME) as ob:
+        for i in range(200):
+            ob.append(Message("t", {"seq": i, "pad": "x" * 400}))
+    c = doctor.check_outbox(cfg)
+    assert c.status == "OK" and "200 message(s) queued" in c.detail
+    data = bytearray((state / OUTBOX_FILENAME).read_bytes())
+    data[4096 * 2:4096 * 4] = os.urandom(4096 * 2)  # overwritten pages
+    (state / OUTBOX_FILENAME).write_bytes(bytes(data))
+    c = doctor.check_outbox(cfg)
+    assert c.status == "FAIL" and str(state / OUTBOX_FILENAME) in c.detail
+    assert "moves it aside" in c.detail
+    assert doctor.check_state_space(cfg).status == "OK"
+    with tiny_fs(tmp_path / "small", "400k") as small:
+        fill(small, leave=16 * 1024)
+        c = doctor.check_state_space(_cfg(small / "state"))  # not created yet: its parent
+        assert c.status == "FAIL" and "MiB free" in c.detail and "agent.state_dir" in c.detail

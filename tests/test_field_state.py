@@ -29,6 +29,9 @@ from agent.telemetry.message import Message
 from agent.telemetry.outbox import OUTBOX_FILENAME, Outbox, OutboxLimits, OutboxUnusable
 from agent.windows import WindowAggregator
 from tests.fs_fixtures import fill, read_only, tiny_fs
+from tests.mqtt_fixtures import BrokerFactory, Subscriber, mosquitto
+
+__all__ = ["mosquitto"]  # the real-broker fixture
 
 
 def msg(seq: int, pad: int = 300) -> Message:
@@ -293,3 +296,100 @@ def test_read_only_outbox_file_is_refused_not_silently_lost(tmp_path: Path) -> N
     text = str(e.value)
     assert str(path) in text and "read-only" in text and "writable" in text
     assert "\n" not in text and "broker" not in text
+
+
+# --- telemetry end to end: full disk, broker away, then both come back ---------------------------
+def test_mqtt_telemetry_resumes_when_space_returns_with_every_lost_window_counted(
+        mosquitto: BrokerFactory, tmp_path: Path) -> None:
+    """The old publisher loop raised from its failing checkpoint on every pass, so nothing was
+    sent even after the broker returned, and windows that failed to append were not counted."""
+    from agent.telemetry.mqtt import MqttOptions, MqttSink  # paho only where it is tested
+
+    broker = mosquitto(persistence=True)
+    sub = Subscriber(broker, "eva/devf/stats", client_id="operator-f", persistent=True)
+    with tiny_fs(tmp_path / "state") as state:
+        sink = MqttSink("127.0.0.1", broker.port, device_id="devf",
+                        outbox_path=state / OUTBOX_FILENAME,
+                        options=MqttOptions(reconnect_min_s=0.05, reconnect_max_s=0.3))
+        try:
+            assert sink.wait_connected(10)
+            for i in range(3):
+                sink.publish(Message("eva/devf/stats", {"seq": i}))
+            assert sink.wait_drained(10)
+            broker.stop()
+            filler = fill(state)
+            for i in range(3, 13):  # full disk, broker away: lost or kept, never raised
+                sink.publish(Message("eva/devf/stats", {"seq": i}))
+            filler.unlink()         # space returns ...
+            broker.start()          # ... and the broker
+            sink.publish(Message("eva/devf/stats", {"seq": 13}))
+            got: dict[int, dict] = {}
+            while 13 not in got:
+                p = sub.get(10).json()
+                got[p["seq"]] = p
+            assert sink.wait_drained(10)
+        finally:
+            assert sink.close(2) in (True, False)  # never raises
+            sub.close()
+    assert {0, 1, 2, 13} <= set(got) and len(got) < 14  # the disk really refused some
+    # every window the full disk cost is counted on a message that arrived
+    assert sum(p.get("outbox_dropped", 0) for p in got.values()) == 14 - len(got)
+
+
+def test_injected_enospc_without_root_degrades_the_same_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no tmpfs can be mounted: ENOSPC injected at the write calls (os.write for the
+    decisions file, the sqlite connection for the outbox)."""
+    d = Decision(start=0.0, end=0.5, decided_at=0.74, label="3", confidence=0.9, margin=0.5,
+                 accepted=True, latency_ms=1.0, model="m@1")
+    health = StateHealth()
+    w = DecisionWriter(str(tmp_path / "decisions.jsonl"), health)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, b: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
+    w.write([d])
+    monkeypatch.setattr(os, "write", real_write)
+    w.write([d])
+    w.close()
+    assert w.lost == 1 and len((tmp_path / "decisions.jsonl").read_text().splitlines()) == 1
+
+    class FullDisk:
+        """A sqlite connection whose INSERTs fail the way SQLITE_FULL does."""
+
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self._db = db
+
+        def execute(self, sql: str, *a: object) -> sqlite3.Cursor:
+            if sql.startswith("INSERT INTO outbox"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return self._db.execute(sql, *a)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._db, name)
+
+    with Outbox(tmp_path / OUTBOX_FILENAME, health=health) as ob:
+        real = ob._db
+        ob._db = FullDisk(real)  # type: ignore[assignment]
+        assert [ob.append(msg(i)) for i in range(4)] == [-1] * 4
+        ob._db = real
+        assert ob.append(msg(4)) > 0 and payloads(ob)[-1]["outbox_dropped"] == 4
+    assert health.errors == {"decisions": 1, "outbox": 4} and not health.failing
+
+
+def test_read_only_state_dir_degrades_when_something_can_work(
+        tmp_path: Path, clip: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Decisions and telemetry elsewhere: only the device baseline needs the state directory,
+    so the run goes on and the failed save is counted and alarmed (it used to raise a
+    traceback from device-baseline.json.tmp after 120 s)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = _cfg(tmp_path, clip, state)
+    cfg.output.decisions = str(tmp_path / "decisions.jsonl")
+    with read_only(state), caplog.at_level(logging.INFO):
+        summary = service.run(cfg)
+    assert summary.decisions >= 5
+    (line,) = state_lines(caplog, "state write failed")
+    assert "baseline" in line and "Read-only file system" in line
+    msgs = [json.loads(x) for x in (tmp_path / "telemetry.jsonl").read_text().splitlines()]
+    alarms = [m["payload"] for m in msgs if m["topic"].endswith("/alarm")]
+    assert [a["state"] for a in alarms if a["metric"] == WRITE_ERRORS] == ["raised"]

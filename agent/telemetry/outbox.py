@@ -31,7 +31,7 @@ Contract:
 - Ages use the outbox clock: monotonic within a process (a wall-clock step expires nothing);
   across a restart it continues from the last stored value plus the downtime the wall clock
   reports, trusted only when both readings are plausible (after `agent.clock.SYNC_FLOOR`) and
-  bounded by `[0, max_age_s]`.
+  bounded by `[0, 2 × max_age_s]` (a clock behind the last run's counts as no downtime).
 - One process at a time: an exclusive `flock` on `PATH.lock`; a second opener gets an error
   instead of publishing the same rows twice.
 """
@@ -255,7 +255,8 @@ class Outbox:
             last = wall_last = float(row[0])
         wall_now = self._wall()
         down = wall_now - wall_last if plausible(wall_now) and plausible(wall_last) else 0.0
-        self._base = last + min(max(down, 0.0), self.limits.max_age_s)
+        # beyond max_age_s every row expires anyway; the bound only keeps absurd values out
+        self._base = last + min(max(down, 0.0), 2 * self.limits.max_age_s)
         self._mono0 = self._clock()
 
     def _probe_write(self, db: sqlite3.Connection) -> None:
