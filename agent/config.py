@@ -7,6 +7,7 @@ TOML loader, the generated `--section-key` flags, validation messages and the RE
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -192,11 +193,37 @@ def _field_type(f: dataclasses.Field) -> type:
         else t
 
 
-def coerce(section: str, f: dataclasses.Field, value: Any, origin: str) -> Any:
-    """Convert and check one value; raise ConfigError naming key, value and what is allowed."""
+def toml_repr(value: Any) -> str:
+    """A value as it is written in TOML (`true`, `"60"`), the language of the config file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def coerce(section: str, f: dataclasses.Field, value: Any, origin: str,
+           typed: bool = False) -> Any:
+    """Convert and check one value; raise ConfigError naming key, value and what is allowed.
+
+    `typed`: the value comes from TOML, which has its own numbers and booleans, so a quoted
+    number (`window_s = "60"`) is refused like any other string; flags arrive as text."""
     key = f"{section}.{f.name}"
     t = _field_type(f)
     meta = f.metadata
+    shown = toml_repr(value)
+    quoted = typed and t is not str and isinstance(value, str)
+    try:
+        if quoted:
+            bare = coerce(section, f, value, origin)  # what it would be without the quotes
+            article = "an" if t is int else "a"
+            raise ConfigError(f"{origin}: {key} = {shown} is a string, not {article} {t.__name__}; "
+                              f"write it without quotes: {f.name} = {toml_repr(bare)}")
+    except ConfigError as e:
+        if "without quotes" in str(e):
+            raise
+        raise ConfigError(f"{origin}: {key} = {shown} is not a valid {t.__name__}; "
+                          f"allowed: {_allowed(f)}") from None
     try:
         if t is bool:
             if isinstance(value, str):
@@ -217,14 +244,32 @@ def coerce(section: str, f: dataclasses.Field, value: Any, origin: str) -> Any:
             if not isinstance(value, str):
                 raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(f"{origin}: {key} = {value!r} is not a valid {t.__name__}; "
+        raise ConfigError(f"{origin}: {key} = {shown} is not a valid {t.__name__}; "
                           f"allowed: {_allowed(f)}") from None
+    shown = toml_repr(value)
     if meta["choices"] is not None and value not in meta["choices"]:
-        raise ConfigError(f"{origin}: {key} = {value!r} is not allowed; allowed: {_allowed(f)}")
+        raise ConfigError(f"{origin}: {key} = {shown} is not allowed; allowed: {_allowed(f)}")
     if (meta["lo"] is not None and value < meta["lo"]) or \
             (meta["hi"] is not None and value > meta["hi"]):
-        raise ConfigError(f"{origin}: {key} = {value!r} is out of range; allowed: {_allowed(f)}")
+        raise ConfigError(f"{origin}: {key} = {shown} is out of range; allowed: {_allowed(f)}")
+    check = _CHECKS.get(key)
+    if check is not None:
+        try:
+            check(value)
+        except ConfigError as e:
+            raise ConfigError(f"{origin}: {key} = {shown}: {e}") from None
     return value
+
+
+def _check_sink(spec: str) -> None:
+    from agent.telemetry.sinks import parse_sink_spec
+
+    parse_sink_spec(spec)
+
+
+# Checks beyond type, choices and range, run where the value is set, so the error names the
+# file (or the command line) it came from.
+_CHECKS = {"telemetry.sink": _check_sink}
 
 
 def _allowed(f: dataclasses.Field) -> str:
@@ -273,16 +318,17 @@ def _apply_mapping(cfg: Config, data: dict, origin: str) -> None:
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: {section} must be a table [{section}]")
         for key, value in values.items():
-            _set(cfg, section, key, value, origin)
+            _set(cfg, section, key, value, origin, typed=True)
 
 
-def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+def _set(cfg: Config, section: str, key: str, value: Any, origin: str,
+         typed: bool = False) -> None:
     sec = getattr(cfg, section, None)
     fields = {f.name: f for f in dataclasses.fields(sec)} if sec is not None else {}
     if key not in fields:
         allowed = ", ".join(fields) if fields else ", ".join(n for n, _ in sections())
         raise ConfigError(f"{origin}: unknown setting {section}.{key}; allowed: {allowed}")
-    setattr(sec, key, coerce(section, fields[key], value, origin))
+    setattr(sec, key, coerce(section, fields[key], value, origin, typed))
 
 
 def validate(cfg: Config) -> None:
@@ -294,12 +340,6 @@ def validate(cfg: Config) -> None:
     if v.max_utterance_ms <= v.min_speech_ms:
         raise ConfigError(f"vad.max_utterance_ms = {v.max_utterance_ms} must exceed "
                           f"vad.min_speech_ms = {v.min_speech_ms}")
-    from agent.telemetry.sinks import parse_sink_spec
-
-    try:
-        parse_sink_spec(cfg.telemetry.sink)
-    except ConfigError as e:
-        raise ConfigError(f"telemetry.sink: {e}") from None
     cfg.alarm_rules()          # raise ConfigError naming the bad rule key, if any
     cfg.rollup_alarm_rules()
 

@@ -28,9 +28,21 @@ def test_toml_then_flags(tmp_path):
     ("[vad]\naggressiveness = 7\n", r"vad.aggressiveness = 7 is out of range; allowed: int from"),
     ("[vad]\nagressiveness = 1\n", r"unknown setting vad.agressiveness; allowed: frame_ms"),
     ("[vadd]\nx = 1\n", r"unknown section \[vadd\]"),
-    ('[decision]\nmode = "auto"\n', r"decision.mode = 'auto' is not allowed; allowed: off, "
+    ('[decision]\nmode = "auto"\n', r'decision.mode = "auto" is not allowed; allowed: off, '
                                     r"shadow, assist, partial, full"),
-    ('[audio]\nspeed = "fast"\n', r"audio.speed = 'fast' is not a valid float"),
+    # TOML has numbers and booleans: a quoted one is refused like "high", and messages spell
+    # values the TOML way (true, "60"), not Python's (True, '60')
+    ('[monitoring]\nwindow_s = "60"\n', r'monitoring.window_s = "60" is a string, not a float; '
+                                         r"write it without quotes: window_s = 60.0"),
+    ('[monitoring]\nwindow_s = "high"\n', r'monitoring.window_s = "high" is not a valid float'),
+    ('[vad]\naggressiveness = "2"\n', r'vad.aggressiveness = "2" is a string, not an int'),
+    ("[audio]\nspeed = true\n", r"audio.speed = true is not a valid float"),
+    ('[telemetry]\nhistorical_on_reconnect = "yes"\n', r"is a string, not a bool"),
+    ('[telemetry]\nsink = "mqtt:// 127.0.0.1:1883"\n',
+     r'c.toml: telemetry.sink = "mqtt:// 127.0.0.1:1883": invalid telemetry sink .* contains a '
+     r"space"),
+    ('[telemetry]\nsink = "kafka://x"\n', r'c.toml: telemetry.sink = "kafka://x": invalid'),
+    ('[audio]\nspeed = "fast"\n', r'audio.speed = "fast" is not a valid float'),
     ("[vad]\ntrigger_frames = 5\ntrigger_window = 3\n", r"trigger_frames = 5 exceeds"),
     ("[vad\n", r"not valid TOML"),
 ])
@@ -52,3 +64,12 @@ def test_every_setting_has_a_flag_and_help():
     names = [config.flag_name(s, f) for s, f in config.settings()]
     assert len(names) == len(set(names))
     assert all(f.metadata["help"] for _, f in config.settings())
+
+
+def test_flags_arrive_as_text_and_are_converted():
+    cfg = config.load(None, {"monitoring.window_s": "30", "audio.speed": "2",
+                             "telemetry.historical_on_reconnect": "true"})
+    assert cfg.monitoring.window_s == 30.0 and cfg.audio.speed == 2.0
+    assert cfg.telemetry.historical_on_reconnect is True
+    with pytest.raises(ConfigError, match=r"^command line: telemetry.sink = "):
+        config.load(None, {"telemetry.sink": "mqtt:// 127.0.0.1:1883"})

@@ -129,6 +129,9 @@ class FileSink(_LineSink):
 def parse_sink_spec(spec: str) -> tuple[str, str, int]:
     """Split a spec into (kind, target, port); kind is none|stdout|file|mqtt|mqtts."""
     s = (spec or "").strip()
+    if any(c.isspace() for c in s):
+        raise ConfigError(f"invalid telemetry sink {spec!r}: it contains a space; expected "
+                          f"{SINK_FORMS}")
     if s in ("none", "stdout"):
         return s, "", 0
     if s.startswith("file:") and len(s) > len("file:"):
