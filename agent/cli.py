@@ -16,17 +16,29 @@ from agent.errors import AgentError
 PROG = "edge-voice-agent"
 
 
-def _add_settings(p: argparse.ArgumentParser) -> None:
+# Settings a subcommand has no use for get no flag there, so argparse refuses them (with that
+# subcommand's usage) instead of the command silently ignoring them.
+DEMO_FIXED = frozenset({"audio.source", "audio.mic_rate", "audio.mic_channels"})
+CLASSIFY_SECTIONS = frozenset({"model", "decision"})
+
+
+def _add_settings(p: argparse.ArgumentParser, *, skip: frozenset[str] = frozenset(),
+                  sections: frozenset[str] | None = None) -> None:
     """--config plus one flag per setting (`--section-key`, and a short alias for common ones)."""
     p.add_argument("--config", type=Path, default=None,
                    help=f"TOML config file (default {config_mod.DEFAULT_CONFIG_PATH} if present)")
     g = p.add_argument_group("settings (each overrides the config file)")
     for section, f in config_mod.settings():
+        key = f"{section}.{f.name}"
+        if key in skip or (sections is not None and section not in sections):
+            continue
         names = [config_mod.flag_name(section, f)]
         if f.metadata.get("alias"):
             names.insert(0, f"--{f.metadata['alias']}")
-        g.add_argument(*names, dest=f"set:{section}.{f.name}", default=argparse.SUPPRESS,
-                       metavar=f.name.upper(), help=f"{f.metadata['help']} [{f.default!r}]")
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(str(c) for c in choices) + "}" if choices else f.name.upper()
+        g.add_argument(*names, dest=f"set:{key}", default=argparse.SUPPRESS, metavar=metavar,
+                       help=f"{f.metadata['help']} [{config_mod.toml_repr(f.default)}]")
 
 
 def _config(args: argparse.Namespace, **forced) -> config_mod.Config:
@@ -50,16 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
         return _add(name, parents=[common], **kw)
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
+    p.set_defaults(_parsers={})  # subcommand name → its parser, for usage errors
+
+    def add_parser_tracked(name: str, **kw) -> argparse.ArgumentParser:
+        q = add_parser(name, **kw)
+        p.get_default("_parsers")[name] = q
+        return q
+
+    sub.add_parser = add_parser_tracked  # type: ignore[method-assign]
 
     run = sub.add_parser("run", help="listen to a microphone or file and decide on each utterance")
     _add_settings(run)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the bundled demo recording")
-    _add_settings(demo)
+    _add_settings(demo, skip=DEMO_FIXED)
 
     cl = sub.add_parser("classify", help="classify each audio file as one utterance")
     cl.add_argument("files", nargs="+", type=Path)
-    _add_settings(cl)
+    _add_settings(cl, sections=CLASSIFY_SECTIONS)
 
     def data_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--data", required=True, type=Path,
@@ -259,9 +279,21 @@ COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "train":
             "fleet": lambda args: args.fleet_func(args)}
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse; an unknown flag is reported with the usage of the subcommand it was given to
+    (argparse's own handling prints the top-level usage, which does not list it)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        target = parser.get_default("_parsers").get(args.command, parser)
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from agent import logs
+    from agent.decision_log import silence_stdout
 
     logs.setup(args.log_level)  # stderr, one line per event (journald priorities under systemd)
     try:
@@ -269,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except AgentError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # stdout's reader had enough (`classify ... | head -1`): done
+        silence_stdout()
+        return 0
     except KeyboardInterrupt:
         return 130
 

@@ -7,7 +7,9 @@ monitoring windows still count them), so a write that fails is one log line per 
 `lost`; writing resumes by itself once the disk takes data again. Only a file that cannot be
 opened at start is an error: then nothing could ever be written.
 
-stdout (`-`) is the caller's stream: errors there (a closed pipe) are left to the caller.
+stdout (`-`) is the caller's stream: when its reader closes it (`demo | head -1`), the reader
+has had enough; by the Unix convention that ends the run quietly, so the writer notes it in
+`reader_gone` (the service stops on it) and drops further lines instead of raising.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class DecisionWriter:
         self.count = 0   # decisions handed in
         self.lost = 0    # of those, lines the file did not take
         self._fd = -1
+        self.reader_gone = False
         if target == "-":
             return
         self.path = Path(target)
@@ -50,8 +53,14 @@ class DecisionWriter:
         lines = "".join(json.dumps(d.to_json()) + "\n" for d in decisions)
         self.count += len(decisions)
         if self._fd < 0:
-            sys.stdout.write(lines)
-            sys.stdout.flush()
+            if self.reader_gone:
+                return
+            try:
+                sys.stdout.write(lines)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.reader_gone = True
+                silence_stdout()
             return
         data = lines.encode("utf-8")
         try:
@@ -76,3 +85,12 @@ class DecisionWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null after its reader went away, so nothing (not even the
+    interpreter's flush at exit) reports the broken pipe again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

@@ -40,7 +40,13 @@ from typing import Protocol
 import numpy as np
 
 from agent import __version__
-from agent.audio.sources import AudioBlock, FileSource, MicOpener
+from agent.audio.sources import (
+    AudioBlock,
+    DeviceNotFound,
+    FileSource,
+    MicOpener,
+    waits_for_devices,
+)
 from agent.clock import UtcStamper
 from agent.config import RULE_SECTIONS, Config, to_dict
 from agent.decision import Policy, Thresholds
@@ -480,8 +486,8 @@ class Service:
         try:
             source = opener()
         except Exception as e:
-            if not live:
-                raise
+            if not live or (isinstance(e, DeviceNotFound) and not waits_for_devices()):
+                raise  # from a terminal a name that matches nothing is refused, not awaited
             error = one_line(e)  # a live device may come later: capture keeps trying
         describe = getattr(opener, "describe", None)
         self.source_desc = source.describe() if source is not None else \
@@ -589,6 +595,9 @@ class Service:
         return True
 
     def _poll_signals(self) -> None:
+        if self.writer.reader_gone and not self.stop.is_set():
+            log.info("decisions: stdout was closed by its reader; stopping")
+            self.stop.set()
         if self.signals.stop_signal and not self.stop.is_set():
             log.info("%s received: stopping capture; the utterance in progress is decided if it "
                      "already has %d ms of speech (vad.min_speech_ms), else dropped; the current "

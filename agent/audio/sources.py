@@ -7,6 +7,7 @@ pipeline can count losses without knowing which device produced them.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -28,6 +29,16 @@ class AudioBlock:
     dropped: int = 0
 
 
+def check_audio_file(path: Path, alternative: str = "") -> None:
+    """A missing path or a directory named as one: say which, before libsndfile says
+    "System error"."""
+    hint = f"give the path of a WAV, FLAC or OGG file{', ' + alternative if alternative else ''}"
+    if path.is_dir():
+        raise AgentError(f"audio file {path} is a directory, not a file; {hint}")
+    if not path.exists():
+        raise AgentError(f"audio file {path} does not exist; {hint}")
+
+
 class FileSource:
     """Reads WAV, FLAC or OGG (anything libsndfile reads) at its own rate and channel count.
 
@@ -44,9 +55,7 @@ class FileSource:
         self.path = Path(path)
         self.speed = speed
         self._stop = stop or Event()
-        if not self.path.is_file():
-            raise AgentError(f"audio file {self.path} does not exist; give the path of a WAV, "
-                             "FLAC or OGG file, or 'mic' for the microphone")
+        check_audio_file(self.path, "or 'mic' for the microphone")
         try:
             self._file = sf.SoundFile(str(self.path))
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
@@ -140,6 +149,23 @@ class MicSource:
         return f"microphone '{self.device_name}' ({self.rate} Hz, {self.channels} ch)"
 
 
+class DeviceNotFound(AgentError):
+    """No input device matches what was asked for (exit 2: the request names nothing here)."""
+
+    exit_code = 2
+
+
+def waits_for_devices(env: dict[str, str] | None = None) -> bool:
+    """Whether a missing microphone is waited for rather than refused.
+
+    Under systemd (which sets INVOCATION_ID for every unit it runs, and NOTIFY_SOCKET for
+    Type=notify) waiting is right: USB audio enumerates late at boot and devices come and go.
+    Started from a terminal, a name that matches nothing is far more likely a typo, and a
+    person expects one line listing the devices and exit 2, not a silent wait."""
+    e = os.environ if env is None else env
+    return bool(e.get("INVOCATION_ID") or e.get("NOTIFY_SOCKET"))
+
+
 def _sounddevice():
     try:
         import sounddevice as sd
@@ -214,8 +240,8 @@ def find_input_device(device: str | int | None) -> int:
     devices = input_devices()
     listing = "; ".join(f"{i}: {n}" for i, n in devices) or "none"
     if not devices:
-        raise AgentError("no audio input device found; connect a microphone or pass --source "
-                         "with an audio file")
+        raise DeviceNotFound("no audio input device found; connect a microphone or pass "
+                             "--source with an audio file")
     if device is None or device == "":
         default = sd.default.device[0]
         if default is None or default < 0 or default not in dict(devices):
@@ -225,11 +251,12 @@ def find_input_device(device: str | int | None) -> int:
         idx = int(device)
         if idx in dict(devices):
             return idx
-        raise AgentError(f"microphone index {idx} is not an input device; available: {listing}")
+        raise DeviceNotFound(f"microphone index {idx} is not an input device; available: "
+                             f"{listing}")
     exact = [i for i, n in devices if stable_device_name(n).lower() == str(device).lower()]
     matches = exact or [i for i, n in devices if str(device).lower() in n.lower()]
     if not matches:
-        raise AgentError(f"no input device matches '{device}'; available: {listing}")
+        raise DeviceNotFound(f"no input device matches '{device}'; available: {listing}")
     return matches[0]
 
 

@@ -47,6 +47,9 @@ def load_audio(path: Path, rate: int) -> np.ndarray:
     """Mono float32 at `rate`, resampled with the same code the daemon uses."""
     import soundfile as sf
 
+    from agent.audio.sources import check_audio_file
+
+    check_audio_file(Path(path))
     try:
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
