@@ -138,6 +138,41 @@ class AgentConfig:
 
 
 @dataclass
+class RolloutConfig:
+    inbox: str = _f("", "folder an update tool drops model directories into (never downloaded "
+                    "by the agent); empty = STATE_DIR/inbox")
+    probation_windows: int = _f(5, "stats windows (with enough utterances) a newly activated "
+                                "model is watched before it is committed", lo=1, hi=10000)
+    baseline_windows: int = _f(3, "recent windows of the running model needed before a switch "
+                               "(what probation compares with)", lo=1, hi=1000)
+    min_utterances: int = _f(5, "a window counts for probation only with this many utterances",
+                             lo=1, hi=100000)
+    breach_windows: int = _f(2, "consecutive breaching windows that roll back", lo=1, hi=100)
+    max_abstain_increase: float = _f(0.2, "rollback when the abstain rate rises more than this "
+                                     "(absolute) over the previous model's", lo=0.0, hi=1.0)
+    max_accuracy_drop: float = _f(0.1, "rollback when the estimated accuracy falls more than "
+                                  "this", lo=0.0, hi=1.0)
+    max_latency_ratio: float = _f(3.0, "rollback when compute latency p95 grows more than this "
+                                  "factor (and by over 5 ms)", lo=1.0, hi=1000.0)
+    max_retry_increase: float = _f(0.25, "rollback when the share of abstentions asked again "
+                                   "rises more than this", lo=0.0, hi=1.0)
+    retry_s: float = _f(4.0, "a new utterance within this many seconds after a decision counts "
+                        "as asking again (abstained) or repeating (accepted)", lo=0.5, hi=60.0)
+
+
+@dataclass
+class SamplesConfig:
+    enabled: bool = _f(False, "keep audio of abstained, low-confidence and shadow-disagreeing "
+                       "utterances on the device for labelling (opt-in; never published)")
+    max_count: int = _f(200, "most samples kept (oldest deleted first)", lo=1, hi=1_000_000)
+    max_bytes: int = _f(20 * 1024 * 1024, "most bytes of samples kept", lo=1024, hi=2**40)
+    max_age_s: float = _f(14 * 86400.0, "samples older than this are deleted", lo=60.0,
+                          hi=365 * 86400.0)
+    confidence_below: float = _f(0.6, "also keep accepted utterances below this confidence",
+                                 lo=0.0, hi=1.0)
+
+
+@dataclass
 class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -147,6 +182,8 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     # Alarm rules are tables keyed by metric ([alarms.snr_db] ...); validated by agent.drift.
     alarms: dict = field(default_factory=dict)
     rollup_alarms: dict = field(default_factory=dict)

@@ -133,6 +133,8 @@ class Monitor:
         self.last_payload: dict[str, Any] | None = None
         # Alarms the service raises itself (device lost, reload refused), not a window rule.
         self.held_alarms: set[str] = set()
+        # Extra payload sections computed as a window closes (agent.rollout: rollout, experience)
+        self.sections: list[Callable[[WindowSummary], dict[str, Any]]] = []
 
     # --- observer interface --------------------------------------------------------------
     def on_block(self, clock_s: float, stats: VadBlockStats, dropped: int) -> None:
@@ -250,6 +252,8 @@ class Monitor:
                 model=self.model_info, process=self.probe.sample(), utc_anchor=anchor,
                 k=self.k, active_alarms=self.active_alarms, utc_source=self.stamper.source,
                 utc_synced=synced)
+            for section in self.sections:
+                self.last_payload.update(section(s))
             self.emit(Message(topic(self.prefix, self.device_id, "stats"), self.last_payload))
             self.windows_emitted += 1
             for e in events:
@@ -268,6 +272,13 @@ class Monitor:
         for e in tracker.update(s, drift):
             self._emit_alarm(AlarmEvent(e.metric, e.stage, e.state, e.value, e.threshold,
                                         e.window_end_s, f"{label} roll-up: {e.reason}"))
+
+    def emit_event(self, event: Mapping[str, Any]) -> None:
+        """Publish one `{prefix}/{device_id}/event` (docs/event.schema.json), e.g. a rollout
+        step; stamped with this boot's identity and sequence like stats and alarms."""
+        p = {"schema": 1, "device_id": self.device_id, "boot_id": self.boot_id,
+             "seq": self._next(), **event}
+        self.emit(Message(topic(self.prefix, self.device_id, "event"), p))
 
     def _emit_alarm(self, e: AlarmEvent) -> None:
         p = alarm_payload(e, device_id=self.device_id, boot_id=self.boot_id, seq=self._next())

@@ -59,6 +59,9 @@ from agent.model import ModelRunner
 from agent.monitor import Monitor
 from agent.pipeline import Pipeline
 from agent.resources import calibration_dir, default_model_dir
+from agent.rollout.hooks import attach_rollout
+from agent.rollout.resolve import slot_of, store_config
+from agent.rollout.switch import retarget
 from agent.sdnotify import Notifier
 from agent.state_health import StateHealth
 from agent.telemetry.device_id import resolve_device_id
@@ -104,7 +107,8 @@ def model_info(pipeline: Pipeline) -> dict:
     m = pipeline.model.manifest if pipeline.model else None
     return {"name": m.name if m else "none", "version": m.version if m else "",
             "sha256": m.sha256 if m else "", "mode": pipeline.policy.mode,
-            "threshold": round(pipeline.policy.threshold, 6)}
+            "threshold": round(pipeline.policy.threshold, 6),
+            "slot": slot_of(pipeline.model.directory) if pipeline.model else "none"}
 
 
 def birth_payload(cfg: Config, pipeline: Pipeline, device_id: str, boot_id: str,
@@ -421,16 +425,17 @@ class LiveParts:
     training: Baseline | None
 
 
-def build_live_parts(cfg: Config, rate: int) -> LiveParts:
-    """Load and check everything a reload swaps in; raises (AgentError) on any problem."""
+def build_live_parts(cfg: Config, rate: int | None) -> LiveParts:
+    """Load and check everything a reload swaps in; raises (AgentError) on any problem.
+    `rate` None accepts a model at another rate (a rollout switch rebuilds the segmenter)."""
     model = load_model(cfg)
     m = model.manifest
-    if m.sample_rate != rate:
+    if rate is not None and m.sample_rate != rate:
         raise AgentError(f"model {m.ref} runs at {m.sample_rate} Hz but the running pipeline at "
                          f"{rate} Hz; a model with another rate needs a restart")
     policy = Policy("off", 1.0, m.unknown_label) if cfg.decision.mode == "off" else \
         load_policy(cfg, model)
-    extract(np.zeros(rate // 4, np.float32), m.features)  # feature constants, before the swap
+    extract(np.zeros(m.sample_rate // 4, np.float32), m.features)  # constants, before the swap
     return LiveParts(cfg, model, policy, cfg.alarm_rules(), cfg.rollup_alarm_rules(),
                      load_training_baseline(cfg, model))
 
@@ -475,6 +480,8 @@ class Service:
     def __init__(self, cfg: Config, stop: threading.Event, *, signals: Signals,
                  load_config: Callable[[], Config] | None, notifier: Notifier,
                  opener: Callable[[], Source] | None, live: bool, retry: Retry) -> None:
+        self.base_cfg = cfg  # as configured; self.cfg has the store's active model filled in
+        cfg = store_config(cfg)
         self.cfg, self.stop, self.signals = cfg, stop, signals
         self.load_config, self.notifier, self.retry = load_config, notifier, retry
         self.pipeline = build_pipeline(cfg)
@@ -519,6 +526,7 @@ class Service:
         self._stall_logged = False
         interval = notifier.watchdog_interval
         self.tick = min(TICK_S, interval / 2) if interval else TICK_S
+        self.rollout = attach_rollout(self, pinned=bool(self.base_cfg.model.path))
 
     # --- status -----------------------------------------------------------------------------
     def _birth(self) -> dict:
@@ -567,6 +575,7 @@ class Service:
             if self.signals.reloads_requested != self._reloads_seen:
                 self._reloads_seen = self.signals.reloads_requested
                 self.reload()
+            self.rollout.poll()
             try:
                 item = self.q.get(timeout=self.tick)
             except queue.Empty:
@@ -613,6 +622,7 @@ class Service:
             if self.live or self.cfg.audio.speed > 0:  # an unpaced file fills the queue
                 self.monitor.queue_depth = self.q.qsize()
             self.writer.write(self.pipeline.feed(item))
+            self.rollout.after_decisions()  # shadow and samples: after the active decisions
         elif isinstance(item, Gap):
             self._gap_carry += item.seconds * self.pipeline.rate
             n = int(self._gap_carry)
@@ -661,7 +671,8 @@ class Service:
         try:
             if self.load_config is None:
                 raise AgentError("this run has no config loader to reload from")
-            new = self.load_config()
+            self.base_cfg = self.load_config()
+            new = store_config(self.base_cfg)
             parts = build_live_parts(new, self.pipeline.rate)
         except Exception as e:  # noqa: BLE001 - whatever went wrong, the old config keeps running
             log.error("reload refused, the previous configuration keeps running: %s",
@@ -674,14 +685,10 @@ class Service:
             self.notifier.ready(self.status_text())
             return
         pending = restart_needed(self.cfg, new)
+        self._swap(parts)
         p, mon = self.pipeline, self.monitor
-        p.model, p.policy = parts.model, parts.policy
         mon.replace_rules(parts.rules, parts.rollup_rules)
-        mon.model_info = model_info(p)
         mon.k = parts.cfg.monitoring.k
-        mon.agg.unknown_label = parts.policy.unknown_label or "unknown"
-        mon.baselines = [b for b in mon.baselines if b.name != "training"] + \
-            ([parts.training] if parts.training is not None else [])
         self.cfg = merge_live(self.cfg, new)
         self.reloads += 1
         mon.observe("config_reload_ok", 1.0, clock)
@@ -699,6 +706,32 @@ class Service:
             log.warning("changed settings need a restart and were not applied: %s",
                         ", ".join(pending))
         self.notifier.ready(self.status_text())
+
+    def _swap(self, parts: LiveParts) -> None:
+        """Put a new model and policy in, between two blocks; another rate rebuilds the
+        segmenter on the same audio clock (agent.rollout.switch)."""
+        self.pipeline, decisions = retarget(self.pipeline, parts.model, parts.policy)
+        self.writer.write(decisions)
+        mon = self.monitor
+        mon.rate = self.pipeline.rate
+        mon.model_info = model_info(self.pipeline)
+        mon.agg.unknown_label = parts.policy.unknown_label or "unknown"
+        mon.baselines = [b for b in mon.baselines if b.name != "training"] + \
+            ([parts.training] if parts.training is not None else [])
+
+    def switch_model(self) -> None:
+        """A rollout moved the store's pointers: run what they now name (raises AgentError,
+        leaving the running model in place, when it cannot be loaded)."""
+        new = store_config(self.base_cfg)
+        parts = build_live_parts(new, None)
+        self._swap(parts)
+        self.cfg = merge_live(self.cfg, new)
+        update_birth = getattr(self.sink, "update_birth", None)
+        if update_birth is not None:
+            update_birth(self._birth())
+        log.info("model switched to %s (%s)", self.pipeline.model.manifest.ref
+                 if self.pipeline.model else "none", self.monitor.model_info.get("slot"))
+        self._status(time.monotonic(), force=True)
 
     # --- shutdown ---------------------------------------------------------------------------
     def drain(self) -> None:

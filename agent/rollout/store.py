@@ -55,6 +55,7 @@ class Probation:
     windows_total: int
     windows_done: int = 0
     rollout_id: str | None = None
+    starts: int = 0           # agent starts during this probation (a crash loop rolls back)
     # the previous model's recent values the new one is compared with (agent.rollout.probation)
     baseline: dict[str, Any] = field(default_factory=dict)
 
@@ -67,8 +68,7 @@ class Pointers:
     probation: Probation | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Pointers:

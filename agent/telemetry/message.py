@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_PREFIX = "eva"
-KINDS = ("stats", "alarm", "status", "birth")
+KINDS = ("stats", "alarm", "status", "birth", "event")
 
 # A topic level must not contain MQTT wildcards or separators, or one device could address
 # (or subscribe to) another's topics; keep it to a conservative, shell- and ACL-safe alphabet.

@@ -22,6 +22,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,8 @@ class MqttSink:
         self._pre_connect_at: float | None = None  # an attempt without CONNACK or failure yet
         self._net_thread: threading.Thread | None = None
         self._protocol = mqtt.MQTTv311 if opts.protocol == "3.1.1" else mqtt.MQTTv5
+        self._subscriptions: list[str] = []
+        self._on_command: Callable[[str, bytes], None] | None = None
         self._client = self._new_client()
         self._thread = threading.Thread(target=self._run, name="telemetry-publisher",
                                         daemon=True)
@@ -249,6 +252,7 @@ class MqttSink:
         c.on_connect = lambda cl, ud, fl, rc, pr: self._on_connect(gen, cl, rc)
         c.on_disconnect = lambda cl, ud, fl, rc, pr: self._on_disconnect(gen, rc)
         c.on_publish = lambda cl, ud, mid, rc, pr: self._on_publish(gen, mid, rc)
+        c.on_message = lambda cl, ud, msg: self._on_message(msg)
         c.on_pre_connect = lambda cl, ud: self._on_pre_connect(gen, cl)
         c.on_connect_fail = lambda cl, ud: self._on_connect_fail(gen)
         c.reconnect_delay_set(opts.reconnect_min_s, opts.reconnect_min_s)  # type: ignore[arg-type]
@@ -301,6 +305,8 @@ class MqttSink:
         self.connects += 1
         self._connected_at = self._outbox.now()  # the outbox clock
         client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
+        for t in self._subscriptions:  # retained commands arrive again after every connect
+            client.subscribe(t, qos=1)
         if self._birth is not None:
             client.publish(self.birth_topic, self._birth, qos=1, retain=True)
         self._rewind = True
@@ -308,6 +314,18 @@ class MqttSink:
         self._wake.set()
         log.info("telemetry connected to %s:%d (MQTT %s)", self.host, self.port,
                  "5" if self._protocol == mqtt.MQTTv5 else "3.1.1")
+
+    def subscribe(self, topics: list[str], callback: Callable[[str, bytes], None]) -> None:
+        """Receive messages on `topics` (e.g. rollout commands) on every connection; the
+        callback runs on paho's thread and must only hand the message over."""
+        self._subscriptions = list(topics)
+        self._on_command = callback
+        for t in self._subscriptions:  # not connected yet: harmless, on_connect subscribes
+            self._client.subscribe(t, qos=1)
+
+    def _on_message(self, msg: Any) -> None:
+        if self._on_command is not None and msg.topic in self._subscriptions:
+            self._on_command(msg.topic, bytes(msg.payload))
 
     def _on_disconnect(self, gen: int, rc: ReasonCode) -> None:
         if gen != self._gen:

@@ -1,0 +1,102 @@
+"""Rollout commands: the operator's retained message, validated before anything acts on it.
+
+The schema is docs/rollout.schema.json; this module checks the same rules by hand, because the
+device does not carry a JSON-schema library (tests check both agree). A payload that fails is
+refused as a whole, with a one-line reason that the device reports in an `event`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = 1
+MODES = ("shadow", "activate")
+MAX_BYTES = 4096
+FLEET_LEVEL = "fleet"
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_VERSION = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CommandError(ValueError):
+    """A rollout message that cannot be applied; str() is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class RolloutCommand:
+    id: str
+    name: str
+    version: str
+    sha256: str
+    percent: float
+    mode: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "id": self.id,
+                "model": {"name": self.name, "version": self.version, "sha256": self.sha256},
+                "percent": self.percent, "mode": self.mode}
+
+
+def _keys(d: dict, required: set[str], where: str) -> None:
+    missing = sorted(required - d.keys())
+    if missing:
+        raise CommandError(f"{where} lacks {', '.join(missing)}")
+    extra = sorted(d.keys() - required)
+    if extra:
+        raise CommandError(f"{where} has unknown field(s) {', '.join(extra)}")
+
+
+def _str(d: dict, key: str, pattern: re.Pattern[str], where: str) -> str:
+    v = d[key]
+    if not isinstance(v, str) or not pattern.match(v):
+        raise CommandError(f"{where}.{key} = {str(v)[:40]!r} is not valid "
+                           f"(pattern {pattern.pattern})")
+    return v
+
+
+def parse(payload: bytes | str) -> RolloutCommand | None:
+    """The command in a rollout message; None for an empty (withdrawn) message."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if not payload.strip():
+        return None
+    if len(payload) > MAX_BYTES:
+        raise CommandError(f"rollout message of {len(payload)} bytes exceeds {MAX_BYTES}")
+    try:
+        d = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CommandError(f"rollout message is not JSON ({' '.join(str(e).split())[:80]})") \
+            from None
+    if not isinstance(d, dict):
+        raise CommandError("rollout message is not a JSON object")
+    _keys(d, {"schema", "id", "model", "percent", "mode"}, "rollout")
+    if d["schema"] != SCHEMA or isinstance(d["schema"], bool):
+        raise CommandError(f"rollout schema {str(d['schema'])[:20]!r} is unknown "
+                           f"(this agent reads {SCHEMA})")
+    m = d["model"]
+    if not isinstance(m, dict):
+        raise CommandError("rollout.model is not an object")
+    _keys(m, {"name", "version", "sha256"}, "rollout.model")
+    pct = d["percent"]
+    if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 <= pct <= 100:
+        raise CommandError(f"rollout.percent = {str(pct)[:20]!r} is not a number from 0 to 100")
+    if d["mode"] not in MODES:
+        raise CommandError(f"rollout.mode = {str(d['mode'])[:20]!r} is unknown; allowed: "
+                           f"{', '.join(MODES)}")
+    return RolloutCommand(id=_str(d, "id", _ID, "rollout"),
+                          name=_str(m, "name", _ID, "rollout.model"),
+                          version=_str(m, "version", _VERSION, "rollout.model"),
+                          sha256=_str(m, "sha256", _SHA, "rollout.model"),
+                          percent=float(pct), mode=d["mode"])
+
+
+def topics(prefix: str, device_id: str) -> tuple[str, str]:
+    """(fleet-wide, this device's) rollout topics; the device's own message wins."""
+    return f"{prefix}/{FLEET_LEVEL}/rollout", f"{prefix}/{device_id}/rollout"

@@ -1,0 +1,434 @@
+"""The device's side of a rollout: from the operator's retained command to a model running,
+shadowing, on probation, committed or rolled back — and every step reported.
+
+Runs on the pipeline thread only (`poll()` between blocks, `window_sections()` when a stats
+window closes); the MQTT thread only `submit()`s raw messages. The last valid command is kept in
+the store (`models/rollout.json`) so a restart without a broker continues the same rollout.
+
+States (`rollout.state` in stats and birth): idle, out_of_cohort, waiting_for_files (the model
+is not in the inbox yet), waiting_for_baseline (the running model has too few recent windows to
+compare a successor with), shadow, probation, committed, rolled_back, refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent.decision import Policy, Thresholds
+from agent.drift import AlarmEvent
+from agent.errors import AgentError, one_line
+from agent.model import MANIFEST, Manifest, ModelRunner
+from agent.rollout import command as cmd_mod
+from agent.rollout.cohort import in_cohort
+from agent.rollout.command import CommandError, RolloutCommand
+from agent.rollout.compat import thresholds_path
+from agent.rollout.experience import ExperienceTracker
+from agent.rollout.probation import Limits, Recent, breaches, kpis_of
+from agent.rollout.shadow import ShadowRunner
+from agent.rollout.store import ModelStore, Probation, atomic_write_json, manifest_digest
+from agent.windows import WindowSummary
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.monitor import Monitor
+    from agent.pipeline import Pipeline
+
+log = logging.getLogger("edge-voice-agent.rollout")
+
+DESIRED = "rollout.json"
+RETRY_S = 2.0          # how often a waiting rollout looks at the inbox again
+MAX_PROBATION_STARTS = 3  # starts during one probation before it counts as a crash loop
+ALARM = "model_probation_ok"
+REASON_MAX = 200
+
+
+class Host(Protocol):
+    """What the controller needs from the service."""
+
+    pipeline: Pipeline
+    monitor: Monitor
+    device_id: str
+
+    def switch_model(self) -> None:
+        """Load the store's active model (or the configured/bundled one) and swap it in."""
+
+
+def find_in_inbox(inbox: Path, c: RolloutCommand) -> Path | None:
+    """The delivered directory for the command's model: <inbox>/<name>@<version>/ or any
+    directory there whose manifest names the same model and version."""
+    exact = inbox / c.ref
+    if (exact / MANIFEST).is_file():
+        return exact
+    if not inbox.is_dir():
+        return None
+    for d in sorted(inbox.iterdir()):
+        try:
+            m = Manifest.read(d / MANIFEST) if (d / MANIFEST).is_file() else None
+        except AgentError:
+            continue
+        if m is not None and m.ref == c.ref:
+            return d
+    return None
+
+
+class RolloutController:
+    def __init__(self, cfg: Config, host: Host, *, pinned: bool) -> None:
+        self.cfg, self.host, self.pinned = cfg, host, pinned
+        rc = cfg.rollout
+        self.rc = rc
+        self.limits = Limits.from_config(rc)
+        self.store = ModelStore(cfg.state_path())
+        self.inbox = Path(rc.inbox) if rc.inbox else cfg.state_path() / "inbox"
+        self.device_id = host.device_id
+        self.experience = ExperienceTracker(rc.retry_s)
+        self.recent = Recent(rc.baseline_windows, rc.min_utterances)
+        self.shadow: ShadowRunner | None = None
+        self.command: RolloutCommand | None = None
+        self.state = "idle"
+        self.cohort: str | None = None
+        self.reason = ""
+        self._inq: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._raw: dict[str, bytes] = {}
+        self._fleet_topic, self._device_topic = cmd_mod.topics(
+            host.monitor.prefix, host.device_id)
+        self._breach_run = 0
+        self._pending: tuple[str, str] | None = None
+        self._retry_at = 0.0
+        self._probation_values: list[float] = []  # model_probation_ok, observed in poll()
+        self._shadow_listeners: list = []
+        host.pipeline.observers.append(self.experience)
+        host.monitor.sections.append(self.window_sections)
+        self.probation = self.store.pointers().probation
+        if self.probation is not None:
+            self._resume_probation()
+        self.command = self._load_desired()
+        if self.command is not None:
+            self._apply(self.command, resumed=True)
+
+    # --- intake -------------------------------------------------------------------------
+    @property
+    def topics(self) -> list[str]:
+        return [self._fleet_topic, self._device_topic]
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """Thread-safe: a message arrived on a rollout topic (from the MQTT thread)."""
+        self._inq.put((topic, bytes(payload)))
+
+    def poll(self) -> None:
+        """Between blocks: take new commands, retry waiting ones, run pending switches."""
+        changed = False
+        while True:
+            try:
+                t, payload = self._inq.get_nowait()
+            except queue.Empty:
+                break
+            if t in (self._fleet_topic, self._device_topic):
+                self._raw[t] = payload
+                changed = True
+        if changed:
+            self._take_command()
+        for v in self._probation_values:
+            self.host.monitor.observe(ALARM, v, self.host.pipeline.clock_s)
+        self._probation_values.clear()
+        if self._pending is not None:
+            action, reason = self._pending
+            self._pending = None
+            self._rollback(reason) if action == "rollback" else self._commit()
+        if self.state in ("waiting_for_files", "waiting_for_baseline") and \
+                time.monotonic() >= self._retry_at and self.command is not None:
+            self._apply(self.command, resumed=True)
+
+    def _take_command(self) -> None:
+        raw = self._raw.get(self._device_topic, b"")
+        source = self._device_topic
+        if not raw.strip():
+            raw, source = self._raw.get(self._fleet_topic, b""), self._fleet_topic
+        try:
+            c = cmd_mod.parse(raw)
+        except CommandError as e:
+            self._refuse(None, f"{source}: {e}")
+            return
+        if c is None:
+            if self.command is not None:
+                self._abort()
+            return
+        if c == self.command and self.state not in ("refused",):
+            return
+        self._event("rollout_received", c, f"{c.mode} {c.ref} at {c.percent:g} % from {source}")
+        self._save_desired(c)
+        self.command = c
+        self._apply(c)
+
+    def after_decisions(self) -> None:
+        """After the active decisions of a block were written: the shadow's turn."""
+        if self.shadow is not None:
+            self.shadow.run_pending()
+
+    # --- applying -----------------------------------------------------------------------
+    def _apply(self, c: RolloutCommand, resumed: bool = False) -> None:
+        self._retry_at = time.monotonic() + RETRY_S
+        self.cohort = "in" if in_cohort(c.id, self.device_id, c.percent) else "out"
+        if self.cohort == "out":
+            if self.state != "out_of_cohort":
+                self._leave(c)
+                self._set("out_of_cohort", c, f"{self.device_id} is not in the {c.percent:g} % "
+                          f"cohort of {c.id}", event="out_of_cohort")
+            return
+        if self.pinned:
+            self._refuse(c, "model.path is set in the configuration, which pins the model; "
+                         "empty it to let rollouts manage the model")
+            return
+        running = self._running_ref()
+        if c.mode == "activate" and running == c.ref:
+            state = "probation" if self.probation is not None else "committed"
+            if self.state != state:
+                self._set(state, c, "")
+            self._stop_shadow()
+            return
+        try:
+            if not self._ensure_installed(c):
+                if self.state != "waiting_for_files":
+                    self._set("waiting_for_files", c, f"{c.ref} is not in the inbox {self.inbox} "
+                              "yet", event="waiting_for_files")
+                return
+            if c.mode == "shadow":
+                self._start_shadow(c)
+            else:
+                self._activate(c)
+        except AgentError as e:
+            self._refuse(c, one_line(e))
+
+    def _ensure_installed(self, c: RolloutCommand) -> bool:
+        if self.store.has(c.ref):
+            have = manifest_digest(self.store.slot_dir(c.ref))
+            if have != c.sha256:
+                raise AgentError(f"installed {c.ref} has manifest sha256 {have[:12]}…, the "
+                                 f"rollout names {c.sha256[:12]}…; publish the right sha256 or "
+                                 "a new version")
+            return True
+        src = find_in_inbox(self.inbox, c)
+        if src is None:
+            return False
+        self.store.install(src, self._running_manifest(), expect_digest=c.sha256)
+        log.info("installed %s from %s into the model store", c.ref, src)
+        return True
+
+    def _start_shadow(self, c: RolloutCommand) -> None:
+        if self.shadow is not None and self.shadow.ref == c.ref:
+            if self.state != "shadow":
+                self._set("shadow", c, "")
+            return
+        self._stop_shadow()
+        model = self._load_candidate(c.ref)
+        m = model.manifest
+        t = Thresholds.read(thresholds_path(model.directory, m))
+        self.shadow = ShadowRunner(model, Policy("partial", t.threshold, m.unknown_label),
+                                   self.host.pipeline.rate)
+        self.shadow.on_result.extend(self._shadow_listeners)
+        self.host.pipeline.observers.append(self.shadow)
+        self.store.set_candidate(c.ref)
+        self._set("shadow", c, f"candidate {c.ref} runs beside {self._running_ref()}",
+                  event="shadow_started")
+
+    def _load_candidate(self, ref: str) -> ModelRunner:
+        """The candidate's runner; the active one itself when it is the very same build
+        (same manifest sha256), so a shadow of an identical model costs no memory."""
+        active = self.host.pipeline.model
+        if active is not None and active.manifest.ref == ref:
+            return active
+        return self.store.verify(ref, self._running_manifest())
+
+    def _stop_shadow(self) -> None:
+        if self.shadow is not None:
+            if self.shadow in self.host.pipeline.observers:
+                self.host.pipeline.observers.remove(self.shadow)
+            self.shadow = None
+            if self.store.pointers().candidate is not None:
+                self.store.set_candidate(None)
+
+    def _activate(self, c: RolloutCommand) -> None:
+        if not self.recent.full:
+            if self.state != "waiting_for_baseline":
+                self._set("waiting_for_baseline", c, f"{len(self.recent.windows)} of "
+                          f"{self.rc.baseline_windows} recent windows of the running model",
+                          event="waiting_for_baseline")
+            return
+        self._stop_shadow()
+        previous = self._running_ref()
+        prob = Probation(ref=c.ref, previous=previous, windows_total=self.rc.probation_windows,
+                         rollout_id=c.id, baseline=self.recent.baseline())
+        before = self.store.pointers()
+        self.store.activate(c.ref, self._running_manifest(), prob)
+        try:
+            self.host.switch_model()
+        except AgentError as e:
+            self.store.set_pointers(before)
+            raise AgentError(f"activating {c.ref} failed, {previous} keeps running: "
+                             f"{one_line(e)}") from None
+        self.probation = prob
+        self._breach_run = 0
+        self.recent.clear()
+        self._clear_alarm(f"{c.ref} activated")
+        self._set("probation", c, f"{c.ref} replaced {previous}; probation "
+                  f"{self.rc.probation_windows} windows", event="activated", previous=previous)
+
+    def _rollback(self, reason: str) -> None:
+        prob = self.probation
+        bad = prob.ref if prob else self._running_ref()
+        self.store.rollback()
+        self.probation = None
+        try:
+            self.host.switch_model()
+        except AgentError as e:
+            log.error("rollback of %s failed: %s", bad, one_line(e))
+            reason = f"{reason}; rollback failed: {one_line(e)}"
+        self.recent.clear()
+        back = self._running_ref()
+        text = f"{bad} rolled back to {back}: {reason}"
+        log.warning("probation: %s", text)
+        self.host.monitor.service_alarm(AlarmEvent(
+            ALARM, "model", "raised", 1.0, 0.0, self.host.pipeline.clock_s, text[:REASON_MAX]))
+        self._set("rolled_back", self.command, text, event="rolled_back", model=bad,
+                  previous=back)
+
+    def _commit(self) -> None:
+        prob = self.probation
+        self.store.commit()
+        self.probation = None
+        self._set("committed", self.command, f"{prob.ref if prob else ''} passed probation",
+                  event="probation_passed")
+
+    def _abort(self) -> None:
+        c = self.command
+        self._leave(c)
+        self.command = None
+        self._save_desired(None)
+        self._set("idle", c, "rollout withdrawn by the operator", event="rollout_aborted")
+        self.cohort = None
+
+    def _leave(self, c: RolloutCommand | None) -> None:
+        """Undo what a rollout did on this device (withdrawn, or the device left the cohort)."""
+        self._stop_shadow()
+        if c is not None and c.mode == "activate" and self._running_ref() == c.ref and \
+                self.store.pointers().active == c.ref:
+            self.probation = None
+            self.store.rollback()
+            self.host.switch_model()
+            self.recent.clear()
+
+    def _resume_probation(self) -> None:
+        p = self.probation
+        assert p is not None
+        p = replace(p, starts=p.starts + 1)
+        self.probation = p
+        self.store.set_pointers(replace(self.store.pointers(), probation=p))
+        if p.starts > MAX_PROBATION_STARTS:
+            self._pending = ("rollback", f"the agent started {p.starts} times during probation")
+
+    # --- windows ------------------------------------------------------------------------
+    def window_sections(self, s: WindowSummary) -> dict[str, Any]:
+        """Called by the monitor as a stats window closes: probation and recent values move
+        on, and the payload gets its `rollout` and `experience` sections."""
+        exp = self.experience.take()
+        k = kpis_of(s, exp)
+        shadow = self.shadow.take().section() if self.shadow is not None else None
+        p = self.probation
+        if p is None:
+            self.recent.add(k)
+            if self.state == "waiting_for_baseline":
+                self._retry_at = 0.0  # look again at the next poll, not after RETRY_S
+        elif k.utterances >= self.rc.min_utterances and self._pending is None:
+            reasons = breaches(k, p.baseline, self.limits)
+            self._breach_run = self._breach_run + 1 if reasons else 0
+            self._probation_values.append(0.0 if reasons else 1.0)
+            p = replace(p, windows_done=p.windows_done + 1)
+            self.probation = p
+            self.store.set_pointers(replace(self.store.pointers(), probation=p))
+            if self._breach_run >= self.rc.breach_windows:
+                self._pending = ("rollback", "; ".join(reasons))
+            elif p.windows_done >= p.windows_total:
+                self._pending = ("commit", "")
+        return {"rollout": self.section(shadow), "experience": exp.section()}
+
+    def section(self, shadow: dict[str, Any] | None = None) -> dict[str, Any]:
+        c, p = self.command, self.probation
+        ptr = self.store.pointers()
+        return {"id": c.id if c else None, "cohort": self.cohort,
+                "percent": c.percent if c else None, "mode": c.mode if c else None,
+                "state": self.state,
+                "candidate": (self.shadow.ref if self.shadow else (p.ref if p else None)),
+                "previous": ptr.previous,
+                "probation": {"windows_done": p.windows_done, "windows_total": p.windows_total}
+                if p else None,
+                "shadow": shadow}
+
+    # --- helpers ------------------------------------------------------------------------
+    def _running_ref(self) -> str:
+        m = self.host.pipeline.model
+        return m.manifest.ref if m is not None else "none"
+
+    def _running_manifest(self) -> Manifest | None:
+        m = self.host.pipeline.model
+        return m.manifest if m is not None else None
+
+    def _refuse(self, c: RolloutCommand | None, reason: str) -> None:
+        log.error("rollout refused: %s", reason)
+        self._set("refused", c, reason, event="rollout_refused")
+
+    def _set(self, state: str, c: RolloutCommand | None, reason: str, *, event: str = "",
+             model: str | None = None, previous: str | None = None) -> None:
+        self.state, self.reason = state, reason
+        if event:
+            self._event(event, c, reason, model=model, previous=previous)
+
+    def _event(self, event: str, c: RolloutCommand | None, reason: str, *,
+               model: str | None = None, previous: str | None = None) -> None:
+        self.host.monitor.emit_event({
+            "event": event, "rollout_id": c.id if c else None,
+            "model": model or (c.ref if c else None), "previous": previous,
+            "state": self.state, "reason": reason[:REASON_MAX],
+            "window_end_s": round(self.host.pipeline.clock_s, 3)})
+
+    def _clear_alarm(self, why: str) -> None:
+        if ALARM in self.host.monitor.held_alarms:
+            self.host.monitor.service_alarm(AlarmEvent(
+                ALARM, "model", "cleared", 0.0, 0.0, self.host.pipeline.clock_s, why))
+
+    def _save_desired(self, c: RolloutCommand | None) -> None:
+        path = self.store.root / DESIRED
+        try:
+            self.store.root.mkdir(parents=True, exist_ok=True)
+            if c is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_json(path, c.to_payload())
+        except OSError as e:
+            log.warning("rollout state %s cannot be saved (%s); a restart without the broker "
+                        "forgets this rollout", path, e.strerror)
+
+    def _load_desired(self) -> RolloutCommand | None:
+        path = self.store.root / DESIRED
+        if not path.is_file():
+            return None
+        try:
+            return cmd_mod.parse(path.read_bytes())
+        except (OSError, CommandError) as e:
+            log.warning("saved rollout %s ignored: %s", path, one_line(e))
+            return None
+
+    def add_shadow_listener(self, f) -> None:
+        """`f(outcome, shadow_result)` for every shadow decision (review samples use it)."""
+        self._shadow_listeners.append(f)
+        if self.shadow is not None:
+            self.shadow.on_result.append(f)
+
+    def birth_section(self) -> dict[str, Any]:
+        d = self.section()
+        d.pop("shadow")
+        return d
+

@@ -1,0 +1,131 @@
+"""Shadow mode: the candidate model decides on the same utterances as the active one and never
+acts. Operators compare before switching.
+
+Budget: the active path must not slow down, so the observer only queues the utterance; the
+service calls `run_pending()` after the active decisions of a block were written. The queue is
+bounded: when the device cannot keep up, utterances are skipped for the shadow (counted), never
+delayed for the active model. Only per-window aggregates leave (agreement, abstain rate,
+estimated accuracy, latency), each withheld below `MIN_VALUES` utterances.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.decision import Decision, Policy
+from agent.features import extract
+from agent.metric_catalog import MEAN_MIN_VALUES
+from agent.model import ModelRunner
+from agent.pipeline import Outcome
+from agent.vad import VadBlockStats
+
+MIN_VALUES = MEAN_MIN_VALUES
+MAX_PENDING = 32
+
+
+@dataclass(frozen=True)
+class ShadowResult:
+    """The candidate's view of one utterance (local only)."""
+
+    label: str
+    confidence: float
+    accepted: bool
+    agrees: bool
+    best_digit: float
+    latency_ms: float
+
+
+def decide(model: ModelRunner, policy: Policy, audio: np.ndarray
+           ) -> tuple[str, float, float, bool, np.ndarray]:
+    """(label, confidence, margin, accepted, probabilities): the pipeline's own steps."""
+    m = model.manifest
+    probs = model.predict(extract(audio, m.features)[None, :])[0]
+    label, conf, margin, accepted = policy.decide(probs, m.classes)
+    return label, conf, margin, accepted, probs
+
+
+def agree(active: Decision, label: str, accepted: bool) -> bool:
+    """Same outcome for the person: both abstain, or both act on the same label."""
+    return active.accepted == accepted and (not accepted or active.label == label)
+
+
+@dataclass
+class ShadowCounts:
+    n: int = 0
+    agreed: int = 0
+    abstained: int = 0
+    best_digit_sum: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    skipped: int = 0
+
+    def section(self) -> dict[str, Any]:
+        ok = self.n >= MIN_VALUES
+        lat = np.asarray(self.latencies) if ok else None
+        return {"n": self.n, "skipped": self.skipped,
+                "agreement": round(self.agreed / self.n, 4) if ok else None,
+                "abstain_rate": round(self.abstained / self.n, 4) if ok else None,
+                "estimated_accuracy": round(self.best_digit_sum / self.n, 4) if ok else None,
+                "latency_ms_mean": round(float(lat.mean()), 3) if lat is not None else None,
+                "latency_ms_p95": round(float(np.quantile(lat, 0.95)), 3)
+                if lat is not None else None}
+
+
+class ShadowRunner:
+    """Pipeline observer that queues utterances and runs the candidate on them later."""
+
+    def __init__(self, model: ModelRunner, policy: Policy, rate: int) -> None:
+        self.model, self.policy, self.rate = model, policy, rate
+        self.counts = ShadowCounts()
+        self._pending: deque[Outcome] = deque()
+        self.on_result: list[Callable[[Outcome, ShadowResult], None]] = []
+
+    @property
+    def ref(self) -> str:
+        return self.model.manifest.ref
+
+    def on_block(self, clock_s: float, stats: VadBlockStats, dropped: int) -> None:
+        pass
+
+    def on_outcome(self, o: Outcome) -> None:
+        if o.decision.label is None:
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.popleft()
+            self.counts.skipped += 1
+        self._pending.append(o)
+
+    def run_pending(self) -> None:
+        while self._pending:
+            self._run(self._pending.popleft())
+
+    def _run(self, o: Outcome) -> None:
+        t0 = time.perf_counter()
+        audio = o.utterance.audio
+        want = self.model.manifest.sample_rate
+        if o.utterance.rate != want:
+            import soxr
+            audio = soxr.resample(audio, o.utterance.rate, want).astype(np.float32)
+        label, conf, margin, accepted, _ = decide(self.model, self.policy, audio)
+        latency = (time.perf_counter() - t0) * 1000.0
+        unknown = self.policy.unknown_label
+        best = conf - margin if label == unknown else conf
+        r = ShadowResult(label, conf, accepted, agree(o.decision, label, accepted), best,
+                         latency)
+        c = self.counts
+        c.n += 1
+        c.agreed += r.agrees
+        c.abstained += not accepted
+        c.best_digit_sum += best
+        c.latencies.append(latency)
+        for f in self.on_result:
+            f(o, r)
+
+    def take(self) -> ShadowCounts:
+        c, self.counts = self.counts, ShadowCounts()
+        return c
