@@ -122,11 +122,11 @@ METRICS: tuple[MetricSpec, ...] = (
                "1 each time the MQTT client's network thread was found dead and restarted "
                "(telemetry was silently stopped until then); its count per window is the number "
                "of restarts"),
-    MetricSpec("model_probation_ok", "model", "bool", (0.5, 1.5),
-               "1 per probation window of a newly activated model within its limits, 0 per "
-               "breaching one; its model alarm is raised by an automatic rollback and cleared "
-               "by the next activation (agent.rollout)"),
 )
+
+# Alarms the service raises on events rather than on a window statistic, so they have no
+# histogram in the stats payload (which keeps its size headroom): an automatic model rollback.
+EVENT_ALARMS: tuple[str, ...] = ("model_probation",)
 
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
 

@@ -12,7 +12,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from agent.drift import AlarmEvent, AlarmRule, AlarmTracker, DriftScore
-from agent.metric_catalog import METRICS, STAGES
+from agent.metric_catalog import EVENT_ALARMS, METRICS, STAGES
 from agent.payloads import (
     MAX_PAYLOAD_BYTES,
     alarm_payload,
@@ -228,7 +228,8 @@ def test_schemas_match_the_catalogue():
     assert schema["properties"]["metrics"]["propertyNames"]["enum"] == [m.name for m in METRICS]
     assert schema["$defs"]["metric"]["properties"]["stage"]["enum"] == list(STAGES)
     alarm = json.loads((DOCS / "alarm.schema.json").read_text())
-    assert alarm["properties"]["metric"]["enum"] == [m.name for m in METRICS]
+    assert alarm["properties"]["metric"]["enum"] == [m.name for m in METRICS] + \
+        list(EVENT_ALARMS)
     Draft202012Validator.check_schema(schema)
     Draft202012Validator.check_schema(alarm)
 

@@ -35,6 +35,7 @@ def run(tmp: Path, wav: Path, state: Path, *extra: str) -> tuple[list[dict], lis
         if kind in SCHEMAS:
             jsonschema.validate(m["payload"], SCHEMAS[kind])
             assert find_violations(m["payload"]) == [], m["payload"]
+            assert len(json.dumps(m["payload"], separators=(",", ":"))) <= 8192
     return msgs, [json.loads(x) for x in dec.read_text().splitlines()]
 
 
@@ -112,7 +113,7 @@ def test_bad_candidate_rolled_back_automatically_within_probation(tmp_path, stre
     rolled = events[2]
     assert rolled["model"] == bad.ref and rolled["previous"] == ACTIVE.ref
     assert "abstain rate" in rolled["reason"] or "accuracy" in rolled["reason"]
-    (alarm,) = [a for a in of(msgs, "alarm") if a["metric"] == "model_probation_ok"]
+    (alarm,) = [a for a in of(msgs, "alarm") if a["metric"] == "model_probation"]
     assert alarm["state"] == "raised" and bad.ref in alarm["reason"]
     stats = of(msgs, "stats")
     states = [s["rollout"]["state"] for s in stats]
@@ -122,7 +123,6 @@ def test_bad_candidate_rolled_back_automatically_within_probation(tmp_path, stre
                for s in on_probation[1:])
     assert len(on_probation) <= 5  # within its probation
     assert stats[-1]["model"]["version"] == ACTIVE.version
-    assert stats[-1]["metrics"]["model_probation_ok"]["count"] >= 0
     # the decisions show the switch and the way back; the bad model never accepted anything
     models = [d["model"] for d in decisions]
     assert bad.ref in models and models[-1] == ACTIVE.ref

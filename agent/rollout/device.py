@@ -43,7 +43,7 @@ log = logging.getLogger("edge-voice-agent.rollout")
 DESIRED = "rollout.json"
 RETRY_S = 2.0          # how often a waiting rollout looks at the inbox again
 MAX_PROBATION_STARTS = 3  # starts during one probation before it counts as a crash loop
-ALARM = "model_probation_ok"
+ALARM = "model_probation"
 REASON_MAX = 200
 
 
@@ -99,7 +99,6 @@ class RolloutController:
         self._breach_run = 0
         self._pending: tuple[str, str] | None = None
         self._retry_at = 0.0
-        self._probation_values: list[float] = []  # model_probation_ok, observed in poll()
         self._shadow_listeners: list = []
         host.pipeline.observers.append(self.experience)
         host.monitor.sections.append(self.window_sections)
@@ -132,9 +131,6 @@ class RolloutController:
                 changed = True
         if changed:
             self._take_command()
-        for v in self._probation_values:
-            self.host.monitor.observe(ALARM, v, self.host.pipeline.clock_s)
-        self._probation_values.clear()
         if self._pending is not None:
             action, reason = self._pending
             self._pending = None
@@ -345,7 +341,6 @@ class RolloutController:
         elif k.utterances >= self.rc.min_utterances and self._pending is None:
             reasons = breaches(k, p.baseline, self.limits)
             self._breach_run = self._breach_run + 1 if reasons else 0
-            self._probation_values.append(0.0 if reasons else 1.0)
             p = replace(p, windows_done=p.windows_done + 1)
             self.probation = p
             self.store.set_pointers(replace(self.store.pointers(), probation=p))
