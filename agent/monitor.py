@@ -30,7 +30,7 @@ from agent.drift import (
     DeviceBaselineLearner,
     score_window,
 )
-from agent.payloads import alarm_payload, stats_payload
+from agent.payloads import SinceBoot, alarm_payload, stats_payload
 from agent.pipeline import Outcome
 from agent.state_health import StateHealth
 from agent.telemetry.message import DEFAULT_PREFIX, Message, topic
@@ -130,6 +130,7 @@ class Monitor:
         self.queue_depth: int | None = None  # set by the service for live sources only
         self.noise_floor_db = float("nan")
         self.windows_emitted = 0
+        self.since_boot = SinceBoot()
         self.last_payload: dict[str, Any] | None = None
         # Alarms the service raises itself (device lost, reload refused), not a window rule.
         self.held_alarms: set[str] = set()
@@ -251,7 +252,7 @@ class Monitor:
                 s, drift, device_id=self.device_id, boot_id=self.boot_id, seq=self._next(),
                 model=self.model_info, process=self.probe.sample(), utc_anchor=anchor,
                 k=self.k, active_alarms=self.active_alarms, utc_source=self.stamper.source,
-                utc_synced=synced)
+                utc_synced=synced, since_boot=self.since_boot.add(s))
             for section in self.sections:
                 self.last_payload.update(section(s))
             self.emit(Message(topic(self.prefix, self.device_id, "stats"), self.last_payload))

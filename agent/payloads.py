@@ -86,8 +86,12 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
                   historical: bool = False, k: int = DEFAULT_K,
                   active_alarms: Collection[str] = (),
                   catalog: Sequence[MetricSpec] = METRICS, min_values: int = 1,
-                  utc_source: str = "wall", utc_synced: bool | None = None) -> dict[str, Any]:
+                  utc_source: str = "wall", utc_synced: bool | None = None,
+                  since_boot: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The `{prefix}/{device_id}/stats` payload for one closed window (or roll-up).
+
+    `since_boot` (the boot's cumulative counters including this window, see `SinceBoot`) lets
+    fleet replicas that each see only part of the messages stay exact.
 
     `utc_anchor` is the wall-clock time (epoch seconds or an aware datetime) of audio time 0;
     `utc_source` says how it was taken (`wall`: the live wall clock, re-anchored on a step;
@@ -113,7 +117,7 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
     n_conf = conf.count if conf is not None else 0
     if n_conf < MEAN_MIN_VALUES:  # one or two decisions' confidence is theirs alone
         n_conf = 0
-    return {
+    out = {
         "schema": STATS_SCHEMA,
         "device_id": device_id,
         "boot_id": boot_id,
@@ -136,6 +140,32 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
         "process": {key: (_num(v) if isinstance(v, float) else v)
                     for key, v in process.items()},
     }
+    if since_boot is not None:
+        out["since_boot"] = {k_: int(v) for k_, v in since_boot.items()}
+    return out
+
+
+class SinceBoot:
+    """The boot's cumulative counters, carried in every stats payload (`since_boot`).
+
+    A window's own counts are deltas: summing them is exact only for a receiver that sees each
+    window exactly once. The running totals make the value idempotent per (device, boot, seq),
+    so receivers that each see a share of the messages, duplicated or reordered, agree on the
+    total by taking the one with the highest seq.
+    """
+
+    FIELDS = ("windows", "frames", "speech_frames", "utterances", "accepted", "abstained",
+              "dropped_frames")
+
+    def __init__(self) -> None:
+        self.totals = dict.fromkeys(self.FIELDS, 0)
+
+    def add(self, summary: WindowSummary) -> dict[str, int]:
+        """Count one closed window in; returns a copy of the totals including it."""
+        self.totals["windows"] += 1
+        for k_ in self.FIELDS[1:]:
+            self.totals[k_] += int(summary.counts.get(k_, 0))
+        return dict(self.totals)
 
 
 def alarm_payload(event: AlarmEvent, *, device_id: str, boot_id: str, seq: int

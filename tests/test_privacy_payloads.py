@@ -15,6 +15,7 @@ from agent.drift import AlarmEvent, AlarmRule, AlarmTracker, DriftScore
 from agent.metric_catalog import EVENT_ALARMS, METRICS, STAGES
 from agent.payloads import (
     MAX_PAYLOAD_BYTES,
+    SinceBoot,
     alarm_payload,
     iso_utc,
     payload_bytes,
@@ -137,9 +138,10 @@ def test_class_names_are_not_mistaken_for_forbidden_keys():
 
 # --- stats payload -----------------------------------------------------------------------
 def test_full_stats_payload_validates_and_fits_in_8_kb():
+    big = dict.fromkeys(SinceBoot.FIELDS, 2**53)  # the largest totals a payload may carry
     p = stats_payload(_full_summary(), _drift_all(), utc_anchor=ANCHOR, model=MODEL,
                       process=PROCESS, historical=True, active_alarms={"snr_db"},
-                      device_id="d" * 64, boot_id="b" * 64, seq=123456789)
+                      device_id="d" * 64, boot_id="b" * 64, seq=123456789, since_boot=big)
     assert _valid(STATS, p) == []
     for m in METRICS:
         entry = p["metrics"][m.name]
@@ -232,6 +234,26 @@ def test_schemas_match_the_catalogue():
         list(EVENT_ALARMS)
     Draft202012Validator.check_schema(schema)
     Draft202012Validator.check_schema(alarm)
+
+
+def test_since_boot_totals_accumulate_and_validate():
+    totals = SinceBoot()
+    windows = [_full_summary(utterances=n) for n in (40, 37, 50)]
+    payloads = [stats_payload(w, None, utc_anchor=ANCHOR, model=MODEL, process=PROCESS,
+                              since_boot=totals.add(w), **IDS) for w in windows]
+    for i, p in enumerate(payloads):
+        assert _valid(STATS, p) == []
+        assert p["since_boot"]["windows"] == i + 1
+        for k in SinceBoot.FIELDS[1:]:
+            assert p["since_boot"][k] == sum(w.counts.get(k, 0) for w in windows[:i + 1])
+    assert payloads[0]["since_boot"] is not payloads[1]["since_boot"]  # a copy per payload
+    bad = copy.deepcopy(payloads[0])
+    bad["since_boot"]["utterances"] = -1
+    assert _valid(STATS, bad)
+    bad["since_boot"] = {"windows": 1}
+    assert _valid(STATS, bad)
+    assert "since_boot" not in stats_payload(windows[0], None, utc_anchor=ANCHOR, model=MODEL,
+                                             process=PROCESS, **IDS)
 
 
 def test_iso_utc_and_naive_anchor():

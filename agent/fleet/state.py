@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from agent.fleet.bins import MetricSum, compact, fits
 from agent.metric_catalog import METRICS, MetricSpec
 from agent.telemetry.message import DEFAULT_PREFIX
-from agent.windows import COUNTERS, Histogram
+from agent.windows import COUNTERS
 
 FLEET_SCHEMA = 1
 MAX_PAYLOAD_BYTES = 65536  # devices send <= 8 KB; anything far larger is refused unparsed
@@ -107,12 +108,20 @@ class _Invalid(ValueError):
 
 
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return type(x) is int  # not bool (a subclass); exact type checks are the fast path
 
 
 def _is_num(x: Any) -> bool:
-    return (isinstance(x, int | float) and not isinstance(x, bool)
-            and math.isfinite(float(x)))
+    t = type(x)
+    return t is int or (t is float and math.isfinite(x))
+
+
+_INT_ONLY = {int}
+
+
+def _is_counts(h: Any) -> bool:
+    """A list of non-negative ints (checked in C: this runs ~17 times per message)."""
+    return type(h) is list and (not h or (set(map(type, h)) == _INT_ONLY and min(h) >= 0))
 
 
 def _need(cond: bool, what: str) -> None:
@@ -142,26 +151,34 @@ def _check_stats(p: Any, device: str) -> None:
     _need(isinstance(w.get("start_utc"), str) and isinstance(w.get("end_utc"), str),
           "window utc")
     c = p["counts"]
-    _need(isinstance(c, dict) and all(_is_int(c.get(k)) and c[k] >= 0 for k in COUNTERS),
-          "counts")
+    _need(type(c) is dict and _is_counts([c.get(k) for k in COUNTERS]), "counts")
     _need(isinstance(p["metrics"], dict), "metrics")
     for name, m in p["metrics"].items():
-        _need(isinstance(m, dict) and _is_int(m.get("count")) and m["count"] >= 0,
-              f"metrics.{name}.count")
-        for k in ("mean", "min", "max"):
-            _need(m.get(k) is None or _is_num(m[k]), f"metrics.{name}.{k}")
-        h = m.get("hist")
-        _need(isinstance(h, list) and all(_is_int(x) and x >= 0 for x in h)
-              and len(h) != 1, f"metrics.{name}.hist")
-        if h:
-            _need(sum(h[1:]) == m["count"], f"metrics.{name}: hist does not sum to count")
-            _need(all(_is_num(m.get(k)) for k in ("mean", "min", "max")),
-                  f"metrics.{name}: hist without mean/min/max")
+        _check_metric(name, m)
     a = p["estimated_accuracy"]
     _need(isinstance(a, dict) and _is_int(a.get("n")) and a["n"] >= 0
           and (a.get("value") is None or (_is_num(a["value"]) and 0 <= a["value"] <= 1)),
           "estimated_accuracy")
     _need(isinstance(p["model"], dict), "model")
+
+
+def _check_metric(name: str, m: Any) -> None:
+    """One `metrics` entry; written for speed (~17 per message), the messages say which field."""
+    if type(m) is not dict or type(m.get("count")) is not int or m["count"] < 0:
+        raise _Invalid(f"metrics.{name}.count")
+    stats = (m.get("mean"), m.get("min"), m.get("max"))
+    if not all(v is None or _is_num(v) for v in stats):
+        k = next(k for k, v in zip(("mean", "min", "max"), stats, strict=True)
+                 if not (v is None or _is_num(v)))
+        raise _Invalid(f"metrics.{name}.{k}")
+    h = m.get("hist")
+    if not _is_counts(h) or len(h) == 1:
+        raise _Invalid(f"metrics.{name}.hist")
+    if h:
+        if sum(h) - h[0] != m["count"]:
+            raise _Invalid(f"metrics.{name}: hist does not sum to count")
+        if None in stats:
+            raise _Invalid(f"metrics.{name}: hist without mean/min/max")
 
 
 def _check_alarm(p: Any, device: str) -> None:
@@ -195,47 +212,20 @@ def _birth_edges(p: Any) -> dict[str, np.ndarray]:
 
 
 # --- merged state ---------------------------------------------------------------------------
-@dataclass
-class _MetricAcc:
-    """One metric merged over windows: exact binned counts plus the published means."""
-
-    hist: Histogram
-    count: int = 0        # every value the windows counted, binned or not
-    mean_sum: float = 0.0  # sum of mean * count over windows that published a mean
-    mean_n: int = 0
-
-    def add(self, entry: Mapping[str, Any], h: Histogram | None) -> None:
-        self.count += int(entry["count"])
-        if entry.get("mean") is not None and entry["count"] > 0:
-            self.mean_sum += float(entry["mean"]) * entry["count"]
-            self.mean_n += int(entry["count"])
-        if h is not None:
-            self.hist.merge_in(h)
-
-    def merge_in(self, other: _MetricAcc) -> None:
-        self.hist.merge_in(other.hist)
-        self.count += other.count
-        self.mean_sum += other.mean_sum
-        self.mean_n += other.mean_n
-
-    @property
-    def mean(self) -> float | None:
-        return self.mean_sum / self.mean_n if self.mean_n else None
-
-    def to_json(self, unit: str | None = None, stage: str | None = None) -> dict[str, Any]:
-        h = self.hist
-        n = h.count
-        out: dict[str, Any] = {}
-        if stage is not None:
-            out["stage"] = stage
-        if unit is not None:
-            out["unit"] = unit
-        out.update({
-            "count": self.count, "binned": n, "mean": _round(self.mean),
-            "min": _round(h.min) if n else None, "max": _round(h.max) if n else None,
-            "p50": _round(h.quantile(0.5)), "p95": _round(h.quantile(0.95)),
-            "hist": h.compact()})
-        return out
+def _metric_json(m: MetricSum, unit: str | None = None,
+                 stage: str | None = None) -> dict[str, Any]:
+    n = m.binned
+    p50, p95 = m.quantiles((0.5, 0.95))
+    out: dict[str, Any] = {}
+    if stage is not None:
+        out["stage"] = stage
+    if unit is not None:
+        out["unit"] = unit
+    out.update({
+        "count": m.count, "binned": n, "mean": _round(m.mean),
+        "min": _round(m.min) if n else None, "max": _round(m.max) if n else None,
+        "p50": _round(p50), "p95": _round(p95), "hist": compact(m.counts)})
+    return out
 
 
 @dataclass
@@ -243,16 +233,25 @@ class _Totals:
     """What sums over windows: counters, metrics, the accuracy estimate's weights."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    metrics: dict[str, _MetricAcc] = field(default_factory=dict)
+    metrics: dict[str, MetricSum] = field(default_factory=dict)
     windows: int = 0
     acc_sum: float = 0.0
     acc_n: int = 0
 
-    def metric(self, name: str, edges: np.ndarray) -> _MetricAcc:
+    def metric(self, name: str, edges: np.ndarray) -> MetricSum:
         m = self.metrics.get(name)
         if m is None:
-            m = self.metrics[name] = _MetricAcc(Histogram(edges))
+            m = self.metrics[name] = MetricSum(edges)
         return m
+
+    def merge_in(self, other: _Totals) -> None:
+        self.windows += other.windows
+        self.acc_sum += other.acc_sum
+        self.acc_n += other.acc_n
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        for name, m in other.metrics.items():
+            self.metric(name, m.edges).merge_in(m)
 
     def abstain_rate(self) -> float | None:
         d = self.counts["accepted"] + self.counts["abstained"]
@@ -318,10 +317,20 @@ class FleetState:
             m.name: np.asarray(m.edges, dtype=np.float64) for m in catalog}
         self._clock = clock
         self.devices: dict[str, _Device] = {}
-        self.fleet = _Totals()
+        # Sums per (model name, model version, cohort): the per-model view operators compare,
+        # and (merged) the fleet's totals. Keyed by what each window says it ran.
+        self.groups: dict[tuple[str, str, str], _Totals] = {}
         self.messages = 0
         self.unknown_topics = 0
         self.unexpected = 0  # inputs the checks let through but merging choked on (a bug)
+
+    @property
+    def fleet(self) -> _Totals:
+        """Every group's sums merged (exact: counts and histograms add)."""
+        out = _Totals()
+        for g in self.groups.values():
+            out.merge_in(g)
+        return out
 
     # --- input -----------------------------------------------------------------------------
     def ingest(self, topic: str, payload: bytes | str | Mapping[str, Any],
@@ -384,7 +393,9 @@ class FleetState:
     def _birth(self, dev: _Device, p: Any) -> str:
         edges = _birth_edges(p)
         for name, e in edges.items():
-            self._edges.setdefault(name, e)
+            ref = self._edges.setdefault(name, e)
+            if ref is not e and np.array_equal(ref, e):
+                edges[name] = ref  # one shared array: memory per device, `is` check per message
         boot = p.get("boot_id")
         dev.births[boot] = edges
         dev.birth = {k: p[k] for k in ("agent_version", "config_digest", "window_s",
@@ -426,32 +437,30 @@ class FleetState:
         if not self._first_time(dev, p):
             return "duplicate"
         declared = dev.births.get(p["boot_id"], dev.births.get(None, {}))
-        hists: dict[str, Histogram | None] = {}
+        edges: dict[str, np.ndarray] = {}
         for name, entry in p["metrics"].items():
             ref = self._edges.get(name)
             if ref is None:
                 ref = declared.get(name)
                 if ref is None:
                     raise _Invalid(f"metric {name} has no known edges", "schema")
-            if name in declared and not np.array_equal(declared[name], ref):
+            if name in declared and declared[name] is not ref \
+                    and not np.array_equal(declared[name], ref):
                 raise _Invalid(f"metric {name}: the birth's edges differ from the fleet's",
                                "edges_mismatch")
-            if not entry["hist"]:
-                hists[name] = None
-                continue
-            try:
-                hists[name] = Histogram.from_compact(ref, entry["hist"], min=entry["min"],
-                                                     max=entry["max"], mean=entry["mean"])
-            except ValueError:
-                raise _Invalid(f"metric {name}: hist does not fit the edges",
-                               "edges_mismatch") from None
-        for totals in (dev.totals, self.fleet):
+            if not fits(ref, entry["hist"]):
+                raise _Invalid(f"metric {name}: hist does not fit the edges", "edges_mismatch")
+            edges[name] = ref
+        key = group_key(p)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _Totals()
+        for totals in (dev.totals, group):
             totals.windows += 1
             for k in COUNTERS:
                 totals.counts[k] += p["counts"][k]
             for name, entry in p["metrics"].items():
-                totals.metric(name, self._edges.get(name, declared.get(name))).add(
-                    entry, hists[name])
+                totals.metric(name, edges[name]).add(entry)
             acc = p["estimated_accuracy"]
             if acc.get("value") is not None and acc["n"] > 0:
                 totals.acc_sum += float(acc["value"]) * acc["n"]
@@ -496,7 +505,7 @@ class FleetState:
             "last_window": d.last,
             "boots": boots,
             "errors": dict(d.errors), "last_error": d.last_error,
-            "metrics": {n: m.to_json() for n, m in sorted(t.metrics.items())},
+            "metrics": {n: _metric_json(m) for n, m in sorted(t.metrics.items())},
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -510,7 +519,8 @@ class FleetState:
         metrics = {}
         for name, m in f.metrics.items():
             s = self._specs.get(name)
-            metrics[name] = m.to_json(unit=s.unit if s else None, stage=s.stage if s else None)
+            metrics[name] = _metric_json(m, unit=s.unit if s else None,
+                                         stage=s.stage if s else None)
         order = [m for m in self._specs if m in metrics] + sorted(set(metrics) - set(self._specs))
         fleet = {
             "devices": len(devices),
@@ -535,6 +545,14 @@ class FleetState:
                 "messages": self.messages, "fleet": fleet, "devices": devices}
 
 
+def group_key(p: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(model name, model version, rollout cohort) of a stats payload; "" where absent."""
+    m = p.get("model")
+    m = m if isinstance(m, dict) else {}
+    cohort = p.get("rollout", {}).get("cohort") if isinstance(p.get("rollout"), dict) else None
+    return (str(m.get("name") or ""), str(m.get("version") or ""), str(cohort or ""))
+
+
 def _rate(last: Mapping[str, Any] | None) -> float | None:
     """Utterances per minute over one window (None for an empty or zero-length one)."""
     if last is None:
@@ -557,10 +575,20 @@ def _decode(payload: bytes | str | Mapping[str, Any]) -> Any:
     if not isinstance(payload, str):
         raise _Invalid("payload is not text", "invalid_json")
     try:
-        return json.loads(payload, parse_constant=_reject_constant)
+        return _loads(payload)
     except (ValueError, RecursionError):
         raise _Invalid("payload is not valid JSON", "invalid_json") from None
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _json_loads(text: str | bytes) -> Any:
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+try:  # the `fleet` extra: 3-4x faster on 4 KB payloads, strict JSON (no NaN) like _json_loads
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - the watcher works without the extra, only slower
+    _loads = _json_loads
