@@ -317,9 +317,9 @@ class FleetState:
             m.name: np.asarray(m.edges, dtype=np.float64) for m in catalog}
         self._clock = clock
         self.devices: dict[str, _Device] = {}
-        # Sums per (model name, model version, cohort): the per-model view operators compare,
-        # and (merged) the fleet's totals. Keyed by what each window says it ran.
-        self.groups: dict[tuple[str, str, str], _Totals] = {}
+        # Sums per (model, version, rollout, cohort) -- the per-model view operators compare --
+        # and, merged, the fleet's totals. Keyed by what each window says it ran.
+        self.groups: dict[tuple[str, str, str, str], _Totals] = {}
         self.messages = 0
         self.unknown_topics = 0
         self.unexpected = 0  # inputs the checks let through but merging choked on (a bug)
@@ -545,12 +545,18 @@ class FleetState:
                 "messages": self.messages, "fleet": fleet, "devices": devices}
 
 
-def group_key(p: Mapping[str, Any]) -> tuple[str, str, str]:
-    """(model name, model version, rollout cohort) of a stats payload; "" where absent."""
+GROUP_LABELS = ("model", "model_version", "rollout", "cohort")
+
+
+def group_key(p: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """(model name, model version, rollout id, rollout cohort) of a stats payload, "" where
+    absent (agents before rollouts; see /docs/fleet.md for the labels)."""
     m = p.get("model")
     m = m if isinstance(m, dict) else {}
-    cohort = p.get("rollout", {}).get("cohort") if isinstance(p.get("rollout"), dict) else None
-    return (str(m.get("name") or ""), str(m.get("version") or ""), str(cohort or ""))
+    r = p.get("rollout")
+    r = r if isinstance(r, dict) else {}
+    return (str(m.get("name") or ""), str(m.get("version") or ""), str(r.get("id") or ""),
+            str(r.get("cohort") or ""))
 
 
 def _rate(last: Mapping[str, Any] | None) -> float | None:

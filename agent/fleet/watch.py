@@ -59,6 +59,9 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--key-file", type=Path, default=None, help="client key (mqtts)")
     w.set_defaults(fleet_func=cmd_watch)
 
+    from agent.fleet import serve  # argparse only; paho/prometheus-client load on use
+    serve.add_parser(fsub)
+
 
 # --- options --------------------------------------------------------------------------------
 def _broker(url: str) -> tuple[bool, str, int]:

@@ -1,0 +1,265 @@
+"""`/metrics`: the fleet as Prometheus series, made with prometheus-client.
+
+A custom collector builds the series at scrape time from `FleetModel` (no per-series objects
+live between scrapes, so memory does not grow with label cardinality). The data is copied
+under the model's lock and formatted outside it, so a scrape stalls ingest only briefly.
+
+Series (docs/fleet.md has the table and what a 100,000-device fleet costs):
+* `eva_fleet_*`: per (model, model_version, rollout, cohort) group or fleet-wide, always;
+* `eva_device_*`: one set per device, unless `per_device=False` (`--fleet-only`).
+Every histogram has the catalogue's fixed edges as buckets: bucket `le=e` counts the values
+below `e` (the device bins left-closed: [e_i-1, e_i)); exact integer counts, mergeable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from agent import __version__
+from agent.fleet.ingest import CUMULATIVE, METRIC_NAMES, FleetModel
+from agent.fleet.state import ERROR_KINDS, GROUP_LABELS
+from agent.metric_catalog import BY_NAME, METRICS
+from agent.windows import COUNTERS
+
+GROUP_COUNTERS = ("utterances", "accepted", "abstained", "dropped_frames")
+OUTCOMES = ("stats", "alarm", "status", "birth", "duplicate", *ERROR_KINDS, "unknown_topic")
+
+
+def _le(x: float) -> str:
+    return f"{x:g}" if math.isfinite(x) else "+Inf"
+
+
+class FleetCollector(Collector):
+    def __init__(self, model: FleetModel, *, per_device: bool = True,
+                 replica: str = "") -> None:
+        self.model = model
+        self.per_device = per_device
+        self.replica = replica
+
+    def describe(self) -> list[Metric]:
+        return []  # series are dynamic; registering never scrapes
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield from self._fleet(snap)
+        if self.per_device:
+            yield from self._devices(snap)
+
+    # --- copy what is needed under the lock ---------------------------------------------------
+    def _snapshot(self) -> dict[str, Any]:
+        m = self.model
+        with m.lock:
+            st = m.state
+            groups = {}
+            for key, t in st.groups.items():
+                groups[key] = {
+                    "windows": t.windows, "counts": dict(t.counts), "acc_sum": t.acc_sum,
+                    "acc_n": t.acc_n,
+                    "hists": {name: (list(ms.counts) if ms.counts else None, ms.sum)
+                              for name, ms in t.metrics.items()}}
+            devices = []
+            for dev_id, d in st.devices.items():
+                x = m.extras.get(dev_id)
+                boot = d.boot_id or ""
+                rules = d.alarms.get(boot, {}) if boot else {}
+                devices.append((
+                    dev_id, d.online, d.birth_fields().get("agent_version"),
+                    x.group if x else _model_group(d.model),
+                    {b: list(r) for b, r in x.boots.items()} if x else {},
+                    x.drift if x else (), x.accuracy if x else None,
+                    x.last_end if x else math.nan,
+                    [(a["metric"], a["stage"], a["scope"], a["state"] == "raised")
+                     for a in rules.values()],
+                    sum(s.missing() for s in d.seqs.values()), d.duplicates,
+                    d.outbox_dropped, dict(d.errors)))
+            return {"groups": groups, "devices": devices, "outcomes": dict(m.outcomes),
+                    "unknown_topics": st.unknown_topics, "broker_dropped": m.broker_dropped}
+
+    # --- fleet level -----------------------------------------------------------------------
+    def _fleet(self, snap: dict[str, Any]) -> Iterator[Metric]:
+        info = InfoMetricFamily("eva_serve", "this fleet serve replica",
+                                labels=("version", "replica"))
+        info.add_metric((__version__, self.replica), {})
+        yield info
+        gl = list(GROUP_LABELS)
+        groups = snap["groups"]
+        fam = CounterMetricFamily("eva_fleet_windows", "stats windows received (deduplicated "
+                                  "by device, boot, seq in this replica)", labels=gl)
+        for key, g in groups.items():
+            fam.add_metric(key, g["windows"])
+        yield fam
+        for c in COUNTERS:
+            fam = CounterMetricFamily(f"eva_fleet_{c}", f"sum of the windows' {c} (this "
+                                      "replica's deduplicated windows)", labels=gl)
+            for key, g in groups.items():
+                fam.add_metric(key, g["counts"].get(c, 0))
+            yield fam
+        fam = CounterMetricFamily("eva_fleet_accuracy_weighted", "sum of estimated_accuracy x "
+                                  "its n over windows (divide by eva_fleet_accuracy_decisions)",
+                                  labels=gl)
+        fam_n = CounterMetricFamily("eva_fleet_accuracy_decisions", "decisions behind the "
+                                    "accuracy estimate (n)", labels=gl)
+        acc = GaugeMetricFamily("eva_fleet_estimated_accuracy", "estimated accuracy over all "
+                                "windows received (valid while calibration holds)", labels=gl)
+        for key, g in groups.items():
+            fam.add_metric(key, g["acc_sum"])
+            fam_n.add_metric(key, g["acc_n"])
+            if g["acc_n"]:
+                acc.add_metric(key, g["acc_sum"] / g["acc_n"])
+        yield from (fam, fam_n, acc)
+        for spec in METRICS:
+            h = HistogramMetricFamily(f"eva_fleet_{spec.name}", f"{spec.help} ({spec.unit}; "
+                                      "merged window histograms, catalogue edges)", labels=gl)
+            edges = None
+            for key, g in groups.items():
+                hist = g["hists"].get(spec.name)
+                if hist is None or hist[0] is None:
+                    continue
+                counts, total = hist
+                if edges is None:
+                    edges = [*spec.edges, math.inf]
+                buckets, cum = [], 0
+                for e, c in zip(edges, counts, strict=True):
+                    cum += c
+                    buckets.append((_le(e), cum))
+                h.add_metric(key, buckets, total)
+            yield h
+        # latest per device, aggregated: what an operator looks at first
+        devs = snap["devices"]
+        state = GaugeMetricFamily("eva_fleet_devices", "devices by presence (retained status "
+                                  "and last will)", labels=("state",))
+        on = sum(1 for d in devs if d[1] is True)
+        off = sum(1 for d in devs if d[1] is False)
+        state.add_metric(("online",), on)
+        state.add_metric(("offline",), off)
+        state.add_metric(("unknown",), len(devs) - on - off)
+        yield state
+        versions: dict[tuple[str, ...], int] = {}
+        drift: dict[tuple[str, ...], list[float]] = {}
+        alarms: dict[tuple[str, str, str], int] = {}
+        for d in devs:
+            key = (d[2] or "", *d[3])
+            versions[key] = versions.get(key, 0) + 1
+            for name, score in zip(METRIC_NAMES, d[5], strict=False):
+                if score is not None:
+                    s = drift.setdefault((name, *d[3]), [0.0, 0])
+                    s[0] += score
+                    s[1] += 1
+            for metric, stage, scope, raised in d[8]:
+                k = (metric, stage, scope)
+                alarms[k] = alarms.get(k, 0) + int(raised)
+        fam = GaugeMetricFamily("eva_fleet_versions", "devices per agent and model version "
+                                "(info-style: the value is a device count)",
+                                labels=("agent_version", *gl))
+        for key, n in versions.items():
+            fam.add_metric(key, n)
+        yield fam
+        fam = GaugeMetricFamily("eva_fleet_drift_score", "mean over devices of the latest "
+                                "window's drift score", labels=("metric", *gl))
+        for key, (s, n) in drift.items():
+            fam.add_metric(key, s / n)
+        yield fam
+        fam = GaugeMetricFamily("eva_fleet_active_alarms", "devices with the rule raised now",
+                                labels=("metric", "stage", "scope"))
+        for key, n in alarms.items():
+            fam.add_metric(key, n)
+        yield fam
+        yield GaugeMetricFamily("eva_fleet_missing_messages", "seq numbers missing between the "
+                                "lowest and highest seen per boot (not yet arrived, or lost)",
+                                value=sum(d[9] for d in devs))
+        yield CounterMetricFamily("eva_fleet_duplicates", "messages dropped as duplicates "
+                                  "(device, boot, seq)", value=sum(d[10] for d in devs))
+        yield CounterMetricFamily("eva_fleet_outbox_dropped", "messages the devices' outboxes "
+                                  "reported dropping", value=sum(d[11] for d in devs))
+        fam = CounterMetricFamily("eva_fleet_invalid_payloads", "messages refused, by reason",
+                                  labels=("kind",))
+        for kind in ERROR_KINDS:
+            fam.add_metric((kind,), sum(d[12].get(kind, 0) for d in devs))
+        fam.add_metric(("unknown_topic",), snap["unknown_topics"])
+        yield fam
+        fam = CounterMetricFamily("eva_fleet_messages", "messages ingested by outcome",
+                                  labels=("outcome",))
+        for o in OUTCOMES:
+            fam.add_metric((o,), snap["outcomes"].get(o, 0))
+        yield fam
+        if snap["broker_dropped"] is not None:
+            yield GaugeMetricFamily("eva_broker_dropped_messages", "the broker's own count of "
+                                    "messages it dropped (queue limits), from $SYS",
+                                    value=snap["broker_dropped"])
+
+    # --- per device --------------------------------------------------------------------------
+    def _devices(self, snap: dict[str, Any]) -> Iterator[Metric]:
+        devs = snap["devices"]
+        cum = [CounterMetricFamily(f"eva_device_{k}", f"{k} since the boot started (from the "
+                                   "payloads' since_boot: take max by (device, boot) over "
+                                   "replicas, then sum)", labels=("device", "boot"))
+               for k in CUMULATIVE]
+        info = InfoMetricFamily("eva_device", "agent and model of each device",
+                                labels=("device", "agent_version", *GROUP_LABELS))
+        online = GaugeMetricFamily("eva_device_online", "1 online, 0 offline (retained status)",
+                                   labels=("device",))
+        last = GaugeMetricFamily("eva_device_last_window_end_timestamp_seconds",
+                                 "wall-clock end of the latest window", labels=("device",))
+        acc = GaugeMetricFamily("eva_device_estimated_accuracy", "latest window's estimated "
+                                "accuracy", labels=("device",))
+        drift = GaugeMetricFamily("eva_device_drift_score", "latest window's drift score",
+                                  labels=("device", "metric", "stage"))
+        alarm = GaugeMetricFamily("eva_device_alarm", "1 raised, 0 cleared, per rule of the "
+                                  "current boot", labels=("device", "metric", "stage", "scope"))
+        missing = GaugeMetricFamily("eva_device_missing_messages", "seq numbers missing",
+                                    labels=("device",))
+        dups = CounterMetricFamily("eva_device_duplicates", "duplicates dropped",
+                                   labels=("device",))
+        dropped = CounterMetricFamily("eva_device_outbox_dropped", "messages the device's "
+                                      "outbox reported dropping", labels=("device",))
+        invalid = CounterMetricFamily("eva_device_invalid_payloads", "messages refused "
+                                      "(kinds with at least one)", labels=("device", "kind"))
+        for (dev, on, agent_v, group, boots, scores, accuracy, end, rules, miss, dup, odrop,
+             errors) in devs:
+            for boot, row in boots.items():
+                for fam, v in zip(cum, row[1:], strict=True):
+                    fam.add_metric((dev, boot), v)
+            info.add_metric((dev, agent_v or "", *group), {})
+            if on is not None:
+                online.add_metric((dev,), 1 if on else 0)
+            if not math.isnan(end):
+                last.add_metric((dev,), end)
+            if accuracy is not None:
+                acc.add_metric((dev,), accuracy)
+            for name, score in zip(METRIC_NAMES, scores, strict=False):
+                if score is not None:
+                    drift.add_metric((dev, name, BY_NAME[name].stage), score)
+            for metric, stage, scope, raised in rules:
+                alarm.add_metric((dev, metric, stage, scope), 1 if raised else 0)
+            missing.add_metric((dev,), miss)
+            dups.add_metric((dev,), dup)
+            dropped.add_metric((dev,), odrop)
+            for kind, n in errors.items():
+                if n:
+                    invalid.add_metric((dev, kind), n)
+        yield from cum
+        yield from (info, online, last, acc, drift, alarm, missing, dups, dropped, invalid)
+
+
+def _model_group(model: Any) -> tuple[str, str, str, str]:
+    m = model if isinstance(model, dict) else {}
+    return (str(m.get("name") or ""), str(m.get("version") or ""), "", "")
+
+
+def registry(model: FleetModel, *, per_device: bool = True, replica: str = ""
+             ) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(FleetCollector(model, per_device=per_device, replica=replica))
+    return reg
+
