@@ -25,6 +25,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 
 from agent import __version__
 from agent.fleet.ingest import CUMULATIVE, METRIC_NAMES, FleetModel
@@ -134,6 +135,9 @@ class FleetCollector(Collector):
                     cum += c
                     buckets.append((_le(e), cum))
                 h.add_metric(key, buckets, total)
+                if spec.edges[0] < 0:  # the client leaves out _sum (it can fall) and _count
+                    h.samples.append(Sample(f"eva_fleet_{spec.name}_count",
+                                            dict(zip(gl, key, strict=True)), cum))
             yield h
         # latest per device, aggregated: what an operator looks at first
         devs = snap["devices"]

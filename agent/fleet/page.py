@@ -58,8 +58,10 @@ def _nice_range(lo: float, hi: float) -> tuple[float, float]:
 
 def line_chart(chart_id: str, title: str, xs: Sequence[float],
                series: Mapping[str, Sequence[float | None]], *, unit: str = "",
-               y_range: tuple[float, float] | None = None, percent: bool = False) -> str:
-    """Lines over time; each point a <circle class="pt" data-series data-x data-y>."""
+               y_range: tuple[float, float] | None = None, percent: bool = False,
+               step_s: float | None = None) -> str:
+    """Lines over time; each point a <circle class="pt" data-series data-x data-y>; `step_s`
+    (the time each point covers) goes to the svg's data-step."""
     vals = [v for s in series.values() for v in s if v is not None]
     x0, x1 = (xs[0], xs[-1]) if xs else (0.0, 1.0)
     if x1 == x0:
@@ -74,7 +76,8 @@ def line_chart(chart_id: str, title: str, xs: Sequence[float],
     def py(y: float) -> float:
         return H - PAD_B - (y - y0) / (y1 - y0) * (H - PAD_T - PAD_B)
 
-    out = [f'<svg class="chart" id="{escape(chart_id)}" data-title="{escape(title)}" '
+    step = f' data-step="{step_s:g}"' if step_s else ""
+    out = [f'<svg class="chart" id="{escape(chart_id)}" data-title="{escape(title)}"{step} '
            f'width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img">',
            f'<text class="t" x="{PAD_L}" y="14">{escape(title)}'
            f'{" (" + escape(unit) + ")" if unit else ""}</text>']

@@ -3,10 +3,11 @@ history, and `/api/fleet.json`, from one process that can run as several replica
 
 The network edges live here: a paho client (MQTT 5) feeding `FleetModel`, an HTTP server
 (stdlib) for `/metrics`, `/`, `/device/ID`, `/api/fleet.json`, `/healthz`, and a maintenance
-thread flushing the history. Scale-out: with `--share GROUP`, stats and alarms come through the
-shared subscription `$share/GROUP/{prefix}/+/stats|alarm` (the broker hands each message to one
-replica); status and birth (small, retained) go to every replica on a plain subscription, since
-brokers do not send retained messages to shared subscriptions. No replica needs another's
+thread flushing the history. Scale-out: with `--share GROUP`, stats come through the shared
+subscription `$share/GROUP/{prefix}/+/stats` (the broker hands each message to one replica);
+alarms, status and birth (rare or retained) go to every replica on plain subscriptions, since
+brokers do not send retained messages to shared subscriptions and every page should show every
+alarm. No replica needs another's
 state: see agent.fleet.ingest and docs/fleet.md.
 """
 
@@ -141,7 +142,9 @@ class Feed:
         self.host, self.port = host, port
         self.url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
         head = f"$share/{share}/" if share else ""
-        self.subscriptions = [(f"{head}{prefix}/+/stats", 1), (f"{head}{prefix}/+/alarm", 1),
+        # Alarms (transitions, rare) go to every replica too, so each one's "alarms now" is
+        # complete; only stats, the bulk, are shared.
+        self.subscriptions = [(f"{head}{prefix}/+/stats", 1), (f"{prefix}/+/alarm", 1),
                               (f"{prefix}/+/status", 1), (f"{prefix}/+/birth", 1),
                               ("$SYS/broker/publish/messages/dropped", 0)]
         self._connack = threading.Event()
@@ -278,15 +281,20 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
                 else:
                     self.send_error(404)
                     return
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client went away
             except Exception:  # one bad request must not take the server down
                 log.exception("error serving %s", u.path)
                 self.send_error(500)
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http %s", format % args)

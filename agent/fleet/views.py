@@ -105,7 +105,7 @@ def fleet_charts(history: History, start: float, end: float) -> list[str]:
     charts = [
         page.line_chart("utterance-rate", "utterances per minute", xs,
                         lines(lambda p: p.counts["utterances"] / per_min if p.counts["windows"]
-                              else None), unit="fleet sum, per model"),
+                              else None), unit="fleet sum, per model", step_s=step),
         page.line_chart("abstain-rate", "abstain rate", xs, lines(lambda p: p.abstain_rate),
                         y_range=(0.0, 1.0), percent=True),
         page.line_chart("estimated-accuracy", "estimated accuracy", xs,
