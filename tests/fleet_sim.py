@@ -80,7 +80,9 @@ class SimFleet:
             if rollout is not None:
                 p["rollout"] = rollout
             start = start0 + w * self.window_s
-            p["window"] = {"start_s": w * self.window_s, "end_s": (w + 1) * self.window_s,
+            p["window"] = {**t["window"], "utc_source": "wall", "utc_synced": True,
+                           "start_s": w * self.window_s,
+                           "end_s": (w + 1) * self.window_s,
                            "start_utc": _iso(start), "end_utc": _iso(start + self.window_s)}
 
             class _W:  # SinceBoot reads .counts

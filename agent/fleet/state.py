@@ -41,6 +41,8 @@ FLEET_SCHEMA = 1
 MAX_PAYLOAD_BYTES = 65536  # devices send <= 8 KB; anything far larger is refused unparsed
 MAX_GAP_RANGES = 20        # gap ranges listed per boot in to_json (the total is always exact)
 ERROR_KINDS = ("invalid_json", "schema", "edges_mismatch")
+LATER_COUNTERS = frozenset(COUNTERS) - {"frames", "speech_frames", "utterances", "accepted",
+                                        "abstained", "dropped_frames"}
 _LEVEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ROLLUP_REASON = re.compile(r"^(\w+) roll-up: ")
 
@@ -151,7 +153,9 @@ def _check_stats(p: Any, device: str) -> None:
     _need(isinstance(w.get("start_utc"), str) and isinstance(w.get("end_utc"), str),
           "window utc")
     c = p["counts"]
-    _need(type(c) is dict and _is_counts([c.get(k) for k in COUNTERS]), "counts")
+    # counters added after schema 1 (e.g. state_write_errors) are 0 when an older agent omits them
+    _need(type(c) is dict and _is_counts([c.get(k, 0 if k in LATER_COUNTERS else None)
+                                          for k in COUNTERS]), "counts")
     _need(isinstance(p["metrics"], dict), "metrics")
     for name, m in p["metrics"].items():
         _check_metric(name, m)
@@ -458,7 +462,7 @@ class FleetState:
         for totals in (dev.totals, group):
             totals.windows += 1
             for k in COUNTERS:
-                totals.counts[k] += p["counts"][k]
+                totals.counts[k] += p["counts"].get(k, 0)
             for name, entry in p["metrics"].items():
                 totals.metric(name, edges[name]).add(entry)
             acc = p["estimated_accuracy"]
