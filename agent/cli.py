@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from agent.fleet import watch as fleet_watch  # argparse only; paho/rich load on use
     fleet_watch.add_parser(sub)
+    from agent.rollout import cli as models_cli
+    models_cli.add_parser(sub)
     return p
 
 
@@ -276,7 +278,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "train": cmd_train,
             "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "doctor": cmd_doctor,
-            "fleet": lambda args: args.fleet_func(args)}
+            "fleet": lambda args: args.fleet_func(args),
+            "models": lambda args: args.models_func(args)}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -698,6 +698,7 @@ class Service:
         update_birth = getattr(self.sink, "update_birth", None)
         if update_birth is not None:
             update_birth(self._birth())
+        self.rollout.on_reload()
         log.info("reloaded at audio %.3f s in %.0f ms: model %s, mode %s (threshold %.3f), %d "
                  "alarm rules", clock, (time.monotonic() - t0) * 1000,
                  p.model.manifest.ref if p.model else "none", p.policy.mode, p.policy.threshold,

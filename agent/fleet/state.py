@@ -40,6 +40,7 @@ from agent.windows import COUNTERS
 FLEET_SCHEMA = 1
 MAX_PAYLOAD_BYTES = 65536  # devices send <= 8 KB; anything far larger is refused unparsed
 MAX_GAP_RANGES = 20        # gap ranges listed per boot in to_json (the total is always exact)
+MAX_EVENTS = 20            # rollout events kept per device (agent.rollout: event topic)
 ERROR_KINDS = ("invalid_json", "schema", "edges_mismatch")
 LATER_COUNTERS = frozenset(COUNTERS) - {"frames", "speech_frames", "utterances", "accepted",
                                         "abstained", "dropped_frames"}
@@ -284,6 +285,7 @@ class _Device:
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
     last_error: str | None = None
     last_seen: float | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)  # the last MAX_EVENTS
 
     def birth_fields(self) -> dict[str, Any]:
         b = self.birth or {}
@@ -327,6 +329,8 @@ class FleetState:
         self.messages = 0
         self.unknown_topics = 0
         self.unexpected = 0  # inputs the checks let through but merging choked on (a bug)
+        # Rollout commands seen (retained): topic level ("fleet" or a device id) -> raw payload
+        self.rollouts: dict[str, bytes] = {}
 
     @property
     def fleet(self) -> _Totals:
@@ -347,6 +351,12 @@ class FleetState:
             self.unknown_topics += 1
             return "unknown_topic"
         device_id, kind = parsed
+        if kind == "rollout":  # the operator's own command (agent.rollout.command), not a device
+            raw = payload if isinstance(payload, bytes | bytearray) else \
+                json.dumps(payload).encode() if isinstance(payload, Mapping) else \
+                str(payload).encode()
+            self.rollouts[device_id] = bytes(raw)
+            return "rollout"
         dev = self.devices.get(device_id)
         if dev is None:
             dev = self.devices[device_id] = _Device(device_id)
@@ -358,6 +368,10 @@ class FleetState:
             p = _decode(payload)
             if kind == "birth":
                 return self._birth(dev, p)
+            if kind == "event":  # rollout steps (docs/event.schema.json): kept, not merged
+                _need(isinstance(p, dict) and isinstance(p.get("event"), str), "event")
+                dev.events = (dev.events + [p])[-MAX_EVENTS:]
+                return "event"
             if kind == "alarm":
                 _check_alarm(p, device_id)
                 return self._alarm(dev, p)
@@ -380,7 +394,7 @@ class FleetState:
             return None
         parts = topic[len(head):].split("/")
         if len(parts) != 2 or not _LEVEL.match(parts[0]) or parts[1] not in (
-                "stats", "alarm", "status", "birth"):
+                "stats", "alarm", "status", "birth", "event", "rollout"):
             return None
         return parts[0], parts[1]
 
@@ -510,6 +524,7 @@ class FleetState:
             "boots": boots,
             "errors": dict(d.errors), "last_error": d.last_error,
             "metrics": {n: _metric_json(m) for n, m in sorted(t.metrics.items())},
+            "events": d.events,
         }
 
     def to_json(self) -> dict[str, Any]:

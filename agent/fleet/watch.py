@@ -37,27 +37,36 @@ def add_parser(sub: Any) -> None:
     gives `fleet` the common options)."""
     fleet = sub.add_parser("fleet", help="operator side: watch the fleet's telemetry on a broker")
     fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
-    w = fsub.add_parser("watch", help="live dashboard (or --json) of every device under a prefix")
-    # Also accepted after `watch`; SUPPRESS keeps `fleet --log-level X watch` from being reset.
-    w.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   default=argparse.SUPPRESS, help="stderr log level [INFO]")
-    w.add_argument("--broker", required=True, metavar="URL",
-                   help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    w.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix [{DEFAULT_PREFIX}]")
+    w = connection(fsub.add_parser("watch", help="live dashboard (or --json) of every device "
+                                   "under a prefix"))
     w.add_argument("--json", action="store_true",
                    help="print the merged state as one JSON object when the run ends")
     w.add_argument("--duration", type=float, default=None, metavar="S",
                    help="stop after S seconds (default: until SIGINT/SIGTERM)")
     w.add_argument("--until-idle", type=float, default=None, metavar="S",
                    help="stop after S seconds without a new message")
-    w.add_argument("--username", default="", help="broker username (operator account)")
-    w.add_argument("--password-file", type=Path, default=None,
-                   help="file whose first line is the password")
-    w.add_argument("--ca-file", type=Path, default=None,
-                   help="CA bundle for mqtts (default: the system trust store)")
-    w.add_argument("--cert-file", type=Path, default=None, help="client certificate (mqtts)")
-    w.add_argument("--key-file", type=Path, default=None, help="client key (mqtts)")
     w.set_defaults(fleet_func=cmd_watch)
+    from agent.fleet import rollout
+
+    rollout.add_parser(fsub, connection)
+
+
+def connection(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The broker options every `fleet` command takes."""
+    # Also accepted after the subcommand; SUPPRESS keeps `fleet --log-level X watch` intact.
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   default=argparse.SUPPRESS, help="stderr log level [INFO]")
+    p.add_argument("--broker", required=True, metavar="URL",
+                   help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix [{DEFAULT_PREFIX}]")
+    p.add_argument("--username", default="", help="broker username (operator account)")
+    p.add_argument("--password-file", type=Path, default=None,
+                   help="file whose first line is the password")
+    p.add_argument("--ca-file", type=Path, default=None,
+                   help="CA bundle for mqtts (default: the system trust store)")
+    p.add_argument("--cert-file", type=Path, default=None, help="client certificate (mqtts)")
+    p.add_argument("--key-file", type=Path, default=None, help="client key (mqtts)")
+    return p
 
     from agent.fleet import serve  # argparse only; paho/prometheus-client load on use
     serve.add_parser(fsub)
@@ -308,18 +317,21 @@ def render(snap: dict[str, Any]) -> Any:
         (f"{errs} errors", "red" if errs else ""))
     t = Table(expand=False, show_footer=False, title=None)
     for col, justify in (("device", "left"), ("state", "left"), ("boot", "left"),
-                         ("model", "left"), ("windows", "right"), ("utt/min", "right"),
+                         ("model version slot", "left"), ("windows", "right"), ("utt/min", "right"),
                          ("abstain", "right"), ("est. acc", "right"), ("input dBFS", "right"),
                          ("active alarms", "left"), ("gaps", "right"), ("errors", "right")):
         t.add_column(col, justify=justify)  # type: ignore[arg-type]
     for dev_id, d in snap["devices"].items():
         state = {True: "[green]online[/]", False: "[red]offline[/]"}.get(d["online"], "?")
-        model = d["model"] or {}
+        model = (d.get("last_window") or {}).get("model") or d["model"] or {}
+        state_ = ((d.get("last_window") or {}).get("rollout") or {}).get("state")
         alarms = ", ".join(a["metric"] + ("" if a["scope"] == "window" else f" ({a['scope']})")
                            for a in d["active_alarms"])
         n_err = sum(d["errors"].values())
         t.add_row(dev_id, state, (d["boot_id"] or "–")[:8],
-                  " ".join(str(model.get(k, "")) for k in ("name", "version")).strip() or "–",
+                  " ".join(str(model.get(k, "")) for k in ("name", "version", "slot")
+                           ).strip() + (f" ({state_})" if state_ and state_ != "idle" else "")
+                  or "–",
                   str(d["windows"]), _fmt(d["utterances_per_min"]), _pct(d["abstain_rate"]),
                   _pct(d["estimated_accuracy"]["value"]), _fmt(d["input_rms_dbfs"]),
                   f"[red]{alarms}[/]" if alarms else "–",

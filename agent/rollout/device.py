@@ -326,6 +326,27 @@ class RolloutController:
         if p.starts > MAX_PROBATION_STARTS:
             self._pending = ("rollback", f"the agent started {p.starts} times during probation")
 
+    def on_reload(self) -> None:
+        """After a SIGHUP reload: `models activate`/`rollback` may have moved the pointers.
+        An activation made there starts its probation now, against the recent values of the
+        model that ran until the reload."""
+        p = self.store.pointers().probation
+        running = self._running_ref()
+        if p is not None and p.ref == running and (self.probation is None
+                                                   or self.probation.ref != p.ref):
+            if not p.baseline:
+                p = replace(p, baseline=self.recent.baseline())
+                self.store.set_pointers(replace(self.store.pointers(), probation=p))
+            self.probation, self._breach_run = p, 0
+            self.recent.clear()
+            self._clear_alarm(f"{p.ref} activated")
+            self._set("probation", self.command, f"{p.ref} activated locally, replacing "
+                      f"{p.previous}", event="activated", model=p.ref, previous=p.previous)
+        elif p is None and self.probation is not None:
+            self.probation = None
+            self.recent.clear()
+            self._set("idle", self.command, f"probation ended by a local change; {running} runs")
+
     # --- windows ------------------------------------------------------------------------
     def window_sections(self, s: WindowSummary) -> dict[str, Any]:
         """Called by the monitor as a stats window closes: probation and recent values move

@@ -202,7 +202,10 @@ class ModelStore:
             if manifest_digest(tmp) != digest:
                 raise AgentError(f"model directory {src} changed while it was being copied; "
                                  "install it again")
-            self._check(tmp, reference)
+            try:
+                self._check(tmp, reference)
+            except AgentError as e:  # name the delivered directory, not our temporary copy
+                raise AgentError(str(e).replace(str(tmp), str(src))) from None
             os.replace(tmp, dest)
             _fsync_dir(self.slots)
         except OSError as e:

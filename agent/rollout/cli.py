@@ -1,0 +1,101 @@
+"""`edge-voice-agent models list | install PATH | activate NAME@VERSION | rollback`.
+
+The device-local face of the model store, for a person at the device (or an update tool). A
+running agent picks the new pointers up on reload (`systemctl reload edge-voice-agent`); the
+activation starts the same probation as a rollout, compared with the model that ran before.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from agent import config as config_mod
+from agent.errors import AgentError, one_line
+from agent.model import MANIFEST, Manifest
+from agent.resources import default_model_dir
+from agent.rollout.store import ModelStore, Probation, manifest_digest
+
+RELOAD_HINT = "a running agent applies it on reload: systemctl reload edge-voice-agent"
+
+
+def add_parser(sub: Any) -> None:
+    models = sub.add_parser("models", help="the on-device model store: list, install, activate, "
+                            "roll back")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="MODELS_COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, default=None, help="TOML config file")
+        p.add_argument("--state-dir", default=None, help="state directory [from the config]")
+        return p
+
+    common(msub.add_parser("list", help="installed models, their pointers and integrity"))
+    i = common(msub.add_parser("install", help="verify a model directory (sha256 of every "
+                               "file, compatibility) and copy it into its own slot"))
+    i.add_argument("path", type=Path)
+    a = common(msub.add_parser("activate", help="make an installed model active (blue-green; "
+                               "the previous one stays for rollback; starts probation)"))
+    a.add_argument("ref", metavar="NAME@VERSION")
+    common(msub.add_parser("rollback", help="back to the previous model"))
+    models.set_defaults(models_func=run)
+
+
+def _cfg(args: argparse.Namespace) -> config_mod.Config:
+    overrides = {"agent.state_dir": args.state_dir} if args.state_dir else {}
+    return config_mod.load(args.config, overrides)
+
+
+def _running(cfg: config_mod.Config, store: ModelStore) -> Manifest:
+    """The manifest of the model an agent with this configuration runs now."""
+    if cfg.model.path:
+        return Manifest.read(Path(cfg.model.path) / MANIFEST)
+    active = store.pointers().active
+    d = store.slot_dir(active) if active else default_model_dir()
+    return Manifest.read(d / MANIFEST)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)
+    store = ModelStore(cfg.state_path())
+    if args.models_command == "list":
+        return _list(cfg, store)
+    if cfg.model.path and args.models_command in ("activate", "rollback"):
+        raise AgentError(f"model.path = {cfg.model.path} pins the model in the configuration; "
+                         "empty it to run models from the store")
+    if args.models_command == "install":
+        ref = store.install(args.path, _running(cfg, store))
+        print(f"installed {ref} (manifest sha256 {manifest_digest(store.slot_dir(ref))}) in "
+              f"{store.slot_dir(ref)}")
+    elif args.models_command == "activate":
+        previous = _running(cfg, store).ref
+        p = store.activate(args.ref, _running(cfg, store), Probation(
+            ref=args.ref, previous=previous, windows_total=cfg.rollout.probation_windows))
+        print(f"active: {p.active} (previous: {previous}); probation "
+              f"{cfg.rollout.probation_windows} windows; {RELOAD_HINT}")
+    elif args.models_command == "rollback":
+        p = store.rollback()
+        print(f"active: {p.active or 'the bundled model'} (rolled back from {p.previous}); "
+              f"{RELOAD_HINT}")
+    return 0
+
+
+def _list(cfg: config_mod.Config, store: ModelStore) -> int:
+    p = store.pointers()
+    roles = {p.active: "active", p.candidate: "candidate", p.previous: "previous"}
+    bundled = Manifest.read(default_model_dir() / MANIFEST)
+    runs = "configured" if cfg.model.path else ("store" if p.active else "bundled")
+    print(f"running: {_running(cfg, store).ref} ({runs}); bundled: {bundled.ref}")
+    status = 0
+    for s in store.installed():
+        try:
+            store.verify(s.ref)
+            ok = "verified"
+        except AgentError as e:
+            ok, status = f"REFUSED: {one_line(e)}", 1
+        role = roles.get(s.ref, "")
+        print(f"{s.ref:32s} {role:9s} manifest sha256 {s.digest[:16]}…  {ok}")
+    if p.probation is not None:
+        print(f"probation: {p.probation.ref}, {p.probation.windows_done}/"
+              f"{p.probation.windows_total} windows")
+    return status
