@@ -100,3 +100,25 @@ def test_cohort_is_stable_nested_and_close_to_its_share():
     assert len(small & other) < len(small) / 2  # a new rollout draws a new cohort
     assert not any(in_cohort("r-42", d, 0) for d in ids)
     assert all(in_cohort("r-42", d, 100) for d in ids)
+
+
+def test_models_cli_install_activate_list_rollback(tmp_path, good):
+    from tests.conftest import eva
+
+    state = ("--state-dir", str(tmp_path / "state"))
+    bad = derive(tmp_path / "bad", version="9.4.0-test")
+    next(bad.glob("*.onnx")).write_bytes(b"not a model")
+    r = eva("models", "install", str(bad), *state)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and str(bad) in r.stderr
+    r = eva("models", "install", str(good), *state)
+    assert r.returncode == 0, r.stderr
+    ref = f"{RUNNING.name}@9.0.0-test"
+    r = eva("models", "activate", ref, *state)
+    assert r.returncode == 0 and f"previous: {RUNNING.ref}" in r.stdout and "reload" in r.stdout
+    r = eva("models", "list", *state)
+    assert r.returncode == 0 and f"running: {ref} (store)" in r.stdout
+    assert "active" in r.stdout and "verified" in r.stdout and "probation" in r.stdout
+    r = eva("models", "rollback", *state)
+    assert r.returncode == 0 and "bundled" in r.stdout
+    r = eva("models", "activate", "nope@1", *state)
+    assert r.returncode == 1 and "not installed" in r.stderr
