@@ -46,9 +46,10 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--until-idle", type=float, default=None, metavar="S",
                    help="stop after S seconds without a new message")
     w.set_defaults(fleet_func=cmd_watch)
-    from agent.fleet import rollout
+    from agent.fleet import rollout, serve  # argparse only; paho etc. load on use
 
     rollout.add_parser(fsub, connection)
+    serve.add_parser(fsub)
 
 
 def connection(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -67,9 +68,6 @@ def connection(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cert-file", type=Path, default=None, help="client certificate (mqtts)")
     p.add_argument("--key-file", type=Path, default=None, help="client key (mqtts)")
     return p
-
-    from agent.fleet import serve  # argparse only; paho/prometheus-client load on use
-    serve.add_parser(fsub)
 
 
 # --- options --------------------------------------------------------------------------------
