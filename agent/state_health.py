@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,8 @@ def describe_error(e: BaseException) -> str:
     """The real cause in a few words: strerror for OS errors, SQLite's message otherwise."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    if isinstance(e, sqlite3.Error):
+    sqlite3 = sys.modules.get("sqlite3")  # not imported here: file/none sinks never load it
+    if sqlite3 is not None and isinstance(e, sqlite3.Error):
         return str(e) or type(e).__name__
     return " ".join(str(e).split()) or type(e).__name__
 

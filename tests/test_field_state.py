@@ -393,3 +393,23 @@ def test_read_only_state_dir_degrades_when_something_can_work(
     msgs = [json.loads(x) for x in (tmp_path / "telemetry.jsonl").read_text().splitlines()]
     alarms = [m["payload"] for m in msgs if m["topic"].endswith("/alarm")]
     assert [a["state"] for a in alarms if a["metric"] == WRITE_ERRORS] == ["raised"]
+
+
+def test_outbox_on_a_disk_full_at_start_opens_later(tmp_path: Path) -> None:
+    """The agent starts on an already full state disk: the outbox cannot even be created. It
+    does not stop the start; it counts the lost windows and opens once space returns."""
+    now = [0.0]
+    with tiny_fs(tmp_path / "state") as state:
+        filler = fill(state)
+        health = StateHealth()
+        ob = Outbox(state / OUTBOX_FILENAME, health=health, clock=lambda: now[0])
+        assert not ob.available
+        assert [ob.append(msg(i)) for i in range(3)] == [-1] * 3
+        filler.unlink()
+        assert ob.append(msg(3)) == -1  # not retried before REOPEN_EVERY_S ...
+        now[0] += 10.0
+        assert ob.append(msg(4)) > 0 and ob.available  # ... then it opens
+        (p,) = payloads(ob)
+        assert p["seq"] == 4 and p["outbox_dropped"] == 4
+        ob.close()
+    assert health.errors["outbox"] >= 4 and not health.failing
