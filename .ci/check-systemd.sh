@@ -45,7 +45,8 @@ printf '#!/bin/sh\nexit 0\n' > "$tmp/bin/edge-voice-agent"
 chmod 0755 "$tmp/bin/edge-voice-agent"
 copy="$tmp/$(basename "$unit")"
 grep -q "^ExecStart=$exec_path" "$unit" || fail "ExecStart= in $unit does not start with $exec_path"
-sed "s#^ExecStart=$exec_path#ExecStart=$tmp/bin/edge-voice-agent#" "$unit" > "$copy"
+# ExecReload runs the same program (`edge-voice-agent reload $MAINPID`): point both at the stub
+sed "s#^\(Exec[A-Za-z]*\)=$exec_path#\1=$tmp/bin/edge-voice-agent#" "$unit" > "$copy"
 
 set +e
 out="$("$sa" verify "$copy" 2>&1)"

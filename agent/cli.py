@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="[calibration/<model name>]")
     ca.add_argument("--seed", type=int, default=0)
 
+    rl = sub.add_parser("reload", help="make a running agent re-read its config (SIGHUP to "
+                        "PID); what `systemctl reload` runs, so no /bin/kill is needed")
+    rl.add_argument("pid", type=int, metavar="PID", help="the agent's main PID ($MAINPID)")
+
     doc = sub.add_parser("doctor", help="check audio devices, model, calibration, state "
                          "directory, broker and clock; exit 0 only when no check fails")
     doc.add_argument("--json", action="store_true",
@@ -270,6 +274,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    from agent.control import send_reload
+
+    send_reload(args.pid)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from agent import doctor
 
@@ -278,7 +289,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "train": cmd_train,
             "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "doctor": cmd_doctor,
-            "fleet": lambda args: args.fleet_func(args),
+            "reload": cmd_reload, "fleet": lambda args: args.fleet_func(args),
             "models": lambda args: args.models_func(args)}
 
 
