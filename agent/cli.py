@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet_watch.add_parser(sub)
     from agent.rollout import cli as models_cli
     models_cli.add_parser(sub)
+    from agent import samples
+    samples.add_parser(sub)
     return p
 
 
@@ -290,7 +292,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "train": cmd_train,
             "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "doctor": cmd_doctor,
             "reload": cmd_reload, "fleet": lambda args: args.fleet_func(args),
-            "models": lambda args: args.models_func(args)}
+            "models": lambda args: args.models_func(args),
+            "samples": lambda args: args.samples_func(args)}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

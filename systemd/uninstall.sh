@@ -4,8 +4,9 @@
 #   sudo systemd/uninstall.sh [--purge] [--root DIR] [--no-systemctl]
 #
 # By default the local data is kept: the state directory /var/lib/edge-voice-agent (outbox not
-# yet sent, baselines, decisions) and the config /etc/edge-voice-agent, so a reinstall carries on
-# where it stopped. --purge deletes both as well.
+# yet sent, baselines, decisions, model store) and the config /etc/edge-voice-agent, so a
+# reinstall carries on where it stopped. --purge deletes both as well. Review samples (audio,
+# /var/lib/edge-voice-agent/samples) are always deleted.
 #
 # The system user `edge-voice-agent` is kept even with --purge (Debian practice: a uid that is
 # reused later could inherit files left on removable media or backups); remove it by hand with
@@ -75,6 +76,8 @@ remove "$unit"
 remove "/etc/systemd/system/$NAME.service.d"
 remove "/opt/$NAME"
 remove "/etc/sysusers.d/$NAME.conf"
+# Review samples are recordings of people: they go with the program, even without --purge.
+remove "/var/lib/$NAME/samples"
 
 if [ "$purge" = 1 ]; then
     remove "/var/lib/$NAME"

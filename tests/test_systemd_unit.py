@@ -316,6 +316,8 @@ def test_uninstall_keeps_data_by_default_and_purge_removes_it(tmp_path: Path) ->
     state = root / "var/lib/edge-voice-agent"
     state.mkdir(parents=True)
     (state / "outbox.sqlite").write_bytes(b"unsent windows")
+    (state / "samples").mkdir()
+    (state / "samples" / "x.wav").write_bytes(b"RIFF a person's voice")
     (root / "opt/edge-voice-agent/venv/bin").mkdir(parents=True)
 
     r = run(UNINSTALL, "--root", root, "--no-systemctl")
@@ -324,6 +326,7 @@ def test_uninstall_keeps_data_by_default_and_purge_removes_it(tmp_path: Path) ->
     assert not (root / "opt/edge-voice-agent").exists()
     assert not (root / "etc/sysusers.d/edge-voice-agent.conf").exists()
     assert (state / "outbox.sqlite").read_bytes() == b"unsent windows"
+    assert not (state / "samples").exists()  # recordings of people never outlive the program
     assert (root / "etc/edge-voice-agent/config.toml").is_file()
     assert "use --purge" in r.stdout
 

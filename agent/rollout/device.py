@@ -100,6 +100,7 @@ class RolloutController:
         self._pending: tuple[str, str] | None = None
         self._retry_at = 0.0
         self._shadow_listeners: list = []
+        self.samples: Any = None  # agent.samples.SampleRecorder when samples.enabled
         host.pipeline.observers.append(self.experience)
         host.monitor.sections.append(self.window_sections)
         self.probation = self.store.pointers().probation
@@ -164,6 +165,8 @@ class RolloutController:
         """After the active decisions of a block were written: the shadow's turn."""
         if self.shadow is not None:
             self.shadow.run_pending()
+        if self.samples is not None:
+            self.samples.flush()
 
     # --- applying -----------------------------------------------------------------------
     def _apply(self, c: RolloutCommand, resumed: bool = False) -> None:
