@@ -37,12 +37,21 @@ def _uniform_output(onnx_path: Path, output: str, n_classes: int) -> None:
     onnx.save(m, str(onnx_path))
 
 
-def _producer_of(model_dir: Path, output: str) -> Path:
+def _head(model_dir: Path, m: Manifest) -> tuple[Path, str]:
+    """(graph file, output name) that gives the class probabilities, for a one-file manifest
+    (`output_name`) or one listing components (the `head` component)."""
     import onnx
 
+    head = m.component("head") if hasattr(m, "component") else None
+    if head is not None:
+        path = model_dir / head.file
+        outs = [o.name for o in onnx.load(str(path)).graph.output]
+        name = head.output_name or ("probabilities" if "probabilities" in outs else outs[-1])
+        return path, name
+    output = m.output_name
     for p in sorted(model_dir.glob("*.onnx")):
         if output in [o.name for o in onnx.load(str(p), load_external_data=False).graph.output]:
-            return p
+            return p, output
     raise AssertionError(f"no graph in {model_dir} outputs {output!r}")
 
 
@@ -60,20 +69,35 @@ def derive(dst: Path, *, version: str = "9.0.0-test", behaviour: str = "same",
                 shutil.copy(calibration_dir(m.name) / f, cal / f)
     before = {p.name: sha256_file(p) for p in dst.iterdir() if p.is_file() and p.name != MANIFEST}
     if behaviour == "abstain":
-        _uniform_output(_producer_of(dst, m.output_name), m.output_name, len(m.classes))
+        path, output = _head(dst, m)
+        n_out = len(m.classes)
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        shape = [o.shape for o in sess.get_outputs() if o.name == output][0]
+        if isinstance(shape[-1], int):
+            n_out = shape[-1]  # a head over the known classes only
+        _uniform_output(path, output, n_out)
     elif behaviour != "same":
         raise ValueError(behaviour)
-    d = json.loads((dst / MANIFEST).read_text())
-    d["version"] = version
-    text = json.dumps(d, indent=2)
-    cal_files = [p for p in cal.glob("*.json")]
-    cal_texts = {p: p.read_text() for p in cal_files}
+    text = (dst / MANIFEST).read_text()
+    swaps = {}
     for name, old in before.items():
         new = sha256_file(dst / name)
         if new != old:
+            swaps[old] = new
             text = text.replace(old, new)
-            cal_texts = {p: t.replace(old, new) for p, t in cal_texts.items()}
-    (dst / MANIFEST).write_text(text)
-    for p, t in cal_texts.items():
+    d = json.loads(text)
+    d["version"] = version
+    if "components" in d:  # the build digest over the components' hashes
+        from agent.model import Component, build_digest
+
+        d["sha256"] = build_digest([Component.from_dict(c) for c in d["components"]])
+    (dst / MANIFEST).write_text(json.dumps(d, indent=2))
+    swaps[m.sha256] = Manifest.read(dst / MANIFEST).sha256
+    for p in cal.glob("*.json"):
+        t = p.read_text()
+        for old, new in swaps.items():
+            t = t.replace(old, new)
         p.write_text(t)
     return dst

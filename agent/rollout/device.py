@@ -29,7 +29,7 @@ from agent.rollout.command import CommandError, RolloutCommand
 from agent.rollout.compat import thresholds_path
 from agent.rollout.experience import ExperienceTracker
 from agent.rollout.probation import Limits, Recent, breaches, kpis_of
-from agent.rollout.shadow import ShadowRunner
+from agent.rollout.shadow import ShadowRunner, share_front_end
 from agent.rollout.store import ModelStore, Probation, atomic_write_json, manifest_digest
 from agent.windows import WindowSummary
 
@@ -240,7 +240,11 @@ class RolloutController:
         active = self.host.pipeline.model
         if active is not None and active.manifest.ref == ref:
             return active
-        return self.store.verify(ref, self._running_manifest())
+        cand = self.store.verify(ref, self._running_manifest())
+        if active is not None and share_front_end(active, cand):
+            log.info("shadow %s shares the front end of %s (same sha256)", ref,
+                     active.manifest.ref)
+        return cand
 
     def _stop_shadow(self) -> None:
         if self.shadow is not None:

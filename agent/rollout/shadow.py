@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from agent.decision import Decision, Policy
-from agent.features import extract
 from agent.metric_catalog import MEAN_MIN_VALUES
 from agent.model import ModelRunner
 from agent.pipeline import Outcome
@@ -41,12 +40,36 @@ class ShadowResult:
     latency_ms: float
 
 
+def features_of(model: ModelRunner, audio: np.ndarray) -> np.ndarray:
+    """The model's input for one utterance, computed as the pipeline computes it."""
+    f = getattr(model, "features", None)
+    if callable(f):  # a model that owns its front end
+        return f(audio)
+    from agent.features import extract
+
+    return extract(audio, model.manifest.features)
+
+
+def share_front_end(active: ModelRunner, candidate: ModelRunner) -> bool:
+    """When the candidate's front-end components are byte-identical (same sha256) to the active
+    model's, it uses the active model's sessions instead of its own: a shadow then costs only
+    its head in memory. True when shared."""
+    am, cm = active.manifest, candidate.manifest
+    if not hasattr(am, "component") or not hasattr(candidate, "embedder"):
+        return False
+    roles = ("melspectrogram", "embedding")
+    if all(am.component(r) is not None and cm.component(r) is not None
+           and am.component(r).sha256 == cm.component(r).sha256 for r in roles):
+        candidate.embedder = active.embedder
+        return True
+    return False
+
+
 def decide(model: ModelRunner, policy: Policy, audio: np.ndarray
            ) -> tuple[str, float, float, bool, np.ndarray]:
     """(label, confidence, margin, accepted, probabilities): the pipeline's own steps."""
-    m = model.manifest
-    probs = model.predict(extract(audio, m.features)[None, :])[0]
-    label, conf, margin, accepted = policy.decide(probs, m.classes)
+    probs = model.predict(features_of(model, audio)[None, :])[0]
+    label, conf, margin, accepted = policy.decide(probs, model.manifest.classes)
     return label, conf, margin, accepted, probs
 
 
