@@ -313,13 +313,11 @@ def test_fleet_json_is_the_watch_output(served: Served) -> None:
 
 
 def test_fleet_only_switch_drops_device_series(served: Served) -> None:
-    from prometheus_client import generate_latest
-
-    from agent.fleet.exporter import registry
+    from agent.fleet.exporter import exposition
 
     model = served.replicas[0].model
-    full = generate_latest(registry(model)).decode()
-    lean = generate_latest(registry(model, per_device=False)).decode()
+    full = exposition(model).decode()
+    lean = exposition(model, per_device=False).decode()
     assert "eva_device_" in full and "eva_device_" not in lean
     assert "eva_fleet_utterances_total" in lean
     assert threading.active_count() >= 1

@@ -91,9 +91,11 @@ class MetricSum:
     def add(self, entry: Mapping[str, Any]) -> None:
         """Add one validated payload entry (count, mean, min, max, hist that fits)."""
         n = entry["count"]
+        if not n:
+            return
         self.count += n
         mean = entry["mean"]
-        if mean is not None and n > 0:
+        if mean is not None:
             self.mean_sum += mean * n
             self.mean_n += n
         h = entry["hist"]

@@ -30,7 +30,7 @@ from prometheus_client.samples import Sample
 from agent import __version__
 from agent.fleet.ingest import CUMULATIVE, METRIC_NAMES, FleetModel
 from agent.fleet.state import ERROR_KINDS, GROUP_LABELS
-from agent.metric_catalog import BY_NAME, METRICS
+from agent.metric_catalog import METRICS
 from agent.windows import COUNTERS
 
 GROUP_COUNTERS = ("utterances", "accepted", "abstained", "dropped_frames")
@@ -47,18 +47,36 @@ class FleetCollector(Collector):
         self.model = model
         self.per_device = per_device
         self.replica = replica
+        self._snap: dict[str, Any] | None = None
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
 
     def describe(self) -> list[Metric]:
         return []  # series are dynamic; registering never scrapes
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
+        snap = self._snap if self._snap is not None else self.snapshot()
         yield from self._fleet(snap)
-        if self.per_device:
-            yield from self._devices(snap)
+
+    def exposition(self) -> bytes:
+        """The whole /metrics body: the fleet families through prometheus-client's
+        generate_latest, then (unless fleet-only) the per-device families written directly in
+        the same text format -- at 10,000 devices they are ~250,000 samples, and the client's
+        generic per-sample formatting would take seconds of the ingest core per scrape."""
+        from prometheus_client import generate_latest
+
+        snap = self.snapshot()
+        self._snap = snap
+        try:
+            body = generate_latest(self._registry)
+        finally:
+            self._snap = None
+        if not self.per_device:
+            return body
+        return body + device_text(snap["devices"]).encode()
 
     # --- copy what is needed under the lock ---------------------------------------------------
-    def _snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         m = self.model
         with m.lock:
             st = m.state
@@ -202,58 +220,84 @@ class FleetCollector(Collector):
                                     "messages it dropped (queue limits), from $SYS",
                                     value=snap["broker_dropped"])
 
-    # --- per device --------------------------------------------------------------------------
-    def _devices(self, snap: dict[str, Any]) -> Iterator[Metric]:
-        devs = snap["devices"]
-        cum = [CounterMetricFamily(f"eva_device_{k}", f"{k} since the boot started (from the "
-                                   "payloads' since_boot: take max by (device, boot) over "
-                                   "replicas, then sum)", labels=("device", "boot"))
-               for k in CUMULATIVE]
-        info = InfoMetricFamily("eva_device", "agent and model of each device",
-                                labels=("device", "agent_version", *GROUP_LABELS))
-        online = GaugeMetricFamily("eva_device_online", "1 online, 0 offline (retained status)",
-                                   labels=("device",))
-        last = GaugeMetricFamily("eva_device_last_window_end_timestamp_seconds",
-                                 "wall-clock end of the latest window", labels=("device",))
-        acc = GaugeMetricFamily("eva_device_estimated_accuracy", "latest window's estimated "
-                                "accuracy", labels=("device",))
-        drift = GaugeMetricFamily("eva_device_drift_score", "latest window's drift score",
-                                  labels=("device", "metric", "stage"))
-        alarm = GaugeMetricFamily("eva_device_alarm", "1 raised, 0 cleared, per rule of the "
-                                  "current boot", labels=("device", "metric", "stage", "scope"))
-        missing = GaugeMetricFamily("eva_device_missing_messages", "seq numbers missing",
-                                    labels=("device",))
-        dups = CounterMetricFamily("eva_device_duplicates", "duplicates dropped",
-                                   labels=("device",))
-        dropped = CounterMetricFamily("eva_device_outbox_dropped", "messages the device's "
-                                      "outbox reported dropping", labels=("device",))
-        invalid = CounterMetricFamily("eva_device_invalid_payloads", "messages refused "
-                                      "(kinds with at least one)", labels=("device", "kind"))
-        for (dev, on, agent_v, group, boots, scores, accuracy, end, rules, miss, dup, odrop,
-             errors) in devs:
-            for boot, row in boots.items():
-                for fam, v in zip(cum, row[1:], strict=True):
-                    fam.add_metric((dev, boot), v)
-            info.add_metric((dev, agent_v or "", *group), {})
-            if on is not None:
-                online.add_metric((dev,), 1 if on else 0)
-            if not math.isnan(end):
-                last.add_metric((dev,), end)
-            if accuracy is not None:
-                acc.add_metric((dev,), accuracy)
-            for name, score in zip(METRIC_NAMES, scores, strict=False):
-                if score is not None:
-                    drift.add_metric((dev, name, BY_NAME[name].stage), score)
-            for metric, stage, scope, raised in rules:
-                alarm.add_metric((dev, metric, stage, scope), 1 if raised else 0)
-            missing.add_metric((dev,), miss)
-            dups.add_metric((dev,), dup)
-            dropped.add_metric((dev,), odrop)
-            for kind, n in errors.items():
-                if n:
-                    invalid.add_metric((dev, kind), n)
-        yield from cum
-        yield from (info, online, last, acc, drift, alarm, missing, dups, dropped, invalid)
+
+
+# --- per device: the text format written directly ------------------------------------------------
+_DEVICE_FAMILIES = (
+    *((f"eva_device_{k}_total", "counter", f"{k} since the boot started (the payloads' "
+       "since_boot: max by (device, boot) over replicas, then sum, is exact)")
+      for k in CUMULATIVE),
+    ("eva_device_info", "gauge", "agent and model of each device (value 1)"),
+    ("eva_device_online", "gauge", "1 online, 0 offline (retained status and last will)"),
+    ("eva_device_last_window_end_timestamp_seconds", "gauge",
+     "wall-clock end of the latest window"),
+    ("eva_device_estimated_accuracy", "gauge", "latest window's estimated accuracy"),
+    ("eva_device_drift_score", "gauge", "latest window's drift score per metric"),
+    ("eva_device_alarm", "gauge", "1 raised, 0 cleared, per rule of the current boot"),
+    ("eva_device_missing_messages", "gauge", "seq numbers missing between the lowest and "
+     "highest seen per boot (with --share: includes those routed to other replicas)"),
+    ("eva_device_duplicates_total", "counter", "duplicates dropped"),
+    ("eva_device_outbox_dropped_total", "counter", "messages the outbox reported dropping"),
+    ("eva_device_invalid_payloads_total", "counter", "messages refused (kinds seen)"),
+)
+
+
+def _esc(v: Any) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(v: float | int) -> str:
+    return str(v) if type(v) is int else repr(float(v))
+
+
+def device_text(devs: list[tuple]) -> str:
+    """The eva_device_* families in the Prometheus text format (0.0.4)."""
+    lines: dict[str, list[str]] = {name: [] for name, _, _ in _DEVICE_FAMILIES}
+    cum = [f"eva_device_{k}_total" for k in CUMULATIVE]
+    stage = {m.name: m.stage for m in METRICS}
+    for (dev, on, agent_v, group, boots, scores, accuracy, end, rules, miss, dup, odrop,
+         errors) in devs:
+        d = f'device="{_esc(dev)}"'
+        for boot, row in boots.items():
+            lab = f'{{{d},boot="{_esc(boot)}"}} '
+            for name, v in zip(cum, row[1:], strict=True):
+                lines[name].append(f"{name}{lab}{v}")
+        g = ",".join(f'{k}="{_esc(v)}"' for k, v in zip(GROUP_LABELS, group, strict=True))
+        lines["eva_device_info"].append(
+            f'eva_device_info{{{d},agent_version="{_esc(agent_v or "")}",{g}}} 1')
+        if on is not None:
+            lines["eva_device_online"].append(f"eva_device_online{{{d}}} {1 if on else 0}")
+        if not math.isnan(end):
+            lines["eva_device_last_window_end_timestamp_seconds"].append(
+                f"eva_device_last_window_end_timestamp_seconds{{{d}}} {_num(end)}")
+        if accuracy is not None:
+            lines["eva_device_estimated_accuracy"].append(
+                f"eva_device_estimated_accuracy{{{d}}} {_num(accuracy)}")
+        out = lines["eva_device_drift_score"]
+        for name, score in zip(METRIC_NAMES, scores, strict=False):
+            if score is not None:
+                out.append(f'eva_device_drift_score{{{d},metric="{name}",stage="{stage[name]}"}}'
+                           f" {_num(score)}")
+        for metric, st, scope, raised in rules:
+            lines["eva_device_alarm"].append(
+                f'eva_device_alarm{{{d},metric="{_esc(metric)}",stage="{_esc(st)}",'
+                f'scope="{_esc(scope)}"}} {1 if raised else 0}')
+        lines["eva_device_missing_messages"].append(f"eva_device_missing_messages{{{d}}} {miss}")
+        lines["eva_device_duplicates_total"].append(f"eva_device_duplicates_total{{{d}}} {dup}")
+        lines["eva_device_outbox_dropped_total"].append(
+            f"eva_device_outbox_dropped_total{{{d}}} {odrop}")
+        for kind, n in errors.items():
+            if n:
+                lines["eva_device_invalid_payloads_total"].append(
+                    f'eva_device_invalid_payloads_total{{{d},kind="{kind}"}} {n}')
+    parts = []
+    for name, kind, help_ in _DEVICE_FAMILIES:
+        base = name  # the 0.0.4 text format types the sample name itself (with _total)
+        parts.append(f"# HELP {base} {help_}\n# TYPE {base} {kind}\n")
+        if lines[name]:
+            parts.append("\n".join(lines[name]))
+            parts.append("\n")
+    return "".join(parts)
 
 
 def _model_group(model: Any) -> tuple[str, str, str, str]:
@@ -261,9 +305,6 @@ def _model_group(model: Any) -> tuple[str, str, str, str]:
     return (str(m.get("name") or ""), str(m.get("version") or ""), "", "")
 
 
-def registry(model: FleetModel, *, per_device: bool = True, replica: str = ""
-             ) -> CollectorRegistry:
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(FleetCollector(model, per_device=per_device, replica=replica))
-    return reg
-
+def exposition(model: FleetModel, *, per_device: bool = True, replica: str = "") -> bytes:
+    """One /metrics body (tests; the server keeps one collector)."""
+    return FleetCollector(model, per_device=per_device, replica=replica).exposition()

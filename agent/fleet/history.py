@@ -1,9 +1,10 @@
 """Local history for the page: per time bucket and group, sums that merge exactly.
 
-One row per (bucket, model, model_version, rollout, cohort) holds the windows' counters and the
-accuracy weights; one row per (bucket, group, metric) holds the metric's dense bin counts (JSON
-list of ints), their sum/min/max and the drift-score sum over windows. All of it adds, so any
-time range merges exactly (the page re-buckets 14 days into plot points by adding rows).
+One row per (bucket, model, model_version, rollout, cohort) holds the windows' counters, the
+accuracy weights and, per catalogue metric, the drift-score sum and count; one row per (bucket,
+group, metric) holds a metric's dense bin counts (JSON list of ints) and their sum/min/max, for
+the metrics in `hist_metrics`. All of it adds, so any time range merges exactly (the page
+re-buckets 14 days into plot points by adding rows, counters and drift in SQL).
 
 Windows are bucketed by their own end time (the device's clock), so late or replayed windows
 land where they belong. Writes are batched: `add` (MQTT thread) only sums in memory, `flush`
@@ -28,6 +29,11 @@ from agent.metric_catalog import METRICS
 BUCKET_S = 300
 GROUP_COLUMNS = ("model", "model_version", "rollout", "cohort")
 COUNTS = ("windows", "utterances", "accepted", "abstained", "dropped_frames")
+DRIFT = tuple(m.name for m in METRICS)
+# Histograms kept over time (each costs one merge per message): what the page plots and what
+# an operator compares between model versions. `--history-metrics all` keeps every metric.
+HIST_METRICS = ("input_rms_dbfs", "snr_db", "noise_floor_dbfs", "utterance_length_s",
+                "confidence", "digit_confidence", "compute_latency_ms")
 _EDGES = {m.name: tuple(float(e) for e in m.edges) for m in METRICS}
 
 SCHEMA = """
@@ -38,13 +44,13 @@ CREATE TABLE IF NOT EXISTS windows (
   abstained INTEGER NOT NULL, dropped_frames INTEGER NOT NULL,
   acc_sum REAL NOT NULL, acc_n INTEGER NOT NULL,
   PRIMARY KEY (bucket, model, model_version, rollout, cohort)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS metrics (
+CREATE TABLE IF NOT EXISTS hists (
   bucket INTEGER NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
   rollout TEXT NOT NULL, cohort TEXT NOT NULL, metric TEXT NOT NULL,
-  counts TEXT, hsum REAL NOT NULL, hmin REAL, hmax REAL,
-  drift_sum REAL NOT NULL, drift_n INTEGER NOT NULL,
-  PRIMARY KEY (bucket, metric, model, model_version, rollout, cohort)) WITHOUT ROWID;
+  counts TEXT NOT NULL, hsum REAL NOT NULL, hmin REAL NOT NULL, hmax REAL NOT NULL,
+  PRIMARY KEY (metric, bucket, model, model_version, rollout, cohort)) WITHOUT ROWID;
 """
+TABLES = ("windows", "hists")
 
 
 @dataclass
@@ -90,7 +96,8 @@ class History:
     """The SQLite store; `add` from the MQTT thread, `flush`/`prune`/queries from others."""
 
     def __init__(self, path: str | Path, *, days: float = 14.0, max_mb: float = 512.0,
-                 bucket_s: int = BUCKET_S) -> None:
+                 bucket_s: int = BUCKET_S, hist_metrics: Sequence[str] = HIST_METRICS) -> None:
+        self.hist_metrics = tuple(m for m in hist_metrics if m in _EDGES)
         self.path = str(path)
         self.days = days
         self.max_bytes = int(max_mb * 1024 * 1024)
@@ -103,6 +110,13 @@ class History:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(windows)")}
+            for name in DRIFT:  # per-metric drift sums; a newer catalogue adds columns
+                if f"d_{name}" not in have:
+                    self._db.execute(f"ALTER TABLE windows ADD COLUMN d_{name} REAL NOT NULL "
+                                     "DEFAULT 0")
+                    self._db.execute(f"ALTER TABLE windows ADD COLUMN n_{name} INTEGER NOT "
+                                     "NULL DEFAULT 0")
         self.rows_written = 0
         self.pruned = 0
 
@@ -130,8 +144,10 @@ class History:
             if a.get("value") is not None and a["n"] > 0:
                 acc.acc_sum += a["value"] * a["n"]
                 acc.acc_n += a["n"]
-            for name, entry in p["metrics"].items():
-                if name not in _EDGES or not entry["hist"]:
+            metrics = p["metrics"]
+            for name in self.hist_metrics:
+                entry = metrics.get(name)
+                if entry is None or not entry["hist"]:
                     continue
                 m = acc.metrics.get(name)
                 if m is None:
@@ -169,39 +185,32 @@ class History:
 
     def _upsert(self, db: sqlite3.Connection, key: tuple, acc: _Pending) -> int:
         c = acc.counts
+        cols = ["windows", "utterances", "accepted", "abstained", "dropped_frames", "acc_sum",
+                "acc_n"]
+        vals: list[Any] = [*(c[k] for k in COUNTS), acc.acc_sum, acc.acc_n]
+        for name, (dsum, dn) in acc.drift.items():
+            if name in DRIFT:
+                cols += [f"d_{name}", f"n_{name}"]
+                vals += [dsum, dn]
         db.execute(
-            "INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-            "windows=windows+excluded.windows, utterances=utterances+excluded.utterances, "
-            "accepted=accepted+excluded.accepted, abstained=abstained+excluded.abstained, "
-            "dropped_frames=dropped_frames+excluded.dropped_frames, "
-            "acc_sum=acc_sum+excluded.acc_sum, acc_n=acc_n+excluded.acc_n",
-            (*key, *(c[k] for k in COUNTS), acc.acc_sum, acc.acc_n))
+            f"INSERT INTO windows (bucket, {', '.join(GROUP_COLUMNS)}, {', '.join(cols)}) "
+            f"VALUES ({', '.join('?' * (5 + len(cols)))}) ON CONFLICT DO UPDATE SET "
+            + ", ".join(f"{col}={col}+excluded.{col}" for col in cols), (*key, *vals))
         n = 1
-        for name in set(acc.metrics) | set(acc.drift):
-            m = acc.metrics.get(name)
-            d = acc.drift.get(name, [0.0, 0])
+        for name, m in acc.metrics.items():
+            if not m.counts:
+                continue
             old = db.execute(
-                "SELECT counts, hsum, hmin, hmax, drift_sum, drift_n FROM metrics WHERE "
-                "bucket=? AND model=? AND model_version=? AND rollout=? AND cohort=? AND "
-                "metric=?", (*key, name)).fetchone()
-            counts = list(m.counts) if m is not None and m.counts else None
-            hsum = m.sum if m is not None else 0.0
-            hmin = m.min if m is not None and m.counts else None
-            hmax = m.max if m is not None and m.counts else None
-            dsum, dn = d
+                "SELECT counts, hsum, hmin, hmax FROM hists WHERE metric=? AND bucket=? AND "
+                "model=? AND model_version=? AND rollout=? AND cohort=?",
+                (name, *key)).fetchone()
+            counts, hsum, hmin, hmax = list(m.counts), m.sum, m.min, m.max
             if old is not None:
-                if old[0]:
-                    prev = json.loads(old[0])
-                    counts = prev if counts is None else [a + b for a, b in
-                                                          zip(prev, counts, strict=True)]
-                hsum += old[1]
-                hmin = _opt(min, hmin, old[2])
-                hmax = _opt(max, hmax, old[3])
-                dsum += old[4]
-                dn += old[5]
-            db.execute("INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (*key, name, json.dumps(counts, separators=(",", ":"))
-                        if counts else None, hsum, hmin, hmax, dsum, dn))
+                counts = [a + b for a, b in zip(json.loads(old[0]), counts, strict=True)]
+                hsum, hmin, hmax = hsum + old[1], min(hmin, old[2]), max(hmax, old[3])
+            db.execute("INSERT OR REPLACE INTO hists VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (*key, name, json.dumps(counts, separators=(",", ":")), hsum, hmin,
+                        hmax))
             n += 1
         return n
 
@@ -211,7 +220,7 @@ class History:
         removed = 0
         with self._dblock:
             db = self._db
-            for table in ("windows", "metrics"):
+            for table in TABLES:
                 removed += db.execute(f"DELETE FROM {table} WHERE bucket < ?",
                                       (cutoff,)).rowcount
             while self._size(db) > self.max_bytes:
@@ -219,7 +228,7 @@ class History:
                 if first is None:
                     break
                 upto = first + max(self.bucket_s, int(self.days * 86400 / 100))
-                for table in ("windows", "metrics"):
+                for table in TABLES:
                     removed += db.execute(f"DELETE FROM {table} WHERE bucket < ?",
                                           (upto,)).rowcount
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -246,11 +255,11 @@ class History:
         return first, step, max(1, math.ceil((end - first) / step))
 
     def series(self, start: float, end: float, points: int, *,
-               metrics: Iterable[str] = (), by_group: bool = False
+               metrics: Iterable[str] = (), by_group: bool = False, drift: bool = False
                ) -> dict[tuple[str, ...], list[Point]]:
         """Sums over [start, end) cut into steps (see `grid`), per group (or all groups as key
-        ()). Counters and drift sums are added by SQL; only the named metrics' histograms are
-        read and merged here (exactly: integer bin counts)."""
+        ()): counters and accuracy weights always, drift sums if asked, histograms of the named
+        metrics (merged exactly: integer bin counts). Counters and drift are added by SQL."""
         first, step, n = self.grid(start, end, points)
         out: dict[tuple[str, ...], list[Point]] = {}
 
@@ -264,42 +273,44 @@ class History:
                                   for j in range(n)]
             return pts[i]
 
-        g = "model, model_version, rollout, cohort" if by_group else "''"
+        g = ", ".join(GROUP_COLUMNS) if by_group else "''"
+        k = 4 if by_group else 1
         lim = (first, step, first, first + n * step)
-        names = list(metrics)
+        dcols = "".join(f", SUM(d_{m}), SUM(n_{m})" for m in DRIFT) if drift else ""
+        names = [m for m in metrics if m in _EDGES]
         with self._dblock:
             db = self._db
             rows = db.execute(
                 f"SELECT (bucket - ?) / ?, {g}, SUM(windows), SUM(utterances), SUM(accepted), "
-                "SUM(abstained), SUM(dropped_frames), SUM(acc_sum), SUM(acc_n) FROM windows "
-                f"WHERE bucket >= ? AND bucket < ? GROUP BY 1, {g}", lim).fetchall()
-            drows = db.execute(
-                f"SELECT (bucket - ?) / ?, {g}, metric, SUM(drift_sum), SUM(drift_n) "
-                f"FROM metrics WHERE bucket >= ? AND bucket < ? AND drift_n > 0 "
-                f"GROUP BY 1, {g}, metric", lim).fetchall()
-            mrows = db.execute(
-                f"SELECT (bucket - ?) / ?, {g}, metric, counts, hsum, hmin, hmax FROM metrics "
-                f"WHERE bucket >= ? AND bucket < ? AND counts IS NOT NULL "
-                f"AND metric IN ({','.join('?' * len(names))})",
-                (*lim, *names)).fetchall() if names else []
-        k = 4 if by_group else 1
+                f"SUM(abstained), SUM(dropped_frames), SUM(acc_sum), SUM(acc_n){dcols} "
+                f"FROM windows WHERE bucket >= ? AND bucket < ? GROUP BY 1, {g}",
+                lim).fetchall()
+            mrows = []
+            for name in names:
+                mrows += db.execute(
+                    f"SELECT (bucket - ?) / ?, {g}, metric, counts, hsum, hmin, hmax FROM hists "
+                    "WHERE metric = ? AND bucket >= ? AND bucket < ?",
+                    (first, step, name, first, first + n * step)).fetchall()
         for r in rows:
             pt = point(tuple(r[1:1 + k]) if by_group else (), r[0])
-            if pt is not None:
-                for name, v in zip(COUNTS, r[1 + k:6 + k], strict=True):
-                    pt.counts[name] += v
-                pt.acc_sum += r[6 + k]
-                pt.acc_n += r[7 + k]
-        for r in drows:
-            pt = point(tuple(r[1:1 + k]) if by_group else (), r[0])
-            if pt is not None:
-                t = pt.drift.setdefault(r[1 + k], [0.0, 0])
-                t[0] += r[2 + k]
-                t[1] += r[3 + k]
+            if pt is None:
+                continue
+            for name, v in zip(COUNTS, r[1 + k:6 + k], strict=True):
+                pt.counts[name] += v
+            pt.acc_sum += r[6 + k]
+            pt.acc_n += r[7 + k]
+            if drift:
+                base = 8 + k
+                for i, name in enumerate(DRIFT):
+                    dn = r[base + 2 * i + 1]
+                    if dn:
+                        t = pt.drift.setdefault(name, [0.0, 0])
+                        t[0] += r[base + 2 * i]
+                        t[1] += dn
         for r in mrows:
             pt = point(tuple(r[1:1 + k]) if by_group else (), r[0])
             name = r[1 + k]
-            if pt is None or name not in _EDGES:
+            if pt is None:
                 continue
             m = pt.metrics.get(name)
             if m is None:
@@ -313,13 +324,3 @@ class History:
             m.min = min(m.min, r[4 + k])
             m.max = max(m.max, r[5 + k])
         return out
-
-
-def _opt(f: Any, a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return f(a, b)
-
-

@@ -135,7 +135,7 @@ class FleetModel:
             x.group = group_key(p)
             drift = p.get("drift")
             drift = drift if isinstance(drift, dict) else {}
-            x.drift = tuple(_score(drift.get(n)) for n in METRIC_NAMES)
+            x.drift = tuple(map(_score, map(drift.get, METRIC_NAMES)))
             x.accuracy = p["estimated_accuracy"].get("value")
             x.last_end = utc_epoch(p["window"]["end_utc"])
         rms = p["metrics"].get("input_rms_dbfs") or {}
@@ -164,8 +164,10 @@ class FleetModel:
 
 
 def _score(entry: Any) -> float | None:
-    if isinstance(entry, dict):
+    if type(entry) is dict:
         s = entry.get("score")
-        if type(s) in (int, float) and math.isfinite(s):
+        if type(s) is float and math.isfinite(s):
+            return s
+        if type(s) is int:
             return float(s)
     return None

@@ -222,18 +222,26 @@ class App:
 
     def __init__(self, model: Any, history: Any, *, per_device: bool, replica: str,
                  broker: str = "") -> None:
-        from agent.fleet.exporter import registry
+        from agent.fleet.exporter import FleetCollector
 
         self.model = model
         self.history = history
         self.replica = replica
         self.broker = broker
-        self.registry = registry(model, per_device=per_device, replica=replica)
+        self.collector = FleetCollector(model, per_device=per_device, replica=replica)
 
     def metrics(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return self.collector.exposition(), CONTENT_TYPE_LATEST
+
+    def ingest_json(self) -> bytes:
+        """Cheap counters for probes and benchmarks (no per-device work)."""
+        m = self.model
+        with m.lock:
+            out = {"messages": m.state.messages, "devices": len(m.state.devices),
+                   "outcomes": dict(m.outcomes), "replica": self.replica}
+        return json.dumps(out).encode()
 
     def fleet_json(self) -> bytes:
         with self.model.lock:
@@ -278,6 +286,8 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
                     ctype = "text/html; charset=utf-8"
                 elif u.path == "/healthz":
                     body, ctype = b"ok\n", "text/plain"
+                elif u.path == "/api/ingest.json":
+                    body, ctype = app.ingest_json(), "application/json"
                 else:
                     self.send_error(404)
                     return

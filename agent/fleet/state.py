@@ -172,10 +172,9 @@ def _check_metric(name: str, m: Any) -> None:
     if type(m) is not dict or type(m.get("count")) is not int or m["count"] < 0:
         raise _Invalid(f"metrics.{name}.count")
     stats = (m.get("mean"), m.get("min"), m.get("max"))
-    if not all(v is None or _is_num(v) for v in stats):
-        k = next(k for k, v in zip(("mean", "min", "max"), stats, strict=True)
-                 if not (v is None or _is_num(v)))
-        raise _Invalid(f"metrics.{name}.{k}")
+    for k, v in zip(("mean", "min", "max"), stats, strict=True):
+        if v is not None and type(v) is not int and not (type(v) is float and math.isfinite(v)):
+            raise _Invalid(f"metrics.{name}.{k}")
     h = m.get("hist")
     if not _is_counts(h) or len(h) == 1:
         raise _Invalid(f"metrics.{name}.hist")
@@ -473,12 +472,18 @@ class FleetState:
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = _Totals()
+        counts = p["counts"]
         for totals in (dev.totals, group):
             totals.windows += 1
+            tc = totals.counts
             for k in COUNTERS:
-                totals.counts[k] += p["counts"].get(k, 0)
+                tc[k] += counts.get(k, 0)
+            sums = totals.metrics
             for name, entry in p["metrics"].items():
-                totals.metric(name, edges[name]).add(entry)
+                acc_m = sums.get(name)
+                if acc_m is None:
+                    acc_m = sums[name] = MetricSum(edges[name])
+                acc_m.add(entry)
             acc = p["estimated_accuracy"]
             if acc.get("value") is not None and acc["n"] > 0:
                 totals.acc_sum += float(acc["value"]) * acc["n"]

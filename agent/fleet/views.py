@@ -93,7 +93,8 @@ def fleet_view(model: FleetModel, history: History | None, *, range_name: str = 
 
 def fleet_charts(history: History, start: float, end: float) -> list[str]:
     groups = history.series(start, end, POINTS, by_group=True)
-    overall = history.series(start, end, POINTS, metrics=[m for m, _, _ in BAND_METRICS])
+    overall = history.series(start, end, POINTS, metrics=[m for m, _, _ in BAND_METRICS],
+                             drift=True)
     first, step, n = history.grid(start, end, POINTS)
     xs = [first + (i + 0.5) * step for i in range(n)]
     per_min = step / 60.0

@@ -1,0 +1,243 @@
+"""`fleet serve` under load: ingest rate, RSS, page and scrape times (issue 12's targets).
+
+Real components end to end: a mosquitto broker (started here, queue limits as in
+docs/mosquitto/mosquitto.conf), the `edge-voice-agent fleet serve` command as its own process
+pinned to one core (`taskset -c CORE`), and publisher processes replaying real agent payloads
+(tests/fleet_sim.py: 4.9 KB stats windows) for N devices as fast as the broker takes them.
+
+Reported:
+* ingest rate: stats messages / wall time from the first to the last one the replica ingested,
+  and per CPU-second of the replica (its utime+stime), which is what "one core" buys when the
+  machine is shared (the load average is printed too);
+* RSS of the replica after ingesting every device (VmRSS and peak VmHWM);
+* page render (GET /, range 14d) and /metrics scrape, timed at the client on loopback, with the
+  history pre-filled with `--history-days` of 5-minute buckets for two model versions.
+
+    python benchmarks/bench_fleet.py                      # 10,000 devices x 6 windows
+    python benchmarks/bench_fleet.py --mqtt-version 3.1.1 --devices 2000 --windows 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fleet_sim import SimFleet  # noqa: E402
+from tests.mqtt_fixtures import Broker, free_port  # noqa: E402
+
+EVA = [sys.executable, "-m", "agent"]
+
+PUBLISHER = r"""
+import sys, time, pickle
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+port, path = int(sys.argv[1]), sys.argv[2]
+msgs = pickle.load(open(path, "rb"))
+c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=path[-12:], protocol=mqtt.MQTTv311)
+c.max_inflight_messages_set(200)
+c.max_queued_messages_set(0)
+c.connect("127.0.0.1", port)
+c.loop_start()
+print("ready", flush=True)
+sys.stdin.readline()
+infos = [c.publish(t, b, qos=1, retain=r) for t, b, r in msgs]
+for i in infos:
+    i.wait_for_publish(120)
+c.disconnect(); c.loop_stop()
+"""
+
+
+def _get(url: str, timeout: float = 120.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback
+        return r.read()
+
+
+def _proc_times(pid: int) -> float:
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _prefill_history(path: Path, days: float, devices: int) -> int:
+    """`days` of 5-minute buckets for two model versions, as if `devices` reported."""
+    from agent.fleet.history import History
+    from agent.fleet.state import group_key
+
+    sim = SimFleet(devices=2, windows=1)
+    h = History(path, days=days + 1)
+    now = time.time()
+    per_bucket = max(1, devices // 5 // 12)  # windows a bucket sums (1/min/device)
+    n = 0
+    t = now - days * 86400
+    tmpl = sim.stats_t
+    while t < now:
+        for i, model in enumerate(("1.0.0", "2.0.0")):
+            p = dict(tmpl[(n + i) % len(tmpl)])
+            p["model"] = {**p["model"], "version": model}
+            if model == "2.0.0":
+                p["rollout"] = {"id": "r-2.0.0", "cohort": "in"}
+            for _ in range(min(per_bucket, 3)):  # sums only grow the numbers, not the rows
+                h.add(t, group_key(p), p)
+        n += 1
+        t += 300
+        if n % 500 == 0:
+            h.flush()
+    h.flush()
+    size = h.size_bytes()
+    h.close()
+    return size
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--windows", type=int, default=6, help="stats windows per device")
+    ap.add_argument("--publishers", type=int, default=2)
+    ap.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5")
+    ap.add_argument("--core", type=int, default=0, help="CPU the replica is pinned to")
+    ap.add_argument("--history-days", type=float, default=14.0)
+    ap.add_argument("--fleet-only", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args()
+
+    d = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    mosq = shutil.which("mosquitto", path=os.pathsep.join([os.environ.get("PATH", ""),
+                                                            "/usr/sbin"]))
+    if mosq is None:
+        print("mosquitto not found (apt-get install -y mosquitto)")
+        return 2
+    port = free_port()
+    conf = d / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "log_dest stderr",
+             "log_type error", "max_queued_messages 1000000", "max_queued_bytes 0",
+             "max_inflight_messages 1000", "max_packet_size 65536"]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    conf.write_text("\n".join(lines) + "\n")
+    broker = Broker(port=port, conf=conf, log_path=d / "broker.log").start()
+
+    print(f"load average before: {os.getloadavg()}  (2 cores shared)")
+    t0 = time.perf_counter()
+    hist_bytes = _prefill_history(d / "history.sqlite", args.history_days, args.devices)
+    print(f"history pre-filled: {args.history_days:g} days, {hist_bytes / 2**20:.1f} MiB "
+          f"in {time.perf_counter() - t0:.1f} s")
+
+    sim = SimFleet(devices=args.devices, windows=args.windows)
+    msgs = [(t, b, t.endswith("/birth")) for t, b in sim.messages()]
+    n_stats = sum(1 for t, _, _ in msgs if t.endswith("/stats"))
+    size = sum(len(b) for t, b, _ in msgs if t.endswith("/stats")) / n_stats
+    print(f"fleet: {args.devices} devices x {args.windows} windows = {n_stats} stats messages, "
+          f"mean {size:.0f} B")
+    import pickle
+    births = [m for m in msgs if m[2]]
+    stats = [m for m in msgs if not m[2]]
+    parts = []
+    for k in range(args.publishers):
+        p = d / f"msgs{k}.pickle"
+        mine = births[k::args.publishers] + stats[k::args.publishers]
+        p.write_bytes(pickle.dumps(mine))
+        parts.append(p)
+    del msgs, births, stats
+
+    http_port = free_port()
+    cmd = ["taskset", "-c", str(args.core), *EVA, "fleet", "serve", "--broker",
+           broker.url, "--listen", f"127.0.0.1:{http_port}", "--share", "bench",
+           "--history", str(d / "history.sqlite"), "--history-days",
+           str(args.history_days + 1), "--mqtt-version", args.mqtt_version,
+           "--log-level", "WARNING"]
+    if args.fleet_only:
+        cmd.append("--fleet-only")
+    if shutil.which("taskset") is None:
+        cmd = cmd[3:]
+    serve = subprocess.Popen(cmd, cwd=d, stderr=open(d / "serve.log", "wb"))
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _get(base + "/healthz", 1)
+                break
+            except OSError:
+                if serve.poll() is not None or time.monotonic() > deadline:
+                    print((d / "serve.log").read_text())
+                    return 1
+                time.sleep(0.1)
+        pubs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(port), str(p)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for p in parts]
+        for p in pubs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        rss0 = _status_kb(serve.pid, "VmRSS")
+        cpu0 = _proc_times(serve.pid)
+        first: float | None = None
+        for p in pubs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        t_start = time.perf_counter()
+        done = 0
+        while done < n_stats:
+            j = json.loads(_get(base + "/api/ingest.json"))
+            done = j["outcomes"].get("stats", 0) + j["outcomes"].get("duplicate", 0)
+            if first is None and done:
+                first = time.perf_counter()
+            if time.perf_counter() - t_start > 600:
+                print(f"timeout: {done}/{n_stats} ingested")
+                break
+            time.sleep(0.05)
+        t_end = time.perf_counter()
+        cpu = _proc_times(serve.pid) - cpu0
+        for p in pubs:
+            p.wait(60)
+        wall = t_end - (first or t_start)
+        print(f"ingest ({args.mqtt_version=}): {done} stats messages in {wall:.2f} s = "
+              f"{done / wall:,.0f} msg/s wall; replica CPU {cpu:.2f} s = "
+              f"{done / cpu:,.0f} msg per CPU-second")
+        print(f"load average after: {os.getloadavg()}")
+        print(f"replica RSS with {args.devices} devices: {_status_kb(serve.pid, 'VmRSS') / 1024:.0f}"
+              f" MiB (peak {_status_kb(serve.pid, 'VmHWM') / 1024:.0f} MiB; "
+              f"{rss0 / 1024:.0f} MiB before the fleet)")
+        for path, label in (("/?range=14d", "page, 14 days"), ("/?range=24h", "page, 24 h"),
+                            ("/metrics", "/metrics scrape"), ("/device/sim-00042", "device page"),
+                            ("/api/fleet.json", "/api/fleet.json")):
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                body = _get(base + path)
+                times.append(time.perf_counter() - t)
+            print(f"{label}: best {min(times) * 1000:.0f} ms, worst {max(times) * 1000:.0f} ms, "
+                  f"{len(body) / 1024:.0f} KiB")
+        print(f"replica RSS after the views: {_status_kb(serve.pid, 'VmRSS') / 1024:.0f} MiB "
+              f"(peak {_status_kb(serve.pid, 'VmHWM') / 1024:.0f} MiB)")
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        broker.kill()
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
