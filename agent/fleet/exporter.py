@@ -103,7 +103,10 @@ class FleetCollector(Collector):
                     sum(s.missing() for s in d.seqs.values()), d.duplicates,
                     d.outbox_dropped, dict(d.errors)))
             return {"groups": groups, "devices": devices, "outcomes": dict(m.outcomes),
-                    "unknown_topics": st.unknown_topics, "broker_dropped": m.broker_dropped}
+                    "unknown_topics": st.unknown_topics,
+                    "broker_dropped": st.broker_dropped[1] if st.broker_dropped else None,
+                    "loss": st._loss_json({d[0]: {"missing": d[9], "outbox_dropped": d[11]}
+                                           for d in devices})}
 
     # --- fleet level -----------------------------------------------------------------------
     def _fleet(self, snap: dict[str, Any]) -> Iterator[Metric]:
@@ -215,6 +218,13 @@ class FleetCollector(Collector):
         for o in OUTCOMES:
             fam.add_metric((o,), snap["outcomes"].get(o, 0))
         yield fam
+        loss = GaugeMetricFamily("eva_fleet_lost_messages", "missing seq numbers by where they "
+                                 "were lost (device_reported: outbox drops; session: gaps that "
+                                 "opened on many devices at once; unattributed)",
+                                 labels=("where",))
+        for where in ("device_reported", "session", "unattributed"):
+            loss.add_metric((where,), snap["loss"][where])
+        yield loss
         if snap["broker_dropped"] is not None:
             yield GaugeMetricFamily("eva_broker_dropped_messages", "the broker's own count of "
                                     "messages it dropped (queue limits), from $SYS",

@@ -74,13 +74,10 @@ class FleetModel:
         self.lock = threading.Lock()
         self.sink = sink          # (window end epoch, group, payload) for the history
         self.clock = clock
-        self.broker_dropped: float | None = None   # $SYS/broker/publish/messages/dropped
         self.started = clock()
 
     # --- input -----------------------------------------------------------------------------
     def ingest(self, topic: str, payload: bytes, retained: bool = False) -> str:
-        if topic.startswith("$SYS/"):
-            return self._sys(topic, payload)
         kind = topic.rsplit("/", 1)[-1]
         parsed: Any = payload
         if kind in ("stats", "alarm"):
@@ -96,14 +93,6 @@ class FleetModel:
         if outcome == "stats" and self.sink is not None:
             self.sink(utc_epoch(parsed["window"]["end_utc"]), group_key(parsed), parsed)
         return outcome
-
-    def _sys(self, topic: str, payload: bytes) -> str:
-        if topic.endswith("/publish/messages/dropped"):
-            try:
-                self.broker_dropped = float(payload)
-            except ValueError:
-                pass
-        return "sys"
 
     def _stats(self, p: Mapping[str, Any]) -> None:
         dev_id = p["device_id"]

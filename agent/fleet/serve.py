@@ -138,6 +138,8 @@ class Feed:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
+        from agent.fleet.state import BROKER_DROPPED_TOPIC
+
         self.model = model
         self.host, self.port = host, port
         self.url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
@@ -146,7 +148,7 @@ class Feed:
         # complete; only stats, the bulk, are shared.
         self.subscriptions = [(f"{head}{prefix}/+/stats", 1), (f"{prefix}/+/alarm", 1),
                               (f"{prefix}/+/status", 1), (f"{prefix}/+/birth", 1),
-                              ("$SYS/broker/publish/messages/dropped", 0)]
+                              (BROKER_DROPPED_TOPIC, 0)]
         self._connack = threading.Event()
         self._subscribed = threading.Event()
         self._refused: str | None = None

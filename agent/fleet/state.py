@@ -33,11 +33,14 @@ from typing import Any
 import numpy as np
 
 from agent.fleet.bins import MetricSum, compact, fits
+from agent.fleet.loss import SessionLoss
 from agent.metric_catalog import METRICS, MetricSpec
 from agent.telemetry.message import DEFAULT_PREFIX
 from agent.windows import COUNTERS
 
 FLEET_SCHEMA = 1
+# mosquitto's count of messages it dropped (queue limits); subscribed to where the ACL allows
+BROKER_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 MAX_PAYLOAD_BYTES = 65536  # devices send <= 8 KB; anything far larger is refused unparsed
 MAX_GAP_RANGES = 20        # gap ranges listed per boot in to_json (the total is always exact)
 MAX_EVENTS = 20            # rollout events kept per device (agent.rollout: event topic)
@@ -327,6 +330,8 @@ class FleetState:
         self.groups: dict[tuple[str, str, str, str], _Totals] = {}
         self.messages = 0
         self.unknown_topics = 0
+        self.session_loss = SessionLoss()
+        self.broker_dropped: tuple[float, float] | None = None  # (first seen, latest) from $SYS
         self.unexpected = 0  # inputs the checks let through but merging choked on (a bug)
         # Rollout commands seen (retained): topic level ("fleet" or a device id) -> raw payload
         self.rollouts: dict[str, bytes] = {}
@@ -344,6 +349,8 @@ class FleetState:
                retained: bool = False) -> str:
         """Apply one message; returns what happened: stats | alarm | status | birth |
         duplicate | invalid_json | schema | edges_mismatch | unknown_topic. Never raises."""
+        if topic == BROKER_DROPPED_TOPIC:  # the broker's, not the fleet's: not in `messages`
+            return self._broker_dropped(payload)
         self.messages += 1
         parsed = self._parse_topic(topic)
         if parsed is None:
@@ -387,6 +394,28 @@ class FleetState:
             dev.last_error = f"{kind}: unexpected {type(e).__name__}: {e}"[:200]
             return "schema"
 
+    def _broker_dropped(self, payload: Any) -> str:
+        try:
+            n = float(bytes(payload) if not isinstance(payload, str) else payload)
+        except (TypeError, ValueError):
+            return "sys"
+        first = self.broker_dropped[0] if self.broker_dropped else n
+        self.broker_dropped = (first, n)
+        return "sys"
+
+    def _loss_json(self, devices: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Missing seq numbers split by where they were lost (agent.fleet.loss)."""
+        missing = sum(v["missing"] for v in devices.values())
+        device = sum(min(v["missing"], v["outbox_dropped"]) for v in devices.values())
+        bursts, session = self.session_loss.totals()
+        session = min(session, missing - device)
+        out: dict[str, Any] = {"missing": missing, "device_reported": device,
+                               "session": session, "unattributed": missing - device - session,
+                               "session_bursts": bursts, "broker_dropped": None}
+        if self.broker_dropped is not None:
+            out["broker_dropped"] = int(self.broker_dropped[1] - self.broker_dropped[0])
+        return out
+
     def _parse_topic(self, topic: str) -> tuple[str, str] | None:
         head = self.prefix + "/"
         if not isinstance(topic, str) or not topic.startswith(head):
@@ -428,9 +457,12 @@ class FleetState:
         seqs = dev.seqs.get(p["boot_id"])
         if seqs is None:
             seqs = dev.seqs[p["boot_id"]] = SeqSet()
+        top = seqs.max
         if not seqs.add(p["seq"]):
             dev.duplicates += 1
             return False
+        self.session_loss.seen(self._clock(), dev.device_id,
+                               p["seq"] - top - 1 if top is not None else 0)
         dev.outbox_dropped += int(p.get("outbox_dropped", 0))
         if dev.boot_id is None or not p.get("historical", False):
             dev.boot_id = p["boot_id"]
@@ -490,9 +522,7 @@ class FleetState:
                 totals.acc_n += acc["n"]
         if dev.model is None or not dev.births:
             dev.model = p["model"]
-        last = dev.last
-        if last is None or (p["window"]["end_utc"], p["seq"]) >= (
-                last["window"]["end_utc"], last["seq"]):
+        if _supersedes(p, dev.last, dev.boot_id):
             dev.last = {"boot_id": p["boot_id"], "seq": p["seq"], "historical": p["historical"],
                         "window": dict(p["window"]), "counts": dict(p["counts"])}
         return "stats"
@@ -563,10 +593,28 @@ class FleetState:
             "input_rms_dbfs": _round(f.metrics["input_rms_dbfs"].mean)
             if "input_rms_dbfs" in f.metrics else None,
             "errors": errors,
+            "loss": self._loss_json(devices),
             "metrics": {name: metrics[name] for name in order},
         }
         return {"schema": FLEET_SCHEMA, "prefix": self.prefix, "generated_utc": _utc(self._clock()),
                 "messages": self.messages, "fleet": fleet, "devices": devices}
+
+
+def _supersedes(p: Mapping[str, Any], last: Mapping[str, Any] | None,
+                current_boot: str | None) -> bool:
+    """Whether window `p` replaces `last` as the device's latest. Within a boot by seq (the
+    device's own order, immune to clock steps); a window of the current boot beats one of any
+    other boot whatever their clocks say (a new boot whose clock is behind the old one -- a
+    stale RTC before NTP -- is still the newest); between two other boots by wall clock."""
+    if last is None:
+        return True
+    if p["boot_id"] == last["boot_id"]:
+        return p["seq"] >= last["seq"]
+    if p["boot_id"] == current_boot:
+        return True
+    if last["boot_id"] == current_boot:
+        return False
+    return (p["window"]["end_utc"], p["seq"]) >= (last["window"]["end_utc"], last["seq"])
 
 
 GROUP_LABELS = ("model", "model_version", "rollout", "cohort")

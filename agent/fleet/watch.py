@@ -200,10 +200,14 @@ class Watcher:
             return
         self._refused = None
         self._connack.set()
-        client.subscribe(self.subscription, qos=1)  # again after every reconnect
+        # again after every reconnect; the broker's drop counter tells its losses from the
+        # devices' (agent.fleet.loss); an ACL that refuses $SYS only costs that signal
+        from agent.fleet.state import BROKER_DROPPED_TOPIC
+
+        client.subscribe([(self.subscription, 1), (BROKER_DROPPED_TOPIC, 0)])
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
-        if any(rc.is_failure for rc in rcs):
+        if rcs and rcs[0].is_failure:
             log.error("broker refused the subscription to %s (ACL?)", self.subscription)
         self._subscribed.set()
 
