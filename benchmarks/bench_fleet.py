@@ -212,8 +212,8 @@ def main() -> int:
               f"{done / wall:,.0f} msg/s wall; replica CPU {cpu:.2f} s = "
               f"{done / cpu:,.0f} msg per CPU-second")
         print(f"load average after: {os.getloadavg()}")
-        print(f"replica RSS with {args.devices} devices: {_status_kb(serve.pid, 'VmRSS') / 1024:.0f}"
-              f" MiB (peak {_status_kb(serve.pid, 'VmHWM') / 1024:.0f} MiB; "
+        rss, hwm = (_status_kb(serve.pid, k) / 1024 for k in ("VmRSS", "VmHWM"))
+        print(f"replica RSS with {args.devices} devices: {rss:.0f} MiB (peak {hwm:.0f} MiB; "
               f"{rss0 / 1024:.0f} MiB before the fleet)")
         for path, label in (("/?range=14d", "page, 14 days"), ("/?range=24h", "page, 24 h"),
                             ("/metrics", "/metrics scrape"), ("/device/sim-00042", "device page"),

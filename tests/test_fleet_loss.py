@@ -80,7 +80,7 @@ def test_a_new_boot_with_its_clock_behind_is_the_latest_window() -> None:
 
 
 def test_broker_queue_overflow_is_reported_as_broker_and_session_loss(tmp_path: Any) -> None:
-    """A persistent subscriber away while 12 devices send a burst: the broker keeps 40 of the
+    """A persistent subscriber away while 12 devices send a burst: the broker keeps ~40 of the
     queued messages and drops the rest; the watcher's state says the broker dropped them and
     its session lost them, and blames no device."""
     if MOSQUITTO is None:
@@ -134,7 +134,9 @@ def test_broker_queue_overflow_is_reported_as_broker_and_session_loss(tmp_path: 
             st.ingest(t, b, r)
             j = st.to_json()
             last = [d["boots"]["b0"]["last_seq"] for d in j["devices"].values()]
-            if (len(last) == 12 and min(last) == 11 and j["fleet"]["loss"]["broker_dropped"]):
+            loss = j["fleet"]["loss"]
+            if (len(last) == 12 and min(last) == 11
+                    and (loss["broker_dropped"] or 0) >= loss["missing"]):
                 break
         sub.disconnect()
         sub.loop_stop()
@@ -143,7 +145,7 @@ def test_broker_queue_overflow_is_reported_as_broker_and_session_loss(tmp_path: 
         pub.loop_stop()
         broker.kill()
     loss = st.to_json()["fleet"]["loss"]
-    assert loss["missing"] == 120 - 40
+    assert 120 - 40 <= loss["missing"] < 120  # the broker kept up to its limit (~40)
     assert loss["device_reported"] == 0
     assert loss["session"] == loss["missing"] and loss["unattributed"] == 0
-    assert loss["broker_dropped"] >= 80  # the broker's own count since we first saw it
+    assert loss["broker_dropped"] == loss["missing"]  # the broker's own count agrees
