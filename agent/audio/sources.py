@@ -122,19 +122,25 @@ class MicSource:
                                           blocksize=self.block_frames)
         except (sd.PortAudioError, ValueError) as e:
             raise AgentError(f"microphone '{self.device_name}' cannot be opened at {self.rate} Hz, "
-                             f"{self.channels} ch ({one_line(e)}); check the device is free or "
-                             "set audio.mic_rate / audio.mic_channels") from None
+                             f"{self.channels} ch ({one_line(e)}{_library_said()}); check the "
+                             "device is free or set audio.mic_rate / audio.mic_channels") from None
 
     def __iter__(self) -> Iterator[AudioBlock]:
         sd = _sounddevice()
         try:
-            self._stream.start()
+            try:
+                self._stream.start()
+            except sd.PortAudioError as e:
+                raise AgentError(f"microphone '{self.device_name}' cannot be started "
+                                 f"({one_line(e)}{_library_said()}); is it still "
+                                 "connected?") from None
             while not self._stop.is_set():
                 try:
                     data, overflowed = self._stream.read(self.block_frames)
                 except sd.PortAudioError as e:
                     raise AgentError(f"microphone '{self.device_name}' failed while reading "
-                                     f"({one_line(e)}); is it still connected?") from None
+                                     f"({one_line(e)}{_library_said()}); is it still "
+                                     "connected?") from None
                 dropped = 0
                 if overflowed:
                     # PortAudio says input was lost but not how much: count one block, the
@@ -164,6 +170,14 @@ def waits_for_devices(env: dict[str, str] | None = None) -> bool:
     person expects one line listing the devices and exit 2, not a silent wait."""
     e = os.environ if env is None else env
     return bool(e.get("INVOCATION_ID") or e.get("NOTIFY_SOCKET"))
+
+
+def _library_said() -> str:
+    """What PortAudio/ALSA just wrote to fd 2 (see agent.audio.cstderr), for the one line."""
+    from agent.audio.cstderr import CAPTURE, fold
+
+    said = CAPTURE.claim() if CAPTURE.active else []
+    return f"; PortAudio: {fold(said)}" if said else ""
 
 
 def _sounddevice():
@@ -208,6 +222,9 @@ class MicOpener:
     def __init__(self, device: str | int | None = None, rate: int = 0, channels: int = 0,
                  block_ms: int = 100, stop: Event | None = None) -> None:
         _sounddevice()  # no PortAudio library is permanent: fail at start, do not retry it
+        from agent.audio.cstderr import CAPTURE
+
+        CAPTURE.start()  # PortAudio's C-level lines become log lines, folded into the loss report
         self.wanted = device
         self.rate, self.channels, self.block_ms, self.stop = rate, channels, block_ms, stop
         self.name: str | None = None
