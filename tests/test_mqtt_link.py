@@ -171,3 +171,25 @@ def test_broker_that_accepts_tcp_but_never_answers_connect_is_logged(
         sink.close(0)
         server.close()
     json.dumps(sink.stats())  # stats stay serialisable with the new counter
+
+
+def test_a_thread_that_keeps_dying_is_restarted_with_back_off(
+        mosquitto: BrokerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    broker = mosquitto()
+    sink = make_sink(broker.url, device_id="dev-b", state_dir=tmp_path, mqtt=FAST)
+    assert isinstance(sink, MqttSink)
+    caplog.set_level(logging.INFO, LOGGER)
+    try:
+        assert sink.wait_connected(5)
+        kill_network_thread(sink)
+        wait(lambda: sink.stats()["restarts"] == 1, 5, "the first restart")
+        first = time.monotonic()
+        wait(lambda: sink._net_thread is not None and sink._net_thread.is_alive(), 5,
+             "the new network thread")
+        kill_network_thread(sink)
+        wait(lambda: sink.stats()["restarts"] == 2, 10, "the second restart")
+        assert time.monotonic() - first >= 0.9  # not at once: 1 s back-off after a recent one
+        assert len(lines(caplog, "network thread died")) == 2
+        assert sink.wait_connected(5)
+    finally:
+        sink.close(0)

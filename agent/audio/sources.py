@@ -108,6 +108,9 @@ class MicSource:
     def __init__(self, device: str | int | None = None, rate: int = 0, channels: int = 0,
                  block_ms: int = 100, stop: Event | None = None) -> None:
         sd = _sounddevice()
+        from agent.audio.cstderr import CAPTURE
+
+        CAPTURE.start()  # PortAudio's C-level lines become log lines, folded into the loss report
         self._stop = stop or Event()
         self.device_index = find_input_device(device)
         info = sd.query_devices(self.device_index)
@@ -222,9 +225,6 @@ class MicOpener:
     def __init__(self, device: str | int | None = None, rate: int = 0, channels: int = 0,
                  block_ms: int = 100, stop: Event | None = None) -> None:
         _sounddevice()  # no PortAudio library is permanent: fail at start, do not retry it
-        from agent.audio.cstderr import CAPTURE
-
-        CAPTURE.start()  # PortAudio's C-level lines become log lines, folded into the loss report
         self.wanted = device
         self.rate, self.channels, self.block_ms, self.stop = rate, channels, block_ms, stop
         self.name: str | None = None

@@ -150,6 +150,9 @@ class MqttSink:
         self._causes = CauseLog(log)
         self._pre_connect_at: float | None = None  # an attempt without CONNACK or failure yet
         self._net_thread: threading.Thread | None = None
+        self._restarted_at = -1e9
+        self._restart_delay = 0.5
+        self._restart_not_before = 0.0
         self._protocol = mqtt.MQTTv311 if opts.protocol == "3.1.1" else mqtt.MQTTv5
         self._subscriptions: list[str] = []
         self._on_command: Callable[[str, bytes], None] | None = None
@@ -358,7 +361,15 @@ class MqttSink:
             return
         t = self._net_thread
         if t is not None and not t.is_alive():
-            self._restart_network_thread()
+            now = time.monotonic()
+            if now >= self._restart_not_before:
+                # a thread that keeps dying is restarted with back-off (1 s doubling to 60 s),
+                # so a persistent fault cannot flood the journal
+                self._restart_delay = min(60.0, self._restart_delay * 2) \
+                    if now - self._restarted_at < 60.0 else 1.0
+                self._restarted_at = now
+                self._restart_not_before = now + self._restart_delay
+                self._restart_network_thread()
             return
         started = self._pre_connect_at
         if (started is not None and not self._connected.is_set()
