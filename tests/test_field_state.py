@@ -171,7 +171,7 @@ def test_outbox_bounds_its_wal_file(tmp_path: Path) -> None:
     wal = tmp_path / (OUTBOX_FILENAME + "-wal")
     biggest = 0
     with Outbox(tmp_path / OUTBOX_FILENAME, limits, autocheckpoint=False) as ob:
-        for i in range(3000):
+        for i in range(1500):  # the old outbox's WAL passed 20 MB here
             ob.append(msg(i, 1000))
             biggest = max(biggest, wal.stat().st_size)
         assert ob.size_bytes <= limits.max_bytes
@@ -413,3 +413,14 @@ def test_outbox_on_a_disk_full_at_start_opens_later(tmp_path: Path) -> None:
         assert p["seq"] == 4 and p["outbox_dropped"] == 4
         ob.close()
     assert health.errors["outbox"] >= 4 and not health.failing
+
+
+def test_corrupt_outbox_that_cannot_be_moved_aside_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Corrupt and pinned (here: a read-only mount of the file itself): nothing to degrade to."""
+    path = tmp_path / OUTBOX_FILENAME
+    path.write_text("not a database\n")
+    with read_only(path), pytest.raises(OutboxUnusable) as e:
+        Outbox(path)
+    text = str(e.value)
+    assert "\n" not in text and str(path) in text and "corrupt" in text
+    assert "cannot be moved aside" in text and "move or delete it" in text
