@@ -95,8 +95,10 @@ def test_shadow_stats_in_telemetry_and_active_decisions_unchanged(tmp_path, stre
         assert 0 < sh["latency_ms_mean"] <= sh["latency_ms_p95"] * 1.0001
         agreed += round(sh["agreement"] * sh["n"])
     assert agreed == sum(not d["accepted"] for d in shadowed)
-    assert 0 < agreed < len(shadowed)
-    assert any(s["experience"]["abstentions"] > 0 for s in stats)
+    assert agreed < len(shadowed)  # the active model accepted some: there they disagree
+    # every decision but the last is resolved (followed or not within retry_s) in some window
+    resolved = sum(s["experience"]["abstentions"] + s["experience"]["accepted"] for s in stats)
+    assert len(shadowed) - 1 <= resolved <= len(shadowed)
 
 
 def test_bad_candidate_rolled_back_automatically_within_probation(tmp_path, stream):
@@ -134,8 +136,14 @@ def test_bad_candidate_rolled_back_automatically_within_probation(tmp_path, stre
 def test_good_candidate_passes_probation_and_is_committed(tmp_path, stream):
     state = tmp_path / "state"
     good = deliver(state, derive(tmp_path / "good", version="9.0.0-good"), "activate")
-    msgs, decisions = run(tmp_path, stream, state, "--rollout-baseline-windows", "2",
-                          "--rollout-probation-windows", "3", "--rollout-min-utterances", "2")
+    # the same model on the next minutes of the stream: only sampling noise differs, so the
+    # limits are wide here (a handful of utterances per window); this checks the commit path
+    msgs, decisions = run(tmp_path, stream, state, "--window", "30",
+                          "--rollout-baseline-windows", "2", "--rollout-probation-windows", "2",
+                          "--rollout-min-utterances", "5", "--rollout-max-abstain-increase",
+                          "0.6", "--rollout-max-accuracy-drop", "0.4",
+                          "--rollout-max-latency-ratio", "50", "--rollout-max-retry-increase",
+                          "0.9")
     names = [e["event"] for e in of(msgs, "event")]
     assert names == ["waiting_for_baseline", "activated", "probation_passed"], names
     stats = of(msgs, "stats")
