@@ -152,8 +152,11 @@ def cmd_run(args: argparse.Namespace, **forced) -> int:
                                  summary.audio_seconds, summary.source, summary.dropped_frames,
                                  summary.windows)
     if not summary.drained and not summary.stopped:  # on a stop the outbox keeps it durably
+        why = f"{cfg.telemetry.sink} unreachable?"
+        if "outbox" in summary.state_failing:  # not the broker's fault: see docs/faults.md
+            why = f"the state disk refuses outbox writes: {summary.state_failing['outbox']}"
         raise AgentError(f"telemetry outbox not drained within {cfg.telemetry.drain_timeout_s:g}"
-                         f" s ({cfg.telemetry.sink} unreachable?); the undelivered messages stay "
+                         f" s ({why}); the undelivered messages stay "
                          f"in {cfg.state_path()} and are sent on the next run")
     return 0
 

@@ -210,6 +210,7 @@ class RunSummary:
     clock_s: float = 0.0      # the pipeline's audio clock, outages included
     outage_s: float = 0.0
     reloads: int = 0
+    state_failing: dict[str, str] = dataclasses.field(default_factory=dict)  # part -> cause
 
 
 class Source(Protocol):
@@ -806,4 +807,4 @@ def run(cfg: Config, stop: threading.Event | None = None, *, signals: Signals | 
     clock = svc.pipeline.clock_s
     return RunSummary(svc.writer.count, clock - svc.outage_s, svc.pipeline.dropped_frames,
                       svc.source_desc, svc.monitor.windows_emitted, drained, stopped, clock,
-                      svc.outage_s, svc.reloads)
+                      svc.outage_s, svc.reloads, svc.health.failing)

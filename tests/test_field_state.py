@@ -424,3 +424,47 @@ def test_corrupt_outbox_that_cannot_be_moved_aside_is_refused_in_one_line(tmp_pa
     text = str(e.value)
     assert "\n" not in text and str(path) in text and "corrupt" in text
     assert "cannot be moved aside" in text and "move or delete it" in text
+
+
+class ReadOnlyDisk:
+    """A sqlite connection on a file system the kernel remounted read-only."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *a: object) -> sqlite3.Cursor:
+        if sql.startswith(("INSERT", "DELETE")):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        return self._db.execute(sql, *a)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def test_state_disk_turning_read_only_mid_run_is_counted_and_not_blamed_on_the_broker(
+        tmp_path: Path, clip: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """SD cards remount read-only on errors (ext4 errors=remount-ro). Appends after that are
+    dropped and counted, never raised; if the outbox then cannot drain, the run's last line
+    names the disk, not "broker unreachable?"."""
+    health = StateHealth()
+    with Outbox(tmp_path / OUTBOX_FILENAME, health=health) as ob:
+        assert ob.append(msg(0)) > 0
+        # A read-only remount cannot be forced on a mount with files open for writing (the
+        # kernel does it on errors); SQLite's own error is injected at the writes instead.
+        ob._db = ReadOnlyDisk(ob._db)  # type: ignore[assignment,arg-type]
+        assert [ob.append(msg(i)) for i in (1, 2)] == [-1, -1]
+        assert ob.ack([1]) == 0 and payloads(ob) == []  # delivered: not sent again
+    assert "readonly" in health.failing["outbox"]
+
+    from agent import cli
+
+    def fake_run(cfg: Config, *a: object, **kw: object) -> service.RunSummary:
+        return service.RunSummary(3, 10.0, 0, str(clip), windows=1, drained=False,
+                                  state_failing={"outbox": health.failing["outbox"]})
+
+    monkeypatch.setattr(service, "run", fake_run)
+    code = cli.main(["run", "--source", str(clip), "--state-dir", str(tmp_path / "s2"),
+                     "--telemetry", "mqtt://127.0.0.1:9", "--drain-timeout", "0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "state disk refuses outbox writes" in err and "unreachable" not in err
