@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 OUTBOX_FILENAME = "telemetry-outbox.sqlite3"
 PART = "outbox"          # the part name in StateHealth reports
 REOPEN_EVERY_S = 5.0     # a database that could not be opened (disk full) is retried this often
+CLOCK_STORE_S = 60.0     # the outbox clock is stored with an append at most this often
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -148,6 +149,7 @@ class Outbox:
         leaves WAL checkpoints to `checkpoint()` (called from the publisher thread), so the
         producer's commit never pays for copying the WAL (unless the WAL outgrows its bound)."""
         self.path = Path(path)
+        self._dir, self._wal_path = str(self.path.parent), str(self.path) + "-wal"
         self.limits = limits or OutboxLimits()
         self.health = health or StateHealth()
         self._clock, self._wall = clock, wall
@@ -179,6 +181,7 @@ class Outbox:
         self._closed = False
         self._reopen_at = 0.0
         self._low_space = False
+        self._clock_stored = -1e18
         self._open_error: BaseException = OSError("not opened yet")
         self._mono0 = clock()
         self._base = wall()
@@ -246,13 +249,17 @@ class Outbox:
         """Continue the outbox clock from the last process (see the module docstring)."""
         meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN "
                                "('clock_last_ms', 'wall_last_ms')").fetchall())
+        newest = db.execute("SELECT max(created) FROM outbox").fetchone()[0]
         if "clock_last_ms" in meta:
+            # stored with appends at most every CLOCK_STORE_S: never behind the newest row
             last, wall_last = meta["clock_last_ms"] / 1000, meta.get("wall_last_ms", 0) / 1000
-        else:  # a fresh file, or rows stamped with wall time by an older version
-            row = db.execute("SELECT max(created) FROM outbox").fetchone()
-            if row[0] is None:
-                return  # nothing to continue from: the clock starts at wall time
-            last = wall_last = float(row[0])
+            if newest is not None and newest > last:
+                wall_last += newest - last
+                last = float(newest)
+        elif newest is None:
+            return  # nothing to continue from: the clock starts at wall time
+        else:  # rows stamped with wall time by an older version
+            last = wall_last = float(newest)
         wall_now = self._wall()
         down = wall_now - wall_last if plausible(wall_now) and plausible(wall_last) else 0.0
         # beyond max_age_s every row expires anyway; the bound only keeps absurd values out
@@ -338,6 +345,7 @@ class Outbox:
         return self._base + (self._clock() - self._mono0)
 
     def _store_clock(self, db: sqlite3.Connection) -> None:
+        self._clock_stored = self.now()
         for key, value in (("clock_last_ms", self.now()), ("wall_last_ms", self._wall())):
             db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) "
                        "DO UPDATE SET value = excluded.value", (key, int(value * 1000)))
@@ -380,7 +388,8 @@ class Outbox:
                     (msg.topic, data, msg.qos, int(msg.retain), now, self._boot, len(data),
                      pending))
                 self._meta_set("pending_dropped", 0)
-                self._store_clock(db)
+                if now - self._clock_stored >= CLOCK_STORE_S:
+                    self._store_clock(db)
                 db.execute("COMMIT")
             except (sqlite3.Error, OSError) as e:
                 self._mem_dropped += 1
@@ -400,7 +409,7 @@ class Outbox:
     def _byte_budget(self) -> int:
         """max_bytes, lowered so that the file system keeps its reserve free."""
         try:
-            st = os.statvfs(self.path.parent)
+            st = os.statvfs(self._dir)
         except OSError:
             return self.limits.max_bytes
         reserve = min(self.limits.reserve_bytes, st.f_blocks * st.f_frsize // 10)
@@ -410,7 +419,7 @@ class Outbox:
 
     def _wal_size(self) -> int:
         try:
-            return os.stat(str(self.path) + "-wal").st_size
+            return os.stat(self._wal_path).st_size
         except OSError:
             return 0
 
