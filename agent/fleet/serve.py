@@ -55,6 +55,9 @@ def add_parser(fsub: Any) -> None:
                         "$share/GROUP/...: run one replica per core or host with the same GROUP")
     s.add_argument("--replica", default="", help="name shown on the page and in eva_serve_info "
                    "[host-pid]")
+    s.add_argument("--session-expiry", type=float, default=3600.0, metavar="S",
+                   help="with --replica: keep the MQTT session (and the broker's queue for it) "
+                        "this long across restarts; 0 = clean session [3600]")
     s.add_argument("--fleet-only", action="store_true",
                    help="export only fleet/model-level series, no eva_device_* (large fleets)")
     s.add_argument("--history", default="fleet-history.sqlite", metavar="PATH",
@@ -132,7 +135,8 @@ class Feed:
     """The subscriber: shared stats/alarm subscription (or a plain one), presence for all."""
 
     def __init__(self, model: Any, *, host: str, port: int, tls: bool, prefix: str,
-                 share: str = "", version: str = "5", username: str = "",
+                 share: str = "", version: str = "5", session: str = "",
+                 session_expiry_s: float = 0.0, username: str = "",
                  password: str | None = None, ca_file: Path | None = None,
                  cert_file: Path | None = None, key_file: Path | None = None) -> None:
         import paho.mqtt.client as mqtt
@@ -153,9 +157,22 @@ class Feed:
         self._subscribed = threading.Event()
         self._refused: str | None = None
         self.v5 = version == "5"
-        client_id = f"eva-serve-{os.getpid()}-{secrets.token_hex(3)}"
+        # A stable session (named replica) lets the broker queue for us while we restart.
+        persistent = bool(session) and session_expiry_s > 0
+        client_id = (f"eva-serve-{session}" if persistent
+                     else f"eva-serve-{os.getpid()}-{secrets.token_hex(3)}")
         proto = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
-        c = _client_class()(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto)
+        kw = {} if self.v5 else {"clean_session": not persistent}
+        c = _client_class()(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto,
+                            **kw)
+        self._connect_kw: dict[str, Any] = {}
+        if self.v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = int(session_expiry_s) if persistent else 0
+            self._connect_kw = {"clean_start": not persistent, "properties": props}
         if username:
             c.username_pw_set(username, password)
         if tls:
@@ -172,7 +189,7 @@ class Feed:
 
     def start(self, timeout_s: float = 10.0) -> None:
         try:
-            self.client.connect(self.host, self.port, keepalive=30)
+            self.client.connect(self.host, self.port, keepalive=30, **self._connect_kw)
         except (OSError, ValueError) as e:
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise AgentError(f"cannot connect to broker {self.url}: {reason}") from None
@@ -321,6 +338,7 @@ class Server:
                  share: str = "", replica: str = "", per_device: bool = True,
                  history_path: str | None = None, history_days: float = 14.0,
                  history_mb: float = 512.0, mqtt_version: str = "5",
+                 session_expiry_s: float = 0.0,
                  credentials: dict[str, Any] | None = None) -> None:
         from agent.fleet.history import History
         from agent.fleet.ingest import FleetModel
@@ -336,7 +354,8 @@ class Server:
                              "in a writable directory, or --history none)") from None
         self.model = FleetModel(prefix, sink=self.history.add if self.history else None)
         self.feed = Feed(self.model, host=host, port=port, tls=tls, prefix=prefix,
-                         share=share, version=mqtt_version, **(credentials or {}))
+                         share=share, version=mqtt_version, session=replica,
+                         session_expiry_s=session_expiry_s, **(credentials or {}))
         self.app = App(self.model, self.history, per_device=per_device, replica=self.replica,
                        broker=self.feed.url)
         try:
@@ -396,6 +415,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listen = _listen(args.listen)
     if not _share_ok(args.share):
         raise ConfigError(f"invalid --share {args.share!r}: a group name without / + #")
+    if not args.session_expiry >= 0:
+        raise ConfigError("--session-expiry must be >= 0 seconds")
     for flag in ("history_days", "history_mb"):
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
@@ -413,7 +434,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     share=args.share, replica=args.replica, per_device=not args.fleet_only,
                     history_path=history, history_days=args.history_days,
                     history_mb=args.history_mb, mqtt_version=args.mqtt_version,
-                    credentials=creds)
+                    session_expiry_s=args.session_expiry, credentials=creds)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT,
                                                                      signal.SIGTERM)}
