@@ -193,16 +193,19 @@ def main() -> int:
             p.stdin.write("go\n")
             p.stdin.flush()
         t_start = time.perf_counter()
-        done = 0
+        done, progress = 0, time.perf_counter()
         while done < n_stats:
             j = json.loads(_get(base + "/api/ingest.json"))
-            done = j["outcomes"].get("stats", 0) + j["outcomes"].get("duplicate", 0)
+            n = j["outcomes"].get("stats", 0) + j["outcomes"].get("duplicate", 0)
+            if n != done:
+                done, progress = n, time.perf_counter()
             if first is None and done:
                 first = time.perf_counter()
-            if time.perf_counter() - t_start > 600:
-                print(f"timeout: {done}/{n_stats} ingested")
+            if time.perf_counter() - progress > 30:
+                print(f"stalled: {done}/{n_stats} ingested; serve log: "
+                      f"{(d / 'serve.log').read_text()[-500:]}")
                 break
-            time.sleep(0.05)
+            time.sleep(0.2)
         t_end = time.perf_counter()
         cpu = _proc_times(serve.pid) - cpu0
         for p in pubs:

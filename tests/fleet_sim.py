@@ -116,3 +116,10 @@ def _iso(t: float) -> str:
     from agent.payloads import iso_utc
 
     return iso_utc(t)
+
+
+def utc_epoch_of(p: dict[str, Any]) -> float:
+    """The wall-clock end of a stats payload's window (what the history buckets by)."""
+    from agent.fleet.ingest import utc_epoch
+
+    return utc_epoch(p["window"]["end_utc"])

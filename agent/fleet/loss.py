@@ -4,10 +4,10 @@ A seq gap alone cannot say. Three signals can:
 * the device says so: `outbox_dropped` on the next message it delivers (device-side loss);
 * the broker says so: mosquitto's `$SYS/broker/publish/messages/dropped` (queue limits),
   subscribed to when the ACL allows;
-* our own session says so: when gaps open on many devices within the same second of *arrival*,
+* our own session says so: when gaps open on many devices within the same 5 s of *arrival*,
   devices that are independent of each other did not all lose messages at once -- our session
   did (a subscriber queue overflow, a broker restart without persistence). A burst is at least
-  `min_devices` devices and `share` of the devices heard from in that second opening gaps.
+  `min_devices` devices and `share` of the devices heard from in that interval opening gaps.
 
 Gaps that are neither device-reported nor in a burst stay "unattributed" (a replay still
 running, or loss on one device's link). Pure: fed by FleetState, clock injected.
@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SessionLoss:
-    """Counts gap openings per arrival second and classifies bursts as session-side loss."""
+    """Counts gap openings per arrival interval (`window_s`) and classifies bursts as
+    session-side loss."""
 
     min_devices: int = 3
     share: float = 0.5
-    window_s: float = 1.0
-    bursts: int = 0                  # seconds judged to be session-side loss
+    window_s: float = 5.0
+    bursts: int = 0                  # intervals judged to be session-side loss
     session_missing: int = 0         # seq numbers missing in gaps opened during bursts
     _second: float | None = None
     _heard: set[str] = field(default_factory=set)
@@ -46,7 +47,7 @@ class SessionLoss:
         return n >= self.min_devices and n >= self.share * len(self._heard)
 
     def close(self) -> None:
-        """Judge the second just ended."""
+        """Judge the interval just ended."""
         if self._burst():
             self.bursts += 1
             self.session_missing += sum(self._opened.values())
@@ -54,7 +55,7 @@ class SessionLoss:
         self._opened = {}
 
     def totals(self) -> tuple[int, int]:
-        """(bursts, session_missing) including the second in progress, without closing it."""
+        """(bursts, session_missing) including the interval in progress, without closing it."""
         if self._burst():
             return self.bursts + 1, self.session_missing + sum(self._opened.values())
         return self.bursts, self.session_missing

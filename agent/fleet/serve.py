@@ -102,13 +102,17 @@ def _client_class() -> type:
     class BufferedClient(mqtt.Client):
         """paho reads each packet with 3-4 recv() calls and selects before every packet; at
         thousands of 4 KB messages a second that is a third of its CPU. This reads up to 256 KB
-        per recv() and handles every complete packet before selecting again."""
+        per recv() and handles every complete packet in it before going back to paho's loop
+        (which then sends pings and acknowledgements as usual: the drain never refills)."""
 
         _rbuf = b""
         _rpos = 0
+        _draining = False
 
         def _sock_recv(self, bufsize: int) -> bytes:
             if self._rpos >= len(self._rbuf):
+                if self._draining:
+                    raise BlockingIOError  # paho keeps the partial packet for the next read
                 data = super()._sock_recv(262144)
                 if not data:
                     return data
@@ -119,9 +123,13 @@ def _client_class() -> type:
 
         def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
             rc = super().loop_read(max_packets)
-            while (rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf)
-                   and self._sock is not None):
-                rc = super().loop_read(max_packets)
+            self._draining = True
+            try:
+                while (rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf)
+                       and self._sock is not None):
+                    rc = super().loop_read(max_packets)
+            finally:
+                self._draining = False
             return rc
 
         def reconnect(self) -> MQTTErrorCode:
@@ -240,13 +248,14 @@ class App:
     """Everything the HTTP handler serves; one per process."""
 
     def __init__(self, model: Any, history: Any, *, per_device: bool, replica: str,
-                 broker: str = "") -> None:
+                 broker: str = "", share: str = "") -> None:
         from agent.fleet.exporter import FleetCollector
 
         self.model = model
         self.history = history
         self.replica = replica
         self.broker = broker
+        self.share = share
         self.collector = FleetCollector(model, per_device=per_device, replica=replica)
 
     def metrics(self) -> tuple[bytes, str]:
@@ -278,7 +287,7 @@ class App:
         q = query.get("q", [None])[0]
         rng = query.get("range", [views.DEFAULT_RANGE])[0]
         v = views.fleet_view(self.model, self.history, range_name=rng, q=q,
-                             replica=self.replica)
+                             replica=self.replica, share=self.share)
         return page.fleet_page(v).encode()
 
     def device(self, dev_id: str) -> bytes:
@@ -357,7 +366,7 @@ class Server:
                          share=share, version=mqtt_version, session=replica,
                          session_expiry_s=session_expiry_s, **(credentials or {}))
         self.app = App(self.model, self.history, per_device=per_device, replica=self.replica,
-                       broker=self.feed.url)
+                       broker=self.feed.url, share=share)
         try:
             self.http = ThreadingHTTPServer(listen, _handler(self.app))
         except OSError as e:

@@ -44,8 +44,8 @@ def _device_row(dev_id: str, d: Any) -> dict[str, Any]:
 
 
 def fleet_view(model: FleetModel, history: History | None, *, range_name: str = DEFAULT_RANGE,
-               q: str | None = None, replica: str = "", now: Callable[[], float] = time.time
-               ) -> dict[str, Any]:
+               q: str | None = None, replica: str = "", share: str = "",
+               now: Callable[[], float] = time.time) -> dict[str, Any]:
     rng = range_name if range_name in RANGES else DEFAULT_RANGE
     with model.lock:
         st = model.state
@@ -88,7 +88,12 @@ def fleet_view(model: FleetModel, history: History | None, *, range_name: str = 
             "ranges": list(RANGES), "range": rng, "kpis": kpis, "alarms": alarms[:ALARMS_N],
             "alarms_total": len(alarms), "tops": tops, "q": q, "search": search,
             "search_total": total, "charts": charts,
-            "note": None if history is not None else "history disabled (--history none)"}
+            "note": " ".join(n for n in (
+                f"This replica takes a share of the stats (--share {share}): its plots, windows "
+                "and missing messages cover that share (missing includes what went to the other "
+                "replicas); presence and alarms are complete. Fleet totals: Prometheus."
+                if share else "",
+                "History disabled (--history none)." if history is None else "") if n) or None}
 
 
 def fleet_charts(history: History, start: float, end: float) -> list[str]:

@@ -1,0 +1,118 @@
+"""The SQLite history of `fleet serve`: exact merges over any range, bounded by age and size,
+and the command's one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from agent.fleet.history import HIST_METRICS, History
+from agent.fleet.state import group_key
+from agent.fleet.watch import _broker  # noqa: F401 - the module the command lives beside
+from agent.metric_catalog import BY_NAME
+from agent.windows import Histogram
+from tests.fleet_sim import SimFleet, utc_epoch_of
+
+END = 1_800_000_000.0
+
+
+def _fill(h: History, sim: SimFleet, flush_every: int = 7) -> list[dict]:
+    payloads = [p for i in range(sim.devices) for p in sim.stats_payloads(i)]
+    for n, p in enumerate(payloads, 1):
+        h.add(utc_epoch_of(p), group_key(p), p)
+        if n % flush_every == 0:  # partial flushes: rows are upserted (added to) repeatedly
+            h.flush()
+    h.flush()
+    return payloads
+
+
+def _hist_sum(payloads: list[dict], metric: str) -> np.ndarray:
+    total = Histogram(BY_NAME[metric].edges)
+    for p in payloads:
+        e = p["metrics"][metric]
+        if e["hist"]:
+            total.merge_in(Histogram.from_compact(BY_NAME[metric].edges, e["hist"]))
+    return total.counts
+
+
+def test_any_range_merges_exactly(tmp_path: Path) -> None:
+    h = History(tmp_path / "h.sqlite")
+    sim = SimFleet(devices=10, windows=36, window_s=600.0, end_epoch=END)  # 6 hours
+    payloads = _fill(h, sim)
+    start = END - 6 * 3600
+    metric = HIST_METRICS[0]
+    for points in (1, 5, 72):
+        by_group = h.series(start, END + 1, points, metrics=[metric], by_group=True)
+        assert {k[1] for k in by_group} == {"1.0.0", "2.0.0"}
+        for key, pts in by_group.items():
+            mine = [p for p in payloads if group_key(p) == key]
+            assert sum(pt.counts["utterances"] for pt in pts) == \
+                sum(p["counts"]["utterances"] for p in mine)
+            assert sum(pt.counts["windows"] for pt in pts) == len(mine)
+            merged = np.zeros(len(BY_NAME[metric].edges) + 1, dtype=np.int64)
+            for pt in pts:
+                if metric in pt.metrics:
+                    merged += np.asarray(pt.metrics[metric].counts)
+            assert np.array_equal(merged, _hist_sum(mine, metric)), (points, key)
+    # a sub-range holds exactly the windows that ended in it (bucketed by their own end time;
+    # ranges are widened to whole steps, aligned to multiples of the step: these are)
+    lo, hi = END - 4 * 3600, END - 2 * 3600
+    (pts,) = h.series(lo, hi, 1).values()
+    inside = [p for p in payloads if lo <= utc_epoch_of(p) < hi]
+    assert sum(pt.counts["windows"] for pt in pts) == len(inside)
+    drift = [p for p in h.series(start, END + 1, 1, drift=True)[()] if p.drift]
+    assert drift and all(n > 0 for p in drift for _, n in p.drift.values())
+    h.close()
+
+
+def test_bounded_by_age_and_by_size(tmp_path: Path) -> None:
+    h = History(tmp_path / "h.sqlite", days=1.0)
+    sim = SimFleet(devices=4, windows=96, window_s=1800.0, end_epoch=END)  # 2 days
+    payloads = _fill(h, sim, flush_every=50)
+    assert h.prune(END) > 0
+    (pts,) = h.series(END - 3 * 86400, END + 1, 1).values()
+    last_day = [p for p in payloads if utc_epoch_of(p) >= END - 86400]
+    assert 0 < len(last_day) < len(payloads)
+    assert sum(p.counts["windows"] for p in pts) == len(last_day)  # only the last day's left
+    small = History(tmp_path / "small.sqlite", days=30.0, max_mb=0.15)
+    many = _fill(small, SimFleet(devices=4, windows=400, window_s=300.0, end_epoch=END), 200)
+    before = small.size_bytes()
+    assert before > 0.15 * 2**20
+    assert small.prune(END) > 0
+    assert small.size_bytes() <= 0.15 * 2**20
+    (pts,) = small.series(END - 2 * 86400, END + 1, 1).values()
+    assert 0 < sum(p.counts["windows"] for p in pts) < 4 * 400  # the oldest went first
+    newest = sum(p.counts["windows"] for p in small.series(END - 3600, END + 1, 1)[()])
+    first, _, _ = small.grid(END - 3600, END + 1, 1)
+    assert newest == sum(1 for p in many if utc_epoch_of(p) >= first)  # the newest stayed
+    h.close()
+    small.close()
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "fleet", "serve", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_serve_refuses_bad_options_and_a_busy_port_in_one_line(tmp_path: Path) -> None:
+    r = _serve("--broker", "mqtt://127.0.0.1:1", "--listen", "nowhere")
+    assert r.returncode == 2 and "--listen" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _serve("--broker", "mqtt://127.0.0.1:1", "--share", "a/b")
+    assert r.returncode == 2 and "--share" in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _serve("--broker", "mqtt://127.0.0.1:1", "--listen", f"127.0.0.1:{port}",
+                   "--history", "none")
+    assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _serve("--broker", "mqtt://127.0.0.1:1", "--listen", "127.0.0.1:0", "--history",
+               str(tmp_path / "no" / "such" / "dir" / "h.sqlite"))
+    assert r.returncode == 1 and "--history" in r.stderr, r.stderr
+    assert json.dumps(r.stderr)  # printable
