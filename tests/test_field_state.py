@@ -468,3 +468,28 @@ def test_state_disk_turning_read_only_mid_run_is_counted_and_not_blamed_on_the_b
                      "--telemetry", "mqtt://127.0.0.1:9", "--drain-timeout", "0"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and "state disk refuses outbox writes" in err and "unreachable" not in err
+
+
+def test_corruption_found_while_running_quarantines_and_carries_on(tmp_path: Path) -> None:
+    """SQLite reports a malformed image in the middle of a run (injected: the page cache hides
+    pages overwritten under a live connection): the file is moved aside, its unsent rows are
+    counted as dropped, and the next window goes into a fresh outbox."""
+
+    class Malformed(ReadOnlyDisk):
+        def execute(self, sql: str, *a: object) -> sqlite3.Cursor:
+            if sql.startswith("INSERT"):
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            return self._db.execute(sql, *a)
+
+    health = StateHealth()
+    path = tmp_path / OUTBOX_FILENAME
+    with Outbox(path, health=health) as ob:
+        for i in range(3):
+            ob.append(msg(i))
+        ob._db = Malformed(ob._db)  # type: ignore[assignment,arg-type]
+        assert ob.append(msg(3)) == -1  # never raised
+        assert ob.append(msg(4)) > 0
+        (p,) = payloads(ob)
+        assert p["seq"] == 4 and p["outbox_dropped"] == 4  # 3 unsent rows + the failed one
+    ((orig, moved),) = health.quarantined
+    assert orig == path and moved.exists()

@@ -239,7 +239,9 @@ class Outbox:
                             "until it can be opened (retried every "
                             f"{REOPEN_EVERY_S:g} s)")
                     return False
-                raise
+                raise OutboxUnusable(f"telemetry outbox {self.path} cannot be opened "
+                                     f"({describe_error(e)}); check the state directory or "
+                                     "set agent.state_dir") from None
             self._db = db
             self._recount()
             return True
@@ -309,10 +311,17 @@ class Outbox:
                     except sqlite3.Error:
                         pass
             self._ckpt_db = self._db = None
-        self._quarantine(describe_error(e), lost=f"{lost} unsent message(s)")
         self._mem_dropped += lost
         self.dropped_total += lost
         self._count = self._bytes = 0
+        try:
+            self._quarantine(describe_error(e), lost=f"{lost} unsent message(s)")
+        except AgentError as stuck:  # cannot even be moved: telemetry stays off, counted
+            self._open_error = stuck
+            self._reopen_at = self._clock() + REOPEN_EVERY_S
+            self.health.write_failed(PART, self.path, stuck, "telemetry windows are dropped "
+                                     "and counted")
+            return
         self._try_reopen_locked()
 
     def _try_reopen_locked(self) -> bool:
