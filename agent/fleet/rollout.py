@@ -243,13 +243,16 @@ def render_text(r: dict[str, Any]) -> str:
              (json.dumps(c) if c else "none")]
     for dev, dc in r["device_rollouts"].items():
         lines.append(f"device rollout on {r['prefix']}/{dev}/rollout: {json.dumps(dc)}")
-    cols = ("device", "model", "slot", "state", "probation", "shadow_agreement",
-            "shadow_abstain_rate", "abstain_rate", "estimated_accuracy", "last_event")
+    cols = {"device": "device", "model": "model", "slot": "slot", "state": "state",
+            "probation": "probation", "shadow_agreement": "shadow agree",
+            "shadow_abstain_rate": "shadow abstain", "abstain_rate": "abstain",
+            "estimated_accuracy": "est. acc", "last_event": "last event"}
     for name, devs in r["cohorts"].items():
         if not devs:
             continue
-        lines.append(f"cohort {name} ({len(devs)} devices)")
-        lines.append("  " + "  ".join(cols))
-        for d in devs:
-            lines.append("  " + "  ".join(_f(d[k]) for k in cols))
+        lines.append(f"cohort {name} ({len(devs)} device{'s' if len(devs) != 1 else ''}):")
+        rows = [list(cols.values())] + [[_f(d[k]) for k in cols] for d in devs]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+        lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+                  for row in rows]
     return "\n".join(lines) + "\n"

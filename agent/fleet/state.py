@@ -524,7 +524,9 @@ class FleetState:
             dev.model = p["model"]
         if _supersedes(p, dev.last, dev.boot_id):
             dev.last = {"boot_id": p["boot_id"], "seq": p["seq"], "historical": p["historical"],
-                        "window": dict(p["window"]), "counts": dict(p["counts"])}
+                        "window": dict(p["window"]), "counts": dict(p["counts"]),
+                        # model rollout on the device (agent.rollout), shown by fleet rollout
+                        "model": p.get("model"), "rollout": p.get("rollout")}
         return "stats"
 
     # --- output ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from agent.rollout.cohort import in_cohort
 from agent.rollout.command import CommandError, RolloutCommand
 from agent.rollout.compat import thresholds_path
 from agent.rollout.experience import ExperienceTracker
-from agent.rollout.probation import Limits, Recent, breaches, kpis_of
+from agent.rollout.probation import Limits, Recent, breaches, kpis_of, pooled
 from agent.rollout.shadow import ShadowRunner, share_front_end
 from agent.rollout.store import ModelStore, Probation, atomic_write_json, manifest_digest
 from agent.windows import WindowSummary
@@ -97,6 +97,7 @@ class RolloutController:
         self._fleet_topic, self._device_topic = cmd_mod.topics(
             host.monitor.prefix, host.device_id)
         self._breach_run = 0
+        self._pool: list = []  # the probation's eligible windows so far (this boot)
         self._pending: tuple[str, str] | None = None
         self._retry_at = 0.0
         self._shadow_listeners: list = []
@@ -275,6 +276,7 @@ class RolloutController:
                              f"{one_line(e)}") from None
         self.probation = prob
         self._breach_run = 0
+        self._pool = []
         self.recent.clear()
         self._clear_alarm(f"{c.ref} activated")
         self._set("probation", c, f"{c.ref} replaced {previous}; probation "
@@ -344,7 +346,7 @@ class RolloutController:
             if not p.baseline:
                 p = replace(p, baseline=self.recent.baseline())
                 self.store.set_pointers(replace(self.store.pointers(), probation=p))
-            self.probation, self._breach_run = p, 0
+            self.probation, self._breach_run, self._pool = p, 0, []
             self.recent.clear()
             self._clear_alarm(f"{p.ref} activated")
             self._set("probation", self.command, f"{p.ref} activated locally, replacing "
@@ -367,7 +369,8 @@ class RolloutController:
             if self.state == "waiting_for_baseline":
                 self._retry_at = 0.0  # look again at the next poll, not after RETRY_S
         elif k.utterances >= self.rc.min_utterances and self._pending is None:
-            reasons = breaches(k, p.baseline, self.limits)
+            self._pool.append(k)
+            reasons = breaches(pooled(self._pool), p.baseline, self.limits)
             self._breach_run = self._breach_run + 1 if reasons else 0
             p = replace(p, windows_done=p.windows_done + 1)
             self.probation = p

@@ -2,8 +2,9 @@
 
 Each closed stats window gives a few key figures (abstain rate, estimated accuracy, compute
 latency p95, the share of abstentions asked again). The running model's recent windows are its
-baseline; during probation every window with enough utterances is compared with the previous
-model's baseline, and `breach_windows` breaching windows in a row mean rollback. Quiet windows
+baseline; during probation, after every window with enough utterances, the probation's windows
+so far (pooled, weighted by utterances) are compared with the previous model's baseline, and
+`breach_windows` breaching verdicts in a row mean rollback. Quiet windows
 do not count either way, so probation lasts `probation_windows` windows of real use.
 """
 
@@ -85,6 +86,15 @@ def breaches(k: WindowKpis, base: dict[str, float], lim: Limits) -> list[str]:
             k.retry_after_abstain > b + lim.max_retry_increase:
         out.append(f"asked again {k.retry_after_abstain:.2f} vs {b:.2f}")
     return out
+
+
+def pooled(windows: list[WindowKpis]) -> WindowKpis:
+    """The probation so far as one window: figures weighted by utterances. Pooling makes the
+    verdict steadier as probation goes on (a window of four utterances is mostly noise)."""
+    b = baseline_of(windows)
+    return WindowKpis(sum(w.utterances for w in windows), b.get("abstain_rate"),
+                      b.get("estimated_accuracy"), b.get("latency_p95_ms"),
+                      b.get("retry_after_abstain"))
 
 
 class Recent:

@@ -1,0 +1,149 @@
+"""The pure parts of a rollout: probation verdicts, experience metrics, the model switch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from agent.audio.sources import FileSource
+from agent.config import VadConfig
+from agent.decision import Decision, Policy
+from agent.pipeline import Outcome, Pipeline
+from agent.resources import default_model_dir, demo_audio
+from agent.rollout.command import CommandError, parse
+from agent.rollout.experience import ExperienceTracker
+from agent.rollout.probation import Limits, Recent, WindowKpis, baseline_of, breaches, pooled
+from agent.rollout.switch import retarget
+from agent.vad import VadBlockStats
+
+
+def kpis(n, abstain, acc=0.9, lat=1.0, retry=None):
+    return WindowKpis(n, abstain, acc, lat, retry)
+
+
+def test_probation_pools_windows_and_names_each_breach():
+    base = baseline_of([kpis(10, 0.1), kpis(30, 0.2, lat=2.0)])
+    assert base["abstain_rate"] == 0.175 and base["latency_p95_ms"] == 1.75
+    lim = Limits()
+    assert breaches(kpis(10, 0.3), base, lim) == []          # within 0.2
+    assert breaches(kpis(10, 0.5), base, lim) == ["abstain rate 0.50 vs 0.17"]
+    assert breaches(kpis(10, 0.1, acc=0.7), base, lim) == ["estimated accuracy 0.70 vs 0.90"]
+    assert breaches(kpis(10, 0.1, lat=6.0), base, lim) == []  # 3x but under +5 ms: timer noise
+    assert breaches(kpis(10, 0.1, lat=7.0), base, lim) == ["latency p95 7.0 ms vs 1.8 ms"]
+    # a noisy small window is outweighed by a larger one once pooled
+    assert pooled([kpis(4, 0.75), kpis(20, 0.15)]).abstain_rate == 0.25
+    r = Recent(2, min_utterances=5)
+    r.add(kpis(3, 0.9))  # too few utterances to count
+    assert not r.full
+    r.add(kpis(5, 0.1))
+    r.add(kpis(5, 0.3))
+    assert r.full and r.baseline()["abstain_rate"] == 0.2
+
+
+def decision(start, end, accepted):
+    return Decision(start=start, end=end, decided_at=end + 0.3, label="7", confidence=0.5,
+                    accepted=accepted, model="m@1", latency_ms=1.0)
+
+
+def feed(tr, seq):
+    for start, end, accepted in seq:
+        tr.on_block(start, VadBlockStats(), 0)
+        tr.on_outcome(Outcome(None, decision(start, end, accepted), None))  # type: ignore[arg-type]
+
+
+def test_experience_counts_retries_tries_and_repeats_without_per_utterance_values():
+    tr = ExperienceTracker(retry_s=4.0)
+    feed(tr, [(0.0, 1.0, False), (2.0, 3.0, False), (4.0, 5.0, True),   # 3 tries
+              (20.0, 21.0, True), (22.0, 23.0, True),                    # repeat after accept
+              (40.0, 41.0, False), (60.0, 61.0, True)])                  # abstain, not asked again
+    tr.on_block(100.0, VadBlockStats(), 0)
+    c = tr.take()
+    assert (c.abstentions, c.retried) == (3, 2)
+    assert (c.accepted, c.repeated) == (4, 1)
+    assert (c.runs_accepted, c.tries) == (4, 6)
+    s = c.section()
+    assert s == {"abstentions": 3, "accepted": 4, "retry_after_abstain": 0.6667,
+                 "tries_to_accept_mean": 1.5, "repeat_after_accept": 0.25}
+    # one decision in a window: counts only, no rate that would reveal its outcome
+    tr2 = ExperienceTracker()
+    feed(tr2, [(0.0, 1.0, False)])
+    tr2.on_block(10.0, VadBlockStats(), 0)
+    assert tr2.take().section() == {"abstentions": 1, "accepted": 0,
+                                    "retry_after_abstain": None, "tries_to_accept_mean": None,
+                                    "repeat_after_accept": None}
+
+
+def test_command_parser_refuses_with_the_reason():
+    good = {"schema": 1, "id": "r-1", "model": {"name": "m", "version": "1.0.0",
+                                                "sha256": "a" * 64}, "percent": 5,
+            "mode": "shadow"}
+    import json
+
+    import jsonschema
+
+    from tests.conftest import ROOT
+
+    schema = json.loads((ROOT / "docs" / "rollout.schema.json").read_text())
+    assert parse(json.dumps(good)).ref == "m@1.0.0"
+    jsonschema.validate(good, schema)
+    bad = [({**good, "extra": 1}, "unknown field"), ({**good, "percent": 101}, "percent"),
+           ({**good, "percent": True}, "percent"), ({**good, "id": "a/b"}, "rollout.id"),
+           ({**good, "model": {**good["model"], "sha256": "A" * 64}}, "sha256"),
+           ({k: v for k, v in good.items() if k != "mode"}, "lacks mode"),
+           ([1, 2], "not a JSON object")]
+    for payload, why in bad:
+        try:
+            parse(json.dumps(payload))
+            raise AssertionError(f"accepted {payload}")
+        except CommandError as e:
+            assert why in str(e), (why, str(e))
+        # the hand-written rules and the published schema agree
+        assert list(jsonschema.Draft202012Validator(schema).iter_errors(payload)), payload
+
+
+class OtherRate:
+    """The bundled model presented at another rate (a stand-in for a 1.x → 2.x switch)."""
+
+    def __init__(self, runner, rate):
+        self._r = runner
+        self.manifest = dataclasses.replace(runner.manifest, sample_rate=rate)
+
+    def __getattr__(self, name):
+        return getattr(self._r, name)
+
+
+class Clocks:
+    def __init__(self):
+        self.t: list[float] = []
+
+    def on_block(self, clock_s, stats, dropped):
+        self.t.append(clock_s)
+
+    def on_outcome(self, o):
+        pass
+
+
+def test_switch_to_another_rate_keeps_the_clock_and_observers():
+    from agent.model import ModelRunner
+
+    runner = ModelRunner(default_model_dir())
+    other = 16000 if runner.manifest.sample_rate != 16000 else 8000
+    policy = Policy("partial", 0.5, runner.manifest.unknown_label)
+    p = Pipeline(VadConfig(), runner, policy)
+    clocks = Clocks()
+    p.observers.append(clocks)
+    blocks = list(FileSource(demo_audio(), block_ms=100))[:60]
+    for b in blocks[:30]:
+        p.feed(b)
+    before = p.clock_s
+    p2, decided = retarget(p, OtherRate(runner, other), policy)
+    assert p2 is not p and p2.rate == other and p2.observers is p.observers
+    assert abs(p2.clock_s - before) <= 0.1 and p2.segmenter.noise_floor_db is not None
+    for b in blocks[30:]:
+        p2.feed(b)
+    heard = sum(len(b.samples) / b.rate for b in blocks)
+    assert np.all(np.diff(clocks.t) >= -1e-9)  # observers' time never runs backwards
+    assert abs(p2.clock_s - heard) <= 0.1     # and the clock still counts the audio heard
+    same, none = retarget(p2, p2.model, policy)
+    assert same is p2 and none == []
