@@ -196,6 +196,7 @@ STALL_S = 10.0
 LIVE_SECTIONS = ("model", "decision", *RULE_SECTIONS)
 LIVE_KEYS = frozenset({"monitoring.baseline", "monitoring.k"})
 REASON_MAX = 200          # alarm.schema.json: reason maxLength
+UNPACED_FILE_QUEUE = 4    # blocks queued ahead for a file read as fast as possible
 
 
 @dataclass
@@ -511,7 +512,11 @@ class Service:
         self.sink = build_sink(cfg, self.device_id, self._birth(), self.health)
         self.pipeline.observers.append(self.monitor)
         self.writer = DecisionWriter(cfg.decisions_target(), self.health)
-        self.q: queue.Queue = queue.Queue(maxsize=cfg.audio.queue_blocks)
+        # An unpaced file waits for the pipeline anyway (nothing to drop): a short queue of its
+        # large blocks is enough, and 100 of them held ~6 MiB of audio for nothing.
+        depth = cfg.audio.queue_blocks if live or cfg.audio.speed > 0 else \
+            min(cfg.audio.queue_blocks, UNPACED_FILE_QUEUE)
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.capture = Capture(opener, self.q, stop, live=live, source=source, error=error,
                                retry=retry)
         self.audio_down = False
