@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="thresholds, baseline and out-of-fold predictions "
                     "[calibration/<model name>]")
     tr.add_argument("--name", default="fsdd-digits")
-    tr.add_argument("--model-version", default="1.0.0")
+    tr.add_argument("--model-version", default="2.0.0")
 
     ev = sub.add_parser("evaluate", help="leave-one-speaker-out evaluation of the training "
                         "recipe: accuracy by speaker, accent, class and condition, confusion, "
@@ -172,7 +172,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from agent import service
-    from agent.features import extract
     from agent.training.dataset import load_audio
 
     cfg = _config(args)
@@ -190,7 +189,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             status = 1
             continue
-        probs = model.predict(extract(audio, m.features)[None, :])[0]
+        probs = model.predict(model.features(audio)[None, :])[0]
         label, conf, _, accepted = policy.decide(probs, m.classes) if policy.runs_model else \
             (None, None, None, False)
         print(json.dumps({"file": str(path), "label": label,

@@ -1,9 +1,15 @@
 """The pure pipeline: audio blocks in, decisions out, on one audio clock.
 
-source block → mono → resample to the model's rate → VAD segmenter → features → model →
-policy. No threads, no files, no network here: the service feeds blocks and drains decisions,
-tests and benchmarks call the same object directly. Observers get every measurement the
+source block → mono → resample to the model's rate (16 kHz) → VAD segmenter → front end
+(agent/frontend.py, the same code training uses) → head → policy. No threads, no files, no
+network here: the service feeds blocks and drains decisions, tests and benchmarks call the
+same object directly. Observers get every measurement the
 monitoring layer needs without the pipeline knowing what they do with it.
+
+The front end (about 7 ms per utterance on one thread) runs speculatively while the VAD waits
+out its hangover (see agent/vad.py): the audio it sees is exactly the audio the released
+utterance holds, so the result is reused as is and after the release only the head runs.
+`Decision.latency_ms` is the compute after the release; `speculative_ms` counts the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from agent.audio.resample import Resampler, to_mono
 from agent.audio.sources import AudioBlock
 from agent.config import VadConfig
 from agent.decision import Decision, Policy
-from agent.features import extract
 from agent.model import ModelRunner
 from agent.vad import Segmenter, Utterance, VadBlockStats
 
@@ -40,18 +45,23 @@ class Observer(Protocol):
 
 class Pipeline:
     def __init__(self, vad_cfg: VadConfig, model: ModelRunner | None, policy: Policy,
-                 rate: int | None = None) -> None:
+                 rate: int | None = None, speculate: bool = True) -> None:
         if model is None and policy.runs_model:
             raise ValueError("a model is needed unless the automation mode is 'off'")
         self.model = model
         self.policy = policy
-        self.rate = model.manifest.sample_rate if model is not None else (rate or 8000)
-        self.segmenter = Segmenter(vad_cfg, self.rate)
+        self.rate = model.manifest.sample_rate if model is not None else (rate or 16000)
+        self.segmenter = Segmenter(vad_cfg, self.rate,
+                                   speculate=self._speculate if speculate else None)
         self.observers: list[Observer] = []
         self.dropped_frames = 0
         self._resampler: Resampler | None = None
-        if model is not None:  # build feature constants now, not on the first utterance
-            extract(np.zeros(self.rate // 4, np.float32), model.manifest.features)
+        # (audio_start, end, samples) → (model, head input) of speculations not yet released;
+        # several can be pending when one pushed block holds more than one word
+        self._speculated: dict[tuple[int, int, int], tuple[ModelRunner, np.ndarray]] = {}
+        self.speculations = 0       # front-end runs during a hangover
+        self.speculation_hits = 0   # ... reused by the released utterance
+        self.speculative_ms = 0.0   # their compute time
 
     @property
     def clock_s(self) -> float:
@@ -111,6 +121,26 @@ class Pipeline:
         for o in self.observers:
             o.on_block(stats.end / self.rate, stats, dropped)
 
+    def _speculate(self, u: Utterance) -> None:
+        if self.model is None or not self.policy.runs_model:
+            return
+        t0 = time.perf_counter()
+        self._speculated[(u.audio_start, u.end, len(u.audio))] = (self.model,
+                                                                  self.model.features(u.audio))
+        self.speculations += 1
+        self.speculative_ms += (time.perf_counter() - t0) * 1000.0
+
+    def _features(self, u: Utterance) -> np.ndarray:
+        """The head input, from the speculation when it covered exactly this audio."""
+        assert self.model is not None
+        spec = self._speculated.pop((u.audio_start, u.end, len(u.audio)), None)
+        for key in [k for k in self._speculated if k[0] <= u.audio_start]:
+            del self._speculated[key]  # earlier candidates of this word: speech resumed
+        if spec is not None and spec[0] is self.model:
+            self.speculation_hits += 1
+            return spec[1]
+        return self.model.features(u.audio)
+
     def _decide(self, u: Utterance) -> Decision:
         t0 = time.perf_counter()
         probs = None
@@ -118,8 +148,7 @@ class Pipeline:
         accepted = False
         runs = self.model is not None and self.policy.runs_model
         if runs:
-            feats = extract(u.audio, self.model.manifest.features)
-            probs = self.model.predict(feats[None, :])[0]
+            probs = self.model.predict(self._features(u)[None, :])[0]
             label, confidence, margin, accepted = self.policy.decide(
                 probs, self.model.manifest.classes)
         latency_ms = (time.perf_counter() - t0) * 1000.0

@@ -37,8 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
 from agent import __version__
 from agent.audio.sources import (
     AudioBlock,
@@ -53,7 +51,6 @@ from agent.decision import Policy, Thresholds
 from agent.decision_log import DecisionWriter
 from agent.drift import AlarmEvent, AlarmRule, Baseline, DeviceBaselineLearner
 from agent.errors import AgentError, one_line
-from agent.features import extract
 from agent.metric_catalog import METRICS
 from agent.model import ModelRunner
 from agent.monitor import Monitor
@@ -437,7 +434,6 @@ def build_live_parts(cfg: Config, rate: int | None) -> LiveParts:
                          f"{rate} Hz; a model with another rate needs a restart")
     policy = Policy("off", 1.0, m.unknown_label) if cfg.decision.mode == "off" else \
         load_policy(cfg, model)
-    extract(np.zeros(m.sample_rate // 4, np.float32), m.features)  # constants, before the swap
     return LiveParts(cfg, model, policy, cfg.alarm_rules(), cfg.rollup_alarm_rules(),
                      load_training_baseline(cfg, model))
 

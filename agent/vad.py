@@ -10,11 +10,18 @@ inside "six" or "eight" does not split a word), and is force-cut at `max_utteran
 
 Time is the sample counter of the stream pushed in (one clock): every position in an
 `Utterance` is a sample index, so a replayed file gives identical results in any block size.
+
+Speculation: `speculate_after` frames into the hangover the utterance's audio is already final
+if the silence lasts (it ends one frame after the last speech frame), so the segmenter hands
+that candidate to `speculate` (the pipeline runs the front end on it while the hangover runs
+out). When the utterance is released with the same span the work is reused; when speech
+resumes it is thrown away.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,7 +76,9 @@ class Segmenter:
     FLOOR_UP = 0.02
     SILENCE_DB = -100.0
 
-    def __init__(self, cfg: VadConfig, rate: int) -> None:
+    def __init__(self, cfg: VadConfig, rate: int,
+                 speculate: Callable[[Utterance], None] | None = None,
+                 speculate_after: int = 3) -> None:
         if rate not in VAD_RATES:
             raise ConfigError(f"VAD rate {rate} Hz is not supported; allowed: "
                               f"{', '.join(map(str, VAD_RATES))} (set by the model's manifest)")
@@ -91,6 +100,8 @@ class Segmenter:
         self._last_speech_end = 0
         self._speech_count = 0
         self._silence_run = 0
+        self.speculate = speculate
+        self.speculate_after = max(1, speculate_after)
         self.noise_floor_db: float | None = None
         self.frames = 0
         self.speech_frames = 0
@@ -186,10 +197,18 @@ class Segmenter:
             return self._close(forced=True)
         if self._silence_run >= self._hang_frames:
             return self._close(forced=False)
+        if (self.speculate is not None and self._silence_run == self.speculate_after
+                and self._speech_count >= self._min_speech):
+            u = self._build(forced=False)
+            if u is not None:
+                self.speculate(u)
         return None
 
-    def _close(self, forced: bool) -> Utterance | None:
+    def _build(self, forced: bool) -> Utterance | None:
+        """The utterance in progress as it would be released now (None: too little speech)."""
         assert self._active is not None
+        if self._speech_count < self._min_speech:
+            return None
         end = self._clock if forced else self._last_speech_end
         tail = min(self._clock, end + self.frame)          # one frame of release context
         keep = (tail - self._active_first) // self.frame
@@ -198,13 +217,14 @@ class Segmenter:
         skip = (audio_start - self._active_first) // self.frame
         audio = np.concatenate(self._active[skip:keep]) if keep > skip else \
             np.zeros(0, np.float32)
-        speech = self._speech_count
-        start = self._start
+        return Utterance(start=self._start, end=end, audio_start=audio_start, audio=audio,
+                         rate=self.rate, speech_frames=self._speech_count, forced_cut=forced,
+                         emitted_at=self._clock)
+
+    def _close(self, forced: bool) -> Utterance | None:
+        u = self._build(forced)
         self._active = None
         self._recent.clear()
-        if speech < self._min_speech:
+        if u is None:
             self.discarded_short += 1
-            return None
-        return Utterance(start=start, end=end, audio_start=audio_start, audio=audio,
-                         rate=self.rate, speech_frames=speech, forced_cut=forced,
-                         emitted_at=self._clock)
+        return u

@@ -115,8 +115,10 @@ def test_train_without_the_extra_names_the_fix(tmp_path):
 
 
 def test_the_daemon_never_imports_training_libraries():
+    """Nor openwakeword: its two graphs are copied into the model directory at training."""
     code = ("import sys, agent.cli as c; rc = c.main(['demo', '--log-level', 'ERROR']); "
-            "bad = [m for m in ('sklearn', 'skl2onnx') if m in sys.modules]; "
+            "bad = [m for m in ('sklearn', 'skl2onnx', 'openwakeword', 'agent.training') "
+            "if m in sys.modules]; "
             "print('IMPORTED', bad, file=sys.stderr); raise SystemExit(rc or (3 if bad else 0))")
     import subprocess
 

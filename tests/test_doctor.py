@@ -43,9 +43,9 @@ def test_good_setup_passes(state: Path) -> None:
 def test_broken_setup_fails_with_the_reason_and_json_shape(tmp_path: Path) -> None:
     model = tmp_path / "model"
     shutil.copytree(default_model_dir(), model)
-    data = bytearray((model / "model.onnx").read_bytes())
+    data = bytearray((model / "head.onnx").read_bytes())
     data[200] ^= 0x01  # one bit: the sha256 must catch it
-    (model / "model.onnx").write_bytes(bytes(data))
+    (model / "head.onnx").write_bytes(bytes(data))
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     r = eva("doctor", "--json", "--source", str(demo_audio()), "--model", str(model),

@@ -152,7 +152,7 @@ def test_block_size_does_not_change_the_telemetry(tmp_path):
     b, _ = run_agent(tmp_path / "b", demo_audio(), "--audio-block-ms", "700")
     assert strip(a) == strip(b)
     stats = of(a, "stats")
-    assert sum(s["counts"]["frames"] for s in stats) == int(21.521 * 8000) // 240
+    assert sum(s["counts"]["frames"] for s in stats) == int(21.521 * 16000) // 480
 
 
 @pytest.mark.slow

@@ -387,7 +387,7 @@ def test_reload_parts_refuse_a_tampered_model(tmp_path: Path) -> None:
 
     model = tmp_path / "model"
     shutil.copytree(default_model_dir(), model)
-    with open(model / "model.onnx", "r+b") as f:
+    with open(model / "embedding_model.onnx", "r+b") as f:
         f.seek(100)
         b = f.read(1)
         f.seek(100)
@@ -395,13 +395,14 @@ def test_reload_parts_refuse_a_tampered_model(tmp_path: Path) -> None:
     cfg = Config()
     cfg.model.path = str(model)
     cfg.decision.threshold = 0.5
-    with pytest.raises(AgentError, match="sha256"):
-        service.build_live_parts(cfg, 8000)
+    with pytest.raises(AgentError, match="embedding_model.onnx .*sha256") as e:
+        service.build_live_parts(cfg, 16000)
+    assert "\n" not in str(e.value)
     cfg.model.path = ""
-    parts = service.build_live_parts(cfg, 8000)  # the bundled model builds completely
+    parts = service.build_live_parts(cfg, 16000)  # the bundled model builds completely
     assert parts.policy.threshold == 0.5 and parts.rules
     with pytest.raises(AgentError, match="another rate needs a restart"):
-        service.build_live_parts(cfg, 16000)
+        service.build_live_parts(cfg, 8000)
 
 
 def test_restart_needed_names_only_settings_a_reload_cannot_apply() -> None:

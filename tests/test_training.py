@@ -28,7 +28,8 @@ def trained(tmp_path_factory, fsdd):
 
 def test_training_writes_every_artefact(trained):
     root, log = trained
-    for f in ("model/model.onnx", "model/manifest.json", "model/MODEL_CARD.md",
+    for f in ("model/head.onnx", "model/melspectrogram.onnx", "model/embedding_model.onnx",
+              "model/NOTICE", "model/manifest.json", "model/MODEL_CARD.md",
               "model/evaluation.json", "calib/thresholds.json", "calib/baseline.json",
               "calib/oof.npz"):
         assert (root / f).is_file(), f
@@ -71,7 +72,7 @@ def test_threshold_file_is_produced_and_loaded(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"threshold {thr['threshold']:.3f}" in r.stderr
     decisions = [json.loads(x) for x in r.stdout.splitlines()]
-    assert decisions and all(d["model"] == "tiny@1.0.0" for d in decisions)
+    assert decisions and all(d["model"] == "tiny@2.0.0" for d in decisions)
     assert all(d["accepted"] == (d["confidence"] >= thr["threshold"] and d["label"] != "unknown")
                for d in decisions)
     # a thresholds file for another model build is refused, not silently used

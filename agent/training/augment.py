@@ -1,4 +1,4 @@
-"""Waveform augmentation and open-set negatives, numpy only, 8 kHz.
+"""Waveform augmentation and open-set negatives, numpy only, at the front end's 16 kHz.
 
 Augmentation targets what differs between speakers and rooms: speed (a joint pitch and
 vocal-tract-length warp once the front end normalises time), gain, white noise at 5-30 dB SNR,
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SR = 8000
+SR = 16000
 
 
 @dataclass(frozen=True)

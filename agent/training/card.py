@@ -6,6 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def _head_dim(manifest: dict[str, Any]) -> int:
+    f = manifest["frontend"]
+    return (f["n_embeddings"] + 2) * f["embedding_dim"]
+
+
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
@@ -19,7 +24,7 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         f"# Model card: {manifest['name']} {manifest['version']}",
         "",
         "Recognises the spoken English digits zero to nine, plus `unknown` for anything else, "
-        "from one utterance cut out by the agent's VAD (8 kHz mono). Runs in ONNX Runtime on a "
+        "from one utterance cut out by the agent's VAD (16 kHz mono). Runs in ONNX Runtime on a "
         "CPU; calibrated probabilities come straight out of the graph.",
         "",
         "## Data",
@@ -40,10 +45,10 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "",
         "## Method",
         "",
-        "Front end (`agent/features.py`, shared with the daemon): log-mel with spectral noise "
-        "subtraction, silence trimming, one mean/variance normalisation per utterance, time "
-        "alignment to 32 frames both linearly and along spectral change, DCT-13 "
-        f"({manifest['features']['n_frames'] * manifest['features']['n_ceps'] * 2} values). "
+        "Front end (`agent/frontend.py`, shared with the daemon): Google's pretrained "
+        "speech_embedding (see NOTICE) on a 1.5 s window at 16 kHz, band-limited to 4 kHz, the "
+        "utterance centred and padded with background noise; 9 embedding frames flattened plus "
+        f"their mean and max ({_head_dim(manifest)} values). "
         f"Augmentation of each real clip ({recipe['aug_copies']} copies): speed 0.85-1.15 "
         "(pitch and vocal-tract warp), gain -20..+6 dB, white noise 5-30 dB SNR (70 %), "
         "VAD-like padding (50 %). Classifier: StandardScaler → MLP "

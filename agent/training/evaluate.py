@@ -17,10 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.features import FeatureParams, extract
+from agent.audio.resample import Resampler
+from agent.frontend import DEFAULT as _PARAMS
+from agent.frontend import features
 from agent.training import augment as A
 from agent.training import synth as S
 from agent.training.dataset import ACCENTS, discover, load_audio
+from agent.training.pretrained import fetch, training_embedder
 from agent.training.recipe import (
     CLASSES,
     DIGITS,
@@ -34,14 +37,12 @@ from agent.training.recipe import (
     threshold_for_precision,
 )
 
-_PARAMS = FeatureParams()
-
 
 def _feature_job(args: tuple) -> np.ndarray:
     x, seed, aug = args
     if seed is not None:
         x = A.random_augment(x, np.random.default_rng(seed), aug)
-    return extract(x, _PARAMS)
+    return features(x, training_embedder())
 
 
 def featurize(pool, audio: list[np.ndarray], seeds: list[int] | None = None,
@@ -50,6 +51,15 @@ def featurize(pool, audio: list[np.ndarray], seeds: list[int] | None = None,
     out = pool.map(_feature_job, [(x, s, aug) for x, s in zip(audio, seeds, strict=True)],
                    chunksize=64)
     return np.stack(out).astype(np.float32)
+
+
+def _to_model_rate(clips: list[np.ndarray]) -> list[np.ndarray]:
+    """Synthetic clips are made at S.SR; the front end runs at 16 kHz (same soxr as load_audio)."""
+    out = []
+    for x in clips:
+        r = Resampler(S.SR, _PARAMS.sample_rate)
+        out.append(np.concatenate([r.process(np.asarray(x, np.float32)), r.flush()]))
+    return out
 
 
 @dataclass
@@ -85,6 +95,7 @@ def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
                   speakers: set[str] | None = None, limit_per_class: int | None = None,
                   workers: int = 2, log=print) -> DataSet:
     t0 = time.perf_counter()
+    fetch(log=log)  # once, before the workers need the verified graphs
     clips = discover(data_dir, speakers)
     if limit_per_class:
         seen: dict[tuple, int] = {}
@@ -102,6 +113,7 @@ def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
                           0, workers, log)
     na, nw = S.synthesize(cache, "negatives", S.NEG_WORDS, r.n_neg_words_espeak,
                           r.n_neg_words_flite, r.n_neg_words_festival, 1, workers, log)
+    sa, na = _to_model_rate(sa), _to_model_rate(na)
     rng = np.random.default_rng(seed)
     negs: list[tuple[np.ndarray, str, str]] = [
         (x, "negA" if w % 2 == 0 else "negB", "word") for x, w in zip(na, nw, strict=True)]

@@ -1,7 +1,8 @@
 """Recordings → data → leave-one-speaker-out evaluation → final fit → the shipped artefacts.
 
-One seeded run writes everything the daemon and the operator need: `models/<name>/model.onnx`
-(calibrated probabilities inside), `manifest.json`, `MODEL_CARD.md`, `evaluation.json`, and
+One seeded run writes everything the daemon and the operator need: `models/<name>/` with the
+pretrained front-end graphs, `head.onnx` (calibrated probabilities inside), `manifest.json`,
+`NOTICE`, `MODEL_CARD.md`, `evaluation.json`, and
 `calibration/<name>/thresholds.json`, `oof.npz` and `baseline.json`.
 """
 
@@ -16,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from agent.features import FeatureParams, extract
-from agent.model import MANIFEST, ONNX_FILE, Manifest, ModelRunner, sha256_file
+from agent.frontend import FrontendParams
+from agent.model import ModelRunner
 from agent.training import card
 from agent.training.calibrate import OOF_FILE, calibrate
 from agent.training.dataset import load_audio
 from agent.training.evaluate import build_dataset, loso
 from agent.training.export import check_against_sklearn, to_onnx_bytes
+from agent.training.modeldir import write_model_directory
 from agent.training.recipe import CLASSES, UNKNOWN, Recipe, fit
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / \
@@ -71,24 +73,23 @@ def target_table(report: dict[str, Any], size: int, latency: float) -> dict[str,
 def measure_latency(model_dir: Path, clips: list[np.ndarray], n: int = 200) -> float:
     """Median features + inference time per utterance, one ONNX Runtime thread."""
     runner = ModelRunner(model_dir, threads=1)
-    p = runner.manifest.features
     times = []
     for x in (clips * (1 + n // max(1, len(clips))))[:n]:
         t0 = time.perf_counter()
-        runner.predict(extract(x, p)[None])
+        runner.predict(runner.features(x)[None])
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1000)
 
 
 def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path, *,
-          name: str = "fsdd-digits", version: str = "1.0.0", seed: int = 0,
+          name: str = "fsdd-digits", version: str = "2.0.0", seed: int = 0,
           speakers: set[str] | None = None, limit_per_class: int | None = None,
           recipe: Recipe | None = None, cache: Path | None = None, workers: int = 2,
           log=print) -> TrainResult:
     t0 = time.perf_counter()
     r = recipe or Recipe()
     out_dir, calibration_dir = Path(out_dir), Path(calibration_dir)
-    params = FeatureParams()
+    params = FrontendParams()
     ds = build_dataset(Path(data_dir), cache or DEFAULT_CACHE, r, seed, speakers,
                        limit_per_class, workers, log)
     report = loso(ds, r, seed, workers, log)
@@ -102,15 +103,11 @@ def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path
     gap = check_against_sklearn(blob, model, t, ds.test["clean"][:256])
     if gap > 1e-4:
         raise SystemExit(f"train: ONNX export differs from scikit-learn by {gap:.2e}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     calibration_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / ONNX_FILE
-    onnx_path.write_bytes(blob)
-    digest = sha256_file(onnx_path)
     pub = public(report)
-    manifest = Manifest(
-        name=name, version=version, classes=CLASSES, sample_rate=params.sample_rate,
-        features=params, sha256=digest, unknown_label=UNKNOWN,
+    manifest = write_model_directory(
+        out_dir, name=name, version=version, classes=CLASSES, unknown_label=UNKNOWN,
+        heads={"head": blob}, head_io={"head": ("features", "probabilities")}, params=params,
         training={"data": "Free Spoken Digit Dataset (CC BY-SA 4.0) + synthetic speech",
                   "counts": ds.counts, "speakers": pub["speakers"], "seed": seed,
                   "recipe": r.to_dict(), "classifier": " → ".join(
@@ -118,7 +115,7 @@ def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path
                   "temperature": t, "onnx_max_abs_diff": gap,
                   "loso_accuracy": {k: round(v["mean"], 4)
                                     for k, v in pub["conditions"].items()}})
-    (out_dir / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    digest = manifest.sha256
     (out_dir / "evaluation.json").write_text(json.dumps(pub, indent=1) + "\n")
     th = pub["threshold"]
     (calibration_dir / "thresholds.json").write_text(json.dumps({
@@ -133,7 +130,7 @@ def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path
     latency = measure_latency(out_dir, [load_audio(c.path, params.sample_rate)
                                         for c in clips[::25]])
     secs = time.perf_counter() - t0
-    size = onnx_path.stat().st_size
+    size = sum((out_dir / c.file).stat().st_size for c in manifest.components)
     (out_dir / "MODEL_CARD.md").write_text(card.render(
         manifest.to_dict(), pub, r.to_dict(), size, latency, secs,
         target_table(pub, size, latency)))

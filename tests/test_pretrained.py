@@ -1,0 +1,62 @@
+"""The pretrained front end is taken only from the pinned wheel, and only when every hash
+matches; anything else is refused with one line naming the file and the fix."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+
+from agent.errors import AgentError
+from agent.training import pretrained as P
+
+
+def one_line_refusal(fn, *args, match: str) -> str:
+    with pytest.raises(AgentError, match=match) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def fake_wheel(path, members: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def test_a_wheel_with_the_wrong_hash_is_refused_before_anything_is_extracted(tmp_path):
+    fake_wheel(tmp_path / P.WHEEL, {f.member: b"x" for f in P.FILES})
+    msg = one_line_refusal(P.fetch, tmp_path, match="sha256")
+    assert P.WHEEL in msg and "fetch again" in msg
+    assert not (tmp_path / f"{P.PACKAGE}-{P.VERSION}").exists()
+
+
+def test_a_tampered_member_is_refused(tmp_path):
+    """Even inside a wheel that got past the wheel check, each file is checked on its own."""
+    wheel = tmp_path / "w.whl"
+    fake_wheel(wheel, {f.member: b"tampered" for f in P.FILES})
+    msg = one_line_refusal(P.extract, wheel, tmp_path / "out", match="sha256")
+    assert "melspectrogram.onnx" in msg and "refusing" in msg
+    assert not (tmp_path / "out" / "melspectrogram.onnx").exists()
+
+
+def test_a_wheel_lacking_a_member_is_refused(tmp_path):
+    wheel = tmp_path / "w.whl"
+    fake_wheel(wheel, {"something/else.py": b""})
+    one_line_refusal(P.extract, wheel, tmp_path / "out", match="lacks")
+
+
+def test_fetch_verifies_the_real_wheel_and_a_tampered_extracted_file_is_refused(tmp_path):
+    """The real pinned wheel (downloaded by pip into the cache, or reused from it)."""
+    d = P.fetch()
+    for f in P.FILES:
+        assert (d / f.name).stat().st_size == f.size
+        if f.sha256:
+            assert P.sha256_path(d / f.name) == f.sha256
+    copy = tmp_path / "x"
+    copy.mkdir()
+    for f in P.FILES:
+        data = (d / f.name).read_bytes()
+        (copy / f.name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]) if f.sha256 else data)
+    one_line_refusal(P.verify_extracted, copy, match="sha256")
