@@ -642,6 +642,9 @@ class Service:
         if self.audio_down:
             return  # one line and one alarm per outage
         self.audio_down = True
+        # What was heard before the loss is complete: run the resampler's tail through now, so
+        # the alarm carries the audio clock of the loss itself (not minus the filter delay).
+        self.writer.write(self.pipeline.skip(0))
         log.warning("audio source %s lost (%s); retrying with back-off up to %g s, resuming "
                     "when it returns (logged once per outage)", self.source_desc, ev.reason,
                     self.retry.max_s)

@@ -152,23 +152,25 @@ def test_speculation_during_the_hangover_changes_no_decision(model):
     """The front end runs on the candidate utterance while the VAD waits out its hangover; the
     released utterance reuses it only when it is exactly the same audio, so decisions and
     probabilities are identical with and without speculation."""
+    class Spy:
+        def __init__(self):
+            self.seen = []
+
+        def on_block(self, *a):
+            pass
+
+        def on_outcome(self, o):
+            self.seen.append(o)
+
     runs = {}
     for speculate in (False, True):
-        seen = []
-
-        class Spy:
-            def on_block(self, *a):
-                pass
-
-            def on_outcome(self, o):
-                seen.append(o)
-
+        spy = Spy()
         p = Pipeline(VadConfig(), model, Policy("full", 0.0), speculate=speculate)
-        p.observers.append(Spy())
+        p.observers.append(spy)
         for block in FileSource(demo_audio(), block_ms=100):
             p.feed(AudioBlock(block.samples, block.rate))
         p.finish()
-        runs[speculate] = (p, seen)
+        runs[speculate] = (p, spy.seen)
     plain, spec = runs[False][1], runs[True][1]
     assert len(plain) == len(spec) >= 10
     for a, b in zip(plain, spec, strict=True):

@@ -60,3 +60,18 @@ def test_fetch_verifies_the_real_wheel_and_a_tampered_extracted_file_is_refused(
         data = (d / f.name).read_bytes()
         (copy / f.name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]) if f.sha256 else data)
     one_line_refusal(P.verify_extracted, copy, match="sha256")
+
+
+def test_notice_states_provenance_both_licences_and_the_pins():
+    """The repository's NOTICE and the bundled model's are the text the export writes."""
+    from agent.resources import default_model_dir
+    from agent.training.modeldir import notice_text
+    from tests.conftest import ROOT
+
+    text = notice_text()
+    assert (ROOT / "NOTICE").read_text() == text
+    assert (default_model_dir() / "NOTICE").read_text() == text
+    for needle in ("Lin", "2020", "speech_embedding", "Apache", "CC BY-NC-SA 4.0",
+                   f"{P.PACKAGE}=={P.VERSION}", P.WHEEL_SHA256, *[f.sha256 for f in P.FILES
+                                                               if f.sha256]):
+        assert needle in text, needle

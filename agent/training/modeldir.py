@@ -17,7 +17,8 @@ from agent.model import MANIFEST, Component, Manifest, ModelRunner, sha256_file
 from agent.training import pretrained as P
 
 NOTICE_FILE = "NOTICE"
-HEAD_LICENCE = "MIT (this project; trained on FSDD, CC BY-SA 4.0, and synthetic speech)"
+HEAD_LICENCE = ("MIT (this project); trained on FSDD (CC BY-SA 4.0), Speech Commands (CC BY 4.0, "
+                "Warden 2018) and synthetic speech")
 HEAD_FILES = {"head": "head.onnx", "rejector": "rejector.onnx"}
 
 
@@ -60,8 +61,8 @@ daemon at every load; the device never downloads them and never imports openwake
       {emb.sha256}
 
 Trained heads (head.onnx, rejector.onnx) are this project's, under its MIT licence, trained
-on the Free Spoken Digit Dataset (CC BY-SA 4.0), Speech Commands (CC BY 4.0) where used, and
-synthetic speech.
+on the Free Spoken Digit Dataset (Jakobovski et al., CC BY-SA 4.0), Speech Commands (Warden
+2018, CC BY 4.0) where used, and synthetic speech.
 """
 
 
