@@ -42,12 +42,7 @@ class ShadowResult:
 
 def features_of(model: ModelRunner, audio: np.ndarray) -> np.ndarray:
     """The model's input for one utterance, computed as the pipeline computes it."""
-    f = getattr(model, "features", None)
-    if callable(f):  # a model that owns its front end
-        return f(audio)
-    from agent.features import extract
-
-    return extract(audio, model.manifest.features)
+    return model.features(audio)
 
 
 def share_front_end(active: ModelRunner, candidate: ModelRunner) -> bool:
