@@ -58,7 +58,7 @@ class VadConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = _f("", "model directory (model.onnx + manifest.json); empty = bundled default",
+    path: str = _f("", "model directory (manifest.json + its components); empty = bundled default",
                    alias="model")
     threads: int = _f(1, "ONNX Runtime intra-op threads", lo=1, hi=64)
     thresholds: str = _f("", "thresholds.json for this model; empty = the bundled "

@@ -117,14 +117,15 @@ def check_audio_source(cfg: Config) -> Check:
 
 # --- model and calibration ------------------------------------------------------------------
 def check_model(cfg: Config) -> Check:
-    """Loads the model the way the service does: sha256 of model.onnx against the manifest."""
+    """Loads the model the way the service does: every component's sha256 against the manifest."""
     from agent.service import load_model
 
     try:
         m = load_model(cfg).manifest
     except Exception as e:  # noqa: BLE001
         return Check("model", FAIL, _msg(e))
-    return Check("model", OK, f"{m.ref} at {m.sample_rate} Hz, sha256 {m.sha256[:12]}… verified")
+    return Check("model", OK, f"{m.ref} at {m.sample_rate} Hz, {len(m.components)} components "
+                 f"verified (build sha256 {m.sha256[:12]}…)")
 
 
 def _manifest(cfg: Config):
