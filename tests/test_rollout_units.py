@@ -147,3 +147,34 @@ def test_switch_to_another_rate_keeps_the_clock_and_observers():
     assert abs(p2.clock_s - heard) <= 0.1     # and the clock still counts the audio heard
     same, none = retarget(p2, p2.model, policy)
     assert same is p2 and none == []
+
+
+def test_fleet_rollout_status_groups_devices_by_cohort_from_their_stats():
+    import json
+
+    from agent.fleet.rollout import render_text, summarize
+    from agent.rollout.cohort import in_cohort
+
+    cmd = {"schema": 1, "id": "r-9", "model": {"name": "m", "version": "2", "sha256": "b" * 64},
+           "percent": 50, "mode": "shadow"}
+    ids = [f"d{i}" for i in range(8)]
+    devices = {}
+    for d in ids:
+        inside = in_cohort("r-9", d, 50)
+        devices[d] = {"online": True, "model": {"name": "m", "version": "1", "slot": "bundled"},
+                      "abstain_rate": 0.2, "estimated_accuracy": {"value": 0.9}, "events": [],
+                      "last_window": {"model": {"name": "m", "version": "1", "slot": "bundled"},
+                                      "rollout": {"id": "r-9", "state": "shadow" if inside
+                                                  else "out_of_cohort", "probation": None,
+                                                  "shadow": {"agreement": 0.75,
+                                                             "abstain_rate": 0.5}
+                                                  if inside else None}}}
+    r = summarize({"devices": devices}, {"fleet": json.dumps(cmd).encode()}, "eva")
+    assert {x["device"] for x in r["cohorts"]["in"]} == {d for d in ids if in_cohort("r-9", d, 50)}
+    assert all(x["state"] == "shadow" and x["shadow_agreement"] == 0.75
+               for x in r["cohorts"]["in"])
+    assert all(x["state"] == "out_of_cohort" for x in r["cohorts"]["out"])
+    text = render_text(r)
+    assert "cohort in (" in text and "shadow agree" in text and "bundled" in text
+    bad = summarize({"devices": devices}, {"fleet": b"{oops"}, "eva")
+    assert "invalid" in bad["fleet_rollout"] and len(bad["cohorts"]["unknown"]) == len(ids)
