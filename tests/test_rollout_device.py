@@ -154,3 +154,19 @@ def test_good_candidate_passes_probation_and_is_committed(tmp_path, stream):
     assert stats[-1]["model"] == {**stats[-1]["model"], "version": good.version, "slot": "store"}
     assert decisions[-1]["model"] == good.ref
     assert json.loads((state / "models" / "pointers.json").read_text())["active"] == good.ref
+
+
+def test_agent_restarting_again_and_again_during_probation_rolls_back(tmp_path, stream):
+    from agent.rollout.store import ModelStore, Probation
+
+    state = tmp_path / "state"
+    store = ModelStore(state)
+    ref = store.install(derive(tmp_path / "m", version="9.0.0-crashy"), ACTIVE)
+    # three starts already happened during this probation without it ever ending
+    store.activate(ref, ACTIVE, Probation(ref=ref, previous=ACTIVE.ref, windows_total=5,
+                                          starts=3))
+    msgs, decisions = run(tmp_path, stream, state)
+    (e,) = [e for e in of(msgs, "event") if e["event"] == "rolled_back"]
+    assert e["model"] == ref and "started 4 times during probation" in e["reason"]
+    assert decisions[-1]["model"] == ACTIVE.ref
+    assert json.loads((state / "models" / "pointers.json").read_text())["active"] is None
