@@ -59,7 +59,7 @@ def deliver(state: Path, model_dir: Path, mode: str, rollout_id: str = "r-1") ->
 
 @pytest.fixture(scope="module")
 def stream(make_stream) -> Path:
-    return make_stream(seconds=150, seed=31).with_suffix(".wav")
+    return make_stream(seconds=100, seed=31).with_suffix(".wav")
 
 
 def test_shadow_stats_in_telemetry_and_active_decisions_unchanged(tmp_path, stream):
@@ -67,12 +67,12 @@ def test_shadow_stats_in_telemetry_and_active_decisions_unchanged(tmp_path, stre
     # A fixed, strict threshold: the active model then abstains on some utterances whatever
     # its calibration (a model that accepts every word of its training speakers is fine too).
     strict = ("--threshold", "0.99")
-    _, plain = run(tmp_path / "a", stream, tmp_path / "a" / "state", "--window", "30", *strict)
+    _, plain = run(tmp_path / "a", stream, tmp_path / "a" / "state", "--window", "20", *strict)
     state = tmp_path / "b" / "state"
     c = deliver(state, derive(tmp_path / "cand", behaviour="abstain", version="9.0.0-shadow"),
                 "shadow")
     (tmp_path / "b").mkdir(exist_ok=True)
-    msgs, shadowed = run(tmp_path / "b", stream, state, "--window", "30", *strict)
+    msgs, shadowed = run(tmp_path / "b", stream, state, "--window", "20", *strict)
     key = ("start", "end", "label", "confidence", "accepted", "model")
     assert [[d[k] for k in key] for d in shadowed] == [[d[k] for k in key] for d in plain]
     assert all(d["model"] == ACTIVE.ref for d in shadowed)
@@ -141,9 +141,9 @@ def test_good_candidate_passes_probation_and_is_committed(tmp_path, stream):
     good = deliver(state, derive(tmp_path / "good", version="9.0.0-good"), "activate")
     # the same model on the next minutes of the stream: only sampling noise differs, so the
     # limits are wide here (a handful of utterances per window); this checks the commit path
-    msgs, decisions = run(tmp_path, stream, state, "--window", "30",
+    msgs, decisions = run(tmp_path, stream, state,
                           "--rollout-baseline-windows", "2", "--rollout-probation-windows", "2",
-                          "--rollout-min-utterances", "5", "--rollout-max-abstain-increase",
+                          "--rollout-min-utterances", "2", "--rollout-max-abstain-increase",
                           "0.6", "--rollout-max-accuracy-drop", "0.4",
                           "--rollout-max-latency-ratio", "50", "--rollout-max-retry-increase",
                           "0.9")

@@ -76,7 +76,7 @@ def test_export_then_labelled_names_are_training_clips(tmp_path):
 
 
 def test_agent_keeps_samples_only_when_enabled_and_never_publishes_them(tmp_path, make_stream):
-    wav = make_stream(seconds=60, seed=51).with_suffix(".wav")
+    wav = make_stream(seconds=30, seed=51).with_suffix(".wav")
     base = ("run", "--source", str(wav), "--window", "10", "--device-id", "dev-1",
             "--log-level", "WARNING")
     off = tmp_path / "off"
