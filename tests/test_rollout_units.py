@@ -178,3 +178,62 @@ def test_fleet_rollout_status_groups_devices_by_cohort_from_their_stats():
     assert "cohort in (" in text and "shadow agree" in text and "bundled" in text
     bad = summarize({"devices": devices}, {"fleet": b"{oops"}, "eva")
     assert "invalid" in bad["fleet_rollout"] and len(bad["cohorts"]["unknown"]) == len(ids)
+
+
+class FakeMonitor:
+    prefix = "eva"
+
+    def __init__(self):
+        self.sections, self.events, self.alarms, self.held_alarms = [], [], [], set()
+
+    def emit_event(self, e):
+        self.events.append(dict(e))
+
+    def service_alarm(self, e):
+        self.alarms.append(e)
+
+
+class FakeHost:
+    device_id = "dev-1"
+
+    def __init__(self, pipeline):
+        self.pipeline, self.monitor, self.switches = pipeline, FakeMonitor(), 0
+
+    def switch_model(self):
+        self.switches += 1
+
+
+def test_local_activation_starts_probation_against_the_models_recent_values(tmp_path):
+    """`models activate` + reload: the daemon picks the probation up with a baseline from
+    what ran before; `models rollback` + reload ends it."""
+    from agent.config import Config
+    from agent.model import ModelRunner
+    from agent.rollout.device import RolloutController
+    from agent.rollout.store import ModelStore, Probation
+    from tests.rollout_models import derive
+
+    cfg = Config()
+    cfg.agent.state_dir = str(tmp_path / "state")
+    bundled = ModelRunner(default_model_dir())
+    policy = Policy("partial", 0.5, bundled.manifest.unknown_label)
+    host = FakeHost(Pipeline(VadConfig(), bundled, policy))
+    ctl = RolloutController(cfg, host, pinned=False)
+    assert ctl.window_sections in host.monitor.sections and ctl.experience in \
+        host.pipeline.observers
+    for ab in (0.1, 0.3, 0.2):
+        ctl.recent.add(kpis(10, ab))
+    store = ModelStore(cfg.state_path())
+    ref = store.install(derive(tmp_path / "m", version="9.0.0-local"), bundled.manifest)
+    store.activate(ref, bundled.manifest, Probation(ref=ref, previous=bundled.manifest.ref,
+                                                    windows_total=4))
+    host.pipeline.model = store.verify(ref)  # what the reload swapped in
+    ctl.on_reload()
+    assert ctl.state == "probation" and ctl.probation.ref == ref
+    assert ctl.probation.baseline["abstain_rate"] == 0.2
+    assert store.pointers().probation.baseline["abstain_rate"] == 0.2  # persisted
+    assert host.monitor.events[-1]["event"] == "activated"
+    assert ctl.section()["probation"] == {"windows_done": 0, "windows_total": 4}
+    store.rollback()
+    host.pipeline.model = bundled
+    ctl.on_reload()
+    assert ctl.probation is None and ctl.state == "idle"
