@@ -319,7 +319,7 @@ def test_mqtt_telemetry_resumes_when_space_returns_with_every_lost_window_counte
             broker.stop()
             filler = fill(state)
             for i in range(3, 13):  # full disk, broker away: lost or kept, never raised
-                sink.publish(Message("eva/devf/stats", {"seq": i}))
+                sink.publish(Message("eva/devf/stats", {"seq": i, "pad": "x" * 20_000}))
             filler.unlink()         # space returns ...
             broker.start()          # ... and the broker
             sink.publish(Message("eva/devf/stats", {"seq": 13}))
@@ -493,3 +493,29 @@ def test_corruption_found_while_running_quarantines_and_carries_on(tmp_path: Pat
         assert p["seq"] == 4 and p["outbox_dropped"] == 4  # 3 unsent rows + the failed one
     ((orig, moved),) = health.quarantined
     assert orig == path and moved.exists()
+
+
+def test_daemon_on_a_200k_state_disk_with_the_broker_down_counts_every_lost_window(
+        tmp_path: Path) -> None:
+    """The issue's reproduction: the state directory on a 200 kB tmpfs, the broker down, the
+    windows filling the disk. The run completes, the outbox keeps its free-space reserve, and
+    every message missing from it is counted by `outbox_dropped` on a later one."""
+    from tests.mqtt_fixtures import free_port
+
+    with tiny_fs(tmp_path / "state") as state:
+        cfg = _cfg(tmp_path, demo_audio(), state)
+        cfg.telemetry.sink = f"mqtt://127.0.0.1:{free_port()}"
+        cfg.telemetry.drain_timeout_s = 0.0
+        summary = service.run(cfg)
+        st = os.statvfs(state)
+        free = st.f_bavail * st.f_frsize
+        with Outbox(state / OUTBOX_FILENAME) as ob:
+            rows = [json.loads(r.payload) for r in ob.peek(limit=10_000)]
+            pending = ob.pending_dropped()
+    assert summary.decisions >= 10 and summary.windows >= 21
+    assert free >= 48 * 1024  # the outbox kept its reserve (64 kB here) free
+    seqs = [p["seq"] for p in rows]
+    assert seqs == sorted(seqs) and len(seqs) < summary.windows  # the disk did run out
+    missing = (seqs[-1] + 1) - len(seqs)
+    assert missing > 0 and sum(p.get("outbox_dropped", 0) for p in rows) == missing
+    assert pending == 0  # nothing lost after the last row kept

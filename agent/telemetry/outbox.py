@@ -26,8 +26,9 @@ Contract:
   then carried by the next message that fits), the failure is reported once to `StateHealth`,
   and appends resume when space returns. `close()` never raises.
 - Free space: besides its own bounds the outbox keeps `reserve_bytes` (at most a tenth of the
-  file system) free; below that, the oldest rows make room instead of the file growing. The
-  WAL file is bounded too (`journal_size_limit`, and a truncating checkpoint when it is over).
+  file system, at least 64 KiB) free; below that, the oldest rows make room instead of the file
+  growing. The WAL file is bounded too (`journal_size_limit`, and a truncating checkpoint when
+  it is over its bound, or over a quarter of the room left when space runs short).
 - Ages use the outbox clock: monotonic within a process (a wall-clock step expires nothing);
   across a restart it continues from the last stored value plus the downtime the wall clock
   reports, trusted only when both readings are plausible (after `agent.clock.SYNC_FLOOR`) and
@@ -63,6 +64,9 @@ OUTBOX_FILENAME = "telemetry-outbox.sqlite3"
 PART = "outbox"          # the part name in StateHealth reports
 REOPEN_EVERY_S = 5.0     # a database that could not be opened (disk full) is retried this often
 CLOCK_STORE_S = 60.0     # the outbox clock is stored with an append at most this often
+# The free-space reserve is at most a tenth of the file system but never below this: room for
+# one append's WAL frames and a checkpoint, so a full disk cannot wedge the outbox.
+MIN_RESERVE_BYTES = 64 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -180,7 +184,7 @@ class Outbox:
         self.acked_total = 0
         self._closed = False
         self._reopen_at = 0.0
-        self._low_space = False
+        self._wal_cap = 2 * self.limits.wal_limit
         self._clock_stored = -1e18
         self._open_error: BaseException = OSError("not opened yet")
         self._mono0 = clock()
@@ -421,10 +425,16 @@ class Outbox:
             st = os.statvfs(self._dir)
         except OSError:
             return self.limits.max_bytes
-        reserve = min(self.limits.reserve_bytes, st.f_blocks * st.f_frsize // 10)
+        reserve = min(self.limits.reserve_bytes,
+                      max(st.f_blocks * st.f_frsize // 10, MIN_RESERVE_BYTES))
         room = st.f_bavail * st.f_frsize - reserve
-        self._low_space = room < self.limits.wal_limit  # keep the WAL short too
-        return min(self.limits.max_bytes, self._bytes + max(0, room // 2))
+        # Short of space the WAL is kept to a fraction of what is left (down to truncating it
+        # after every append): a WAL that fills the disk cannot even be checkpointed.
+        self._wal_cap = 2 * self.limits.wal_limit if room >= 8 * self.limits.wal_limit \
+            else max(0, room) // 4
+        # At the reserve a new row replaces old ones of about its size (their pages are
+        # reused, the file does not grow); the slack covers its outbox_dropped field.
+        return min(self.limits.max_bytes, self._bytes + max(256, room // 2))
 
     def _wal_size(self) -> int:
         try:
@@ -435,8 +445,7 @@ class Outbox:
     def _bound_wal_locked(self) -> None:
         """The producer's own safety net: when no checkpoint kept up (publisher stalled, file
         replayed at full speed) the WAL is copied back and truncated here."""
-        limit = 64 * 1024 if self._low_space else 2 * self.limits.wal_limit
-        if self._db is None or self._wal_size() <= limit:
+        if self._db is None or self._wal_size() <= self._wal_cap:
             return
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
