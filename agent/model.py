@@ -3,7 +3,9 @@
 A model directory holds several components, each an ONNX graph listed in `manifest.json` with
 its name, file, role, version, licence and sha256:
 
-* `melspectrogram` and `embedding` — the pretrained front end (see agent/frontend.py, NOTICE);
+* `melspectrogram` and `embedding` — the pretrained front end the daemon runs (see
+  agent/frontend.py, NOTICE), and `embedding_source`, the pinned graph `embedding` was derived
+  from (kept for provenance and checked like the rest, never loaded);
 * `head` — the trained classifier: head input (1,056 floats) → calibrated class probabilities;
 * `rejector` (optional) — head input → p_in, the probability that the utterance is one of the
   known classes at all ((n, 2) with p_in in column 1, or (n, 1)). With a rejector, `predict`
@@ -33,7 +35,7 @@ from agent.frontend import FrontendParams, SpeechEmbedding, features
 
 MANIFEST = "manifest.json"
 FORMAT = 2
-ROLES = ("melspectrogram", "embedding", "head", "rejector")
+ROLES = ("melspectrogram", "embedding", "embedding_source", "head", "rejector")
 REQUIRED_ROLES = ("melspectrogram", "embedding", "head")
 RETRAIN = "re-export the model with 'edge-voice-agent train'"
 

@@ -180,3 +180,25 @@ def test_speculation_during_the_hangover_changes_no_decision(model):
     assert runs[False][0].speculations == 0
     assert p.speculation_hits >= 0.8 * len(spec)   # most words end in one clean silence
     assert p.speculations >= p.speculation_hits
+
+
+def test_streaming_embedding_graph_equals_the_pinned_graph_window_by_window(model):
+    """The daemon runs embedding_stream.onnx (the pinned network over a whole sequence in one
+    call); on a real utterance it gives the pinned embedding_model.onnx's nine embeddings, each
+    computed on its own 76-frame window. Observed difference: 0; allowed: 1e-5."""
+    import onnxruntime as ort
+
+    d = default_model_dir()
+    m = model.manifest
+    assert m.component("embedding").file == "embedding_stream.onnx"
+    pinned = ort.InferenceSession(str(d / m.component("embedding_source").file),
+                                  providers=["CPUExecutionProvider"])
+    clip, sr = demo_clip(3)
+    r = Resampler(sr, RATE)
+    spec = model.embedder.mel(fit_window(np.concatenate([r.process(clip), r.flush()])))
+    wins = np.stack([spec[i * DEFAULT.mel_step:i * DEFAULT.mel_step + DEFAULT.mel_window]
+                     for i in range(DEFAULT.n_embeddings)])[..., None]
+    want = pinned.run(None, {pinned.get_inputs()[0].name: wins})[0].reshape(
+        DEFAULT.n_embeddings, DEFAULT.embedding_dim)
+    got = model.embedder.embed_mel(spec)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

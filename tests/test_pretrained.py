@@ -75,3 +75,14 @@ def test_notice_states_provenance_both_licences_and_the_pins():
                    f"{P.PACKAGE}=={P.VERSION}", P.WHEEL_SHA256, *[f.sha256 for f in P.FILES
                                                                if f.sha256]):
         assert needle in text, needle
+
+
+def test_the_streaming_graph_is_derived_only_from_the_expected_layout(tmp_path):
+    """derive_streaming checks the pinned graph's layout and the result's equality; a graph
+    that is not the embedding network (here the melspectrogram graph) is refused in one line."""
+    pytest.importorskip("onnx", reason="deriving the streaming graph needs onnx (train extra)")
+    d = P.fetch()
+    assert P.streaming_gap(d / "embedding_model.onnx", d / "embedding_stream.onnx") <= 1e-5
+    msg = one_line_refusal(P.derive_streaming, d / "melspectrogram.onnx",
+                           tmp_path / "x.onnx", match="layout")
+    assert "fetch again" in msg and not (tmp_path / "x.onnx").exists()

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.frontend import EMBEDDING_FILE, MEL_FILE, FrontendParams
+from agent.frontend import EMBEDDING_FILE, MEL_FILE, STREAM_FILE, FrontendParams
 from agent.model import MANIFEST, Component, Manifest, ModelRunner, sha256_file
 from agent.training import pretrained as P
 
@@ -30,8 +30,11 @@ def notice_text() -> str:
 edge-voice-agent — third-party model components
 ================================================
 
-The speech front end of the fsdd-digits 2.x models (files melspectrogram.onnx and
-embedding_model.onnx in every model directory) is not this project's work.
+The speech front end of the fsdd-digits 2.x models (files melspectrogram.onnx,
+embedding_model.onnx and embedding_stream.onnx in every model directory) is not this project's
+work. embedding_stream.onnx is embedding_model.onnx with its input time axis declared dynamic
+and its output transposed time-major, so one call embeds a whole sequence; weights and
+operators are unchanged and its outputs equal the original's window by window (tested).
 
 Model:       speech_embedding, Google. Described in: J. Lin, K. Kilgour, D. Roblek,
              M. Sharifi, "Training keyword spotters with limited and synthesized speech data",
@@ -68,13 +71,15 @@ on the Free Spoken Digit Dataset (Jakobovski et al., CC BY-SA 4.0), Speech Comma
 
 def frontend_components(src: Path) -> list[Component]:
     mel, emb, _ = P.FILES
+    version = f"{P.PACKAGE} {P.VERSION}"
     return [
-        Component(name="melspectrogram", file=MEL_FILE, role="melspectrogram",
-                  version=f"{P.PACKAGE} {P.VERSION}", licence=P.LICENCE, sha256=mel.sha256,
-                  source=P.SOURCE),
-        Component(name="speech_embedding", file=EMBEDDING_FILE, role="embedding",
-                  version=f"{P.PACKAGE} {P.VERSION}", licence=P.LICENCE, sha256=emb.sha256,
-                  source=P.SOURCE),
+        Component(name="melspectrogram", file=MEL_FILE, role="melspectrogram", version=version,
+                  licence=P.LICENCE, sha256=mel.sha256, source=P.SOURCE),
+        Component(name="speech_embedding_stream", file=STREAM_FILE, role="embedding",
+                  version=version, licence=P.LICENCE, sha256=sha256_file(src / STREAM_FILE),
+                  source=f"{P.SOURCE}; {P.STREAM_NOTE} (sha256 {emb.sha256})"),
+        Component(name="speech_embedding", file=EMBEDDING_FILE, role="embedding_source",
+                  version=version, licence=P.LICENCE, sha256=emb.sha256, source=P.SOURCE),
     ]
 
 
@@ -95,6 +100,8 @@ def write_model_directory(out_dir: str | Path, *, name: str, version: str,
     out = Path(out_dir)
     src = Path(pretrained_dir) if pretrained_dir is not None else P.fetch()
     P.verify_extracted(src)
+    if P.streaming_gap(src / EMBEDDING_FILE, src / STREAM_FILE) > 1e-4:
+        P.derive_streaming(src / EMBEDDING_FILE, src / STREAM_FILE)
     if "head" not in heads or set(heads) - set(HEAD_FILES):
         raise ValueError(f"heads must hold 'head' and optionally 'rejector', got {sorted(heads)}")
     out.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from agent.errors import AgentError
-from agent.frontend import EMBEDDING_FILE, MEL_FILE, SpeechEmbedding
+from agent.frontend import DEFAULT, EMBEDDING_FILE, MEL_FILE, STREAM_FILE, SpeechEmbedding
 
 PACKAGE = "openwakeword"
 VERSION = "0.4.0"
@@ -144,8 +146,74 @@ def verify_extracted(directory: Path) -> None:
                                  f"{f.sha256[:12]}…; delete it and fetch again")
 
 
+# The pinned embedding graph's layout, as derive_streaming expects it (checked, not assumed).
+_TIME_RESHAPE = "new_shape__315"      # [-1, 1, 76, 34]: NHWC input → (n, 1, time, mel)
+_OUT_RESHAPE_INPUT = "model/conv2d_19/Conv2D:0"  # (n, 96, time', 1) → reshaped to (n, 1, 1, 96)
+STREAM_NOTE = ("derived from embedding_model.onnx by training: input time axis declared dynamic "
+               "(batch 1), output transposed time-major; weights and operators unchanged")
+
+
+def derive_streaming(src: Path, dst: Path) -> None:
+    """embedding_model.onnx (one 76-frame window per row) → the same network over a whole mel
+    sequence in one call: the time axis is declared dynamic, the internal reshape keeps it, and
+    a transpose makes the output one row per window. Refused unless it reproduces the pinned
+    graph window by window on a probe sequence."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(src))
+    g = m.graph
+    shapes = [i for i in g.initializer if i.name == _TIME_RESHAPE]
+    outs = [k for k, n in enumerate(g.node)
+            if n.op_type == "Reshape" and n.input[0] == _OUT_RESHAPE_INPUT]
+    if len(shapes) != 1 or len(outs) != 1 or \
+            list(numpy_helper.to_array(shapes[0])) != [-1, 1, DEFAULT.mel_window, 34]:
+        raise AgentError(f"{src} does not have the layout of the pinned embedding graph; "
+                         "delete the cache and fetch again")
+    dims = g.input[0].type.tensor_type.shape.dim
+    dims[0].ClearField("dim_value")
+    dims[0].dim_param = "one"
+    dims[1].ClearField("dim_value")
+    dims[1].dim_param = "frames"
+    g.output[0].type.tensor_type.shape.dim[0].dim_param = "windows"
+    shapes[0].CopyFrom(numpy_helper.from_array(np.array([1, 1, -1, 34], np.int64),
+                                               _TIME_RESHAPE))
+    g.node[outs[0]].input[0] = "time_major"
+    g.node.insert(outs[0], helper.make_node("Transpose", [_OUT_RESHAPE_INPUT], ["time_major"],
+                                            perm=[0, 2, 3, 1]))
+    del g.value_info[:]
+    onnx.checker.check_model(m)
+    tmp = dst.with_suffix(f".{os.getpid()}.tmp")
+    onnx.save(m, str(tmp))
+    gap = streaming_gap(src, tmp)
+    if gap > 1e-4:
+        tmp.unlink()
+        raise AgentError(f"the streaming embedding graph derived from {src} differs from it by "
+                         f"{gap:.2e}; refusing it (onnx/onnxruntime versions?)")
+    tmp.replace(dst)
+
+
+def streaming_gap(original: Path, streaming: Path, frames: int = 147) -> float:
+    """Largest difference between the pinned graph, window by window, and the streaming graph
+    on one sequence (a fixed pseudo-random mel)."""
+    import onnxruntime as ort
+
+    p = DEFAULT
+    spec = np.random.default_rng(0).normal(1.0, 2.0, (frames, 32)).astype(np.float32)
+    k = (frames - p.mel_window) // p.mel_step + 1
+    wins = np.stack([spec[i * p.mel_step:i * p.mel_step + p.mel_window] for i in range(k)])
+    a = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(streaming), providers=["CPUExecutionProvider"])
+    want = a.run(None, {a.get_inputs()[0].name: wins[..., None]})[0].reshape(k, -1)
+    got = b.run(None, {b.get_inputs()[0].name: spec[None, :, :, None]})[0].reshape(-1, 96)
+    if got.shape != want.shape:
+        return float("inf")
+    return float(np.abs(got - want).max())
+
+
 def fetch(cache: Path | None = None, log=print) -> Path:
-    """A directory holding the verified melspectrogram.onnx, embedding_model.onnx and LICENSE.
+    """A directory holding the verified melspectrogram.onnx, embedding_model.onnx and LICENSE,
+    and embedding_stream.onnx derived from them.
 
     Downloads the pinned wheel once (pip), checks its hash, extracts and checks each file.
     """
@@ -158,6 +226,9 @@ def fetch(cache: Path | None = None, log=print) -> Path:
     verify_wheel(wheel)
     extract(wheel, out)
     verify_extracted(out)
+    stream = out / STREAM_FILE
+    if not stream.is_file() or streaming_gap(out / EMBEDDING_FILE, stream) > 1e-4:
+        derive_streaming(out / EMBEDDING_FILE, stream)
     return out
 
 
@@ -165,4 +236,6 @@ def fetch(cache: Path | None = None, log=print) -> Path:
 def training_embedder(directory: str | None = None) -> SpeechEmbedding:
     """One embedder per process (also inside Pool workers), on the verified files."""
     d = Path(directory) if directory else fetch(log=lambda *_: None)
-    return SpeechEmbedding(d / MEL_FILE, d / EMBEDDING_FILE, threads=1)
+    if not (d / STREAM_FILE).is_file():
+        derive_streaming(d / EMBEDDING_FILE, d / STREAM_FILE)
+    return SpeechEmbedding(d / MEL_FILE, d / STREAM_FILE, threads=1)
