@@ -25,6 +25,19 @@ def fsdd() -> Path:
 
 
 @pytest.fixture(scope="session")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 10 s of the bundled demo recording (7 digits), as a WAV."""
+    import soundfile as sf
+
+    from agent.resources import demo_audio
+
+    x, sr = sf.read(str(demo_audio()), dtype="float32")
+    path = tmp_path_factory.mktemp("clip") / "clip.wav"
+    sf.write(str(path), x[: 10 * sr], sr, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="session")
 def eval_tools() -> Path:
     if not (EVAL / "make_stream.py").is_file():
         pytest.skip(f"shared eval tools not found at {EVAL} (set EVA_SHARED)")

@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 
 from agent import service
 from agent.config import Config
@@ -44,15 +43,6 @@ def payloads(ob: Outbox) -> list[dict]:
 
 def state_lines(caplog: pytest.LogCaptureFixture, needle: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if needle in r.getMessage()]
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 10 s of the demo recording (7 digits), as a WAV."""
-    x, sr = sf.read(str(demo_audio()), dtype="float32")
-    path = tmp_path_factory.mktemp("clip") / "clip.wav"
-    sf.write(str(path), x[: 10 * sr], sr, subtype="PCM_16")
-    return path
 
 
 # --- corrupt outbox ----------------------------------------------------------------------------

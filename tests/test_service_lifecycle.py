@@ -41,15 +41,6 @@ STATS = Draft202012Validator(json.loads((DOCS / "stats.schema.json").read_text()
 WAIT_S = 10.0  # generous bound for any single event; a healthy run meets each in well under 2 s
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 10 s of the demo recording (7 digits), as a WAV."""
-    x, sr = sf.read(str(demo_audio()), dtype="float32")
-    path = tmp_path_factory.mktemp("clip") / "clip.wav"
-    sf.write(str(path), x[: 10 * sr], sr, subtype="PCM_16")
-    return path
-
-
 class Agent:
     """`edge-voice-agent run` as a child process under a fake systemd."""
 

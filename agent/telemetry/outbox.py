@@ -39,6 +39,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -307,14 +308,7 @@ class Outbox:
     def _recover_locked(self, e: sqlite3.Error) -> None:
         """Corruption found while running: quarantine, count the rows as dropped, start fresh."""
         lost = self._count
-        with self._ckpt_lock:
-            for db in (self._ckpt_db, self._db):
-                if db is not None:
-                    try:
-                        db.close()
-                    except sqlite3.Error:
-                        pass
-            self._ckpt_db = self._db = None
+        self._close_connections()
         self._mem_dropped += lost
         self.dropped_total += lost
         self._count = self._bytes = 0
@@ -337,6 +331,14 @@ class Outbox:
             self._open_error = e
             self._reopen_at = self._clock() + REOPEN_EVERY_S
             return False
+
+    def _close_connections(self) -> None:
+        with self._ckpt_lock:
+            for db in (self._ckpt_db, self._db):
+                if db is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.close()
+            self._ckpt_db = self._db = None
 
     def _failed_locked(self, e: BaseException, consequence: str) -> None:
         """A write failed: roll back, resync the counters, report (and recover if corrupt)."""
@@ -605,14 +607,7 @@ class Outbox:
                             f", {self._mem_dropped} dropped message(s) not recorded"
                             if self._mem_dropped else "")
             finally:
-                with self._ckpt_lock:
-                    for c in (self._ckpt_db, db):
-                        if c is not None:
-                            try:
-                                c.close()
-                            except sqlite3.Error:
-                                pass
-                    self._ckpt_db = self._db = None
+                self._close_connections()
                 self._lockfile.close()  # releases the flock
 
     def __enter__(self) -> Outbox:
