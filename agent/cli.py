@@ -82,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(cl, sections=CLASSIFY_SECTIONS)
 
     def data_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--data", required=True, type=Path,
-                       help="folder of {digit}_{speaker}_{take}.wav recordings")
+        from agent.samples import DataFolders
+
+        q.add_argument("--data", required=True, action=DataFolders,
+                       help="folder of {digit}_{speaker}_{take}.wav recordings; again for each "
+                       "labelled export of review samples (speaker 'field', its own slice)")
         q.add_argument("--speakers", default="", help="comma list of speakers; empty = all")
         q.add_argument("--limit-per-class", type=int, default=None,
                        help="at most N clips per speaker and digit (quick runs)")

@@ -14,6 +14,7 @@ Writing happens after the active decisions of a block were emitted (the service 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -157,7 +158,9 @@ class SampleStore:
             "Listen to each <speaker>-<take>.wav and rename it to <digit>_<speaker>_<take>.wav "
             f"(for example {speaker}-0.wav -> 7_{speaker}_0.wav); delete files that hold no "
             "digit. The .json next to each file holds the device's own guess.\n"
-            "Then: edge-voice-agent train --data FSDD_FOLDER --extra-data THIS_FOLDER\n")
+            "Then: edge-voice-agent train --data FSDD_FOLDER --data THIS_FOLDER (these files "
+            "become the speaker 'field': held out together in evaluate, a row of the model "
+            "card)\n")
         return len(items)
 
 
@@ -252,3 +255,60 @@ def run(args: Any) -> int:
     else:
         print(f"purged {store.purge()} samples from {store.dir}")
     return 0
+
+
+# --- closing the loop: labelled exports as an extra training source ---------------------------
+FIELD_SPEAKER = "field"
+
+
+def training_folder(folders: list[Path], root: Path | None = None) -> Path:
+    """One folder the training code reads, from the main data folder and labelled exports.
+
+    The first folder is used as it is; every further folder is an extra source whose labelled
+    files (`<digit>_<speaker>_<take>.wav`) join as speaker `field`, so leave-one-speaker-out
+    evaluation holds them out together and reports them as their own slice (and the model card
+    lists it). Unlabelled files (`<speaker>-<take>.wav`, as exported) are skipped. The folder
+    is made of symbolic links under `root` (default $XDG_CACHE_HOME/edge-voice-agent), named by
+    a digest of the sources so a repeated run reuses its cached features.
+    """
+    import hashlib
+
+    if len(folders) == 1:
+        return folders[0]
+    for f in folders:
+        if not f.is_dir():
+            raise AgentError(f"data directory {f} does not exist; point --data at a folder of "
+                             "recordings")
+    key = hashlib.sha256("\0".join(str(f.resolve()) for f in folders).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    out = (root or cache / "edge-voice-agent") / f"sources-{key}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for p in sorted(folders[0].glob("*.wav")):
+        (out / p.name).symlink_to(p.resolve())
+    n = 0
+    for extra in folders[1:]:
+        for p in sorted(extra.glob("*.wav")):
+            parts = p.stem.split("_")
+            if len(parts) != 3 or not parts[2].isdigit():
+                continue  # not labelled (yet)
+            (out / f"{parts[0]}_{FIELD_SPEAKER}_{n}.wav").symlink_to(p.resolve())
+            n += 1
+    if n == 0:
+        raise AgentError(f"no labelled recordings (<digit>_<speaker>_<take>.wav) in "
+                         f"{', '.join(map(str, folders[1:]))}; label the exported samples first "
+                         f"(see {EXPORT_README} there)")
+    log.info("training data: %s + %d labelled field recordings (speaker %r)", folders[0], n,
+             FIELD_SPEAKER)
+    return out
+
+
+class DataFolders(argparse.Action):
+    """`--data DIR`, given once or more: the main folder, then labelled exports
+    (see `training_folder`)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        seen = [*(getattr(namespace, "_data_folders", None) or []), Path(values)]
+        namespace._data_folders = seen
+        setattr(namespace, self.dest, training_folder(seen) if len(seen) > 1 else seen[0])

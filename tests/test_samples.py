@@ -102,3 +102,35 @@ def test_agent_keeps_samples_only_when_enabled_and_never_publishes_them(tmp_path
     r = eva("samples", "purge", "--state-dir", str(on))
     assert r.returncode == 0 and "purged 4" in r.stdout
     assert not (on / "samples").exists()
+
+
+def test_labelled_export_is_an_extra_training_source(tmp_path, monkeypatch):
+    import soundfile as sf
+
+    from agent.cli import build_parser
+    from agent.training.dataset import discover
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    main = tmp_path / "fsdd"
+    main.mkdir()
+    for name in ("3_jackson_0.wav", "4_jackson_1.wav", "5_theo_0.wav"):
+        sf.write(main / name, tone(), RATE)
+    store = SampleStore(tmp_path / "state")
+    for _ in range(3):
+        store.save(tone(), RATE, {"reason": "abstained"})
+    out = tmp_path / "export"
+    store.export(out, "kitchen")
+    (out / "kitchen-0.wav").rename(out / "7_kitchen_0.wav")  # labelled by a person
+    (out / "kitchen-1.wav").rename(out / "2_kitchen_1.wav")  # kitchen-2.wav left unlabelled
+    single = build_parser().parse_args(["train", "--data", str(main)])
+    assert single.data == main
+    args = build_parser().parse_args(["evaluate", "--data", str(main), "--data", str(out)])
+    clips = discover(args.data)
+    assert sorted((c.label, c.speaker) for c in clips) == [
+        ("2", "field"), ("3", "jackson"), ("4", "jackson"), ("5", "theo"), ("7", "field")]
+    assert {c.path.resolve() for c in clips if c.speaker == "field"} == {
+        (out / "7_kitchen_0.wav").resolve(), (out / "2_kitchen_1.wav").resolve()}
+    empty = tmp_path / "unlabelled"
+    store.export(empty, "hall")
+    with pytest.raises(Exception, match="no labelled recordings"):
+        build_parser().parse_args(["train", "--data", str(main), "--data", str(empty)])
