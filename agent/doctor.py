@@ -368,8 +368,16 @@ def check_clock(build_date: datetime = BUILD_DATE,
 
 
 def run_checks(cfg: Config) -> list[Check]:
-    return [check_audio_devices(cfg), check_audio_source(cfg), check_model(cfg),
-            check_thresholds(cfg), check_baseline(cfg), check_state_dir(cfg),
+    from agent.errors import AgentError
+    from agent.rollout.resolve import store_config
+
+    store: list[Check] = []
+    try:  # the model the service would run: the model store's active one, if any
+        mcfg = store_config(cfg)
+    except AgentError as e:
+        mcfg, store = cfg, [Check("model store", FAIL, _msg(e))]
+    return [check_audio_devices(cfg), check_audio_source(cfg), *store, check_model(mcfg),
+            check_thresholds(mcfg), check_baseline(mcfg), check_state_dir(cfg),
             check_state_space(cfg), check_outbox(cfg),
             check_broker(cfg), check_clock()]
 

@@ -122,3 +122,19 @@ def test_models_cli_install_activate_list_rollback(tmp_path, good):
     assert r.returncode == 0 and "bundled" in r.stdout
     r = eva("models", "activate", "nope@1", *state)
     assert r.returncode == 1 and "not installed" in r.stderr
+
+
+def test_doctor_checks_the_model_the_store_makes_active(tmp_path, good):
+    from agent import doctor
+    from agent.config import Config
+
+    cfg = Config()
+    cfg.agent.state_dir = str(tmp_path)
+    store = ModelStore(tmp_path)
+    ref = store.install(good, RUNNING)
+    store.activate(ref, RUNNING)
+    text = " ".join(str(c) for c in doctor.run_checks(cfg))
+    assert ref in text and "calibration/thresholds.json" in text
+    (tmp_path / "models" / "pointers.json").write_text("{garbled")
+    text = " ".join(str(c) for c in doctor.run_checks(cfg))
+    assert "model store" in text and "pointers" in text
