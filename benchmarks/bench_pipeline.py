@@ -74,14 +74,28 @@ def pipeline_latency(wav: Path, speculate: bool) -> dict:
     x, sr = sf.read(str(wav), dtype="float32", always_2d=True)
     p = Pipeline(VadConfig(), ModelRunner(default_model_dir(), threads=1),
                  Policy("partial", 0.5), speculate=speculate)
+    # CPU time of each release → decision (thread_time): on a shared machine wall time also
+    # counts the waits for the core, which say nothing about the agent
+    cpu: list[float] = []
+    decide = p._decide
+
+    def timed_decide(u):
+        t0 = time.thread_time()
+        d = decide(u)
+        cpu.append((time.thread_time() - t0) * 1000.0)
+        return d
+
+    p._decide = timed_decide  # type: ignore[method-assign]
     lat: list[float] = []
     step = sr // 10
     for i in range(0, len(x), step):
         lat += [d.latency_ms for d in p.feed(AudioBlock(x[i:i + step], sr))]
     lat += [d.latency_ms for d in p.finish()]
     lat.sort()
-    q = lambda f: round(lat[min(len(lat) - 1, int(f * len(lat)))], 3)  # noqa: E731
+    cpu.sort()
+    q = lambda f, v=lat: round(v[min(len(v) - 1, int(f * len(v)))], 3)  # noqa: E731
     return {"utterances": len(lat), "p50": q(0.5), "p95": q(0.95),
+            "cpu_p50": q(0.5, cpu), "cpu_p95": q(0.95, cpu),
             "speculations": p.speculations, "hits": p.speculation_hits,
             "wasted": p.speculations - p.speculation_hits,
             "speculative_ms_per_utterance": round(p.speculative_ms / max(1, len(lat)), 3)}
@@ -127,7 +141,7 @@ def main() -> None:
     res["in_process_speculation"] = pipeline_latency(wav, speculate=True)
     res["targets_met"] = (res["agent_rtf"] >= 250 and res["peak_rss_mib"] <= 100
                           and res["in_process_no_speculation"]["p95"] <= 10)
-    res["stretch_met"] = res["latency_ms_p95"] <= 3
+    res["stretch_met"] = res["in_process_speculation"]["p95"] <= 3
     shutil.rmtree(tmp)
     if a.json:
         print(json.dumps(res))
@@ -143,9 +157,10 @@ def main() -> None:
           f"p95 {res['latency_ms_p95']} ms (target <= 10, stretch <= 3)")
     a, b = res["in_process_no_speculation"], res["in_process_speculation"]
     print(f"in-process, no speculation: after release p50 {a['p50']} ms, p95 {a['p95']} ms "
-          "(target p95 <= 10)")
+          f"wall (target p95 <= 10); CPU p50 {a['cpu_p50']} ms, p95 {a['cpu_p95']} ms")
     print(f"in-process, speculation:    after release p50 {b['p50']} ms, p95 {b['p95']} ms "
-          f"(stretch <= 3); {b['speculations']} speculative front-end runs for "
+          f"wall (stretch <= 3); CPU p50 {b['cpu_p50']} ms, p95 {b['cpu_p95']} ms; "
+          f"{b['speculations']} speculative front-end runs for "
           f"{b['utterances']} utterances ({b['hits']} reused, {b['wasted']} wasted), "
           f"{b['speculative_ms_per_utterance']} ms per utterance spent during hangovers")
     print("targets met" if res["targets_met"] else "TARGETS MISSED")
