@@ -176,10 +176,21 @@ def verify_components(directory: Path, m: Manifest) -> None:
                              "model's — reinstall the model directory")
 
 
+def _same_front_end(a: Manifest, b: Manifest) -> bool:
+    return a.frontend == b.frontend and all(
+        a.component(r) is not None and b.component(r) is not None
+        and a.component(r).sha256 == b.component(r).sha256 for r in ("melspectrogram",
+                                                                     "embedding"))
+
+
 class ModelRunner:
     """The verified model in ONNX Runtime on CPU: audio → head input → class probabilities."""
 
-    def __init__(self, directory: str | Path, threads: int = 1) -> None:
+    def __init__(self, directory: str | Path, threads: int = 1,
+                 share_from: ModelRunner | None = None) -> None:
+        """`share_from`: a loaded model whose front-end sessions this one reuses when its
+        melspectrogram and embedding files are the same (sha256) — a shadow candidate then
+        costs only its head in memory (agent.rollout)."""
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -192,8 +203,11 @@ class ModelRunner:
         if m.component("rejector") is not None and m.unknown_label not in m.classes:
             raise AgentError(f"model {m.ref}: a rejector needs the unknown label among the "
                              f"classes ({m.unknown_label!r} is not); {RETRAIN}")
-        self.embedder = SpeechEmbedding(self._path("melspectrogram"), self._path("embedding"),
-                                        threads, m.frontend)
+        if share_from is not None and _same_front_end(share_from.manifest, m):
+            self.embedder = share_from.embedder
+        else:
+            self.embedder = SpeechEmbedding(self._path("melspectrogram"),
+                                            self._path("embedding"), threads, m.frontend)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -35,6 +35,7 @@ class Outcome:
     utterance: Utterance
     decision: Decision
     probabilities: np.ndarray | None
+    features: np.ndarray | None = None  # the head input, for a shadow sharing the front end
 
 
 class Observer(Protocol):
@@ -143,12 +144,13 @@ class Pipeline:
 
     def _decide(self, u: Utterance) -> Decision:
         t0 = time.perf_counter()
-        probs = None
+        probs = feats = None
         label = confidence = margin = None
         accepted = False
         runs = self.model is not None and self.policy.runs_model
         if runs:
-            probs = self.model.predict(self._features(u)[None, :])[0]
+            feats = self._features(u)
+            probs = self.model.predict(feats[None, :])[0]
             label, confidence, margin, accepted = self.policy.decide(
                 probs, self.model.manifest.classes)
         latency_ms = (time.perf_counter() - t0) * 1000.0
@@ -158,7 +160,7 @@ class Pipeline:
                      model=self.model.manifest.ref if runs else None,
                      latency_ms=latency_ms, margin=margin, mode=self.policy.mode,
                      forced_cut=u.forced_cut)
-        outcome = Outcome(u, d, probs)
+        outcome = Outcome(u, d, probs, feats)
         for o in self.observers:
             o.on_outcome(outcome)
         return d

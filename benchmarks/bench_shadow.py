@@ -8,7 +8,8 @@ Runs `edge-voice-agent run` on one stream (one core, best of 3 each) three ways:
   same-fe:   shadowing a copy of the bundled model under another version (for a model whose
              front-end components have the same sha256 the sessions are shared)
   abstainer: shadowing a candidate derived from the bundled model that abstains on everything
-and prints peak RSS (budget: the daemon's 100 MiB), real-time factor, the active decisions'
+and prints peak RSS (budget: the daemon's 100 MiB), CPU time (less sensitive than wall time
+to other processes), real-time factor, the active decisions'
 compute latency p95 (must not move: the shadow runs after the decisions are written) and the
 shadow's own latency from the stats payloads.
 """
@@ -79,14 +80,15 @@ def main() -> None:
         cmd = [sys.executable, "-m", "agent", "run", "--source", str(wav), "--decisions",
                str(decisions), "--telemetry", f"file:{tel}", "--state-dir", str(state),
                "--device-id", "bench", "--log-level", "WARNING"]
-        wall, rss_kib = timed(cmd, before=fresh)
+        wall, rss_kib, cpu = timed(cmd, before=fresh)
         lat = sorted(json.loads(x)["latency_ms"] for x in decisions.read_text().splitlines())
         stats = [json.loads(x)["payload"] for x in tel.read_text().splitlines()
                  if json.loads(x)["topic"].endswith("/stats")]
         shadow = [s["rollout"]["shadow"] for s in stats if s.get("rollout", {}).get("shadow")]
         n = sum(s["n"] for s in shadow)
         res[name] = {
-            "rtf": round(audio_s / wall), "peak_rss_mib": round(rss_kib / 1024, 1),
+            "rtf": round(audio_s / wall), "cpu_s": round(cpu, 2),
+            "peak_rss_mib": round(rss_kib / 1024, 1),
             "utterances": len(lat),
             "active_latency_ms_p95": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3),
             "shadow_n": n,
@@ -101,7 +103,8 @@ def main() -> None:
     print(f"stream: {a.minutes:g} min (one core, best of 3 each)")
     for name in ("plain", "same-fe", "abstainer"):
         r = res[name]
-        print(f"{name:10s} peak RSS {r['peak_rss_mib']:6.1f} MiB  {r['rtf']:6d}x real time  "
+        print(f"{name:10s} peak RSS {r['peak_rss_mib']:6.1f} MiB  CPU {r['cpu_s']:6.2f} s  "
+              f"{r['rtf']:6d}x real time  "
               f"active p95 {r['active_latency_ms_p95']:.3f} ms  shadow n {r['shadow_n']}, "
               f"mean {r['shadow_latency_ms_mean']} ms")
 

@@ -237,3 +237,37 @@ def test_local_activation_starts_probation_against_the_models_recent_values(tmp_
     host.pipeline.model = bundled
     ctl.on_reload()
     assert ctl.probation is None and ctl.state == "idle"
+
+
+def test_a_candidate_with_the_same_front_end_files_shares_its_sessions(tmp_path):
+    from agent.model import ModelRunner
+    from tests.rollout_models import derive
+
+    active = ModelRunner(default_model_dir())
+    cand = ModelRunner(derive(tmp_path / "c", behaviour="abstain"), share_from=active)
+    assert cand.embedder is active.embedder  # only the head differs: one front end in memory
+    alone = ModelRunner(tmp_path / "c")
+    assert alone.embedder is not active.embedder
+    x = np.zeros((1, active.manifest.frontend.dim), np.float32)
+    assert np.allclose(cand.predict(x), alone.predict(x))
+
+
+def test_shadow_reuses_the_active_head_input_when_the_front_end_is_shared(tmp_path):
+    from agent.model import ModelRunner
+    from agent.rollout.shadow import ShadowRunner
+    from agent.vad import Utterance
+    from tests.rollout_models import derive
+
+    active = ModelRunner(default_model_dir())
+    cand = ModelRunner(derive(tmp_path / "c", behaviour="abstain"), share_from=active)
+    m = active.manifest
+    policy = Policy("partial", 0.5, m.unknown_label)
+    feats = active.features(np.zeros(m.sample_rate // 2, np.float32))
+    # no audio at all: only the shared head input can answer
+    u = Utterance(0, 1, 0, np.zeros(0, np.float32), m.sample_rate, 1, False, 1)
+    o = Outcome(u, decision(0.0, 1.0, True), None, feats)
+    sh = ShadowRunner(cand, policy, m.sample_rate, active=lambda: active)
+    sh.on_outcome(o)
+    sh.run_pending()
+    c = sh.take()
+    assert c.n == 1 and c.abstained == 1 and c.agreed == 0  # it abstains, the active accepted

@@ -29,7 +29,7 @@ from agent.rollout.command import CommandError, RolloutCommand
 from agent.rollout.compat import thresholds_path
 from agent.rollout.experience import ExperienceTracker
 from agent.rollout.probation import Limits, Recent, breaches, kpis_of, pooled
-from agent.rollout.shadow import ShadowRunner, share_front_end
+from agent.rollout.shadow import ShadowRunner
 from agent.rollout.store import ModelStore, Probation, atomic_write_json, manifest_digest
 from agent.windows import WindowSummary
 
@@ -214,7 +214,7 @@ class RolloutController:
         src = find_in_inbox(self.inbox, c)
         if src is None:
             return False
-        self.store.install(src, self._running_manifest(), expect_digest=c.sha256)
+        self.store.install(src, self._running_manifest(), expect_digest=c.sha256, load=False)
         log.info("installed %s from %s into the model store", c.ref, src)
         return True
 
@@ -228,7 +228,8 @@ class RolloutController:
         m = model.manifest
         t = Thresholds.read(thresholds_path(model.directory, m))
         self.shadow = ShadowRunner(model, Policy("partial", t.threshold, m.unknown_label),
-                                   self.host.pipeline.rate)
+                                   self.host.pipeline.rate,
+                                   active=lambda: self.host.pipeline.model)
         self.shadow.on_result.extend(self._shadow_listeners)
         self.host.pipeline.observers.append(self.shadow)
         self.store.set_candidate(c.ref)
@@ -241,8 +242,9 @@ class RolloutController:
         active = self.host.pipeline.model
         if active is not None and active.manifest.ref == ref:
             return active
-        cand = self.store.verify(ref, self._running_manifest())
-        if active is not None and share_front_end(active, cand):
+        cand = self.store.verify(ref, self._running_manifest(), share_from=active)
+        assert cand is not None
+        if active is not None and cand.embedder is active.embedder:
             log.info("shadow %s shares the front end of %s (same sha256)", ref,
                      active.manifest.ref)
         return cand
@@ -267,7 +269,7 @@ class RolloutController:
         prob = Probation(ref=c.ref, previous=previous, windows_total=self.rc.probation_windows,
                          rollout_id=c.id, baseline=self.recent.baseline())
         before = self.store.pointers()
-        self.store.activate(c.ref, self._running_manifest(), prob)
+        self.store.activate(c.ref, self._running_manifest(), prob, load=False)  # switch loads
         try:
             self.host.switch_model()
         except AgentError as e:

@@ -45,21 +45,6 @@ def features_of(model: ModelRunner, audio: np.ndarray) -> np.ndarray:
     return model.features(audio)
 
 
-def share_front_end(active: ModelRunner, candidate: ModelRunner) -> bool:
-    """When the candidate's front-end components are byte-identical (same sha256) to the active
-    model's, it uses the active model's sessions instead of its own: a shadow then costs only
-    its head in memory. True when shared."""
-    am, cm = active.manifest, candidate.manifest
-    if not hasattr(am, "component") or not hasattr(candidate, "embedder"):
-        return False
-    roles = ("melspectrogram", "embedding")
-    if all(am.component(r) is not None and cm.component(r) is not None
-           and am.component(r).sha256 == cm.component(r).sha256 for r in roles):
-        candidate.embedder = active.embedder
-        return True
-    return False
-
-
 def decide(model: ModelRunner, policy: Policy, audio: np.ndarray
            ) -> tuple[str, float, float, bool, np.ndarray]:
     """(label, confidence, margin, accepted, probabilities): the pipeline's own steps."""
@@ -97,8 +82,10 @@ class ShadowCounts:
 class ShadowRunner:
     """Pipeline observer that queues utterances and runs the candidate on them later."""
 
-    def __init__(self, model: ModelRunner, policy: Policy, rate: int) -> None:
+    def __init__(self, model: ModelRunner, policy: Policy, rate: int,
+                 active: Callable[[], ModelRunner | None] = lambda: None) -> None:
         self.model, self.policy, self.rate = model, policy, rate
+        self.active = active  # the running model, asked each time (a reload may swap it)
         self.counts = ShadowCounts()
         self._pending: deque[Outcome] = deque()
         self.on_result: list[Callable[[Outcome, ShadowResult], None]] = []
@@ -124,12 +111,20 @@ class ShadowRunner:
 
     def _run(self, o: Outcome) -> None:
         t0 = time.perf_counter()
-        audio = o.utterance.audio
-        want = self.model.manifest.sample_rate
-        if o.utterance.rate != want:
-            import soxr
-            audio = soxr.resample(audio, o.utterance.rate, want).astype(np.float32)
-        label, conf, margin, accepted, _ = decide(self.model, self.policy, audio)
+        feats = getattr(o, "features", None)
+        active = self.active()
+        # the active model's head input is the candidate's too when they share the front end
+        if feats is not None and active is not None and \
+                getattr(self.model, "embedder", None) is getattr(active, "embedder", False):
+            probs = self.model.predict(feats[None, :])[0]
+            label, conf, margin, accepted = self.policy.decide(probs, self.model.manifest.classes)
+        else:
+            audio = o.utterance.audio
+            want = self.model.manifest.sample_rate
+            if o.utterance.rate != want:
+                import soxr
+                audio = soxr.resample(audio, o.utterance.rate, want).astype(np.float32)
+            label, conf, margin, accepted, _ = decide(self.model, self.policy, audio)
         latency = (time.perf_counter() - t0) * 1000.0
         unknown = self.policy.unknown_label
         best = conf - margin if label == unknown else conf

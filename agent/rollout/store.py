@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, one_line
-from agent.model import MANIFEST, Manifest, ModelRunner, sha256_file
+from agent.model import MANIFEST, Manifest, ModelRunner, sha256_file, verify_components
 from agent.rollout.compat import check_compatible, thresholds_path
 
 STORE = "models"
@@ -169,12 +169,15 @@ class ModelStore:
         return (self.slot_dir(ref) / MANIFEST).is_file()
 
     def install(self, src: str | Path, reference: Manifest | None = None,
-                expect_digest: str | None = None) -> str:
+                expect_digest: str | None = None, load: bool = True) -> str:
         """Copy a model directory into its slot after verifying it; returns NAME@VERSION.
 
         `reference` is the running model's manifest (compatibility is checked against it);
-        `expect_digest` is the manifest sha256 a rollout command named. Installing the same
-        build again is a no-op; another build under the same NAME@VERSION is refused.
+        `expect_digest` is the manifest sha256 a rollout command named. `load` False checks
+        every file's sha256 and the compatibility without opening ONNX sessions (the daemon:
+        its memory budget; the model is loaded, and checked again, when it is used).
+        Installing the same build again is a no-op; another build under the same NAME@VERSION
+        is refused.
         """
         src = Path(src)
         if not (src / MANIFEST).is_file():
@@ -190,7 +193,7 @@ class ModelStore:
         if dest.exists():
             have = manifest_digest(dest) if (dest / MANIFEST).is_file() else ""
             if have == digest:
-                self.verify(m.ref, reference)
+                self._check(dest, reference, load)
                 return m.ref
             raise AgentError(f"model {m.ref} is already installed as another build (manifest "
                              f"sha256 {have[:12]}…, new {digest[:12]}…); a new build needs a "
@@ -203,7 +206,7 @@ class ModelStore:
                 raise AgentError(f"model directory {src} changed while it was being copied; "
                                  "install it again")
             try:
-                self._check(tmp, reference)
+                self._check(tmp, reference, load)
             except AgentError as e:  # name the delivered directory, not our temporary copy
                 raise AgentError(str(e).replace(str(tmp), str(src))) from None
             os.replace(tmp, dest)
@@ -216,18 +219,26 @@ class ModelStore:
                 shutil.rmtree(tmp, ignore_errors=True)
         return m.ref
 
-    def _check(self, directory: Path, reference: Manifest | None) -> ModelRunner:
-        runner = ModelRunner(directory)  # every file's sha256, shapes, classes
-        check_compatible(runner.manifest, directory, reference)
+    def _check(self, directory: Path, reference: Manifest | None, load: bool = True,
+               share_from: ModelRunner | None = None) -> ModelRunner | None:
+        if load:
+            runner = ModelRunner(directory, share_from=share_from)  # hashes, shapes, classes
+            m = runner.manifest
+        else:
+            runner, m = None, Manifest.read(directory / MANIFEST)
+            verify_components(directory, m)
+        check_compatible(m, directory, reference)
         return runner
 
-    def verify(self, ref: str, reference: Manifest | None = None) -> ModelRunner:
-        """Open an installed model, checking every hash again; raises AgentError if not fit."""
+    def verify(self, ref: str, reference: Manifest | None = None, load: bool = True,
+               share_from: ModelRunner | None = None) -> ModelRunner | None:
+        """Check an installed model again (every file's sha256, compatibility; with `load`
+        also opened in ONNX Runtime); raises AgentError if not fit."""
         d = self.slot_dir(ref)
         if not (d / MANIFEST).is_file():
             raise AgentError(f"model {ref} is not installed in {self.slots}; install it first "
                              "with 'edge-voice-agent models install PATH'")
-        return self._check(d, reference)
+        return self._check(d, reference, load, share_from)
 
     def thresholds(self, ref: str) -> Path:
         d = self.slot_dir(ref)
@@ -235,9 +246,9 @@ class ModelStore:
 
     # --- pointer moves ------------------------------------------------------------------
     def activate(self, ref: str, reference: Manifest | None = None,
-                 probation: Probation | None = None) -> Pointers:
+                 probation: Probation | None = None, load: bool = True) -> Pointers:
         """`ref` becomes active; what was active becomes `previous` (the rollback target)."""
-        self.verify(ref, reference)
+        self.verify(ref, reference, load)
         p = self.pointers()
         if p.active == ref:
             return p
@@ -251,7 +262,7 @@ class ModelStore:
         if p.active is None and p.previous is None:
             raise AgentError("nothing to roll back: no model from the store is active")
         if p.previous is not None:
-            self.verify(p.previous)
+            self.verify(p.previous, load=False)
         return self.set_pointers(Pointers(active=p.previous, candidate=p.candidate,
                                           previous=p.active, probation=None))
 
