@@ -20,11 +20,17 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import add
 from pathlib import Path
 from typing import Any
 
 from agent.fleet.bins import MetricSum
 from agent.metric_catalog import METRICS
+
+try:  # the fleet extra; the stdlib parser gives the same lists
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    _loads = json.loads
 
 BUCKET_S = 300
 GROUP_COLUMNS = ("model", "model_version", "rollout", "cohort")
@@ -315,11 +321,11 @@ class History:
             m = pt.metrics.get(name)
             if m is None:
                 m = pt.metrics[name] = MetricSum(_EDGES[name])  # type: ignore[arg-type]
-            counts = json.loads(r[2 + k])
+            counts = _loads(r[2 + k])
             if m.counts is None:
                 m.counts = counts
             else:
-                m.counts[:] = [a + b for a, b in zip(m.counts, counts, strict=True)]
+                m.counts[:] = map(add, m.counts, counts)
             m.sum += r[3 + k]
             m.min = min(m.min, r[4 + k])
             m.max = max(m.max, r[5 + k])

@@ -302,6 +302,7 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
             u = urlsplit(self.path)
+            t0 = time.perf_counter()
             try:
                 if u.path == "/metrics":
                     body, ctype = app.metrics()
@@ -329,6 +330,9 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
                 self.send_response(200)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                # the server's own time for this response (what the benchmark reports)
+                self.send_header("Server-Timing",
+                                 f"render;dur={(time.perf_counter() - t0) * 1000:.1f}")
                 self.end_headers()
                 self.wfile.write(body)
             except (BrokenPipeError, ConnectionResetError):

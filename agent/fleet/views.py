@@ -33,6 +33,7 @@ def _group_name(key: tuple[str, ...]) -> str:
 
 
 def _device_row(dev_id: str, d: Any) -> dict[str, Any]:
+    """A displayed row (built only for the few devices a table shows)."""
     t = d.totals
     model = d.model or {}
     boot = d.boot_id or ""
@@ -43,45 +44,60 @@ def _device_row(dev_id: str, d: Any) -> dict[str, Any]:
             "missing": sum(s.missing() for s in d.seqs.values()), "alarms": raised}
 
 
+def _keys(dev_id: str, d: Any) -> tuple[str, bool | None, float | None, float | None, int]:
+    """What the counts and the top-N lists rank by, cheaply, for every device."""
+    c = d.totals.counts
+    decided = c["accepted"] + c["abstained"]
+    t = d.totals
+    return (dev_id, d.online, c["abstained"] / decided if decided else None,
+            t.acc_sum / t.acc_n if t.acc_n else None,
+            sum(s.missing() for s in d.seqs.values()) if len(d.seqs) > 1 or any(
+                len(s._lo) > 1 for s in d.seqs.values()) else 0)
+
+
 def fleet_view(model: FleetModel, history: History | None, *, range_name: str = DEFAULT_RANGE,
                q: str | None = None, replica: str = "", share: str = "",
                now: Callable[[], float] = time.time) -> dict[str, Any]:
     rng = range_name if range_name in RANGES else DEFAULT_RANGE
     with model.lock:
         st = model.state
-        rows = [_device_row(dev_id, d) for dev_id, d in st.devices.items()]
+        devs = st.devices
+        keys = [_keys(dev_id, d) for dev_id, d in devs.items()]
         alarms = []
-        for dev_id, d in st.devices.items():
+        for dev_id, d in devs.items():
             for a in d.alarms.get(d.boot_id or "", {}).values() if d.boot_id else ():
                 if a["state"] == "raised":
                     alarms.append({"device": dev_id, **a})
-        errors = sum(sum(d.errors.values()) for d in st.devices.values()) + st.unknown_topics
-        messages, duplicates = st.messages, sum(d.duplicates for d in st.devices.values())
-    on = sum(1 for r in rows if r["online"] is True)
-    off = sum(1 for r in rows if r["online"] is False)
-    kpis = {"devices": len(rows), "online": on, "offline": off, "unknown": len(rows) - on - off,
-            "active_alarms": len(alarms), "missing": sum(r["missing"] for r in rows),
+        errors = sum(sum(d.errors.values()) for d in devs.values()) + st.unknown_topics
+        messages, duplicates = st.messages, sum(d.duplicates for d in devs.values())
+
+        def rows(picked: list[tuple]) -> list[dict[str, Any]]:
+            return [_device_row(k[0], devs[k[0]]) for k in picked]
+
+        tops = [
+            ("Highest abstain rate", rows(heapq.nlargest(
+                TOP_N, (k for k in keys if k[2] is not None), key=lambda k: k[2])),
+             "top-abstain"),
+            ("Lowest estimated accuracy", rows(heapq.nsmallest(
+                TOP_N, (k for k in keys if k[3] is not None), key=lambda k: k[3])),
+             "top-accuracy"),
+            ("Most missing messages", rows(heapq.nlargest(
+                TOP_N, (k for k in keys if k[4]), key=lambda k: k[4])), "top-missing"),
+            ("Offline", rows(sorted((k for k in keys if k[1] is False),
+                                    key=lambda k: k[0])[:TOP_N]), "top-offline"),
+        ]
+        search: list[dict[str, Any]] = []
+        total = 0
+        if q is not None:
+            needle = q.strip().lower()
+            hits = sorted((k for k in keys if needle in k[0].lower()), key=lambda k: k[0])
+            total, search = len(hits), rows(hits[:SEARCH_N])
+    on = sum(1 for k in keys if k[1] is True)
+    off = sum(1 for k in keys if k[1] is False)
+    kpis = {"devices": len(keys), "online": on, "offline": off, "unknown": len(keys) - on - off,
+            "active_alarms": len(alarms), "missing": sum(k[4] for k in keys),
             "duplicates": duplicates, "invalid": errors, "messages": messages}
     alarms.sort(key=lambda a: (a["device"], a["metric"], a["scope"]))
-    decided = [r for r in rows if r["abstain_rate"] is not None]
-    tops = [
-        ("Highest abstain rate", heapq.nlargest(TOP_N, decided,
-                                                key=lambda r: r["abstain_rate"]), "top-abstain"),
-        ("Lowest estimated accuracy", heapq.nsmallest(
-            TOP_N, [r for r in rows if r["accuracy"] is not None],
-            key=lambda r: r["accuracy"]), "top-accuracy"),
-        ("Most missing messages", heapq.nlargest(
-            TOP_N, [r for r in rows if r["missing"]], key=lambda r: r["missing"]), "top-missing"),
-        ("Offline", sorted((r for r in rows if r["online"] is False),
-                           key=lambda r: r["device"])[:TOP_N], "top-offline"),
-    ]
-    search: list[dict[str, Any]] = []
-    total = 0
-    if q is not None:
-        needle = q.strip().lower()
-        hits = sorted((r for r in rows if needle in r["device"].lower()),
-                      key=lambda r: r["device"])
-        total, search = len(hits), hits[:SEARCH_N]
     t_now = now()
     charts = fleet_charts(history, t_now - RANGES[rng], t_now) if history is not None else []
     return {"prefix": model.prefix, "replica": replica, "generated": page._utc(t_now),
