@@ -55,9 +55,12 @@ c.connect("127.0.0.1", port)
 c.loop_start()
 print("ready", flush=True)
 sys.stdin.readline()
-infos = [c.publish(t, b, qos=1, retain=r) for t, b, r in msgs]
-for i in infos:
-    i.wait_for_publish(120)
+for phase in (True, False):  # births (retained) first, then the stats windows
+    infos = [c.publish(t, b, qos=1, retain=r) for t, b, r in msgs if r is phase]
+    for i in infos:
+        i.wait_for_publish(120)
+    print("sent", flush=True)
+    sys.stdin.readline()
 c.disconnect(); c.loop_stop()
 """
 
@@ -206,12 +209,23 @@ def main() -> int:
         for p in pubs:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         rss0 = _status_kb(serve.pid, "VmRSS")
+
+        def go() -> None:
+            for p in pubs:
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+                p.stdin.flush()
+
+        go()  # births (each device's retained birth, once): not part of the ingest figure
+        for p in pubs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "sent"
+        deadline = time.monotonic() + 300
+        while json.loads(_get(base + "/api/ingest.json"))["outcomes"].get("birth", 0) \
+                < args.devices and time.monotonic() < deadline:
+            time.sleep(0.2)
         cpu0 = _proc_times(serve.pid)
         first: float | None = None
-        for p in pubs:
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
+        go()
         t_start = time.perf_counter()
         done, progress = 0, time.perf_counter()
         while done < n_stats:
@@ -228,6 +242,7 @@ def main() -> int:
             time.sleep(0.2)
         t_end = time.perf_counter()
         cpu = _proc_times(serve.pid) - cpu0
+        go()
         for p in pubs:
             p.wait(60)
         wall = t_end - (first or t_start)
