@@ -96,7 +96,7 @@ class FleetCollector(Collector):
                     dev_id, d.online, d.birth_fields().get("agent_version"),
                     x.group if x else _model_group(d.model),
                     {b: list(r) for b, r in x.boots.items()} if x else {},
-                    x.drift if x else (), x.accuracy if x else None,
+                    x.drift.tolist() if x else [], x.accuracy if x else None,
                     x.last_end if x else math.nan,
                     [(a["metric"], a["stage"], a["scope"], a["state"] == "raised")
                      for a in rules.values()],
@@ -177,9 +177,9 @@ class FleetCollector(Collector):
             key = (d[2] or "", *d[3])
             versions[key] = versions.get(key, 0) + 1
             for name, score in zip(METRIC_NAMES, d[5], strict=False):
-                if score is not None:
+                if score == score:  # NaN: no score
                     s = drift.setdefault((name, *d[3]), [0.0, 0])
-                    s[0] += score
+                    s[0] += round(score, 4)  # float32 in memory; payload scores have 4 decimals
                     s[1] += 1
             for metric, stage, scope, raised in d[8]:
                 k = (metric, stage, scope)
@@ -285,9 +285,9 @@ def device_text(devs: list[tuple]) -> str:
                 f"eva_device_estimated_accuracy{{{d}}} {_num(accuracy)}")
         out = lines["eva_device_drift_score"]
         for name, score in zip(METRIC_NAMES, scores, strict=False):
-            if score is not None:
+            if score == score:  # NaN: no score
                 out.append(f'eva_device_drift_score{{{d},metric="{name}",stage="{stage[name]}"}}'
-                           f" {_num(score)}")
+                           f" {_num(round(score, 4))}")
         for metric, st, scope, raised in rules:
             lines["eva_device_alarm"].append(
                 f'eva_device_alarm{{{d},metric="{_esc(metric)}",stage="{_esc(st)}",'

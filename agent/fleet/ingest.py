@@ -31,7 +31,7 @@ from agent.telemetry.message import DEFAULT_PREFIX
 
 CUMULATIVE = SinceBoot.FIELDS          # windows, frames, speech_frames, utterances, ...
 MAX_BOOTS = 4                          # boots kept per device for the cumulative series
-RECENT = 24                            # windows per device kept for the drill-down plots
+RECENT = 16                            # windows per device kept for the drill-down plots
 RECENT_FIELDS = ("end", "utterances", "accepted", "abstained", "accuracy", "rms_dbfs")
 METRIC_NAMES = tuple(m.name for m in METRICS)
 _NAN = math.nan
@@ -53,7 +53,7 @@ class DeviceExtras:
     boots: dict[str, list[int]] = field(default_factory=dict)  # boot -> [seq, *CUMULATIVE]
     exact: bool = True          # every stats payload of this device carried since_boot
     group: tuple[str, str, str, str] = ("", "", "", "")
-    drift: tuple[float | None, ...] = ()
+    drift: array = field(default_factory=lambda: array("f"))  # NaN = no score
     accuracy: float | None = None
     last_end: float = _NAN      # epoch of the latest window's end (current boot first)
     recent: array = field(default_factory=lambda: array("d"))
@@ -124,7 +124,7 @@ class FleetModel:
             x.group = group_key(p)
             drift = p.get("drift")
             drift = drift if isinstance(drift, dict) else {}
-            x.drift = tuple(map(_score, map(drift.get, METRIC_NAMES)))
+            x.drift = array("f", map(_score, map(drift.get, METRIC_NAMES)))
             x.accuracy = p["estimated_accuracy"].get("value")
             x.last_end = utc_epoch(p["window"]["end_utc"])
         rms = p["metrics"].get("input_rms_dbfs") or {}
@@ -152,11 +152,13 @@ class FleetModel:
         return sorted(rows, key=lambda r: r["end"])
 
 
-def _score(entry: Any) -> float | None:
+def _score(entry: Any) -> float:
+    """A drift entry's score, NaN when absent or not a number (float32 is plenty for a
+    score in [0, 1] and keeps 10,000 devices' scores small)."""
     if type(entry) is dict:
         s = entry.get("score")
         if type(s) is float and math.isfinite(s):
             return s
         if type(s) is int:
             return float(s)
-    return None
+    return _NAN

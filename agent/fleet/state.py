@@ -324,6 +324,7 @@ class FleetState:
         self._edges: dict[str, np.ndarray] = {
             m.name: np.asarray(m.edges, dtype=np.float64) for m in catalog}
         self._clock = clock
+        self._edge_sets: dict[tuple, dict[str, np.ndarray]] = {}
         self.devices: dict[str, _Device] = {}
         # Sums per (model, version, rollout, cohort) -- the per-model view operators compare --
         # and, merged, the fleet's totals. Keyed by what each window says it ran.
@@ -443,7 +444,9 @@ class FleetState:
             if ref is not e and np.array_equal(ref, e):
                 edges[name] = ref  # one shared array: memory per device, `is` check per message
         boot = p.get("boot_id")
-        dev.births[boot] = edges
+        # devices of one agent version declare the same edges: share one dict (memory per device)
+        key = tuple((name, id(e)) for name, e in edges.items())
+        dev.births[boot] = self._edge_sets.setdefault(key, edges)
         dev.birth = {k: p[k] for k in ("agent_version", "config_digest", "window_s",
                                        "drift_method") if k in p}
         if isinstance(p.get("model"), dict):
