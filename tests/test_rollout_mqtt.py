@@ -64,9 +64,11 @@ def test_malformed_unknown_and_mismatching_commands_refused_and_reported(
          "percent": 100, "mode": "shadow"}).encode())
     sub = Subscriber(broker, f"eva/{DEV}/#")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--source", str(wav), "--speed", "4",
+        # paced so that it still runs while the test goes through every step, even on a
+        # loaded machine (the test stops it at the end)
+        [sys.executable, "-m", "agent", "run", "--source", str(wav), "--speed", "1.5",
          "--telemetry", broker.url, "--device-id", DEV, "--state-dir", str(state),
-         "--decisions", str(tmp_path / "d.jsonl"), "--window", "10", "--log-level", "WARNING"],
+         "--decisions", str(tmp_path / "d.jsonl"), "--window", "5", "--log-level", "WARNING"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         e = next_event(sub)
