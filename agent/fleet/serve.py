@@ -158,8 +158,11 @@ class Feed:
         head = f"$share/{share}/" if share else ""
         # Alarms (transitions, rare) go to every replica too, so each one's "alarms now" is
         # complete; only stats, the bulk, are shared.
+        # Rollout events and commands (rare, some retained) likewise: /api/fleet.json then has
+        # everything `fleet watch --json` has.
         self.subscriptions = [(f"{head}{prefix}/+/stats", 1), (f"{prefix}/+/alarm", 1),
                               (f"{prefix}/+/status", 1), (f"{prefix}/+/birth", 1),
+                              (f"{prefix}/+/event", 1), (f"{prefix}/+/rollout", 1),
                               (BROKER_DROPPED_TOPIC, 0)]
         self._connack = threading.Event()
         self._subscribed = threading.Event()
@@ -209,7 +212,7 @@ class Feed:
                    f"did not complete the connection within {timeout_s:g} s")
             self.stop()
             raise AgentError(f"broker {self.url} {why}")
-        log.info("subscribed to %s on %s", ", ".join(t for t, _ in self.subscriptions[:4]),
+        log.info("subscribed to %s on %s", ", ".join(t for t, _ in self.subscriptions[:-1]),
                  self.url)
 
     def stop(self) -> None:
