@@ -34,6 +34,7 @@ MAX_BOOTS = 4                          # boots kept per device for the cumulativ
 RECENT = 16                            # windows per device kept for the drill-down plots
 RECENT_FIELDS = ("end", "utterances", "accepted", "abstained", "accuracy", "rms_dbfs")
 METRIC_NAMES = tuple(m.name for m in METRICS)
+DEVICE_METRICS = frozenset({"input_rms_dbfs"})  # metrics summed per device (see FleetState)
 _NAN = math.nan
 
 
@@ -67,7 +68,9 @@ class FleetModel:
     def __init__(self, prefix: str = DEFAULT_PREFIX, clock: Callable[[], float] = time.time,
                  sink: Callable[[float, tuple[str, str, str, str], dict[str, Any]], None]
                  | None = None) -> None:
-        self.state = FleetState(prefix, clock=clock)
+        # per device only the mean input level (/api/fleet.json's device rows); histograms
+        # are kept per model group, where the exporter, the page and the history read them
+        self.state = FleetState(prefix, clock=clock, device_metrics=DEVICE_METRICS)
         self.prefix = self.state.prefix
         self.extras: dict[str, DeviceExtras] = {}
         self.outcomes: dict[str, int] = {}
