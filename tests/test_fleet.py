@@ -524,3 +524,29 @@ def test_credentials_refused_is_one_line_and_accepted_watches(mosquitto: BrokerF
                        text=True, timeout=30)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["fleet"]["devices"] == 0
+
+
+def test_metric_check_fast_path_accepts_and_refuses_as_the_full_check() -> None:
+    """`_check_metric`'s one-expression fast path must not let through what the full check
+    refuses (nor refuse what it accepts): every variant is judged the same by both."""
+    from agent.fleet.state import _check_metric, _check_metric_fully, _Invalid
+
+    good = {"count": 3, "mean": 1.5, "min": 1.0, "max": 2.0, "hist": [4, 1, 2]}
+    variants = [good, {**good, "mean": 2}, {**good, "hist": [4, 1, True]},
+                {**good, "hist": [4, -1, 4]}, {**good, "hist": [-1, 1, 2]},
+                {**good, "count": 4}, {**good, "count": -3, "hist": [4, 1, -4]},
+                {**good, "min": None}, {**good, "hist": [4]}, {**good, "hist": []},
+                {**good, "max": 1e308, "min": 1e308}, {**good, "mean": "1"},
+                {**good, "count": 3.0}, {**good, "hist": (4, 1, 2)}, [good],
+                {"count": 0, "mean": None, "min": None, "max": None, "hist": []}]
+
+    def verdict(check: Any, m: Any) -> bool:
+        try:
+            check("m", m)
+        except _Invalid:
+            return False
+        return True
+
+    verdicts = [verdict(_check_metric, m) for m in variants]
+    assert verdicts == [verdict(_check_metric_fully, m) for m in variants]
+    assert verdicts[0] and verdicts[1] and not verdicts[2] and not verdicts[5]

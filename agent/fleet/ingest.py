@@ -36,6 +36,7 @@ RECENT_FIELDS = ("end", "utterances", "accepted", "abstained", "accuracy", "rms_
 METRIC_NAMES = tuple(m.name for m in METRICS)
 DEVICE_METRICS = frozenset({"input_rms_dbfs"})  # metrics summed per device (see FleetState)
 _NAN = math.nan
+_INT_ONLY = {int}
 
 
 def utc_epoch(iso: str) -> float:
@@ -92,12 +93,13 @@ class FleetModel:
             outcome = self.state.ingest(topic, parsed, retained)
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
             if outcome == "stats":
-                self._stats(parsed)
+                end = utc_epoch(parsed["window"]["end_utc"])
+                self._stats(parsed, end)
         if outcome == "stats" and self.sink is not None:
-            self.sink(utc_epoch(parsed["window"]["end_utc"]), group_key(parsed), parsed)
+            self.sink(end, group_key(parsed), parsed)
         return outcome
 
-    def _stats(self, p: Mapping[str, Any]) -> None:
+    def _stats(self, p: Mapping[str, Any], end: float) -> None:
         dev_id = p["device_id"]
         x = self.extras.get(dev_id)
         if x is None:
@@ -109,7 +111,7 @@ class FleetModel:
                 del x.boots[next(iter(x.boots))]
             row = x.boots[boot] = [-1, *([0] * len(CUMULATIVE))]
         since = p.get("since_boot")
-        if isinstance(since, dict) and all(type(since.get(k)) is int for k in CUMULATIVE):
+        if type(since) is dict and set(map(type, map(since.get, CUMULATIVE))) == _INT_ONLY:
             if seq > row[0]:
                 row[0] = seq
                 row[1:] = [since[k] for k in CUMULATIVE]
@@ -129,11 +131,11 @@ class FleetModel:
             drift = drift if isinstance(drift, dict) else {}
             x.drift = array("f", map(_score, map(drift.get, METRIC_NAMES)))
             x.accuracy = p["estimated_accuracy"].get("value")
-            x.last_end = utc_epoch(p["window"]["end_utc"])
+            x.last_end = end
         rms = p["metrics"].get("input_rms_dbfs") or {}
         c = p["counts"]
         acc = p["estimated_accuracy"].get("value")
-        values = (utc_epoch(p["window"]["end_utc"]), c["utterances"], c["accepted"],
+        values = (end, c["utterances"], c["accepted"],
                   c["abstained"], _NAN if acc is None else acc,
                   _NAN if rms.get("mean") is None else rms["mean"])
         if len(x.recent) < RECENT * len(RECENT_FIELDS):
