@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder of {digit}_{speaker}_{take}.wav recordings; again for each "
                        "labelled export of review samples (speaker 'field', its own slice)")
         q.add_argument("--speakers", default="", help="comma list of speakers; empty = all")
+        q.add_argument("--speech-commands", type=Path, default=None,
+                       help="folder of the Speech Commands part (clips/{digit}_{speaker}_{n}.wav "
+                       "and clips/neg_{word}_{speaker}_{n}.wav): real digits and real non-digit "
+                       "words of many speakers, for training and speaker-grouped evaluation")
         q.add_argument("--limit-per-class", type=int, default=None,
                        help="at most N clips per speaker and digit (quick runs)")
         q.add_argument("--small", action="store_true",
@@ -230,7 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     speakers = {s for s in args.speakers.split(",") if s} or None
     train.train(args.data, args.out, calib, name=args.name, version=args.model_version,
                 seed=args.seed, speakers=speakers, limit_per_class=args.limit_per_class,
-                recipe=_recipe(args), cache=args.cache, workers=args.workers, log=_log)
+                recipe=_recipe(args), cache=args.cache, workers=args.workers,
+                speech_commands=args.speech_commands, log=_log)
     return 0
 
 
@@ -239,30 +244,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     speakers = {s for s in args.speakers.split(",") if s} or None
     r = _recipe(args)
     ds = evaluate.build_dataset(args.data, args.cache or train.DEFAULT_CACHE, r, args.seed,
-                                speakers, args.limit_per_class, args.workers, _log)
+                                speakers, args.limit_per_class, args.workers, _log,
+                                args.speech_commands)
     report = train.public(evaluate.loso(ds, r, args.seed, args.workers, _log))
     if args.json:
         print(json.dumps(report))
         return 0
-    c = report["conditions"]
-    print(f"leave-one-speaker-out over {', '.join(report['speakers'])}")
-    for k, label in (("clean", "clean"), ("snr10", "white noise 10 dB SNR"),
-                     ("quiet20", "20 dB quieter"), ("padded", "VAD-like padding")):
-        per = ", ".join(f"{s} {v:.3f}" for s, v in c[k]["per_speaker"].items())
-        print(f"accuracy {label}: {c[k]['mean']:.3f} (worst {c[k]['worst']:.3f}; {per})")
-    print("per accent: " + ", ".join(f"{a} {v:.3f}" for a, v in report["per_accent"].items()))
-    print("per class: " + ", ".join(f"{d} {v:.3f}" for d, v in report["per_class"].items()))
-    cal, th, neg = report["calibration"], report["threshold"], report["negatives"]
-    print(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal['ece']:.4f} "
-          f"(uncalibrated {cal['ece_uncalibrated']:.4f})")
-    print(f"threshold {th['value']:.4f} for precision {th['target_precision']}: precision "
-          f"{th['precision']:.4f}, coverage {th['coverage']:.4f}")
-    print(f"false accepts on {neg['n']} negatives: {neg['false_accepts']:.4f} (" + ", ".join(
-        f"{k} {v:.3f}" for k, v in neg["by_kind"].items()) + ")")
-    print("confusion (rows spoken, columns decided " + " ".join(
-        report["confusion"]["columns"]) + "):")
-    for d, row in zip(report["confusion"]["rows"], report["confusion"]["counts"], strict=True):
-        print(f"  {d}: " + " ".join(f"{v:4d}" for v in row))
+    print(evaluate.render_text(report))
     return 0
 
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EVA_SHARED", ROOT.parent / "shared"))
 FSDD = SHARED / "data" / "fsdd" / "recordings"
 EVAL = SHARED / "eval"
+SPEECH_COMMANDS = SHARED / "data" / "speech-commands"
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +36,14 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("clip") / "clip.wav"
     sf.write(str(path), x[: 10 * sr], sr, subtype="PCM_16")
     return path
+
+
+@pytest.fixture(scope="session")
+def speech_commands() -> Path:
+    if not (SPEECH_COMMANDS / "clips").is_dir():
+        pytest.skip(f"shared Speech Commands clips not found at {SPEECH_COMMANDS} (set "
+                    "EVA_SHARED to the shared/ folder)")
+    return SPEECH_COMMANDS
 
 
 @pytest.fixture(scope="session")

@@ -1,63 +1,123 @@
-"""The training pipeline end to end on a small subset, its artefacts, and `evaluate`."""
+"""The training pipeline end to end on a small subset, its artefacts, `evaluate`, the exported
+graphs against scikit-learn, and the shipped model's open-set rule on sounds it never heard."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from agent.model import ModelRunner
-from agent.resources import demo_audio
+from agent.resources import calibration_dir, default_model_dir, demo_audio
 from tests.conftest import eva
 
 pytest.importorskip("sklearn", reason="the train extra is not installed")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, fsdd):
-    """A small model trained by the CLI on three speakers (real data, few synthetic clips)."""
+def trained(tmp_path_factory, fsdd, speech_commands):
+    """A small model trained by the CLI on three FSDD speakers and a few Speech Commands clips
+    (few synthetic clips)."""
     root = tmp_path_factory.mktemp("train")
-    r = eva("train", "--data", str(fsdd), "--small", "--limit-per-class", "5", "--speakers",
-            "theo,lucas,jackson", "--out", str(root / "model"), "--calibration-out",
-            str(root / "calib"), "--cache", str(root / "cache"), "--name", "tiny",
-            timeout=600)
+    r = eva("train", "--data", str(fsdd), "--speech-commands", str(speech_commands), "--small",
+            "--limit-per-class", "5", "--speakers", "theo,lucas,jackson", "--out",
+            str(root / "model"), "--calibration-out", str(root / "calib"), "--cache",
+            str(root / "cache"), "--name", "tiny", timeout=600)
     assert r.returncode == 0, r.stderr
     return root, r.stderr
 
 
 def test_training_writes_every_artefact(trained):
     root, log = trained
-    for f in ("model/head.onnx", "model/melspectrogram.onnx", "model/embedding_model.onnx",
-              "model/NOTICE", "model/manifest.json", "model/MODEL_CARD.md",
-              "model/evaluation.json", "calib/thresholds.json", "calib/baseline.json",
-              "calib/oof.npz"):
+    for f in ("model/head.onnx", "model/rejector.onnx", "model/melspectrogram.onnx",
+              "model/embedding_model.onnx", "model/NOTICE", "model/manifest.json",
+              "model/MODEL_CARD.md", "model/evaluation.json", "calib/thresholds.json",
+              "calib/baseline.json", "calib/oof.npz"):
         assert (root / f).is_file(), f
     m = json.loads((root / "model/manifest.json").read_text())
     assert m["classes"][-1] == "unknown" and m["unknown_label"] == "unknown"
+    assert m["version"] == "2.0.0"
     assert m["training"]["speakers"] == ["jackson", "lucas", "theo"]
     assert m["training"]["onnx_max_abs_diff"] < 1e-4   # ONNX == scikit-learn (checked in train)
+    assert m["training"]["counts"]["speech_commands_words"] > 0
     card = (root / "model/MODEL_CARD.md").read_text()
-    assert "CC BY-SA 4.0" in card and "leave-one-speaker-out" in card
+    for needle in ("CC BY-SA 4.0", "CC BY 4.0", "Warden", "leave-one-speaker-out",
+                   "Apache-2.0", "CC BY-NC-SA 4.0"):
+        assert needle in card, needle
     for s in ("jackson", "lucas", "theo"):
         assert f"| {s} |" in card
     assert "LOSO clean" in log
 
 
-def test_exported_onnx_matches_scikit_learn(tmp_path):
+def test_exported_graphs_match_scikit_learn():
+    """Head (temperature) and rejector (Platt) graphs give scikit-learn's calibrated numbers."""
     from dataclasses import replace
 
-    from agent.training.export import check_against_sklearn, to_onnx_bytes
-    from agent.training.recipe import Recipe, fit, scores, softmax
+    from agent.training.export import _run, check_against_sklearn, head_to_onnx, rejector_to_onnx
+    from agent.training.recipe import (
+        Recipe,
+        fit_head,
+        fit_rejector,
+        head_scores,
+        rejector_logit,
+        sigmoid,
+        softmax,
+    )
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 30)).astype(np.float32)
-    y = rng.integers(0, 11, 400)
-    model = fit(x, y, replace(Recipe(), hidden=(16,), max_iter=50), 0)
-    blob = to_onnx_bytes(model, 0.6, 30)
-    assert check_against_sklearn(blob, model, 0.6, x[:100]) < 1e-5
-    p = softmax(scores(model, x[:5]), 0.6)
-    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+    y = rng.integers(0, 10, 400)
+    x[np.arange(400), y] += 2.0
+    r = replace(Recipe(), rejector_hidden=(16,), rejector_max_iter=50)
+    head = fit_head(x, y, r, 0)
+    rej = fit_rejector(x, (y < 5).astype(int), r, 0)
+    hb, rb = head_to_onnx(head, 0.6, 30), rejector_to_onnx(rej, (0.8, -0.3), 30)
+    np.testing.assert_allclose(_run(hb, x[:50]), softmax(head_scores(head, x[:50]), 0.6),
+                               atol=1e-5)
+    np.testing.assert_allclose(_run(rb, x[:50])[:, 1],
+                               sigmoid(0.8 * rejector_logit(rej, x[:50]) - 0.3), atol=1e-5)
+    assert check_against_sklearn(hb, head, 0.6, rb, rej, (0.8, -0.3), x[:100]) < 1e-5
+
+
+def _shipped() -> tuple[ModelRunner, float]:
+    model = default_model_dir()
+    thr = json.loads((calibration_dir("fsdd-digits") / "thresholds.json").read_text())
+    return ModelRunner(model), float(thr["threshold"])
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("flite") is None,
+                    reason="the open-set test synthesises speech with espeak-ng and flite")
+def test_shipped_open_set_rule_rejects_synthetic_non_digits_and_keeps_digits(tmp_path):
+    """Voices and words the shipped model never trained on: a held-out flite voice saying
+    digits is acted on; held-out words, music and noise are not."""
+    from agent.training import augment as A
+    from agent.training import synth as S
+    from agent.training.evaluate import word_group
+
+    runner, thr = _shipped()
+    digit_jobs = [("flite", "slt", 1.0, 170.0, w) for w in S.DIGIT_WORDS] + \
+                 [("espeak", "en-gb-scotland", 150, 50, w) for w in S.DIGIT_WORDS]
+    heldout_words = [w for w in S.NEG_WORDS if word_group(w) == "B"][::3][:16]
+    word_jobs = [("espeak", "en-us+m3", 160, 40, w) for w in heldout_words]
+    clips = [S.run_job(j) for j in digit_jobs + word_jobs]
+    assert all(c is not None for c in clips)
+    rng = np.random.default_rng(7)
+    sounds = [A.music(rng) for _ in range(8)] + [A.noise(rng) for _ in range(8)]
+
+    def decide(x: np.ndarray) -> tuple[int, bool]:
+        p = runner.predict(runner.features(x)[None])[0]
+        k = int(p.argmax())
+        return k, k < 10 and float(p[k]) >= thr
+
+    digits = [decide(c) for c in clips[:len(digit_jobs)]]
+    kept = sum(acc and k == i % 10 for i, (k, acc) in enumerate(digits))
+    assert kept >= 0.8 * len(digit_jobs), digits
+    accepted = [w for w, c in zip(heldout_words, clips[len(digit_jobs):], strict=True)
+                if decide(c)[1]]
+    assert len(accepted) <= 1, accepted
+    assert sum(decide(s)[1] for s in sounds) == 0
 
 
 def test_threshold_file_is_produced_and_loaded(trained, tmp_path):
@@ -83,27 +143,37 @@ def test_threshold_file_is_produced_and_loaded(trained, tmp_path):
     assert r.returncode == 1 and "calibrated for" in r.stderr
 
 
-def test_evaluate_reports_every_number(fsdd, trained):
+def test_evaluate_reports_every_number(fsdd, speech_commands, trained):
     root, _ = trained
-    r = eva("evaluate", "--data", str(fsdd), "--small", "--limit-per-class", "4", "--speakers",
-            "theo,lucas", "--cache", str(root / "cache"), "--json", timeout=600)
+    args = ("evaluate", "--data", str(fsdd), "--speech-commands", str(speech_commands),
+            "--small", "--limit-per-class", "5", "--speakers", "theo,lucas,jackson", "--cache",
+            str(root / "cache"))
+    r = eva(*args, "--json", timeout=600)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
-    assert rep["method"] == "leave-one-speaker-out" and rep["speakers"] == ["lucas", "theo"]
-    for cond in ("clean", "snr10", "quiet20", "padded"):
+    assert rep["method"] == "leave-one-speaker-out"
+    assert rep["speakers"] == ["jackson", "lucas", "theo"]
+    for cond in ("clean", "white10", "babble10", "quiet20"):
         c = rep["conditions"][cond]
-        assert set(c["per_speaker"]) == {"lucas", "theo"} and 0 <= c["worst"] <= c["mean"] <= 1
+        assert set(c["per_speaker"]) == {"jackson", "lucas", "theo"}
+        assert 0 <= c["worst"] <= c["mean"] <= 1
     assert set(rep["per_class"]) == {str(d) for d in range(10)}
     assert set(rep["per_accent"]) == {"USA", "DEU/German"}
     counts = np.array(rep["confusion"]["counts"])
-    assert counts.shape == (10, 11) and counts.sum() == 2 * 10 * 4
+    assert counts.shape == (10, 11) and counts.sum() == 3 * 10 * 5
     assert 0 <= rep["calibration"]["ece"] <= 1 and rep["calibration"]["temperature"] > 0
     th = rep["threshold"]
     assert {"value", "precision", "coverage", "target_precision"} <= set(th)
-    assert 0 <= rep["negatives"]["false_accepts"] <= 1 and rep["negatives"]["by_kind"]
-    human = eva("evaluate", "--data", str(fsdd), "--small", "--limit-per-class", "4",
-                "--speakers", "theo,lucas", "--cache", str(root / "cache"), timeout=600)
+    neg = rep["negatives"]
+    assert 0 <= neg["false_accepts"] <= 1
+    assert {"synthetic words", "babble", "music", "noise", "tv"} <= set(neg["by_kind"])
+    sc = rep["speech_commands"]
+    assert sc["digits"] > 0 and sc["words"] > 0 and 0 <= sc["words_accepted"] <= 1
+    assert 0 <= rep["heldout_voices"]["accuracy"] <= 1
+    assert {"head_only_fsdd", "with_rejector_fsdd"} <= set(rep["open_set_cost"])
+    human = eva(*args, timeout=600)
     assert human.returncode == 0
-    for needle in ("accuracy clean", "per accent", "per class", "ECE", "coverage",
-                   "false accepts", "confusion"):
+    for needle in ("accuracy clean", "babble 10 dB", "per accent", "per class", "ECE",
+                   "coverage", "false accepts", "Speech Commands", "open-set cost",
+                   "confusion"):
         assert needle in human.stdout

@@ -1,15 +1,23 @@
-"""Data assembly and leave-one-speaker-out evaluation of the recipe.
+"""Data assembly and speaker-grouped evaluation of the recipe.
 
-For every recorded speaker, a model is trained on the other speakers (plus all synthetic
-voices and the negatives that share nothing with the test side) and tested on that speaker's
-recordings under four conditions (clean, white noise at 10 dB SNR, 20 dB quieter, VAD-like
-padding) and on negatives it never saw. Out-of-fold scores give the temperature, the
-calibration error (with a nested fit, so no speaker calibrates itself) and the threshold.
+Two kinds of fold, never a random split:
+- leave-one-speaker-out over the FSDD speakers: the head and rejector are trained on the other
+  speakers (plus every Speech Commands speaker and the synthetic voices) and tested on that
+  speaker's recordings, clean, in white noise and in babble at 10 dB SNR, 20 dB quieter;
+- grouped folds over the Speech Commands speakers: trained on FSDD and the other folds' speakers,
+  tested on the held-out speakers' real digits and real non-digit words.
+Held-out synthetic words (a third of the vocabulary, never trained on), held-out non-speech
+(babble, music, noise, TV-like speech), homophones and held-out synthetic voices are scored by
+every LOSO model. Out-of-fold scores give the temperature, the Platt scaling of the rejector,
+the calibration error (with a nested fit, so no speaker calibrates itself) and the threshold.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+import zlib
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -17,197 +25,374 @@ from typing import Any
 
 import numpy as np
 
-from agent.audio.resample import Resampler
-from agent.frontend import DEFAULT as _PARAMS
-from agent.frontend import features
+from agent import frontend as F
 from agent.training import augment as A
 from agent.training import synth as S
-from agent.training.dataset import ACCENTS, discover, load_audio
-from agent.training.pretrained import fetch, training_embedder
+from agent.training.dataset import (
+    ACCENTS,
+    Clip,
+    discover,
+    discover_speech_commands,
+    is_negative,
+    load_audio,
+)
 from agent.training.recipe import (
     CLASSES,
     DIGITS,
     UNKNOWN_INDEX,
     Recipe,
+    combine,
     ece,
-    fit,
+    fit_head,
+    fit_platt,
+    fit_rejector,
     fit_temperature,
-    scores,
+    head_scores,
+    rejector_logit,
+    sigmoid,
     softmax,
     threshold_for_precision,
 )
 
+SR = 16000
+FSDD_CONDITIONS = A.CONDITIONS
+_POOLS: dict[str, list[np.ndarray]] = {}
+
+
+def _init_worker(pools: dict[str, list[np.ndarray]]) -> None:
+    _POOLS.update(pools)
+
 
 def _feature_job(args: tuple) -> np.ndarray:
-    x, seed, aug = args
-    if seed is not None:
-        x = A.random_augment(x, np.random.default_rng(seed), aug)
-    return features(x, training_embedder())
+    """One clip → head input, after an optional augmentation or test condition."""
+    from agent.training.pretrained import training_embedder
+
+    x, op, i = args
+    if op == "aug":
+        x = A.random_augment(x, np.random.default_rng(i), _POOLS["babble_train"])
+    elif op != "clean":
+        x = A.condition(x, op, i, _POOLS["babble_test"])
+    return F.features(x, training_embedder())
 
 
-def featurize(pool, audio: list[np.ndarray], seeds: list[int] | None = None,
-              aug: A.AugmentParams | None = None) -> np.ndarray:
-    seeds = seeds if seeds is not None else [None] * len(audio)
-    out = pool.map(_feature_job, [(x, s, aug) for x, s in zip(audio, seeds, strict=True)],
-                   chunksize=64)
-    return np.stack(out).astype(np.float32)
+def word_group(word: str) -> str:
+    """A stable third of the synthetic vocabulary ("B") is never trained on."""
+    return "B" if zlib.crc32(word.encode()) % 3 == 0 else "A"
 
 
-def _to_model_rate(clips: list[np.ndarray]) -> list[np.ndarray]:
-    """Synthetic clips are made at S.SR; the front end runs at 16 kHz (same soxr as load_audio)."""
-    out = []
-    for x in clips:
-        r = Resampler(S.SR, _PARAMS.sample_rate)
-        out.append(np.concatenate([r.process(np.asarray(x, np.float32)), r.flush()]))
-    return out
+@dataclass
+class Part:
+    """Head inputs of one set of clips, clean and as augmented copies, with their metadata."""
+
+    x: np.ndarray                          # (n, 1056) clean
+    aug: list[np.ndarray]                  # augmented copies, each (n, 1056)
+    label: np.ndarray                      # digit index, or UNKNOWN_INDEX for a non-digit
+    group: np.ndarray                      # speaker / voice / A-B group
+    kind: np.ndarray                       # word or sound kind, for slicing
+    cond: dict[str, np.ndarray] = field(default_factory=dict)  # test conditions (FSDD)
+
+    def all(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xs = [self.x[m], *[a[m] for a in self.aug]]
+        return np.concatenate(xs), np.concatenate([self.label[m]] * len(xs))
 
 
 @dataclass
 class DataSet:
-    """Features of everything training and evaluation use, with the groups that keep folds
-    honest (a negative made from a speaker's voice stays on that speaker's side)."""
-
-    y: np.ndarray                      # real clips: digit index
-    speakers: np.ndarray
-    test: dict[str, np.ndarray]        # condition → features of the real clips
-    real_aug: list[np.ndarray]
-    synth_x: np.ndarray
-    synth_y: np.ndarray
-    neg_clean: np.ndarray
-    neg_aug: np.ndarray
-    neg_group: np.ndarray
-    neg_kind: np.ndarray
-    clips: list = field(default_factory=list)  # the recordings used (dataset.Clip)
+    fsdd: Part
+    sc: Part | None
+    synth: Part            # synthetic digits of the training voices
+    heldout_voices: Part   # synthetic digits of voices never trained on (full band)
+    words: Part            # synthetic non-digit words, group A trained, B held out
+    homophones: Part
+    sounds: Part           # babble, music, noise, tv; group A trained, B held out
+    clips: list[Clip] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
-    def train_set(self, speakers: list[str], neg_groups: list[str]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        tr = np.isin(self.speakers, speakers)
-        ntr = np.isin(self.neg_group, neg_groups)
-        x = [self.test["clean"][tr], *[a[tr] for a in self.real_aug], self.synth_x,
-             self.neg_aug[ntr]]
-        y = [self.y[tr]] * (1 + len(self.real_aug)) + [self.synth_y,
-                                                       np.full(ntr.sum(), UNKNOWN_INDEX)]
-        return np.concatenate(x), np.concatenate(y)
+    @property
+    def speakers(self) -> list[str]:
+        return sorted({str(s) for s in self.fsdd.group})
+
+    def train_sets(self, fsdd_speakers: list[str], sc_speakers: list[str]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x_head, y_head, x_rejector, is_digit) for the given training speakers."""
+        xs, ys = [], []
+        x, y = self.fsdd.all(np.isin(self.fsdd.group, fsdd_speakers))
+        xs.append(x), ys.append(y)
+        negs = []
+        if self.sc is not None:
+            tr = np.isin(self.sc.group, sc_speakers)
+            x, y = self.sc.all(tr & (self.sc.label != UNKNOWN_INDEX))
+            xs.append(x), ys.append(y)
+            negs.append(self.sc.all(tr & (self.sc.label == UNKNOWN_INDEX))[0])
+        x, y = self.synth.all(np.ones(len(self.synth.label), bool))
+        xs.append(x), ys.append(y)
+        xh, yh = np.concatenate(xs), np.concatenate(ys)
+        negs.append(self.words.all(self.words.group == "A")[0])
+        negs.append(self.sounds.all(self.sounds.group == "A")[0])
+        xn = np.concatenate(negs)
+        return xh, yh, np.concatenate([xh, xn]), np.r_[np.ones(len(xh)), np.zeros(len(xn))]
+
+
+# --- data ---------------------------------------------------------------------------------------
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def featurize(pool, cache: Path, name: str, key: Any, audio: list[np.ndarray], op: str,
+              seed: int, log=print) -> np.ndarray:
+    """Head inputs for `audio` after `op`; cached by the front end, the data and the op."""
+    path = cache / f"feat-{name}-{op}-{_digest(key, op, seed, F.DEFAULT.to_dict())}.npy"
+    if path.is_file():
+        return np.load(path)
+    t0 = time.perf_counter()
+    out = np.stack(pool.map(_feature_job, [(x, op, seed * 1_000_003 + i)
+                                           for i, x in enumerate(audio)], chunksize=32))
+    out = out.astype(np.float32)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(path)
+    log(f"features: {len(audio)} {name} clips ({op}) in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def _files_key(clips: list[Clip]) -> list:
+    return [(c.path.name, c.path.stat().st_size) for c in clips]
+
+
+def _limit(clips: list[Clip], limit: int | None, per_speaker: bool = True) -> list[Clip]:
+    """At most `limit` clips per speaker and label (per label only: Speech Commands has one or
+    two clips per speaker and label)."""
+    if not limit:
+        return clips
+    seen: dict[tuple, int] = {}
+    keep = []
+    for c in clips:
+        k = (c.speaker, c.label) if per_speaker else (c.label,)
+        if seen.get(k, 0) < limit:
+            seen[k] = seen.get(k, 0) + 1
+            keep.append(c)
+    return keep
 
 
 def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
                   speakers: set[str] | None = None, limit_per_class: int | None = None,
-                  workers: int = 2, log=print) -> DataSet:
+                  workers: int = 2, log=print, speech_commands: Path | None = None) -> DataSet:
+    from agent.training.pretrained import fetch
+
     t0 = time.perf_counter()
-    fetch(log=log)  # once, before the workers need the verified graphs
-    clips = discover(data_dir, speakers)
-    if limit_per_class:
-        seen: dict[tuple, int] = {}
-        keep = []
-        for c in clips:
-            k = (c.speaker, c.label)
-            if seen.get(k, 0) < limit_per_class:
-                seen[k] = seen.get(k, 0) + 1
-                keep.append(c)
-        clips = keep
-    real = [load_audio(c.path, _PARAMS.sample_rate) for c in clips]
-    y = np.array([int(c.label) for c in clips])
-    spk = np.array([c.speaker for c in clips])
-    sa, sy = S.synthesize(cache, "digits", S.DIGIT_WORDS, r.n_espeak, r.n_flite, r.n_festival,
+    fetch(log=log)  # once, here: the workers then find the verified graphs in the cache
+    clips = _limit(discover(data_dir, speakers), limit_per_class)
+    sc_clips = _limit(discover_speech_commands(speech_commands),
+                      limit_per_class and 2 * limit_per_class, per_speaker=False) \
+        if speech_commands else []
+    real = [load_audio(c.path, SR) for c in clips]
+    sc_audio = [load_audio(c.path, SR) for c in sc_clips]
+    digits = S.synthesize(cache, "digits", S.DIGIT_WORDS, r.n_espeak, r.n_flite, r.n_festival,
                           0, workers, log)
-    na, nw = S.synthesize(cache, "negatives", S.NEG_WORDS, r.n_neg_words_espeak,
-                          r.n_neg_words_flite, r.n_neg_words_festival, 1, workers, log)
-    sa, na = _to_model_rate(sa), _to_model_rate(na)
+    words = S.synthesize(cache, "negatives", S.NEG_WORDS, r.n_neg_words_espeak,
+                         r.n_neg_words_flite, r.n_neg_words_festival, 1, workers, log)
+    homo = S.synthesize(cache, "homophones", S.HOMOPHONES, r.n_homophones * 3 // 4,
+                        r.n_homophones // 4, 0, 2, workers, log)
+    sent = S.synthesize(cache, "sentences", S.SENTENCES, r.n_sentences * 3 // 4,
+                        r.n_sentences // 4, 0, 3, workers, log)
+    dig_tr, dig_ho = digits.split(heldout=False), digits.split(heldout=True)
+    w_tr = words.split(heldout=False)
     rng = np.random.default_rng(seed)
-    negs: list[tuple[np.ndarray, str, str]] = [
-        (x, "negA" if w % 2 == 0 else "negB", "word") for x, w in zip(na, nw, strict=True)]
-    src = [(x, s) for x, s in zip(real, spk, strict=True)] + [(x, "synthetic") for x in sa]
-    for i in rng.choice(len(src), min(r.n_neg_reversed, len(src)), replace=False):
-        negs.append((A.reverse(src[i][0]), src[i][1], "reversed"))
-    for i in rng.choice(len(src), min(r.n_neg_shuffled, len(src)), replace=False):
-        negs.append((A.time_shuffle(src[i][0], rng), src[i][1], "shuffled"))
-    negs += [(A.tone(rng), "synthetic", "tone") for _ in range(r.n_neg_tones)]
-    negs += [(A.noise_burst(rng), "synthetic", "noise") for _ in range(r.n_neg_noise)]
-    aug = r.augment
-    with Pool(workers) as pool:
-        test = {c: featurize(pool, [A.condition(x, c, i) for i, x in enumerate(real)])
-                for c in A.CONDITIONS}
-        real_aug = [featurize(pool, real, [seed * 7919 + 1_000_000 * (k + 1) + i
-                                           for i in range(len(real))], aug)
-                    for k in range(r.aug_copies)]
-        syn = [featurize(pool, sa)] + [
-            featurize(pool, sa, [seed * 7919 + 2_000_000 * (k + 1) + i
-                                 for i in range(len(sa))], aug)
-            for k in range(r.synth_aug_copies)]
-        neg_audio = [a for a, _, _ in negs]
-        neg_clean = featurize(pool, neg_audio)
-        neg_aug = featurize(pool, neg_audio, [seed * 7919 + 3_000_000 + i
-                                              for i in range(len(negs))], aug)
-    ds = DataSet(y=y, speakers=spk, test=test, real_aug=real_aug,
-                 synth_x=np.concatenate(syn), synth_y=np.concatenate([sy] * len(syn)),
-                 neg_clean=neg_clean, neg_aug=neg_aug,
-                 neg_group=np.array([g for _, g, _ in negs]),
-                 neg_kind=np.array([k for _, _, k in negs]), clips=clips,
-                 counts={"real": len(real), "synthetic_digits": len(sa),
-                         "negatives": len(negs), "speakers": len(set(spk))})
-    log(f"data: {len(real)} recordings of {len(set(spk))} speakers, {len(sa)} synthetic "
-        f"digits, {len(negs)} negatives; features in {time.perf_counter() - t0:.0f} s")
+    half = len(sent.audio) // 2
+    pool_train = dig_tr.audio + w_tr.audio + sent.audio[:half]
+    pool_test = dig_ho.audio + words.split(heldout=True).audio + sent.audio[half:]
+    babble_train = [A.babble(pool_train, rng) for _ in range(300)]
+    babble_test = [A.babble(pool_test, rng) for _ in range(100)]
+    sounds, kinds, groups = [], [], []
+    for g, pool_, sents, scale in (("A", pool_train, sent.audio[:half], 1.0),
+                                   ("B", pool_test, sent.audio[half:], 0.375)):
+        for kind, n in (("babble", r.n_babble), ("music", r.n_music), ("noise", r.n_noise),
+                        ("tv", r.n_tv)):
+            for _ in range(max(2, int(n * scale / 1.375))):
+                if kind == "babble":
+                    x = A.babble(pool_, rng, dur=rng.uniform(0.5, 1.5))
+                elif kind == "music":
+                    x = A.music(rng)
+                elif kind == "noise":
+                    x = A.noise(rng)
+                else:
+                    x = A.tv(sents[int(rng.integers(len(sents)))], rng)
+                sounds.append(x), kinds.append(kind), groups.append(g)
+    synth_key = [len(x) for x in digits.audio[:50]] + [r.to_dict(), seed]
+    with Pool(workers, _init_worker, ({"babble_train": babble_train,
+                                       "babble_test": babble_test},)) as pool:
+        def feats(name: str, key: Any, audio: list[np.ndarray], copies: int,
+                  ops: tuple[str, ...] = ()) -> tuple[np.ndarray, list[np.ndarray], dict]:
+            clean = featurize(pool, cache, name, key, audio, "clean", seed, log)
+            aug = [featurize(pool, cache, name, key, audio, "aug", seed + 101 * (k + 1), log)
+                   for k in range(copies)]
+            conds = {c: featurize(pool, cache, name, key, audio, c, seed, log) for c in ops}
+            return clean, aug, conds
+
+        fx, fa, fc = feats("fsdd", _files_key(clips), real, r.aug_copies,
+                           tuple(c for c in FSDD_CONDITIONS if c != "clean"))
+        fc["clean"] = fx
+        fsdd = Part(fx, fa, np.array([int(c.label) for c in clips]),
+                    np.array([c.speaker for c in clips]), np.array([c.label for c in clips]), fc)
+        sc = None
+        if sc_clips:
+            sx, sa, _ = feats("speech-commands", _files_key(sc_clips), sc_audio, 1)
+            sc = Part(sx, sa, np.array([UNKNOWN_INDEX if is_negative(c.label) else int(c.label)
+                                        for c in sc_clips]),
+                      np.array([c.speaker for c in sc_clips]),
+                      np.array([c.label for c in sc_clips]))
+        dx, da, _ = feats("synth-digits", synth_key, dig_tr.audio, r.synth_aug_copies)
+        synth = Part(dx, da, dig_tr.label, dig_tr.voice, dig_tr.voice)
+        hx, _, _ = feats("heldout-voices", synth_key, dig_ho.audio, 0)
+        heldout = Part(hx, [], dig_ho.label, dig_ho.voice, dig_ho.voice)
+        wx, wa, _ = feats("synth-words", synth_key, words.audio, r.synth_aug_copies)
+        wnames = np.array([S.NEG_WORDS[i] for i in words.label])
+        wgroup = np.array([word_group(w) for w in wnames])
+        wpart = Part(wx, wa, np.full(len(wx), UNKNOWN_INDEX), wgroup, wnames)
+        ox, _, _ = feats("homophones", synth_key, homo.audio, 0)
+        hpart = Part(ox, [], np.full(len(ox), UNKNOWN_INDEX), homo.voice,
+                     np.array([S.HOMOPHONES[i] for i in homo.label]))
+        nx, na, _ = feats("sounds", synth_key, sounds, r.synth_aug_copies)
+        npart = Part(nx, na, np.full(len(nx), UNKNOWN_INDEX), np.array(groups), np.array(kinds))
+    ds = DataSet(fsdd, sc, synth, heldout, wpart, hpart, npart, clips=clips, counts={
+        "fsdd_recordings": len(clips), "fsdd_speakers": len(set(fsdd.group)),
+        "speech_commands_digits": int(sum(not is_negative(c.label) for c in sc_clips)),
+        "speech_commands_words": int(sum(is_negative(c.label) for c in sc_clips)),
+        "speech_commands_speakers": len({c.speaker for c in sc_clips}),
+        "synthetic_digits": len(dig_tr.audio), "heldout_voice_digits": len(dig_ho.audio),
+        "synthetic_words": len(words.audio), "homophones": len(homo.audio),
+        "sounds": len(sounds)})
+    log(f"data: {len(clips)} FSDD recordings of {len(set(fsdd.group))} speakers, "
+        f"{len(sc_clips)} Speech Commands clips, {len(dig_tr.audio)} synthetic digits "
+        f"(+{len(dig_ho.audio)} of held-out voices), {len(words.audio)} synthetic words, "
+        f"{len(sounds)} sounds; in {time.perf_counter() - t0:.0f} s")
     return ds
 
 
-def _fold(args: tuple) -> tuple[str, dict[str, np.ndarray]]:
-    ds, s, r, seed = args
-    others = [x for x in np.unique(ds.speakers) if x != s]
-    x, y = ds.train_set(others, [*others, "negA", "synthetic"])
-    model = fit(x, y, r, seed)
-    te = ds.speakers == s
-    z = {c: scores(model, ds.test[c][te]) for c in ds.test}
-    neg = np.isin(ds.neg_group, [s, "negB"])  # never seen by this fold's model
-    z["neg"] = scores(model, ds.neg_clean[neg])
-    z["neg_kind"] = ds.neg_kind[neg]
-    return s, z
+# --- folds --------------------------------------------------------------------------------------
+def _fit_fold(args: tuple) -> tuple:
+    ds, fsdd_tr, sc_tr, r, seed = args
+    xh, yh, xr, yr = ds.train_sets(fsdd_tr, sc_tr)
+    return fit_head(xh, yh, r, seed), fit_rejector(xr, yr, r, seed)
+
+
+def sc_folds(ds: DataSet, k: int = 5) -> list[list[str]]:
+    """Speech Commands speakers in k groups (seeded permutation of the sorted ids)."""
+    if ds.sc is None:
+        return []
+    spk = np.array(sorted({str(s) for s in ds.sc.group}))
+    perm = np.random.default_rng(0).permutation(len(spk))
+    return [sorted(spk[perm[i::k]]) for i in range(min(k, len(spk)))]
+
+
+def _scores(models: tuple, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return head_scores(models[0], x), rejector_logit(models[1], x)
 
 
 def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> dict[str, Any]:
     """The full report; numbers are fractions in 0..1."""
     t0 = time.perf_counter()
-    speakers = [str(s) for s in np.unique(ds.speakers)]
+    speakers = ds.speakers
     if len(speakers) < 2:
         raise SystemExit("evaluate: leave-one-speaker-out needs at least two speakers")
-    with Pool(min(workers, len(speakers))) as p:
-        res = dict(p.map(_fold, [(ds, s, r, seed) for s in speakers]))
-    y = {s: ds.y[ds.speakers == s] for s in speakers}
-    # temperature: nested (fit on the other speakers' out-of-fold scores) for an honest ECE;
-    # the shipped one is fitted on all of them.
-    nested = []
-    for s in speakers:
-        zo = np.concatenate([res[o]["clean"] for o in speakers if o != s])
-        yo = np.concatenate([y[o] for o in speakers if o != s])
-        nested.append(softmax(res[s]["clean"], fit_temperature(zo, yo)))
-    z_all = np.concatenate([res[s]["clean"] for s in speakers])
-    y_all = np.concatenate([y[s] for s in speakers])
-    t = fit_temperature(z_all, y_all)
-    p_all = softmax(z_all, t)
-    thr, coverage, precision = threshold_for_precision(p_all, y_all, r.target_precision)
+    sc_all = sorted({str(s) for s in ds.sc.group}) if ds.sc is not None else []
+    groups = sc_folds(ds)
+    jobs = [(ds, [o for o in speakers if o != s], sc_all, r, seed) for s in speakers]
+    jobs += [(ds, speakers, [s for s in sc_all if s not in g], r, seed) for g in groups]
+    with Pool(max(1, min(workers, len(jobs)))) as p:
+        models = p.map(_fit_fold, jobs)
+    # out of fold: FSDD by speaker (every condition), Speech Commands by speaker group
+    f = ds.fsdd
+    oof_z = {c: np.zeros((len(f.label), 10)) for c in f.cond}
+    oof_l = {c: np.zeros(len(f.label)) for c in f.cond}
+    for s, m in zip(speakers, models, strict=False):
+        te = f.group == s
+        for c in f.cond:
+            oof_z[c][te], oof_l[c][te] = _scores(m, f.cond[c][te])
+    sc_z, sc_l = np.zeros((0, 10)), np.zeros(0)
+    sc_y, sc_g = np.zeros(0, int), np.zeros(0, str)
+    if ds.sc is not None:
+        sc_z = np.zeros((len(ds.sc.label), 10))
+        sc_l = np.zeros(len(ds.sc.label))
+        for g, m in zip(groups, models[len(speakers):], strict=True):
+            te = np.isin(ds.sc.group, g)
+            sc_z[te], sc_l[te] = _scores(m, ds.sc.x[te])
+        sc_y, sc_g = ds.sc.label, ds.sc.group
+    loso_models = models[:len(speakers)]
+    negs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, x in held_out_negatives(ds).items():
+        zs = [_scores(m, x) for m in loso_models]
+        negs[name] = (np.concatenate([z for z, _ in zs]), np.concatenate([lg for _, lg in zs]))
+    ho = [_scores(m, ds.heldout_voices.x) for m in loso_models]
 
-    def acc(s: str, cond: str) -> float:
-        return float((res[s][cond].argmax(1) == y[s]).mean())
+    # calibration on the real out-of-fold scores: head temperature on digits; Platt on all
+    y_f = f.label
+    is_dig_sc = sc_y != UNKNOWN_INDEX
+    z_dig = np.concatenate([oof_z["clean"], sc_z[is_dig_sc]])
+    y_dig = np.concatenate([y_f, sc_y[is_dig_sc]])
+    t = fit_temperature(z_dig, y_dig)
+    lg_all = np.concatenate([oof_l["clean"], sc_l])
+    in_all = np.concatenate([np.ones(len(y_f)), is_dig_sc])
+    platt = fit_platt(lg_all, in_all)
+
+    def prob(z: np.ndarray, lg: np.ndarray, tt: float = t, pl: tuple = platt) -> np.ndarray:
+        return combine(softmax(z, tt), sigmoid(pl[0] * lg + pl[1]))
+
+    p_f = prob(oof_z["clean"], oof_l["clean"])
+    p_sc = prob(sc_z, sc_l)
+    y_sc = np.where(is_dig_sc, sc_y, UNKNOWN_INDEX)
+    # one threshold, out of fold, on FSDD + Speech Commands pooled (real voices, real words)
+    p_pool, y_pool = np.concatenate([p_f, p_sc]), np.concatenate([y_f, y_sc])
+    thr, cov_pool, prec_pool = threshold_for_precision(p_pool, y_pool, r.target_precision)
+
+    # nested calibration for an honest ECE: each FSDD speaker / SC group calibrated on the rest
+    src = np.r_[f.group, np.array([f"sc{i}" for g in sc_g for i, gg in enumerate(groups)
+                                   if g in gg])] if len(sc_g) else f.group.copy()
+    z_pool = np.concatenate([oof_z["clean"], sc_z])
+    l_pool = np.concatenate([oof_l["clean"], sc_l])
+    nested = np.zeros_like(p_pool)
+    for s in np.unique(src):
+        o = src != s
+        od = o & (y_pool != UNKNOWN_INDEX)
+        nested[~o] = prob(z_pool[~o], l_pool[~o], fit_temperature(z_pool[od], y_pool[od]),
+                          fit_platt(l_pool[o], (y_pool[o] != UNKNOWN_INDEX).astype(int)))
+    head_only = softmax(oof_z["clean"], t)
+
+    def accepted(p: np.ndarray) -> np.ndarray:
+        return (p.argmax(1) != UNKNOWN_INDEX) & (p.max(1) >= thr)
 
     conditions = {}
-    for c in A.CONDITIONS:
-        per = {s: acc(s, c) for s in speakers}
+    for c in f.cond:
+        per = {s: float((oof_z[c][f.group == s].argmax(1) == y_f[f.group == s]).mean())
+               for s in speakers}
+        pc = prob(oof_z[c], oof_l[c])
+        a = accepted(pc)
         conditions[c] = {"mean": float(np.mean(list(per.values()))),
-                         "worst": float(min(per.values())), "per_speaker": per}
-    pred = p_all.argmax(1)
+                         "worst": float(min(per.values())), "per_speaker": per,
+                         "coverage": float(a.mean()),
+                         "precision": float((pc.argmax(1) == y_f)[a].mean()) if a.any()
+                         else None}
+    a_f = accepted(p_f)
+    correct_f = p_f.argmax(1) == y_f
+    pred = p_f.argmax(1)
     confusion = np.zeros((len(DIGITS), len(CLASSES)), int)
-    np.add.at(confusion, (y_all, pred), 1)
+    np.add.at(confusion, (y_f, pred), 1)
     per_class = {d: float(confusion[i, i] / max(1, confusion[i].sum()))
                  for i, d in enumerate(DIGITS)}
     accents: dict[str, list[float]] = {}
     for s in speakers:
         accents.setdefault(ACCENTS.get(s, "unknown"), []).append(
             conditions["clean"]["per_speaker"][s])
-    p_neg = np.concatenate([softmax(res[s]["neg"], t) for s in speakers])
-    kinds = np.concatenate([res[s]["neg_kind"] for s in speakers])
-    fa = (p_neg.argmax(1) != UNKNOWN_INDEX) & (p_neg.max(1) >= thr)
-    accepted = (pred != UNKNOWN_INDEX) & (p_all.max(1) >= thr)
-    report = {
+    fa_by_kind = {k: float(accepted(prob(z, lg)).mean()) for k, (z, lg) in negs.items()}
+    n_neg = {k: int(len(z) // max(1, len(loso_models))) for k, (z, _) in negs.items()}
+    main_kinds = [k for k in fa_by_kind if k != "homophones"]
+    fa_all = float(np.sum([fa_by_kind[k] * n_neg[k] for k in main_kinds]) /
+                   max(1, sum(n_neg[k] for k in main_kinds)))
+    p_ho = [prob(z, lg) for z, lg in ho]
+    ho_acc = float(np.mean([(softmax(z, t).argmax(1) == ds.heldout_voices.label).mean()
+                            for z, _ in ho])) if len(ds.heldout_voices.label) else None
+    report: dict[str, Any] = {
         "method": "leave-one-speaker-out",
         "speakers": speakers,
         "accuracy": conditions["clean"]["mean"],
@@ -217,22 +402,134 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
         "per_accent": {a: float(np.mean(v)) for a, v in accents.items()},
         "confusion": {"rows": list(DIGITS), "columns": list(CLASSES),
                       "counts": confusion.tolist()},
-        "calibration": {"temperature": t, "ece_uncalibrated": ece(softmax(z_all), y_all),
-                        "ece": ece(np.concatenate(nested), y_all), "method": "temperature "
-                        "scaling on out-of-fold scores; ECE with a nested fit"},
+        "calibration": {"temperature": t, "platt": list(platt),
+                        "ece_uncalibrated": ece(combine(softmax(z_pool), sigmoid(l_pool)),
+                                                y_pool),
+                        "ece": ece(nested, y_pool),
+                        "ece_fsdd_digits": ece(nested[:len(y_f)], y_f),
+                        "method": "head: temperature scaling; rejector: Platt scaling; both "
+                        "on out-of-fold scores of real voices (FSDD + Speech Commands); ECE "
+                        "of the 11-way output with a nested fit"},
         "threshold": {"value": thr, "target_precision": r.target_precision,
-                      "precision": precision, "coverage": coverage,
-                      "accepted_accuracy": float((pred[accepted] == y_all[accepted]).mean())
-                      if accepted.any() else None},
+                      "precision": float(correct_f[a_f].mean()) if a_f.any() else None,
+                      "coverage": float(a_f.mean()),
+                      "pooled_precision": prec_pool, "pooled_digit_coverage": cov_pool,
+                      "chosen_on": "out-of-fold FSDD (by speaker) + Speech Commands (by "
+                      "speaker group), pooled"},
         "rejected_as_unknown": float((pred == UNKNOWN_INDEX).mean()),
-        "negatives": {"n": int(len(p_neg)), "false_accepts": float(fa.mean()),
-                      "by_kind": {k: float(fa[kinds == k].mean()) for k in np.unique(kinds)}},
+        "negatives": {"n": int(sum(n_neg[k] for k in main_kinds)), "false_accepts": fa_all,
+                      "by_kind": fa_by_kind, "counts": n_neg,
+                      "note": "held out: synthetic words never trained on (incl. near-digit "
+                      "words), babble/music/noise/TV made from held-out voices; homophones "
+                      "(for, too, to, ate, won, nein) sound like digits and are not counted"},
+        "heldout_voices": {"n": int(len(ds.heldout_voices.label)), "accuracy": ho_acc,
+                           "coverage": float(np.mean([accepted(p).mean() for p in p_ho]))
+                           if p_ho and len(ds.heldout_voices.label) else None,
+                           "voices": list(S.HELDOUT_VOICES)},
+        "open_set_cost": open_set_cost(head_only, p_f, y_f, p_sc, y_sc, sc_z, t, thr,
+                                       r.target_precision),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    report["_oof"] = {"probabilities": p_all.astype(np.float32), "labels": y_all}
+    if ds.sc is not None:
+        a_sc = accepted(p_sc)
+        dig = y_sc != UNKNOWN_INDEX
+        ok = a_sc & (p_sc.argmax(1) == y_sc)
+        words_acc = {str(w): float(a_sc[ds.sc.kind == w].mean())
+                     for w in np.unique(ds.sc.kind[~dig])}
+        report["speech_commands"] = {
+            "speakers": len(sc_all), "folds": len(groups), "digits": int(dig.sum()),
+            "words": int((~dig).sum()),
+            "closed_set_accuracy": float((sc_z[dig].argmax(1) == sc_y[dig]).mean()),
+            "digits_covered": float(ok[dig].mean()),
+            "precision": float(ok[a_sc].sum() / max(1, a_sc.sum())),
+            "words_accepted": float(a_sc[~dig].mean()), "words_accepted_by_word": words_acc}
+    report["_oof"] = {"probabilities": p_f.astype(np.float32), "labels": y_f}
+    sc_rep = report.get("speech_commands", {})
     log(f"evaluate: LOSO clean {report['accuracy']:.3f} (worst {report['worst_speaker']:.3f}), "
-        f"10 dB {conditions['snr10']['mean']:.3f}, -20 dB {conditions['quiet20']['mean']:.3f}, "
-        f"padded {conditions['padded']['mean']:.3f}; ECE {report['calibration']['ece']:.3f}; "
-        f"threshold {thr:.3f}: precision {precision:.3f} coverage {coverage:.3f}; "
-        f"false accepts {report['negatives']['false_accepts']:.3f}")
+        f"white 10 dB {conditions['white10']['mean']:.3f}, babble 10 dB "
+        f"{conditions['babble10']['mean']:.3f}; held-out voices {ho_acc or 0:.3f}; ECE "
+        f"{report['calibration']['ece']:.3f}; threshold {thr:.3f}: precision "
+        f"{report['threshold']['precision'] or 0:.3f} coverage {report['threshold']['coverage']:.3f}"
+        f"; false accepts {fa_all:.3f}; Speech Commands digits covered "
+        f"{sc_rep.get('digits_covered', float('nan')):.3f}, words accepted "
+        f"{sc_rep.get('words_accepted', float('nan')):.3f}")
     return report
+
+
+def held_out_negatives(ds: DataSet) -> dict[str, np.ndarray]:
+    out = {"synthetic words": ds.words.x[ds.words.group == "B"]}
+    near = np.isin(ds.words.kind, S.NEAR_DIGIT_WORDS) & (ds.words.group == "B")
+    if near.any():
+        out["near-digit words"] = ds.words.x[near]
+        out["synthetic words"] = ds.words.x[(ds.words.group == "B") & ~near]
+    for k in ("babble", "music", "noise", "tv"):
+        m = (ds.sounds.group == "B") & (ds.sounds.kind == k)
+        if m.any():
+            out[k] = ds.sounds.x[m]
+    if len(ds.homophones.x):
+        out["homophones"] = ds.homophones.x
+    return out
+
+
+def open_set_cost(head_only: np.ndarray, p_f: np.ndarray, y_f: np.ndarray, p_sc: np.ndarray,
+                  y_sc: np.ndarray, sc_z: np.ndarray, t: float, thr: float,
+                  target: float) -> dict[str, Any]:
+    """What the rejector costs in digit coverage on held-out speakers, and what it buys."""
+    out: dict[str, Any] = {}
+    thr_h, cov_h, prec_h = threshold_for_precision(head_only, y_f, target)
+    out["head_only_fsdd"] = {"threshold": thr_h, "coverage": cov_h, "precision": prec_h}
+    a = (p_f.argmax(1) != UNKNOWN_INDEX) & (p_f.max(1) >= thr)
+    out["with_rejector_fsdd"] = {"threshold": thr, "coverage": float(a.mean())}
+    if len(y_sc):
+        dig = y_sc != UNKNOWN_INDEX
+        ph = softmax(sc_z, t)
+        ah = ph.max(1) >= thr_h
+        out["head_only_speech_commands"] = {
+            "digits_covered": float((ah & (ph.argmax(1) == y_sc))[dig].mean()),
+            "words_accepted": float(ah[~dig].mean())}
+        ar = (p_sc.argmax(1) != UNKNOWN_INDEX) & (p_sc.max(1) >= thr)
+        out["with_rejector_speech_commands"] = {
+            "digits_covered": float((ar & (p_sc.argmax(1) == y_sc))[dig].mean()),
+            "words_accepted": float(ar[~dig].mean())}
+    return out
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report for a person: every figure the model card quotes."""
+    c = report["conditions"]
+    out = [f"leave-one-speaker-out over {', '.join(report['speakers'])}"]
+    for k, label in (("clean", "clean"), ("white10", "white noise 10 dB SNR"),
+                     ("babble10", "babble 10 dB SNR"), ("quiet20", "20 dB quieter")):
+        per = ", ".join(f"{s} {v:.3f}" for s, v in c[k]["per_speaker"].items())
+        out.append(f"accuracy {label}: {c[k]['mean']:.3f} (worst {c[k]['worst']:.3f}; {per}); "
+                   f"coverage at the threshold {c[k]['coverage']:.3f}")
+    out.append("per accent: " + ", ".join(f"{a} {v:.3f}"
+                                          for a, v in report["per_accent"].items()))
+    out.append("per class: " + ", ".join(f"{d} {v:.3f}" for d, v in report["per_class"].items()))
+    ho = report["heldout_voices"]
+    if ho["accuracy"] is not None:
+        out.append(f"full-band synthetic voices never trained on ({ho['n']} clips): accuracy "
+                   f"{ho['accuracy']:.3f}, coverage {ho['coverage']:.3f}")
+    cal, th, neg = report["calibration"], report["threshold"], report["negatives"]
+    out.append(f"calibration: temperature {cal['temperature']:.3f}, Platt a={cal['platt'][0]:.3f}"
+               f" b={cal['platt'][1]:.3f}; ECE {cal['ece']:.4f} (uncalibrated "
+               f"{cal['ece_uncalibrated']:.4f}; FSDD digits {cal['ece_fsdd_digits']:.4f})")
+    out.append(f"threshold {th['value']:.4f} for precision {th['target_precision']}: FSDD "
+               f"precision {th['precision'] or 0:.4f}, coverage {th['coverage']:.4f}")
+    out.append(f"false accepts on {neg['n']} held-out negatives: {neg['false_accepts']:.4f} (" +
+               ", ".join(f"{k} {v:.3f}" for k, v in neg["by_kind"].items()) + ")")
+    sc = report.get("speech_commands")
+    if sc:
+        out.append(f"Speech Commands, {sc['speakers']} speakers in {sc['folds']} held-out "
+                   f"groups: closed-set accuracy {sc['closed_set_accuracy']:.3f}; digits covered "
+                   f"{sc['digits_covered']:.3f} at precision {sc['precision']:.4f}; non-digit "
+                   f"words accepted {sc['words_accepted']:.4f}")
+    cost = report["open_set_cost"]
+    out.append("open-set cost: " + "; ".join(
+        f"{k} " + ", ".join(f"{kk} {vv:.3f}" for kk, vv in v.items() if vv is not None)
+        for k, v in cost.items()))
+    out.append("confusion (rows spoken, columns decided " + " ".join(
+        report["confusion"]["columns"]) + "):")
+    for d, row in zip(report["confusion"]["rows"], report["confusion"]["counts"], strict=True):
+        out.append(f"  {d}: " + " ".join(f"{v:4d}" for v in row))
+    return "\n".join(out)

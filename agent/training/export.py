@@ -1,9 +1,11 @@
-"""ONNX export with the calibration inside the graph, checked against scikit-learn.
+"""ONNX export of the head and the rejector with their calibration inside the graphs, checked
+against scikit-learn.
 
-skl2onnx cannot export temperature scaling, so the graph is extended by hand: the MLP's
-probabilities → Log → Div(temperature) → Softmax (softmax(log p / T) = softmax(z / T)). The
-daemon then reads calibrated probabilities straight from the model, and nothing outside the
-file can put them out of step.
+skl2onnx cannot export temperature or Platt scaling, so each graph is extended by hand:
+- head: probabilities → Log → Div(temperature) → Softmax (softmax(log p / T) = softmax(z / T));
+- rejector: p → logit = log p1 - log p0 → a * logit + b → Sigmoid → [1 - q, q].
+The daemon then reads calibrated probabilities straight from the files, and nothing outside
+them can put the calibration out of step.
 """
 
 from __future__ import annotations
@@ -12,28 +14,38 @@ import warnings
 
 import numpy as np
 
-from agent.training.recipe import scores, softmax
+from agent.training.recipe import combine, head_scores, rejector_logit, sigmoid, softmax
 
 OUTPUT = "probabilities"
+INPUT = "features"
 
 
-def to_onnx_bytes(model, temperature: float, n_features: int) -> bytes:
-    import onnx
-    from onnx import TensorProto, helper
+def _sklearn_graph(model, n_features: int):
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
     clf = model.steps[-1][1]
-    with warnings.catch_warnings():  # skl2onnx reads SVC.probA_, deprecated in sklearn 1.9
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        onx = to_onnx(model, initial_types=[("features", FloatTensorType([None, n_features]))],
+        onx = to_onnx(model, initial_types=[(INPUT, FloatTensorType([None, n_features]))],
                       options={id(clf): {"zipmap": False}}, target_opset=17)
     g = onx.graph
-    raw = [o for o in g.output if o.name == "probabilities"][0]
+    raw = [o for o in g.output if o.name == OUTPUT][0]
     for node in g.node:  # free the public name for the calibrated output
-        node.output[:] = ["raw_probabilities" if o == "probabilities" else o
-                          for o in node.output]
-        node.input[:] = ["raw_probabilities" if i == "probabilities" else i for i in node.input]
+        node.output[:] = ["raw_probabilities" if o == OUTPUT else o for o in node.output]
+        node.input[:] = ["raw_probabilities" if i == OUTPUT else i for i in node.input]
+    g.output.remove(raw)
+    for o in [o for o in g.output if o.name != OUTPUT]:
+        g.output.remove(o)  # the label output is not needed
+    return onx, len(clf.classes_)
+
+
+def head_to_onnx(model, temperature: float, n_features: int) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper
+
+    onx, n = _sklearn_graph(model, n_features)
+    g = onx.graph
     g.initializer.append(helper.make_tensor("temperature", TensorProto.FLOAT, [],
                                             [temperature]))
     g.initializer.append(helper.make_tensor("tiny", TensorProto.FLOAT, [], [1e-30]))
@@ -41,19 +53,52 @@ def to_onnx_bytes(model, temperature: float, n_features: int) -> bytes:
     g.node.append(helper.make_node("Log", ["clipped"], ["log_p"]))
     g.node.append(helper.make_node("Div", ["log_p", "temperature"], ["scaled"]))
     g.node.append(helper.make_node("Softmax", ["scaled"], [OUTPUT], axis=1))
-    g.output.remove(raw)
-    g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT,
-                                                  [None, len(clf.classes_)]))
+    g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [None, n]))
     onnx.checker.check_model(onx)
     return onx.SerializeToString()
 
 
-def check_against_sklearn(onnx_bytes: bytes, model, temperature: float,
-                          x: np.ndarray) -> float:
-    """Largest absolute difference between ONNX and scikit-learn calibrated probabilities."""
+def rejector_to_onnx(model, platt: tuple[float, float], n_features: int) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper
+
+    onx, _ = _sklearn_graph(model, n_features)
+    g = onx.graph
+    f = TensorProto.FLOAT
+    g.initializer.extend([
+        helper.make_tensor("lo", f, [], [1e-7]), helper.make_tensor("hi", f, [], [1 - 1e-7]),
+        helper.make_tensor("platt_a", f, [], [platt[0]]),
+        helper.make_tensor("platt_b", f, [], [platt[1]]),
+        helper.make_tensor("one", f, [], [1.0]),
+        helper.make_tensor("split", TensorProto.INT64, [2], [1, 1])])
+    g.node.extend([
+        helper.make_node("Clip", ["raw_probabilities", "lo", "hi"], ["clipped"]),
+        helper.make_node("Split", ["clipped", "split"], ["p0", "p1"], axis=1),
+        helper.make_node("Log", ["p0"], ["log_p0"]),
+        helper.make_node("Log", ["p1"], ["log_p1"]),
+        helper.make_node("Sub", ["log_p1", "log_p0"], ["logit"]),
+        helper.make_node("Mul", ["logit", "platt_a"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "platt_b"], ["shifted"]),
+        helper.make_node("Sigmoid", ["shifted"], ["q"]),
+        helper.make_node("Sub", ["one", "q"], ["not_q"]),
+        helper.make_node("Concat", ["not_q", "q"], [OUTPUT], axis=1)])
+    g.output.append(helper.make_tensor_value_info(OUTPUT, f, [None, 2]))
+    onnx.checker.check_model(onx)
+    return onx.SerializeToString()
+
+
+def _run(blob: bytes, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    got = sess.run([OUTPUT], {"features": x.astype(np.float32)})[0]
-    want = softmax(scores(model, x), temperature)
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    return sess.run([OUTPUT], {INPUT: x.astype(np.float32)})[0]
+
+
+def check_against_sklearn(head_blob: bytes, head, temperature: float, rejector_blob: bytes,
+                          rejector, platt: tuple[float, float], x: np.ndarray) -> float:
+    """Largest absolute difference between the ONNX and scikit-learn combined probabilities
+    (what the daemon decides on: p_in * P_head and 1 - p_in)."""
+    want = combine(softmax(head_scores(head, x), temperature),
+                   sigmoid(platt[0] * rejector_logit(rejector, x) + platt[1]))
+    got = combine(_run(head_blob, x), _run(rejector_blob, x)[:, 1])
     return float(np.abs(got - want).max())

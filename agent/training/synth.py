@@ -2,10 +2,11 @@
 
 Five recorded speakers are far too few voices. espeak-ng (8 English accents x its voice
 variants, random speed and pitch), flite (6 voices, random duration stretch and F0) and festival
-(diphone and HTS voices) add thousands of others. Every clip is converted to 8 kHz mono, trimmed
-tightly like the FSDD recordings and cached in one .npz per set: the same seed always gives the
-same list of (engine, voice, parameters, word) jobs, so the audio is reproducible for the same
-engine versions.
+(diphone and HTS voices) add thousands of others. Every clip is converted to 16 kHz mono (full
+band: the front end band-limits it like every other input), trimmed tightly and cached in one
+.npz per set: the same seed always gives the same list of (engine, voice, parameters, word)
+jobs, so the audio is reproducible for the same engine versions. A few voices are never used
+for training (HELDOUT_VOICES): they measure accuracy on full-band voices the model never heard.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -37,6 +39,31 @@ once tooth tune treat cat dog water coffee weather timer alarm house car
 phone table window what where when why how maybe please thanks sorry
 good bad red blue green fire fight sex driver sieve fifty often offer
 """.split()
+# Near misses of digits (shared sounds, not the same word): where "not a digit" begins.
+NEAR_DIGIT_WORDS = """
+forty fourteen fourth fort often sixteen sixty seventeen seventy nineteen ninety ninth eighth
+eighteen eighty fifteen fifty fifth thirteen third twelve eleven ten zeros none tin sticks nice
+heaven weight
+""".split()
+NEG_WORDS = sorted(set(NEG_WORDS) | set(NEAR_DIGIT_WORDS))
+
+# Words that sound exactly like a digit ("for"/"four", "too"/"two", "ate"/"eight", "won"/"one",
+# German "nein"/"nine"): no acoustic model can reject them, so they are never training
+# negatives; their acceptance rate is reported on its own.
+HOMOPHONES = ["for", "too", "to", "ate", "won", "nein"]
+
+# Running speech for TV-like negatives.
+SENTENCES = [
+    "the weather today is sunny with a light breeze", "please turn the lights off in the kitchen",
+    "and now the news at six o clock", "thank you very much for calling",
+    "we will be right back after this short break", "the market closed higher on friday",
+    "can you hear me now", "this is a test of the broadcast system",
+    "let us go to the park this afternoon", "she sells sea shells by the sea shore",
+    "good evening and welcome to the show", "the train to london leaves from the main platform"]
+
+# Synthetic voices kept out of every training set (engine:voice).
+HELDOUT_VOICES = ("flite:slt", "flite:rms", "festival:voice_cmu_us_slt_arctic_hts",
+                  "espeak:en-gb-scotland")
 
 ESPEAK_LANGS = ["en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc",
                 "en-gb-x-gbclan", "en-gb-x-gbcwmd"]
@@ -44,7 +71,7 @@ FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt", "awb_time"]
 FESTIVAL_VOICES = ["voice_kal_diphone", "voice_ked_diphone", "voice_cmu_us_slt_arctic_hts"]
 NOT_SPEECHLIKE = {"whisper", "whisperf", "croak", "Demonic", "UniRobot", "anikaRobot",
                   "edward2", "Mr serious", "kaukovalta"}
-SR = 8000
+SR = 16000
 
 
 def espeak_variants() -> list[str]:
@@ -67,11 +94,11 @@ def require_engines() -> None:
                          "festvox-us-slt-hts sox")
 
 
-def trim(x: np.ndarray, db: float = -40.0, margin: int = 80) -> np.ndarray:
+def trim(x: np.ndarray, db: float = -40.0, margin: int = 160) -> np.ndarray:
     """Tight trim at `db` below the loudest 10 ms frame (like the FSDD recordings)."""
-    if len(x) < 160:
+    if len(x) < 320:
         return x
-    hop = 80
+    hop = 160
     n = len(x) // hop
     e = (x[: n * hop].reshape(n, hop) ** 2).mean(1) + 1e-12
     idx = np.flatnonzero(10 * np.log10(e / e.max()) > db)
@@ -97,7 +124,7 @@ def run_job(job: tuple) -> np.ndarray | None:
                        f"(Parameter.set 'Duration_Stretch {a:.3f})", txt, "-o", raw]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=60)
-            # sox without dither (-D): the engines write 16-48 kHz; deterministic 8 kHz out
+            # sox without dither (-D): the engines write 16-48 kHz; deterministic 16 kHz out
             subprocess.run(["sox", "-D", raw, "-r", str(SR), "-c", "1", "-b", "16", "-e",
                             "signed-integer", out], check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=60)
@@ -105,7 +132,7 @@ def run_job(job: tuple) -> np.ndarray | None:
         except (OSError, subprocess.SubprocessError, RuntimeError):
             return None  # a voice missing on this machine: the job is skipped, and counted
     y = trim(x)
-    if len(y) < 400 or not np.isfinite(y).all():
+    if len(y) < 800 or not np.isfinite(y).all():
         return None
     return y.astype(np.float32)
 
@@ -130,16 +157,32 @@ def make_jobs(words: list[str], n_espeak: int, n_flite: int, n_festival: int,
     return jobs
 
 
+def voice_id(job: tuple) -> str:
+    """engine:voice without the espeak variant, e.g. "espeak:en-us" or "flite:slt"."""
+    return f"{job[0]}:{str(job[1]).split('+')[0]}"
+
+
+@dataclass
+class SynthSet:
+    audio: list[np.ndarray]
+    label: np.ndarray   # index into the word list
+    voice: np.ndarray   # voice_id of each clip
+
+    def split(self, heldout: bool) -> SynthSet:
+        m = np.isin(self.voice, HELDOUT_VOICES) == heldout
+        return SynthSet([a for a, k in zip(self.audio, m, strict=True) if k], self.label[m],
+                        self.voice[m])
+
+
 def synthesize(cache: Path, kind: str, words: list[str], n_espeak: int, n_flite: int,
-               n_festival: int, seed: int, workers: int = 2, log=print
-               ) -> tuple[list[np.ndarray], np.ndarray]:
-    """(clips, word indices) for the job list; cached by the jobs' digest."""
+               n_festival: int, seed: int, workers: int = 2, log=print) -> SynthSet:
+    """Clips, word indices and voices for the job list; cached by the jobs' digest."""
     jobs = make_jobs(words, n_espeak, n_flite, n_festival, seed)
-    digest = hashlib.sha256(repr(jobs).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(repr((SR, jobs)).encode()).hexdigest()[:12]
     path = cache / f"synth-{kind}-{digest}.npz"
     if path.is_file():
         d = np.load(path, allow_pickle=True)
-        return list(d["audio"]), d["label"]
+        return SynthSet(list(d["audio"]), d["label"], d["voice"])
     require_engines()
     log(f"synth: {len(jobs)} {kind} clips with espeak-ng, flite and festival ({workers} "
         "workers)")
@@ -155,7 +198,8 @@ def synthesize(cache: Path, kind: str, words: list[str], n_espeak: int, n_flite:
     label = np.array([words.index(jobs[i][4]) for i in keep])
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, audio=audio, label=label,
+    voice = np.array([voice_id(jobs[i]) for i in keep])
+    np.savez(tmp, audio=audio, label=label, voice=voice,
              meta=np.array(["|".join(map(str, jobs[i][:4])) for i in keep]))
     tmp.replace(path)
-    return list(audio), label
+    return SynthSet(list(audio), label, voice)
