@@ -72,7 +72,8 @@ def test_exported_graphs_match_scikit_learn():
     x[np.arange(400), y] += 2.0
     r = replace(Recipe(), rejector_hidden=(16,), rejector_max_iter=50)
     head = fit_head(x, y, r, 0)
-    rej = fit_rejector(x, (y < 5).astype(int), r, 0)
+    y12 = np.where(rng.random(400) < 0.3, 10 + rng.integers(0, 2, 400), y)  # digit/word/sound
+    rej = fit_rejector(x, y12, r, 0)
     hb, rb = head_to_onnx(head, 0.6, 30), rejector_to_onnx(rej, (0.8, -0.3), 30)
     np.testing.assert_allclose(_run(hb, x[:50]), softmax(head_scores(head, x[:50]), 0.6),
                                atol=1e-5)
@@ -153,7 +154,7 @@ def test_evaluate_reports_every_number(fsdd, speech_commands, trained):
     rep = json.loads(r.stdout)
     assert rep["method"] == "leave-one-speaker-out"
     assert rep["speakers"] == ["jackson", "lucas", "theo"]
-    for cond in ("clean", "white10", "babble10", "quiet20"):
+    for cond in ("clean", "white10", "babble10"):
         c = rep["conditions"][cond]
         assert set(c["per_speaker"]) == {"jackson", "lucas", "theo"}
         assert 0 <= c["worst"] <= c["mean"] <= 1

@@ -27,25 +27,26 @@ UNKNOWN_INDEX = len(DIGITS)
 
 @dataclass(frozen=True)
 class Recipe:
-    aug_copies: int = 2              # augmented copies of each real clip
+    aug_copies: int = 1              # augmented copies of each real clip
     synth_aug_copies: int = 1        # augmented copies of each synthetic clip and negative
     augment: AugmentParams = field(default_factory=AugmentParams)
-    n_espeak: int = 2000             # synthetic digits per engine
-    n_flite: int = 600
+    n_espeak: int = 1500             # synthetic digits per engine
+    n_flite: int = 450
     n_festival: int = 60
-    n_neg_words_espeak: int = 2000   # synthetic non-digit words per engine
-    n_neg_words_flite: int = 600
-    n_neg_words_festival: int = 50
-    n_homophones: int = 200
-    n_sentences: int = 260
-    n_babble: int = 550
-    n_music: int = 550
-    n_noise: int = 275
-    n_tv: int = 550
+    n_neg_words_espeak: int = 1800   # synthetic non-digit words per engine
+    n_neg_words_flite: int = 500
+    n_neg_words_festival: int = 40
+    n_homophones: int = 160
+    n_sentences: int = 200
+    n_babble: int = 400
+    n_music: int = 400
+    n_noise: int = 200
+    n_tv: int = 400
     head_c: float = 0.05             # StandardScaler → LogisticRegression(C) → temperature
     rejector_hidden: tuple[int, ...] = (128,)  # StandardScaler → MLP → Platt scaling
     rejector_alpha: float = 0.01
-    rejector_max_iter: int = 30
+    rejector_max_iter: int = 25
+    sc_folds: int = 3                # speaker groups of the Speech Commands evaluation
     target_precision: float = 0.99
 
     def to_dict(self) -> dict:
@@ -78,8 +79,14 @@ def fit_head(x: np.ndarray, y: np.ndarray, r: Recipe, seed: int):
         C=r.head_c, max_iter=300, random_state=seed)), x, y)
 
 
-def fit_rejector(x: np.ndarray, is_digit: np.ndarray, r: Recipe, seed: int):
-    """Digit-vs-not: digits from every source against words, homophone-free, and sounds."""
+WORD, SOUND = 10, 11  # the rejector's two non-digit classes
+
+
+def fit_rejector(x: np.ndarray, y12: np.ndarray, r: Recipe, seed: int):
+    """Digit-vs-not, trained 12-way (the ten digits, "word", "sound"); p_in is the digits'
+    total probability. Out of fold on real Speech Commands speakers this covered 0.73 of digits
+    at 1 % words accepted against 0.63 for a binary digit-vs-not MLP: learning each digit
+    keeps a rare voice's digit from looking like "not the usual digit voice"."""
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -87,7 +94,7 @@ def fit_rejector(x: np.ndarray, is_digit: np.ndarray, r: Recipe, seed: int):
     return _quiet_fit(make_pipeline(StandardScaler(), MLPClassifier(
         hidden_layer_sizes=tuple(r.rejector_hidden), alpha=r.rejector_alpha,
         max_iter=r.rejector_max_iter, batch_size=256, learning_rate_init=1e-3,
-        random_state=seed)), x, is_digit.astype(int))
+        random_state=seed)), x, y12.astype(int))
 
 
 def head_scores(model, x: np.ndarray) -> np.ndarray:
@@ -96,7 +103,8 @@ def head_scores(model, x: np.ndarray) -> np.ndarray:
 
 
 def rejector_logit(model, x: np.ndarray) -> np.ndarray:
-    p = np.clip(model.predict_proba(x)[:, 1], 1e-7, 1 - 1e-7)
+    """log(p_in / (1 - p_in)), p_in = the digits' share of the 12-way output."""
+    p = np.clip(model.predict_proba(x)[:, :10].sum(1), 1e-7, 1 - 1e-7)
     return np.log(p) - np.log1p(-p)
 
 

@@ -45,7 +45,21 @@ forty fourteen fourth fort often sixteen sixty seventeen seventy nineteen ninety
 eighteen eighty fifteen fifty fifth thirteen third twelve eleven ten zeros none tin sticks nice
 heaven weight
 """.split()
-NEG_WORDS = sorted(set(NEG_WORDS) | set(NEAR_DIGIT_WORDS))
+# Rhymes of each digit (one sound away): the rejector must learn that the onset matters.
+RHYMES = """
+hero nero cereal query bun fun gun run sun done nun son want do shoe who new blue moo zoo
+chew true glue flee thee tea sea agree key more core poor pour store war bore shore jive live
+alive wife knife fix mix picks kicks wicks tricks socks sax kevin levin several late gate wait
+bait hate date great rate plate wine sign dine pine lime mind
+""".split()
+# More everyday vocabulary a device hears.
+EVERYDAY = """
+apple banana table chair garden morning evening yellow purple orange monday tuesday friday
+summer winter kitchen bedroom office doctor teacher pencil paper volume channel radio movie
+picture camera battery speaker temperature heater curtain garage lock unlock repeat again
+goodbye welcome never always because before after under over between about nothing something
+""".split()
+NEG_WORDS = sorted(set(NEG_WORDS) | set(NEAR_DIGIT_WORDS) | set(RHYMES) | set(EVERYDAY))
 
 # Words that sound exactly like a digit ("for"/"four", "too"/"two", "ate"/"eight", "won"/"one",
 # German "nein"/"nine"): no acoustic model can reject them, so they are never training
