@@ -22,7 +22,7 @@ def trained(tmp_path_factory, fsdd, speech_commands):
     (few synthetic clips)."""
     root = tmp_path_factory.mktemp("train")
     r = eva("train", "--data", str(fsdd), "--speech-commands", str(speech_commands), "--small",
-            "--limit-per-class", "5", "--speakers", "theo,lucas,jackson", "--out",
+            "--limit-per-class", "3", "--speakers", "theo,lucas,jackson", "--out",
             str(root / "model"), "--calibration-out", str(root / "calib"), "--cache",
             str(root / "cache"), "--name", "tiny", timeout=600)
     assert r.returncode == 0, r.stderr
@@ -147,7 +147,7 @@ def test_threshold_file_is_produced_and_loaded(trained, tmp_path):
 def test_evaluate_reports_every_number(fsdd, speech_commands, trained):
     root, _ = trained
     args = ("evaluate", "--data", str(fsdd), "--speech-commands", str(speech_commands),
-            "--small", "--limit-per-class", "5", "--speakers", "theo,lucas,jackson", "--cache",
+            "--small", "--limit-per-class", "3", "--speakers", "theo,lucas,jackson", "--cache",
             str(root / "cache"))
     r = eva(*args, "--json", timeout=600)
     assert r.returncode == 0, r.stderr
@@ -161,7 +161,7 @@ def test_evaluate_reports_every_number(fsdd, speech_commands, trained):
     assert set(rep["per_class"]) == {str(d) for d in range(10)}
     assert set(rep["per_accent"]) == {"USA", "DEU/German"}
     counts = np.array(rep["confusion"]["counts"])
-    assert counts.shape == (10, 11) and counts.sum() == 3 * 10 * 5
+    assert counts.shape == (10, 11) and counts.sum() == 3 * 10 * 3
     assert 0 <= rep["calibration"]["ece"] <= 1 and rep["calibration"]["temperature"] > 0
     th = rep["threshold"]
     assert {"value", "precision", "coverage", "target_precision"} <= set(th)
