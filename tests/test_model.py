@@ -165,14 +165,15 @@ def test_a_rejector_is_folded_in_by_the_chain_rule(model_copy):
     a head over the digits only and a head with its own unknown output both work."""
     pytest.importorskip("onnx", reason="building test graphs needs onnx (the train extra)")
     x = np.random.default_rng(0).standard_normal((4, DEFAULT.dim)).astype(np.float32)
-    plain = ModelRunner(default_model_dir())
-    classes = plain.manifest.classes
-    unk = classes.index(plain.manifest.unknown_label)
+    classes = ModelRunner(default_model_dir()).manifest.classes
+    unk = classes.index("unknown")
     known = [i for i in range(len(classes)) if i != unk]
 
-    add_component(model_copy, "rejector", const_graph([0.25]))    # (n, 1): p_in
-    both = ModelRunner(model_copy)
-    head, out = plain.predict(x), both.predict(x)
+    full = list(np.linspace(1, 3, len(classes)) / np.linspace(1, 3, len(classes)).sum())
+    add_component(model_copy, "head", const_graph(full), replace=True)  # with an unknown output
+    add_component(model_copy, "rejector", const_graph([0.25]), replace=True)  # (n, 1): p_in
+    out = ModelRunner(model_copy).predict(x)
+    head = np.array([full] * 4)
     np.testing.assert_allclose(out[:, known], 0.25 * head[:, known], rtol=1e-5)
     np.testing.assert_allclose(out[:, unk], 0.75 + 0.25 * head[:, unk], rtol=1e-5)
     np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
@@ -188,5 +189,8 @@ def test_a_rejector_is_folded_in_by_the_chain_rule(model_copy):
 def test_a_digits_only_head_without_a_rejector_is_refused(model_copy):
     pytest.importorskip("onnx", reason="building test graphs needs onnx (the train extra)")
     add_component(model_copy, "head", const_graph([0.1] * 10), replace=True)
+    m = json.loads((model_copy / "manifest.json").read_text())  # the shipped one has a rejector
+    m["components"] = [c for c in m["components"] if c["role"] != "rejector"]
+    (model_copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(AgentError, match="classes"):
         ModelRunner(model_copy)
