@@ -58,8 +58,10 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "",
         "| component | what | provenance / licence |",
         "| --- | --- | --- |",
-        "| `melspectrogram.onnx`, `embedding_model.onnx` | frozen speech embedding: 16 kHz → "
-        "mel → 96-d embedding every 80 ms | Google `speech_embedding` (Lin et al. 2020, "
+        "| `melspectrogram.onnx`, `embedding_model.onnx` (and `embedding_stream.onnx`, the "
+        "same weights with a dynamic time axis, derived at training time) | frozen speech "
+        "embedding: 16 kHz → mel → 96-d embedding every 80 ms | Google `speech_embedding` "
+        "(Lin et al. 2020, "
         "\"Training keyword spotters with limited and synthesized speech data\"; Apache-2.0 on "
         "TF Hub), as distributed in the wheel `openwakeword==0.4.0` (whose metadata states "
         "CC BY-NC-SA 4.0 for its included pre-trained models; the question is open upstream). "
@@ -102,8 +104,8 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "band-limit to the 4 kHz telephone band FSDD has, a 1.5 s window centred on the "
         "utterance and padded with background noise, the two embedding graphs → 9 frames × 96; "
         "head input = the 9 frames flattened + their mean + their max (1,056 values).",
-        f"Augmentation ({recipe['aug_copies']} copies of each real clip, "
-        f"{recipe['synth_aug_copies']} of each synthetic clip and sound): speed 0.85-1.15, "
+        f"Augmentation ({recipe['aug_copies']} augmented copy per real clip, "
+        f"{recipe['synth_aug_copies']} per synthetic clip and sound): speed 0.85-1.15, "
         "room reverberation (40 %), microphone EQ (40 %), gain -20..+6 dB, noise at 3-30 dB SNR "
         "(80 %: white, pink, brown or babble).",
         f"Head: StandardScaler → LogisticRegression (C={recipe['head_c']}) on digits only "
@@ -116,7 +118,8 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "",
         "Every figure below is out of fold, never a random split: **leave-one-speaker-out** over "
         "the FSDD speakers (trained on the others + all Speech Commands speakers + synthetic "
-        "voices), and **speaker-grouped folds** over the Speech Commands speakers (5 groups; "
+        f"voices), and **speaker-grouped folds** over the Speech Commands speakers "
+        f"({recipe.get('sc_folds', 3)} groups; "
         "trained on FSDD + the other groups).",
         "",
         "## Results (leave-one-speaker-out)",
@@ -214,6 +217,20 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "train --data ../shared/data/fsdd/recordings --speech-commands "
         f"../shared/data/speech-commands`, seed {tr.get('seed', 0)}; embeddings and "
         "synthesised speech are cached, a first run computes them).",
+        "",
+        "## Where the targets are not reached",
+        "",
+        "* False accepts on held-out synthetic words: the rejector never heard these words, and "
+        "many are one sound from a digit (rhymes, \"fourth\", \"eighth\"); real Speech Commands "
+        "words are accepted far less often (0.9 % at the shipped threshold) because real words "
+        "are in training. Babble and TV-like sound pass a few percent; music and noise none.",
+        "* Real Speech Commands digits: 153 clips of 125 speakers, about one per speaker, so "
+        "each fold trains on ~100; the rejector is what costs coverage (the head alone is 92 % "
+        "right on them). More real digits are the lever, as the issue found.",
+        "* Babble at 10 dB: 0.925 against 0.93; white noise at 10 dB reaches 0.95.",
+        "* Training time: on a 2-core machine shared with other work (load 10-15 throughout); "
+        "almost all of it is the embedding of ~20,000 clips and the 12-way rejector fits; "
+        "embeddings are cached, so re-runs only refit.",
         "",
         "## Known limits",
         "",
