@@ -550,3 +550,21 @@ def test_metric_check_fast_path_accepts_and_refuses_as_the_full_check() -> None:
     verdicts = [verdict(_check_metric, m) for m in variants]
     assert verdicts == [verdict(_check_metric_fully, m) for m in variants]
     assert verdicts[0] and verdicts[1] and not verdicts[2] and not verdicts[5]
+
+
+def test_serve_state_sums_groups_exactly_and_only_the_input_level_per_device() -> None:
+    """`fleet serve` (FleetModel) skips per-device histograms but its fleet sums are exactly
+    those of `fleet watch`'s FleetState, and its per-device input level is the same."""
+    from agent.fleet.ingest import DEVICE_METRICS, FleetModel
+    from tests.fleet_sim import SimFleet
+
+    full, served = FleetState(), FleetModel()
+    for t, b in SimFleet(devices=6, windows=3).messages():
+        assert full.ingest(t, b, t.endswith("/birth")) == served.ingest(t, b,
+                                                                           t.endswith("/birth"))
+    a, b = full.to_json(), served.state.to_json()
+    assert a["fleet"]["windows"] == 18 and a["fleet"]["metrics"] == b["fleet"]["metrics"]
+    for dev, d in b["devices"].items():
+        assert set(d["metrics"]) == set(DEVICE_METRICS)
+        assert d["input_rms_dbfs"] == a["devices"][dev]["input_rms_dbfs"] is not None
+        assert d["metrics"]["input_rms_dbfs"] == a["devices"][dev]["metrics"]["input_rms_dbfs"]

@@ -69,8 +69,8 @@ class FleetModel:
     def __init__(self, prefix: str = DEFAULT_PREFIX, clock: Callable[[], float] = time.time,
                  sink: Callable[[float, tuple[str, str, str, str], dict[str, Any]], None]
                  | None = None) -> None:
-        # per device only the mean input level (/api/fleet.json's device rows); histograms
-        # are kept per model group, where the exporter, the page and the history read them
+        # per device only the input level (device rows, drill-down); the histograms are summed
+        # per model group, where the exporter, the page's plots and the history read them
         self.state = FleetState(prefix, clock=clock, device_metrics=DEVICE_METRICS)
         self.prefix = self.state.prefix
         self.extras: dict[str, DeviceExtras] = {}

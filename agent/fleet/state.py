@@ -335,8 +335,8 @@ class FleetState:
                  device_metrics: frozenset[str] | None = None) -> None:
         self.prefix = prefix or DEFAULT_PREFIX
         # Which metrics are summed per device (None: all, as `fleet watch --json` shows them).
-        # `fleet serve` keeps only what its views read: per-device histograms of every metric
-        # cost ~19 merges a message and most of the memory of 10,000 devices (docs/fleet.md).
+        # `fleet serve` keeps only the input level: per-device histograms of every metric cost
+        # ~19 merges a message and ~66 MiB at 10,000 devices (docs/fleet.md "Performance").
         self.device_metrics = device_metrics
         self._specs = {m.name: m for m in catalog}
         # Reference edges: the catalogue's, plus (first seen) a birth's for metrics it lacks.
