@@ -21,7 +21,6 @@ import secrets
 import signal
 import socket
 import sqlite3
-import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -184,19 +183,10 @@ class Feed:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = int(session_expiry_s) if persistent else 0
             self._connect_kw = {"clean_start": not persistent, "properties": props}
-        if username:
-            c.username_pw_set(username, password)
-        if tls:
-            c.tls_set(ca_certs=str(ca_file) if ca_file else None,
-                      certfile=str(cert_file) if cert_file else None,
-                      keyfile=str(key_file) if key_file else None,
-                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        c.reconnect_delay_set(1, 30)
-        c.on_connect = self._on_connect
-        c.on_subscribe = self._on_subscribe
-        c.on_message = self._on_message
-        c.on_disconnect = self._on_disconnect
-        self.client = c
+        from agent.fleet.watch import prepare_client
+
+        self.client = prepare_client(c, self, username=username, password=password, tls=tls,
+                                     ca_file=ca_file, cert_file=cert_file, key_file=key_file)
 
     def start(self, timeout_s: float = 10.0) -> None:
         try:

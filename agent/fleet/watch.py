@@ -124,6 +124,25 @@ def _load_rich() -> None:
 
 
 # --- the subscriber -------------------------------------------------------------------------
+def prepare_client(c: Any, handler: Any, *, username: str | None, password: str | None,
+                   tls: bool, ca_file: Any, cert_file: Any, key_file: Any) -> Any:
+    """Credentials, TLS, reconnect back-off and callbacks, the same for every operator-side
+    subscriber (`fleet watch`, `fleet serve`): `handler` has the four `_on_*` methods."""
+    if username:
+        c.username_pw_set(username, password)
+    if tls:
+        c.tls_set(ca_certs=str(ca_file) if ca_file else None,
+                  certfile=str(cert_file) if cert_file else None,
+                  keyfile=str(key_file) if key_file else None,
+                  cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    c.reconnect_delay_set(1, 30)
+    c.on_connect = handler._on_connect
+    c.on_subscribe = handler._on_subscribe
+    c.on_message = handler._on_message
+    c.on_disconnect = handler._on_disconnect
+    return c
+
+
 class Watcher:
     """A paho client feeding a FleetState; thread-safe snapshots for the main thread."""
 
@@ -149,19 +168,8 @@ class Watcher:
         client_id = f"eva-fleet-{os.getpid()}-{secrets.token_hex(3)}"
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                         protocol=mqtt.MQTTv311, clean_session=True)
-        if username:
-            c.username_pw_set(username, password)
-        if tls:
-            c.tls_set(ca_certs=str(ca_file) if ca_file else None,
-                      certfile=str(cert_file) if cert_file else None,
-                      keyfile=str(key_file) if key_file else None,
-                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        c.reconnect_delay_set(1, 30)
-        c.on_connect = self._on_connect
-        c.on_subscribe = self._on_subscribe
-        c.on_message = self._on_message
-        c.on_disconnect = self._on_disconnect
-        self.client = c
+        self.client = prepare_client(c, self, username=username, password=password, tls=tls,
+                                     ca_file=ca_file, cert_file=cert_file, key_file=key_file)
 
     def start(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         """Connect and subscribe (bounded); AgentError with one line if that fails."""
