@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +33,8 @@ set-default-source vsink.monitor
 
 
 @pytest.fixture()
-def pulse(tmp_path):
+def pulse_proc(tmp_path: Path) -> Iterator[tuple[dict[str, str], subprocess.Popen]]:
+    """A PulseAudio null sink as the virtual microphone, and its process (to kill it)."""
     for tool in ("pulseaudio", "paplay"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (apt pulseaudio pulseaudio-utils "
@@ -40,23 +43,31 @@ def pulse(tmp_path):
     run.mkdir(mode=0o700)
     (tmp_path / "pa.conf").write_text(PA_CONFIG)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(run), "HOME": str(tmp_path)}
-    proc = subprocess.Popen(["pulseaudio", "-n", "-F", str(tmp_path / "pa.conf"),
-                             "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
-                             "--disallow-exit"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    err = tmp_path / "pulseaudio.err"
+    with err.open("wb") as err_file:
+        proc = subprocess.Popen(["pulseaudio", "-n", "-F", str(tmp_path / "pa.conf"),
+                                 "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
+                                 "--disallow-exit"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err_file)
     deadline = time.monotonic() + 10
     while not (run / "pulse" / "native").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.skip("pulseaudio could not start here: "
-                        f"{proc.stderr.read().decode(errors='replace')[-200:]}")
+                        f"{err.read_bytes().decode(errors='replace')[-200:]}")
         time.sleep(0.02)  # waiting for a socket file to appear; no event to await
-    yield env
-    proc.terminate()
+    yield env, proc
+    if proc.poll() is None:
+        proc.terminate()
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture()
+def pulse(pulse_proc: tuple[dict[str, str], subprocess.Popen]) -> dict[str, str]:
+    return pulse_proc[0]
 
 
 def wait_for_line(stream, needle: str, timeout: float) -> str | None:

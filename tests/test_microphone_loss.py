@@ -4,48 +4,17 @@ at C level is folded into the agent's one log line instead of reaching the journ
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from agent.audio.cstderr import fold, shorten
+from tests import test_microphone
 from tests.conftest import ROOT
-from tests.test_microphone import PA_CONFIG
 
-
-@pytest.fixture()
-def pulse_proc(tmp_path: Path) -> Iterator[tuple[dict[str, str], subprocess.Popen]]:
-    """A PulseAudio null sink as the virtual microphone, and its process (to kill it)."""
-    for tool in ("pulseaudio", "paplay"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (apt pulseaudio pulseaudio-utils "
-                        "libasound2-plugins): no virtual microphone on this machine")
-    run = tmp_path / "xdg"
-    run.mkdir(mode=0o700)
-    (tmp_path / "pa.conf").write_text(PA_CONFIG)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(run), "HOME": str(tmp_path)}
-    proc = subprocess.Popen(["pulseaudio", "-n", "-F", str(tmp_path / "pa.conf"),
-                             "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
-                             "--disallow-exit"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not (run / "pulse" / "native").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.skip("pulseaudio could not start here")
-        time.sleep(0.02)  # waiting for a socket file to appear; no event to await
-    yield env, proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=5)
-
+pulse_proc = test_microphone.pulse_proc  # the one virtual-microphone fixture
 
 def test_portaudio_shortening_and_folding() -> None:
     raw = ("Expression 'alsa_snd_pcm_poll_descriptors_revents( self->pcm, pfds, self->nfds, "
