@@ -37,7 +37,7 @@ def main() -> int:
     msgs = list(SimFleet(devices=args.devices, windows=args.windows).messages())
     with tempfile.TemporaryDirectory() as d:
         history = History(Path(d) / "history.sqlite")
-        model = FleetModel(sink=history.add)
+        model = FleetModel(history=history)
         for t, b in msgs:
             if t.endswith("/birth"):
                 model.ingest(t, b, True)
@@ -52,7 +52,9 @@ def main() -> int:
         for i, (t, b) in enumerate(stats):
             model.ingest(t, b)
             if i % 5000 == 4999:  # `fleet serve` flushes every 5 s
+                model.settle()
                 history.flush()
+        model.settle()
         history.flush()
         if prof:
             prof.disable()

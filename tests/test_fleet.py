@@ -526,30 +526,39 @@ def test_credentials_refused_is_one_line_and_accepted_watches(mosquitto: BrokerF
     assert json.loads(p.stdout)["fleet"]["devices"] == 0
 
 
-def test_metric_check_fast_path_accepts_and_refuses_as_the_full_check() -> None:
-    """`_check_metric`'s one-expression fast path must not let through what the full check
-    refuses (nor refuse what it accepts): every variant is judged the same by both."""
-    from agent.fleet.state import _check_metric, _check_metric_fully, _Invalid
+def test_stats_contract_accepts_and_refuses_metric_entries_field_by_field() -> None:
+    """The typed stats decoder (agent.fleet.schema) plus `check_stats` judge each variant of a
+    metric entry as the contract says, naming the field; refused ones never reach the sums."""
+    from agent.fleet.schema import Invalid, check_stats, decode_stats
 
+    w = make_windows(6, 1, utterances=(1, 3))[0]
+    base = stats(w, "d1", "b", 0)
     good = {"count": 3, "mean": 1.5, "min": 1.0, "max": 2.0, "hist": [4, 1, 2]}
-    variants = [good, {**good, "mean": 2}, {**good, "hist": [4, 1, True]},
-                {**good, "hist": [4, -1, 4]}, {**good, "hist": [-1, 1, 2]},
-                {**good, "count": 4}, {**good, "count": -3, "hist": [4, 1, -4]},
-                {**good, "min": None}, {**good, "hist": [4]}, {**good, "hist": []},
-                {**good, "max": 1e308, "min": 1e308}, {**good, "mean": "1"},
-                {**good, "count": 3.0}, {**good, "hist": (4, 1, 2)}, [good],
-                {"count": 0, "mean": None, "min": None, "max": None, "hist": []}]
-
-    def verdict(check: Any, m: Any) -> bool:
+    variants: list[tuple[Any, bool]] = [
+        (good, True), ({**good, "mean": 2}, True), ({**good, "hist": [4, 1, True]}, False),
+        ({**good, "hist": [4, -1, 4]}, False), ({**good, "hist": [-1, 1, 2]}, False),
+        ({**good, "count": 4}, False), ({**good, "count": -3, "hist": [4, 1, -4]}, False),
+        ({**good, "min": None}, False), ({**good, "hist": [4]}, False),
+        ({**good, "hist": []}, True), ({**good, "max": 1e308, "min": 1e308}, True),
+        ({**good, "mean": "1"}, False), ({**good, "count": 3.0}, False), ([good], False),
+        ({k: v for k, v in good.items() if k != "max"}, False),
+        ({"count": 0, "mean": None, "min": None, "max": None, "hist": []}, True)]
+    verdicts = []
+    for m, _ in variants:
+        raw = enc({**base, "metrics": {**base["metrics"], "confidence": m}})
         try:
-            check("m", m)
-        except _Invalid:
-            return False
-        return True
-
-    verdicts = [verdict(_check_metric, m) for m in variants]
-    assert verdicts == [verdict(_check_metric_fully, m) for m in variants]
-    assert verdicts[0] and verdicts[1] and not verdicts[2] and not verdicts[5]
+            check_stats(decode_stats(raw), "d1")
+            verdicts.append(True)
+        except Invalid as e:
+            assert e.args[1] == "schema" and "metrics" in e.args[0], e.args
+            verdicts.append(False)
+    assert verdicts == [ok for _, ok in variants]
+    big = enc({**base, "seq": 1}).replace(b'"seq": 1', b'"seq": 1e999')
+    with pytest.raises(Invalid):
+        decode_stats(big)
+    # the counters the agent sends are the ones the contract names
+    from agent.fleet.schema import Counts
+    assert set(Counts.__annotations__) == set(COUNTERS)
 
 
 def test_serve_state_sums_groups_exactly_and_only_the_input_level_per_device() -> None:
@@ -562,7 +571,9 @@ def test_serve_state_sums_groups_exactly_and_only_the_input_level_per_device() -
     for t, b in SimFleet(devices=6, windows=3).messages():
         assert full.ingest(t, b, t.endswith("/birth")) == served.ingest(t, b,
                                                                            t.endswith("/birth"))
-    a, b = full.to_json(), served.state.to_json()
+    a = full.to_json()
+    with served.reading():  # settles the pending (bucket, group) sums into the groups
+        b = served.state.to_json()
     assert a["fleet"]["windows"] == 18 and a["fleet"]["metrics"] == b["fleet"]["metrics"]
     for dev, d in b["devices"].items():
         assert set(d["metrics"]) == set(DEVICE_METRICS)

@@ -70,6 +70,59 @@ def test_any_range_merges_exactly(tmp_path: Path) -> None:
     h.close()
 
 
+def test_served_model_feeds_the_history_exactly_what_each_window_would(tmp_path: Path) -> None:
+    """`fleet serve` merges each window once, into (time bucket, group) pending sums that
+    settle into both the group totals and the history. Settled at arbitrary points (reads,
+    flushes), the history holds exactly what adding every window on its own gives: counters,
+    accuracy weights, every kept histogram and the drift sums, bucket by bucket."""
+    from agent.fleet.ingest import FleetModel
+
+    sim = SimFleet(devices=8, windows=24, window_s=120.0, end_epoch=END)  # 48 min, ~10 buckets
+    ref = History(tmp_path / "ref.sqlite")
+    _fill(ref, sim)
+    msgs = sim.messages()
+    start = END - 3600
+
+    def check(settle_every: int, read_every: int, name: str) -> FleetModel:
+        served = History(tmp_path / f"{name}.sqlite")
+        model = FleetModel(history=served)
+        for n, (t, b) in enumerate(msgs, 1):
+            model.ingest(t, b, t.endswith("/birth"))
+            if n % read_every == 0:
+                with model.reading():  # a page or a scrape: settles mid-stream
+                    pass
+            if n % settle_every == 0:
+                model.settle()
+                served.flush()
+        model.settle()
+        served.flush()
+        for points in (1, 60):
+            a = ref.series(start, END + 1, points, metrics=HIST_METRICS, by_group=True,
+                           drift=True)
+            b = served.series(start, END + 1, points, metrics=HIST_METRICS, by_group=True,
+                              drift=True)
+            assert set(a) == set(b) and len(a) == 2
+            for key in a:
+                for pa, pb in zip(a[key], b[key], strict=True):
+                    assert pa.counts == pb.counts and pa.acc_n == pb.acc_n, (name, points)
+                    assert abs(pa.acc_sum - pb.acc_sum) < 1e-9
+                    assert {m: x.counts for m, x in pa.metrics.items()} == \
+                        {m: x.counts for m, x in pb.metrics.items()}
+                    assert set(pa.drift) == set(pb.drift)
+                    for m, (dsum, dn) in pa.drift.items():
+                        assert pb.drift[m][1] == dn and abs(pb.drift[m][0] - dsum) < 1e-9
+        served.close()
+        return model
+
+    check(10**9, 10**9, "once")  # every bucket of every group settled in one go
+    model = check(29, 13, "interleaved")
+    with model.reading():
+        groups = {k: g.counts["utterances"] for k, g in model.state.groups.items()}
+    whole = ref.series(start, END + 1, 1, by_group=True)
+    assert groups == {k: sum(p.counts["utterances"] for p in pts) for k, pts in whole.items()}
+    ref.close()
+
+
 def test_bounded_by_age_and_by_size(tmp_path: Path) -> None:
     h = History(tmp_path / "h.sqlite", days=1.0)
     sim = SimFleet(devices=4, windows=96, window_s=1800.0, end_epoch=END)  # 2 days

@@ -78,7 +78,7 @@ class FleetCollector(Collector):
     # --- copy what is needed under the lock ---------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         m = self.model
-        with m.lock:
+        with m.reading():
             st = m.state
             groups = {}
             for key, t in st.groups.items():

@@ -24,13 +24,10 @@ from operator import add
 from pathlib import Path
 from typing import Any
 
+from msgspec.json import decode as _loads
+
 from agent.fleet.bins import MetricSum
 from agent.metric_catalog import METRICS
-
-try:  # the fleet extra; the stdlib parser gives the same lists
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover
-    _loads = json.loads
 
 BUCKET_S = 300
 GROUP_COLUMNS = ("model", "model_version", "rollout", "cohort")
@@ -167,6 +164,37 @@ class History:
                         t = acc.drift.setdefault(name, [0.0, 0])
                         t[0] += s
                         t[1] += 1
+
+    def add_totals(self, bucket: int, group: tuple[str, str, str, str], totals: Any,
+                   drift: Sequence[Sequence[float]]) -> None:
+        """Add sums already merged by the caller (agent.fleet.ingest: one bucket and group's
+        windows, with `windows`, `counts`, `acc_sum`, `acc_n`, `metrics` like FleetState's
+        totals) and the drift score [sums, counts] in DRIFT order."""
+        with self._plock:
+            key = (bucket, *group)
+            acc = self._pending.get(key)
+            if acc is None:
+                acc = self._pending[key] = _Pending()
+            c = totals.counts
+            acc.counts["windows"] += totals.windows
+            for k in COUNTS[1:]:
+                acc.counts[k] += c.get(k, 0)
+            acc.acc_sum += totals.acc_sum
+            acc.acc_n += totals.acc_n
+            for name in self.hist_metrics:
+                m = totals.metrics.get(name)
+                if m is None or not m.counts:
+                    continue
+                mine = acc.metrics.get(name)
+                if mine is None:
+                    mine = acc.metrics[name] = MetricSum(_EDGES[name])  # type: ignore[arg-type]
+                mine.merge_in(m)
+            if drift and len(drift[0]) == len(DRIFT):
+                for name, dsum, dn in zip(DRIFT, drift[0], drift[1], strict=True):
+                    if dn:
+                        t = acc.drift.setdefault(name, [0.0, 0])
+                        t[0] += dsum
+                        t[1] += dn
 
     # --- writing -----------------------------------------------------------------------------
     def flush(self) -> int:

@@ -1,9 +1,11 @@
 """What `fleet serve` keeps from the messages: a FleetState plus what the exporter, the page and
 the history need, fed one message at a time by the MQTT thread.
 
-Pure (no I/O; history rows go to a `sink` callable) and single-writer; readers take `lock`.
-Each payload is decoded once and handed to `FleetState` as a dict, so `/api/fleet.json` is
-exactly `fleet watch --json`.
+Pure (no I/O; settled sums go to the history's in-memory `add_totals`) and single-writer;
+readers use `reading()`. Each payload is decoded and checked once (agent.fleet.schema, outside
+the lock) and handed to `FleetState`, so `/api/fleet.json` is exactly `fleet watch --json`.
+Each window is merged once, into its (time bucket, model group) pending sums; `settle()` folds
+those into the group sums that /metrics and the page read and hands them to the history.
 
 Exact totals across replicas: every stats payload carries the boot's cumulative counters
 (`since_boot`). For each (device, boot) we keep the values of the highest seq seen, which are
@@ -19,12 +21,15 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from agent.fleet.state import FleetState, _decode, _Invalid, group_key
+from agent.fleet.history import BUCKET_S
+from agent.fleet.schema import Invalid, decode_json, decode_stats
+from agent.fleet.state import FleetState, _Totals
 from agent.metric_catalog import METRICS
 from agent.payloads import SinceBoot
 from agent.telemetry.message import DEFAULT_PREFIX
@@ -34,9 +39,11 @@ MAX_BOOTS = 4                          # boots kept per device for the cumulativ
 RECENT = 16                            # windows per device kept for the drill-down plots
 RECENT_FIELDS = ("end", "utterances", "accepted", "abstained", "accuracy", "rms_dbfs")
 METRIC_NAMES = tuple(m.name for m in METRICS)
+GroupKey = tuple[str, str, str, str]   # (model, model version, rollout, cohort)
 DEVICE_METRICS = frozenset({"input_rms_dbfs"})  # metrics summed per device (see FleetState)
 _NAN = math.nan
 _INT_ONLY = {int}
+_FLOAT_OR_NONE = {float, type(None)}
 
 
 def utc_epoch(iso: str) -> float:
@@ -62,44 +69,99 @@ class DeviceExtras:
     recent_n: int = 0
 
 
-class FleetModel:
-    """The server's state. `ingest(topic, payload, retained)` from one thread; everything else
-    under `lock`."""
+class BucketedState(FleetState):
+    """FleetState whose model-group sums go first to per (time bucket, group) pending sums;
+    `settle()` folds them into `groups` and returns them for the history. One merge per window
+    then serves /metrics, the page and the history (which used to merge every window again)."""
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX, clock: Callable[[], float] = time.time,
-                 sink: Callable[[float, tuple[str, str, str, str], dict[str, Any]], None]
-                 | None = None) -> None:
+    def __init__(self, prefix: str, clock: Callable[[], float], bucket_s: int) -> None:
         # per device only the input level (device rows, drill-down); the histograms are summed
         # per model group, where the exporter, the page's plots and the history read them
-        self.state = FleetState(prefix, clock=clock, device_metrics=DEVICE_METRICS)
+        super().__init__(prefix, clock=clock, device_metrics=DEVICE_METRICS)
+        self.bucket_s = bucket_s
+        self.pending: dict[tuple[int | None, GroupKey], _Totals] = {}
+        self.drift: dict[tuple[int | None, GroupKey], list[list[float]]] = {}
+        self.window_end = _NAN  # epoch of the last merged window's end
+        self.window_slot: tuple[int | None, GroupKey] = (None, ("", "", "", ""))  # and its slot
+
+    def _group_totals(self, key: GroupKey, p: Mapping[str, Any]) -> _Totals:
+        end = self.window_end = utc_epoch(p["window"]["end_utc"])
+        bucket = int(end // self.bucket_s * self.bucket_s) if math.isfinite(end) else None
+        self.window_slot = slot = (bucket, key)
+        t = self.pending.get(slot)
+        if t is None:
+            t = self.pending[slot] = _Totals()
+            self.drift[slot] = [[0.0] * len(METRIC_NAMES), [0] * len(METRIC_NAMES)]
+        return t
+
+    def settle(self) -> list[tuple[int, GroupKey, _Totals, list[list[float]]]]:
+        """Fold the pending sums into `groups`; returns (bucket, group, sums, [drift score sums,
+        drift score counts]) of those with a readable window end, for the history."""
+        out = []
+        for (bucket, key), t in self.pending.items():
+            g = self.groups.get(key)
+            if g is None:  # a copy: `t` goes to the history as it is now
+                g = self.groups[key] = _Totals()
+            g.merge_in(t)
+            if bucket is not None:
+                out.append((bucket, key, t, self.drift.pop((bucket, key), [[], []])))
+        self.pending.clear()
+        self.drift.clear()
+        return out
+
+
+class FleetModel:
+    """The server's state. `ingest(topic, payload, retained)` from one thread; readers use
+    `reading()` (the lock, with every window merged so far settled into the sums)."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, clock: Callable[[], float] = time.time,
+                 history: Any = None) -> None:
+        self.state = BucketedState(prefix, clock, history.bucket_s if history else BUCKET_S)
         self.prefix = self.state.prefix
         self.extras: dict[str, DeviceExtras] = {}
         self.outcomes: dict[str, int] = {}
         self.lock = threading.Lock()
-        self.sink = sink          # (window end epoch, group, payload) for the history
+        self.history = history    # agent.fleet.history.History: gets the settled sums
         self.clock = clock
         self.started = clock()
 
     # --- input -----------------------------------------------------------------------------
     def ingest(self, topic: str, payload: bytes, retained: bool = False) -> str:
         kind = topic.rsplit("/", 1)[-1]
-        parsed: Any = payload
+        parsed: Any = None  # parsed here, outside the lock the HTTP threads read under
         if kind in ("stats", "alarm"):
             try:
-                parsed = _decode(payload)
-            except _Invalid:
-                parsed = payload  # FleetState counts it against the device
+                parsed = (decode_stats if kind == "stats" else decode_json)(payload)
+            except Invalid:
+                pass  # FleetState parses it again and counts it against the device
         with self.lock:
-            outcome = self.state.ingest(topic, parsed, retained)
+            st = self.state
+            outcome = st.ingest(topic, payload, retained, decoded=parsed)
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
             if outcome == "stats":
-                end = utc_epoch(parsed["window"]["end_utc"])
-                self._stats(parsed, end)
-        if outcome == "stats" and self.sink is not None:
-            self.sink(end, group_key(parsed), parsed)
+                self._stats(parsed, st.window_end, st.group_key, st.drift[st.window_slot])
         return outcome
 
-    def _stats(self, p: Mapping[str, Any], end: float) -> None:
+    def settle(self) -> None:
+        """Fold the windows merged since the last call into the group sums and hand them to
+        the history (call before reading `state.groups`, and before flushing the history)."""
+        with self.lock:
+            done = self.state.settle()
+        if self.history is not None:
+            for bucket, key, totals, drift in done:
+                self.history.add_totals(bucket, key, totals, drift)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """The lock, with the sums settled: what every view holds while it copies state."""
+        with self.lock:
+            for bucket, key, totals, drift in self.state.settle():
+                if self.history is not None:
+                    self.history.add_totals(bucket, key, totals, drift)
+            yield
+
+    def _stats(self, p: Mapping[str, Any], end: float, group: GroupKey,
+               drift_sums: list[list[float]]) -> None:
         dev_id = p["device_id"]
         x = self.extras.get(dev_id)
         if x is None:
@@ -122,14 +184,17 @@ class FleetModel:
             c = p["counts"]
             for i, k in enumerate(CUMULATIVE[1:], 2):
                 row[i] += c.get(k, 0)
-        dev = self.state.devices[dev_id]
-        last = dev.last
+        scores = drift_scores(p.get("drift"))
+        sums, ns = drift_sums
+        for i, v in enumerate(scores):
+            if v == v:  # not NaN
+                sums[i] += v
+                ns[i] += 1
+        last = self.state.devices[dev_id].last
         if last is not None and last["boot_id"] == boot and last["seq"] == seq:
             # this window is now the device's latest: its scores are the current ones
-            x.group = group_key(p)
-            drift = p.get("drift")
-            drift = drift if isinstance(drift, dict) else {}
-            x.drift = array("f", map(_score, map(drift.get, METRIC_NAMES)))
+            x.group = group
+            x.drift = array("f", scores)
             x.accuracy = p["estimated_accuracy"].get("value")
             x.last_end = end
         rms = p["metrics"].get("input_rms_dbfs") or {}
@@ -155,6 +220,21 @@ class FleetModel:
         rows = [dict(zip(RECENT_FIELDS, x.recent[i:i + k], strict=True))
                 for i in range(0, len(x.recent), k)]
         return sorted(rows, key=lambda r: r["end"])
+
+
+def drift_scores(drift: Any) -> list[float]:
+    """The window's drift score per catalogue metric (METRIC_NAMES order), NaN where there is
+    none. `drift` is read leniently: an odd entry only loses its own score."""
+    if type(drift) is not dict:
+        return [_NAN] * len(METRIC_NAMES)
+    get = drift.get
+    try:  # the usual shape, checked in C: every entry a dict whose score is a float or null
+        scores = [get(n)["score"] for n in METRIC_NAMES]
+        if set(map(type, scores)) <= _FLOAT_OR_NONE:
+            return [_NAN if v is None else v for v in scores]
+    except (TypeError, KeyError):
+        pass
+    return list(map(_score, map(get, METRIC_NAMES)))
 
 
 def _score(entry: Any) -> float:

@@ -265,14 +265,12 @@ class App:
         return json.dumps(out).encode()
 
     def fleet_json(self) -> bytes:
-        with self.model.lock:
+        with self.model.reading():
             snap = self.model.state.to_json()
         snap["broker"] = self.broker
-        try:
-            from orjson import dumps
-            return dumps(snap)
-        except ImportError:  # pragma: no cover
-            return json.dumps(snap, separators=(",", ":"), allow_nan=False).encode()
+        from msgspec.json import encode
+
+        return encode(snap)
 
     def page(self, query: dict[str, list[str]]) -> bytes:
         from agent.fleet import page, views
@@ -358,7 +356,7 @@ class Server:
         except (OSError, sqlite3.Error) as e:
             raise AgentError(f"cannot open the history {history_path!r}: {e} (--history PATH "
                              "in a writable directory, or --history none)") from None
-        self.model = FleetModel(prefix, sink=self.history.add if self.history else None)
+        self.model = FleetModel(prefix, history=self.history)
         self.feed = Feed(self.model, host=host, port=port, tls=tls, prefix=prefix,
                          share=share, version=mqtt_version, session=replica,
                          session_expiry_s=session_expiry_s, **(credentials or {}))
@@ -397,6 +395,7 @@ class Server:
         if self.history is None:
             return
         try:
+            self.model.settle()  # the windows merged since the last flush, into the history
             self.history.flush()
             if prune:
                 self.history.prune(time.time())
@@ -411,6 +410,7 @@ class Server:
             self.http.shutdown()
         self.http.server_close()
         if self.history is not None:
+            self.model.settle()
             self.history.close()
 
 
@@ -429,10 +429,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args.duration = args.until_idle = None
     password = _check_args(args, tls)
     try:
+        import msgspec  # noqa: F401
         import prometheus_client  # noqa: F401
-    except ImportError:
-        raise AgentError(f"fleet serve needs prometheus-client; install it with: {PROM_HINT}"
-                         ) from None
+    except ImportError as e:
+        raise AgentError(f"fleet serve needs {e.name}; install it with: {PROM_HINT}") from None
     history = None if args.history == "none" else args.history
     creds = {"username": args.username, "password": password, "ca_file": args.ca_file,
              "cert_file": args.cert_file, "key_file": args.key_file}

@@ -25,15 +25,17 @@ import math
 import re
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from agent.fleet.bins import MetricSum, compact, fits
+from agent.fleet.bins import MetricSum, compact
 from agent.fleet.loss import SessionLoss
+from agent.fleet.schema import Invalid as _Invalid
+from agent.fleet.schema import check_stats, decode_json, decode_stats
 from agent.metric_catalog import METRICS, MetricSpec
 from agent.telemetry.message import DEFAULT_PREFIX
 from agent.windows import COUNTERS
@@ -41,12 +43,11 @@ from agent.windows import COUNTERS
 FLEET_SCHEMA = 1
 # mosquitto's count of messages it dropped (queue limits); subscribed to where the ACL allows
 BROKER_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
-MAX_PAYLOAD_BYTES = 65536  # devices send <= 8 KB; anything far larger is refused unparsed
 MAX_GAP_RANGES = 20        # gap ranges listed per boot in to_json (the total is always exact)
 MAX_EVENTS = 20            # rollout events kept per device (agent.rollout: event topic)
 ERROR_KINDS = ("invalid_json", "schema", "edges_mismatch")
-LATER_COUNTERS = frozenset(COUNTERS) - {"frames", "speech_frames", "utterances", "accepted",
-                                        "abstained", "dropped_frames"}
+_NO_EDGES: dict[str, np.ndarray] = {}
+_EdgeRef = tuple[np.ndarray, int | None]  # (edges, bound on a hist's first + len)
 _LEVEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ROLLUP_REASON = re.compile(r"^(\w+) roll-up: ")
 
@@ -108,27 +109,14 @@ class SeqSet:
         return sum(b - a + 1 for a, b in self.gaps())
 
 
-# --- validation: the fields this module relies on, checked by hand (no jsonschema at run time)
-class _Invalid(ValueError):
-    """A payload that does not match its schema; the message says which field."""
-
-
+# --- validation of the rarer payloads (stats are typed: agent.fleet.schema) -------------------
 def _is_int(x: Any) -> bool:
-    return type(x) is int  # not bool (a subclass); exact type checks are the fast path
+    return type(x) is int  # not bool (a subclass)
 
 
 def _is_num(x: Any) -> bool:
     t = type(x)
     return t is int or (t is float and math.isfinite(x))
-
-
-_INT_ONLY = {int}
-_isfinite = math.isfinite
-
-
-def _is_counts(h: Any) -> bool:
-    """A list of non-negative ints (checked in C: this runs ~17 times per message)."""
-    return type(h) is list and (not h or (set(map(type, h)) == _INT_ONLY and min(h) >= 0))
 
 
 def _need(cond: bool, what: str) -> None:
@@ -144,62 +132,6 @@ def _check_ids(p: Any, device: str) -> None:
     _need(_is_int(p.get("seq")) and p["seq"] >= 0, "seq")
     od = p.get("outbox_dropped", 1)
     _need(_is_int(od) and od >= 1, "outbox_dropped")
-
-
-def _check_stats(p: Any, device: str) -> None:
-    _check_ids(p, device)
-    for key in ("historical", "window", "counts", "metrics", "drift", "estimated_accuracy",
-                "outputs", "model", "process"):
-        _need(key in p, f"missing {key}")
-    _need(isinstance(p["historical"], bool), "historical")
-    w = p["window"]
-    _need(isinstance(w, dict) and _is_num(w.get("start_s")) and _is_num(w.get("end_s"))
-          and w["end_s"] >= w["start_s"] >= 0, "window bounds")
-    _need(isinstance(w.get("start_utc"), str) and isinstance(w.get("end_utc"), str),
-          "window utc")
-    c = p["counts"]
-    # counters added after schema 1 (e.g. state_write_errors) are 0 when an older agent omits them
-    _need(type(c) is dict and _is_counts([c.get(k, 0 if k in LATER_COUNTERS else None)
-                                          for k in COUNTERS]), "counts")
-    _need(isinstance(p["metrics"], dict), "metrics")
-    for name, m in p["metrics"].items():
-        _check_metric(name, m)
-    a = p["estimated_accuracy"]
-    _need(isinstance(a, dict) and _is_int(a.get("n")) and a["n"] >= 0
-          and (a.get("value") is None or (_is_num(a["value"]) and 0 <= a["value"] <= 1)),
-          "estimated_accuracy")
-    _need(isinstance(p["model"], dict), "model")
-
-
-def _check_metric(name: str, m: Any) -> None:
-    """One `metrics` entry (~20 per message). The fast path accepts the usual shape (binned,
-    float statistics) in one expression; anything else takes `_check_metric_fully`, which
-    accepts or refuses exactly the same entries and says which field is wrong."""
-    if type(m) is dict:
-        n, h = m.get("count"), m.get("hist")
-        mean, lo, hi = m.get("mean"), m.get("min"), m.get("max")
-        if (type(n) is int and type(h) is list and type(mean) is float and type(lo) is float
-                and type(hi) is float and len(h) > 1 and _isfinite(mean + lo + hi)
-                and set(map(type, h)) == _INT_ONLY and min(h) >= 0 and sum(h) - h[0] == n):
-            return  # count >= 0 follows: it equals sum(h[1:]), non-negative ints
-    _check_metric_fully(name, m)
-
-
-def _check_metric_fully(name: str, m: Any) -> None:
-    if type(m) is not dict or type(m.get("count")) is not int or m["count"] < 0:
-        raise _Invalid(f"metrics.{name}.count")
-    stats = (m.get("mean"), m.get("min"), m.get("max"))
-    for k, v in zip(("mean", "min", "max"), stats, strict=True):
-        if v is not None and type(v) is not int and not (type(v) is float and math.isfinite(v)):
-            raise _Invalid(f"metrics.{name}.{k}")
-    h = m.get("hist")
-    if not _is_counts(h) or len(h) == 1:
-        raise _Invalid(f"metrics.{name}.hist")
-    if h:
-        if sum(h) - h[0] != m["count"]:
-            raise _Invalid(f"metrics.{name}: hist does not sum to count")
-        if None in stats:
-            raise _Invalid(f"metrics.{name}: hist without mean/min/max")
 
 
 def _check_alarm(p: Any, device: str) -> None:
@@ -344,11 +276,13 @@ class FleetState:
             m.name: np.asarray(m.edges, dtype=np.float64) for m in catalog}
         self._clock = clock
         self._edge_sets: dict[tuple, dict[str, np.ndarray]] = {}
+        self._tables: dict[int, tuple[dict, dict[str, _EdgeRef]]] = {}
         self.devices: dict[str, _Device] = {}
         # Sums per (model, version, rollout, cohort) -- the per-model view operators compare --
         # and, merged, the fleet's totals. Keyed by what each window says it ran.
         self.groups: dict[tuple[str, str, str, str], _Totals] = {}
         self.messages = 0
+        self.group_key: tuple[str, str, str, str] = ("", "", "", "")  # of the last stats merged
         self.unknown_topics = 0
         self.session_loss = SessionLoss()
         self.broker_dropped: tuple[float, float] | None = None  # (first seen, latest) from $SYS
@@ -366,9 +300,12 @@ class FleetState:
 
     # --- input -----------------------------------------------------------------------------
     def ingest(self, topic: str, payload: bytes | str | Mapping[str, Any],
-               retained: bool = False) -> str:
+               retained: bool = False, decoded: Any = None) -> str:
         """Apply one message; returns what happened: stats | alarm | status | birth |
-        duplicate | invalid_json | schema | edges_mismatch | unknown_topic. Never raises."""
+        duplicate | invalid_json | schema | edges_mismatch | unknown_topic. Never raises.
+
+        `decoded`: the payload as `decode_stats` (stats) or `decode_json` (others) returned it,
+        when the caller parsed it already (outside its lock); else `payload` is parsed here."""
         if topic == BROKER_DROPPED_TOPIC:  # the broker's, not the fleet's: not in `messages`
             return self._broker_dropped(payload)
         self.messages += 1
@@ -391,18 +328,19 @@ class FleetState:
         try:
             if kind == "status":
                 return self._status(dev, payload, retained)
-            p = _decode(payload)
+            if kind == "stats":
+                p = decode_stats(payload) if decoded is None else decoded
+                check_stats(p, device_id)
+                return self._stats(dev, p)
+            p = decode_json(payload) if decoded is None else decoded
             if kind == "birth":
                 return self._birth(dev, p)
             if kind == "event":  # rollout steps (docs/event.schema.json): kept, not merged
                 _need(isinstance(p, dict) and isinstance(p.get("event"), str), "event")
                 dev.events = (dev.events + [p])[-MAX_EVENTS:]
                 return "event"
-            if kind == "alarm":
-                _check_alarm(p, device_id)
-                return self._alarm(dev, p)
-            _check_stats(p, device_id)
-            return self._stats(dev, p)
+            _check_alarm(p, device_id)  # kind == "alarm"
+            return self._alarm(dev, p)
         except _Invalid as e:
             kind_err = e.args[1] if len(e.args) > 1 else "schema"
             dev.errors[kind_err] += 1
@@ -459,6 +397,8 @@ class FleetState:
     def _birth(self, dev: _Device, p: Any) -> str:
         edges = _birth_edges(p)
         for name, e in edges.items():
+            if name not in self._edges:
+                self._tables.clear()  # a metric the fleet did not know: tables are stale
             ref = self._edges.setdefault(name, e)
             if ref is not e and np.array_equal(ref, e):
                 edges[name] = ref  # one shared array: memory per device, `is` check per message
@@ -504,47 +444,51 @@ class FleetState:
                           "seq": p["seq"]}
         return "alarm"
 
-    def _stats(self, dev: _Device, p: dict[str, Any]) -> str:
-        if not self._first_time(dev, p):
-            return "duplicate"
-        declared = dev.births.get(p["boot_id"], dev.births.get(None, {}))
-        edges: dict[str, np.ndarray] = {}
-        for name, entry in p["metrics"].items():
-            ref = self._edges.get(name)
-            if ref is None:
-                ref = declared.get(name)
-                if ref is None:
-                    raise _Invalid(f"metric {name} has no known edges", "schema")
-            if name in declared and declared[name] is not ref \
-                    and not np.array_equal(declared[name], ref):
-                raise _Invalid(f"metric {name}: the birth's edges differ from the fleet's",
-                               "edges_mismatch")
-            if not fits(ref, entry["hist"]):
-                raise _Invalid(f"metric {name}: hist does not fit the edges", "edges_mismatch")
-            edges[name] = ref
-        key = group_key(p)
+    def _group_totals(self, key: tuple[str, str, str, str], p: Mapping[str, Any]) -> _Totals:
+        """Where a window's group sums go (`fleet serve` first sums them per time bucket)."""
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = _Totals()
-        counts = p["counts"]
+        return group
+
+    def _edge_table(self, declared: dict[str, np.ndarray]) -> dict[str, _EdgeRef]:
+        """name -> (reference edges, bound on a hist's first + len), or None for the bound
+        when the device declared other edges (its windows cannot merge). One table per
+        declared edge set (births share them), rebuilt when a birth adds a metric."""
+        hit = self._tables.get(id(declared))
+        if hit is not None and hit[0] is declared:
+            return hit[1]
+        table: dict[str, _EdgeRef] = {}
+        for name in {**self._edges, **declared}:
+            ref = self._edges.get(name)
+            if ref is None:
+                ref = declared[name]
+            mine = declared.get(name)
+            same = mine is None or mine is ref or np.array_equal(mine, ref)
+            table[name] = (ref, len(ref) + 2 if same else None)
+        self._tables[id(declared)] = (declared, table)
+        return table
+
+    def _stats(self, dev: _Device, p: dict[str, Any]) -> str:
+        if not self._first_time(dev, p):
+            return "duplicate"
+        table = self._edge_table(dev.births.get(p["boot_id"], dev.births.get(None, _NO_EDGES)))
+        for name, entry in p["metrics"].items():
+            t = table.get(name)
+            if t is None:
+                raise _Invalid(f"metric {name} has no known edges", "schema")
+            if t[1] is None:
+                raise _Invalid(f"metric {name}: the birth's edges differ from the fleet's",
+                               "edges_mismatch")
+            h = entry["hist"]
+            if h and h[0] + len(h) > t[1]:  # [first, c...] reaches past the overflow bin
+                raise _Invalid(f"metric {name}: hist does not fit the edges", "edges_mismatch")
+        metrics = p["metrics"]
         only = self.device_metrics
-        for totals in (dev.totals, group):
-            totals.windows += 1
-            tc = totals.counts
-            for k in COUNTERS:
-                tc[k] += counts.get(k, 0)
-            sums = totals.metrics
-            for name, entry in p["metrics"].items():
-                if only is not None and totals is not group and name not in only:
-                    continue
-                acc_m = sums.get(name)
-                if acc_m is None:
-                    acc_m = sums[name] = MetricSum(edges[name])
-                acc_m.add(entry)
-            acc = p["estimated_accuracy"]
-            if acc.get("value") is not None and acc["n"] > 0:
-                totals.acc_sum += float(acc["value"]) * acc["n"]
-                totals.acc_n += acc["n"]
+        self.group_key = key = group_key(p)
+        _add_window(self._group_totals(key, p), p, metrics.items(), table)
+        _add_window(dev.totals, p, metrics.items() if only is None else
+                    [(n, metrics[n]) for n in only if n in metrics], table)
         if dev.model is None or not dev.births:
             dev.model = p["model"]
         if _supersedes(p, dev.last, dev.boot_id):
@@ -627,6 +571,29 @@ class FleetState:
                 "messages": self.messages, "fleet": fleet, "devices": devices}
 
 
+def _add_window(totals: _Totals, p: Mapping[str, Any],
+                entries: Iterable[tuple[str, Mapping[str, Any]]],
+                table: Mapping[str, tuple[np.ndarray, int | None]]) -> None:
+    """Sum one checked stats window (its counters and these metric entries) into `totals`."""
+    totals.windows += 1
+    tc = totals.counts
+    counts = p["counts"]
+    for k in COUNTERS:
+        tc[k] += counts.get(k, 0)
+    sums = totals.metrics
+    for name, entry in entries:
+        acc_m = sums.get(name)
+        if acc_m is None:
+            acc_m = sums[name] = MetricSum(table[name][0])
+        if entry["count"]:
+            acc_m.add(entry)
+    acc = p["estimated_accuracy"]
+    v = acc.get("value")
+    if v is not None and acc["n"] > 0:
+        totals.acc_sum += v * acc["n"]
+        totals.acc_n += acc["n"]
+
+
 def _supersedes(p: Mapping[str, Any], last: Mapping[str, Any] | None,
                 current_boot: str | None) -> bool:
     """Whether window `p` replaces `last` as the device's latest. Within a boot by seq (the
@@ -664,41 +631,3 @@ def _rate(last: Mapping[str, Any] | None) -> float | None:
         return None
     dur = last["window"]["end_s"] - last["window"]["start_s"]
     return last["counts"]["utterances"] * 60.0 / dur if dur > 0 else None
-
-
-def _decode(payload: bytes | str | Mapping[str, Any]) -> Any:
-    """JSON payload → Python; `_Invalid(..., "invalid_json")` when it is not JSON at all."""
-    if isinstance(payload, Mapping):
-        return dict(payload)
-    if isinstance(payload, bytes | bytearray | memoryview):
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            raise _Invalid(f"payload larger than {MAX_PAYLOAD_BYTES} bytes", "invalid_json")
-        if _loads is not _json_loads and type(payload) is bytes:  # orjson checks UTF-8 itself
-            try:
-                return _loads(payload)
-            except (ValueError, RecursionError):
-                raise _Invalid("payload is not valid UTF-8 JSON", "invalid_json") from None
-        try:
-            payload = bytes(payload).decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Invalid("payload is not UTF-8", "invalid_json") from None
-    if not isinstance(payload, str):
-        raise _Invalid("payload is not text", "invalid_json")
-    try:
-        return _loads(payload)
-    except (ValueError, RecursionError):
-        raise _Invalid("payload is not valid JSON", "invalid_json") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_loads(text: str | bytes) -> Any:
-    return json.loads(text, parse_constant=_reject_constant)
-
-
-try:  # the `fleet` extra: 3-4x faster on 4 KB payloads, strict JSON (no NaN) like _json_loads
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover - the watcher works without the extra, only slower
-    _loads = _json_loads

@@ -59,7 +59,7 @@ def fleet_view(model: FleetModel, history: History | None, *, range_name: str = 
                q: str | None = None, replica: str = "", share: str = "",
                now: Callable[[], float] = time.time) -> dict[str, Any]:
     rng = range_name if range_name in RANGES else DEFAULT_RANGE
-    with model.lock:
+    with model.reading():
         st = model.state
         devs = st.devices
         keys = [_keys(dev_id, d) for dev_id, d in devs.items()]
@@ -148,7 +148,7 @@ def fleet_charts(history: History, start: float, end: float) -> list[str]:
 
 
 def device_view(model: FleetModel, dev_id: str) -> dict[str, Any]:
-    with model.lock:
+    with model.reading():
         d = model.state.devices.get(dev_id)
         dj = model.state._device_json(d) if d is not None else None
         recent = model.recent_windows(dev_id)

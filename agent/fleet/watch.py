@@ -152,7 +152,11 @@ class Watcher:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from agent.fleet.state import FleetState
+        try:
+            from agent.fleet.state import FleetState
+        except ImportError as e:
+            raise AgentError(f"fleet watch needs {e.name}; install it with: {RICH_HINT}"
+                             ) from None
 
         self.host, self.port, self.tls = host, port, tls
         self.url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
