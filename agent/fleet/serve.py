@@ -1,14 +1,15 @@
 """`edge-voice-agent fleet serve`: the fleet's telemetry as Prometheus metrics, a web page with
 history, and `/api/fleet.json`, from one process that can run as several replicas.
 
-The network edges live here: a paho client (MQTT 5) feeding `FleetModel`, an HTTP server
-(stdlib) for `/metrics`, `/`, `/device/ID`, `/api/fleet.json`, `/healthz`, and a maintenance
-thread flushing the history. Scale-out: with `--share GROUP`, stats come through the shared
+The network edges live here: two MQTT connections feeding `FleetModel` (the stats, the bulk,
+through the lean reader of agent.fleet.mqttin, which costs a tenth of paho's CPU per message;
+the control plane, rare and partly retained, through paho), an HTTP server (stdlib) for
+`/metrics`, `/`, `/device/ID`, `/api/fleet.json`, `/healthz`, and a maintenance thread
+flushing the history. Scale-out: with `--share GROUP`, stats come through the shared
 subscription `$share/GROUP/{prefix}/+/stats` (the broker hands each message to one replica);
 alarms, status and birth (rare or retained) go to every replica on plain subscriptions, since
 brokers do not send retained messages to shared subscriptions and every page should show every
-alarm. No replica needs another's
-state: see agent.fleet.ingest and docs/fleet.md.
+alarm. No replica needs another's state: see agent.fleet.ingest and docs/fleet.md.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.errors import AgentError, ConfigError
+from agent.fleet.mqttin import StatsReader
 from agent.telemetry.message import DEFAULT_PREFIX
 
 log = logging.getLogger("edge-voice-agent.fleet")
@@ -50,8 +52,8 @@ def add_parser(fsub: Any) -> None:
                    help=f"HTTP address for /metrics, / and /api/fleet.json [{DEFAULT_LISTEN}]")
     s.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix [{DEFAULT_PREFIX}]")
     s.add_argument("--share", default="", metavar="GROUP",
-                   help="take stats/alarms through the MQTT 5 shared subscription "
-                        "$share/GROUP/...: run one replica per core or host with the same GROUP")
+                   help="take stats through the shared subscription $share/GROUP/...: run one "
+                        "replica per core or host with the same GROUP")
     s.add_argument("--replica", default="", help="name shown on the page and in eva_serve_info "
                    "[host-pid]")
     s.add_argument("--session-expiry", type=float, default=3600.0, metavar="S",
@@ -66,8 +68,8 @@ def add_parser(fsub: Any) -> None:
     s.add_argument("--history-mb", type=float, default=512.0, metavar="MB",
                    help="bound the history file to this size; oldest dropped first [512]")
     s.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
-                   help="protocol; mosquitto and EMQX also accept $share from 3.1.1 clients, "
-                        "which costs paho less CPU per message [5]")
+                   help="protocol of both broker connections; mosquitto and EMQX also "
+                        "accept $share from 3.1.1 clients [5]")
     s.add_argument("--username", default="", help="broker username (operator account)")
     s.add_argument("--password-file", type=Path, default=None,
                    help="file whose first line is the password")
@@ -94,55 +96,25 @@ def _share_ok(group: str) -> bool:
 
 
 # --- MQTT ------------------------------------------------------------------------------------
-def _client_class() -> type:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import MQTTErrorCode
+def _client_id(session: str, session_expiry_s: float) -> tuple[str, bool]:
+    """(client id, persistent): a named replica with a session expiry keeps a stable id, so
+    the broker queues for it while it restarts; otherwise a unique one."""
+    persistent = bool(session) and session_expiry_s > 0
+    return (f"eva-serve-{session}" if persistent
+            else f"eva-serve-{os.getpid()}-{secrets.token_hex(3)}"), persistent
 
-    class BufferedClient(mqtt.Client):
-        """paho reads each packet with 3-4 recv() calls and selects before every packet; at
-        thousands of 4 KB messages a second that is a third of its CPU. This reads up to 256 KB
-        per recv() and handles every complete packet in it before going back to paho's loop
-        (which then sends pings and acknowledgements as usual: the drain never refills)."""
 
-        _rbuf = b""
-        _rpos = 0
-        _draining = False
-
-        def _sock_recv(self, bufsize: int) -> bytes:
-            if self._rpos >= len(self._rbuf):
-                if self._draining:
-                    raise BlockingIOError  # paho keeps the partial packet for the next read
-                data = super()._sock_recv(262144)
-                if not data:
-                    return data
-                self._rbuf, self._rpos = data, 0
-            out = self._rbuf[self._rpos:self._rpos + bufsize]
-            self._rpos += len(out)
-            return out
-
-        def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-            rc = super().loop_read(max_packets)
-            self._draining = True
-            try:
-                while (rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf)
-                       and self._sock is not None):
-                    rc = super().loop_read(max_packets)
-            finally:
-                self._draining = False
-            return rc
-
-        def reconnect(self) -> MQTTErrorCode:
-            self._rbuf, self._rpos = b"", 0  # bytes of the old connection are meaningless
-            return super().reconnect()
-
-    return BufferedClient
+def stats_filter(prefix: str, share: str) -> str:
+    return f"$share/{share}/{prefix}/+/stats" if share else f"{prefix}/+/stats"
 
 
 class Feed:
-    """The subscriber: shared stats/alarm subscription (or a plain one), presence for all."""
+    """The control-plane subscriber (paho): alarms, status, births, rollout events and
+    commands, the broker's drop counter, on plain subscriptions, for every replica. Stats
+    are not here: see StatsReader in agent.fleet.mqttin."""
 
     def __init__(self, model: Any, *, host: str, port: int, tls: bool, prefix: str,
-                 share: str = "", version: str = "5", session: str = "",
+                 version: str = "5", session: str = "",
                  session_expiry_s: float = 0.0, username: str = "",
                  password: str | None = None, ca_file: Path | None = None,
                  cert_file: Path | None = None, key_file: Path | None = None) -> None:
@@ -154,12 +126,11 @@ class Feed:
         self.model = model
         self.host, self.port = host, port
         self.url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
-        head = f"$share/{share}/" if share else ""
-        # Alarms (transitions, rare) go to every replica too, so each one's "alarms now" is
-        # complete; only stats, the bulk, are shared.
+        # Alarms (transitions, rare) go to every replica, so each one's "alarms now" is
+        # complete; only stats, the bulk, are shared (and read by StatsReader).
         # Rollout events and commands (rare, some retained) likewise: /api/fleet.json then has
         # everything `fleet watch --json` has.
-        self.subscriptions = [(f"{head}{prefix}/+/stats", 1), (f"{prefix}/+/alarm", 1),
+        self.subscriptions = [(f"{prefix}/+/alarm", 1),
                               (f"{prefix}/+/status", 1), (f"{prefix}/+/birth", 1),
                               (f"{prefix}/+/event", 1), (f"{prefix}/+/rollout", 1),
                               (BROKER_DROPPED_TOPIC, 0)]
@@ -168,13 +139,10 @@ class Feed:
         self._refused: str | None = None
         self.v5 = version == "5"
         # A stable session (named replica) lets the broker queue for us while we restart.
-        persistent = bool(session) and session_expiry_s > 0
-        client_id = (f"eva-serve-{session}" if persistent
-                     else f"eva-serve-{os.getpid()}-{secrets.token_hex(3)}")
+        client_id, persistent = _client_id(session, session_expiry_s)
         proto = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
         kw = {} if self.v5 else {"clean_session": not persistent}
-        c = _client_class()(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto,
-                            **kw)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kw)
         self._connect_kw: dict[str, Any] = {}
         if self.v5:
             from paho.mqtt.packettypes import PacketTypes
@@ -223,8 +191,7 @@ class Feed:
         refused = [t for (t, _), rc in zip(self.subscriptions, rcs, strict=False)
                    if rc.is_failure and not t.startswith("$SYS")]
         if refused:
-            log.error("broker refused the subscription to %s (ACL? shared subscriptions "
-                      "need MQTT 5 or a broker that accepts $share)", ", ".join(refused))
+            log.error("broker refused the subscription to %s (ACL?)", ", ".join(refused))
         self._subscribed.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
@@ -357,9 +324,16 @@ class Server:
             raise AgentError(f"cannot open the history {history_path!r}: {e} (--history PATH "
                              "in a writable directory, or --history none)") from None
         self.model = FleetModel(prefix, history=self.history)
+        # Two connections into one model: FleetModel.ingest serialises them on its lock.
         self.feed = Feed(self.model, host=host, port=port, tls=tls, prefix=prefix,
-                         share=share, version=mqtt_version, session=replica,
+                         version=mqtt_version, session=replica,
                          session_expiry_s=session_expiry_s, **(credentials or {}))
+        client_id, persistent = _client_id(replica, session_expiry_s)
+        self.stats = StatsReader(self.model.ingest, host=host, port=port, tls=tls,
+                                 topic_filter=stats_filter(prefix, share),
+                                 client_id=f"{client_id}-stats", version=mqtt_version,
+                                 persistent=persistent, session_expiry_s=session_expiry_s,
+                                 **(credentials or {}))
         self.app = App(self.model, self.history, per_device=per_device, replica=self.replica,
                        broker=self.feed.url, share=share)
         try:
@@ -377,6 +351,11 @@ class Server:
 
     def start(self) -> Server:
         self.feed.start()
+        try:
+            self.stats.start()
+        except AgentError:
+            self.feed.stop()
+            raise
         for target in (self.http.serve_forever, self._maintain):
             t = threading.Thread(target=target, daemon=True, name=target.__name__)
             t.start()
@@ -405,6 +384,7 @@ class Server:
 
     def stop(self) -> None:
         self._stop.set()
+        self.stats.stop()
         self.feed.stop()
         if self._threads:  # shutdown() waits for serve_forever, which may never have started
             self.http.shutdown()
