@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path.cwd()))
 
 def main() -> int:
     from agent.fleet.history import History
-    from agent.fleet.ingest import FleetModel
+    from agent.fleet.ingest import FleetModel, tune_gc
     from tests.fleet_sim import SimFleet
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -34,6 +34,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
+    tune_gc()  # as `fleet serve` does
     msgs = list(SimFleet(devices=args.devices, windows=args.windows).messages())
     with tempfile.TemporaryDirectory() as d:
         history = History(Path(d) / "history.sqlite")

@@ -59,6 +59,10 @@ class FleetCollector(Collector):
         yield from self._fleet(snap)
 
     def exposition(self) -> bytes:
+        """The whole /metrics body as one bytes object (tests; the server sends the chunks)."""
+        return b"".join(self.exposition_chunks())
+
+    def exposition_chunks(self) -> list[bytes]:
         """The whole /metrics body: the fleet families through prometheus-client's
         generate_latest, then (unless fleet-only) the per-device families written directly in
         the same text format -- at 10,000 devices they are ~250,000 samples, and the client's
@@ -72,8 +76,8 @@ class FleetCollector(Collector):
         finally:
             self._snap = None
         if not self.per_device:
-            return body
-        return body + device_text(snap["devices"]).encode()
+            return [body]
+        return [body, *device_chunks(snap["devices"])]
 
     # --- copy what is needed under the lock ---------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -260,54 +264,54 @@ def _num(v: float | int) -> str:
     return str(v) if type(v) is int else repr(float(v))
 
 
-def device_text(devs: list[tuple]) -> str:
-    """The eva_device_* families in the Prometheus text format (0.0.4)."""
-    lines: dict[str, list[str]] = {name: [] for name, _, _ in _DEVICE_FAMILIES}
-    cum = [f"eva_device_{k}_total" for k in CUMULATIVE]
+def device_chunks(devs: list[tuple]) -> Iterator[bytes]:
+    """The eva_device_* families in the Prometheus text format (0.0.4), one encoded chunk per
+    family: at 10,000 devices a scrape is ~300,000 lines (~20 MB), and holding them all as
+    strings at once cost ~65 MiB of peak memory; one family at a time holds a tenth of that."""
     stage = {m.name: m.stage for m in METRICS}
-    for (dev, on, agent_v, group, boots, scores, accuracy, end, rules, miss, dup, odrop,
-         errors) in devs:
-        d = f'device="{_esc(dev)}"'
-        for boot, row in boots.items():
-            lab = f'{{{d},boot="{_esc(boot)}"}} '
-            for name, v in zip(cum, row[1:], strict=True):
-                lines[name].append(f"{name}{lab}{v}")
-        g = ",".join(f'{k}="{_esc(v)}"' for k, v in zip(GROUP_LABELS, group, strict=True))
-        lines["eva_device_info"].append(
-            f'eva_device_info{{{d},agent_version="{_esc(agent_v or "")}",{g}}} 1')
-        if on is not None:
-            lines["eva_device_online"].append(f"eva_device_online{{{d}}} {1 if on else 0}")
-        if not math.isnan(end):
-            lines["eva_device_last_window_end_timestamp_seconds"].append(
-                f"eva_device_last_window_end_timestamp_seconds{{{d}}} {_num(end)}")
-        if accuracy is not None:
-            lines["eva_device_estimated_accuracy"].append(
-                f"eva_device_estimated_accuracy{{{d}}} {_num(accuracy)}")
-        out = lines["eva_device_drift_score"]
-        for name, score in zip(METRIC_NAMES, scores, strict=False):
-            if score == score:  # NaN: no score
-                out.append(f'eva_device_drift_score{{{d},metric="{name}",stage="{stage[name]}"}}'
-                           f" {_num(round(score, 4))}")
-        for metric, st, scope, raised in rules:
-            lines["eva_device_alarm"].append(
-                f'eva_device_alarm{{{d},metric="{_esc(metric)}",stage="{_esc(st)}",'
-                f'scope="{_esc(scope)}"}} {1 if raised else 0}')
-        lines["eva_device_missing_messages"].append(f"eva_device_missing_messages{{{d}}} {miss}")
-        lines["eva_device_duplicates_total"].append(f"eva_device_duplicates_total{{{d}}} {dup}")
-        lines["eva_device_outbox_dropped_total"].append(
-            f"eva_device_outbox_dropped_total{{{d}}} {odrop}")
-        for kind, n in errors.items():
-            if n:
-                lines["eva_device_invalid_payloads_total"].append(
-                    f'eva_device_invalid_payloads_total{{{d},kind="{kind}"}} {n}')
-    parts = []
-    for name, kind, help_ in _DEVICE_FAMILIES:
-        base = name  # the 0.0.4 text format types the sample name itself (with _total)
-        parts.append(f"# HELP {base} {help_}\n# TYPE {base} {kind}\n")
-        if lines[name]:
-            parts.append("\n".join(lines[name]))
-            parts.append("\n")
-    return "".join(parts)
+    labels = [f'device="{_esc(dev[0])}"' for dev in devs]
+    for i, (name, kind, help_) in enumerate(_DEVICE_FAMILIES):
+        # the 0.0.4 text format types the sample name itself (with _total)
+        out = [f"# HELP {name} {help_}\n# TYPE {name} {kind}\n"]
+        add = out.append
+        for d, (_, on, agent_v, group, boots, scores, accuracy, end, rules, miss, dup, odrop,
+                errors) in zip(labels, devs, strict=True):
+            if i < len(CUMULATIVE):
+                for boot, row in boots.items():
+                    add(f'{name}{{{d},boot="{_esc(boot)}"}} {row[1 + i]}\n')
+            elif name == "eva_device_info":
+                g = ",".join(f'{k}="{_esc(v)}"' for k, v in zip(GROUP_LABELS, group, strict=True))
+                add(f'{name}{{{d},agent_version="{_esc(agent_v or "")}",{g}}} 1\n')
+            elif name == "eva_device_online":
+                if on is not None:
+                    add(f"{name}{{{d}}} {1 if on else 0}\n")
+            elif name == "eva_device_last_window_end_timestamp_seconds":
+                if not math.isnan(end):
+                    add(f"{name}{{{d}}} {_num(end)}\n")
+            elif name == "eva_device_estimated_accuracy":
+                if accuracy is not None:
+                    add(f"{name}{{{d}}} {_num(accuracy)}\n")
+            elif name == "eva_device_drift_score":
+                for metric, score in zip(METRIC_NAMES, scores, strict=False):
+                    if score == score:  # NaN: no score
+                        add(f'{name}{{{d},metric="{metric}",stage="{stage[metric]}"}} '
+                            f"{_num(round(score, 4))}\n")
+            elif name == "eva_device_alarm":
+                for metric, st, scope, raised in rules:
+                    add(f'{name}{{{d},metric="{_esc(metric)}",stage="{_esc(st)}",'
+                        f'scope="{_esc(scope)}"}} {1 if raised else 0}\n')
+            elif name == "eva_device_missing_messages":
+                add(f"{name}{{{d}}} {miss}\n")
+            elif name == "eva_device_duplicates_total":
+                add(f"{name}{{{d}}} {dup}\n")
+            elif name == "eva_device_outbox_dropped_total":
+                add(f"{name}{{{d}}} {odrop}\n")
+            elif name == "eva_device_invalid_payloads_total":
+                for err, n in errors.items():
+                    if n:
+                        add(f'{name}{{{d},kind="{err}"}} {n}\n')
+        yield "".join(out).encode()
+        del out
 
 
 def _model_group(model: Any) -> tuple[str, str, str, str]:

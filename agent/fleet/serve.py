@@ -218,10 +218,10 @@ class App:
         self.share = share
         self.collector = FleetCollector(model, per_device=per_device, replica=replica)
 
-    def metrics(self) -> tuple[bytes, str]:
+    def metrics(self) -> tuple[list[bytes], str]:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return self.collector.exposition(), CONTENT_TYPE_LATEST
+        return self.collector.exposition_chunks(), CONTENT_TYPE_LATEST
 
     def ingest_json(self) -> bytes:
         """Cheap counters for probes and benchmarks (no per-device work)."""
@@ -287,12 +287,14 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
             try:
                 self.send_response(200)
                 self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+                chunks = body if isinstance(body, list) else [body]
+                self.send_header("Content-Length", str(sum(map(len, chunks))))
                 # the server's own time for this response (what the benchmark reports)
                 self.send_header("Server-Timing",
                                  f"render;dur={(time.perf_counter() - t0) * 1000:.1f}")
                 self.end_headers()
-                self.wfile.write(body)
+                for chunk in chunks:
+                    self.wfile.write(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away
 
@@ -425,6 +427,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT,
                                                                      signal.SIGTERM)}
     try:
+        from agent.fleet.ingest import tune_gc
+
+        tune_gc()
         server.start()
         stop.wait()
     finally:
