@@ -403,3 +403,38 @@ def test_connect_and_subscribe_packets_carry_the_session_and_credentials() -> No
     assert v3 == b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x1e\x00\x01c"
     assert subscribe_packet("a/+", v5=False) == b"\x82\x08\x00\x01\x00\x03a/+\x01"
     assert subscribe_packet("a/+", v5=True) == b"\x82\x09\x00\x01\x00\x00\x03a/+\x01"
+
+
+def test_serve_reads_stats_over_tls_with_a_password_on_its_own_session(
+        mosquitto: BrokerFactory, pki: Pki, tmp_path: Any) -> None:
+    """`fleet serve` wiring: the stats reader gets the server's credentials, TLS and session
+    (client id `eva-serve-NAME-stats`, beside paho's `eva-serve-NAME` for the control plane)."""
+    pytest.importorskip("prometheus_client", reason="the fleet extra (prometheus-client)")
+    from agent.fleet.serve import Server
+    from tests.fleet_sim import SimFleet
+
+    broker = mosquitto(tls=pki, users={"operator": "s3cret"})
+    creds = {"username": "operator", "password": "s3cret", "ca_file": pki.ca,
+             "cert_file": None, "key_file": None}
+    server = Server(broker_url=f"mqtts://127.0.0.1:{broker.port}", listen=("127.0.0.1", 0),
+                    share="g", replica="r1", session_expiry_s=600, credentials=creds).start()
+    try:
+        assert server.stats.client_id == "eva-serve-r1-stats"
+        assert server.stats.topic_filter == "$share/g/eva/+/stats"
+        assert "eva/+/stats" not in {t.split("/", 2)[-1] for t, _ in server.feed.subscriptions}
+        sim = SimFleet(devices=1, windows=2)
+        msgs = [(t, b) for t, b in sim.messages() if not t.endswith("/birth")]
+        _publish(broker, msgs, username="operator", password="s3cret", ca=pki.ca)
+
+        def counted() -> int:
+            with server.model.lock:
+                return server.model.outcomes.get("stats", 0)
+
+        deadline = time.monotonic() + 10
+        while counted() < len(msgs) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the model has no event to wait on
+        assert counted() == len(msgs) and server.stats.messages == len(msgs)
+        log = broker.log()
+        assert "eva-serve-r1-stats" in log and "eva-serve-r1 " in log  # both connected
+    finally:
+        server.stop()

@@ -195,7 +195,10 @@ class Feed:
         self._subscribed.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        self.model.ingest(msg.topic, msg.payload, bool(msg.retain))
+        try:
+            self.model.ingest(msg.topic, msg.payload, bool(msg.retain))
+        except Exception:  # escaping, it would end paho's thread and the control plane
+            log.exception("ingesting a message on %s failed", msg.topic)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any,
                        props: Any) -> None:
