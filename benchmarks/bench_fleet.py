@@ -261,7 +261,8 @@ def main() -> int:
                 ms, size = _server_ms(base + path)
                 times.append(ms)
             print(f"{label}: server time best {min(times):.0f} ms, worst {max(times):.0f} ms, "
-                  f"{size / 1024:.0f} KiB")
+                  f"{size / 1024:.0f} KiB; replica peak RSS so far "
+                  f"{_status_kb(serve.pid, 'VmHWM') / 1024:.0f} MiB")
         print(f"replica RSS after the views: {_status_kb(serve.pid, 'VmRSS') / 1024:.0f} MiB "
               f"(peak {_status_kb(serve.pid, 'VmHWM') / 1024:.0f} MiB)")
     finally:

@@ -561,6 +561,54 @@ def test_stats_contract_accepts_and_refuses_metric_entries_field_by_field() -> N
     assert set(Counts.__annotations__) == set(COUNTERS)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])
+def test_json_chunks_are_the_json_document(chunk_bytes: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`/api/fleet.json` is encoded device by device (peak memory); joined, the chunks are
+    exactly `fleet watch --json`'s document plus the extra keys, whatever the chunking."""
+    import msgspec
+
+    from agent.fleet import state as state_mod
+    from tests.fleet_sim import SimFleet
+
+    monkeypatch.setattr(state_mod, "JSON_CHUNK_BYTES", chunk_bytes)
+    st = FleetState(clock=lambda: 1_800_000_000.0)
+    assert json.loads(b"".join(st.to_json_chunks(msgspec.json.encode, broker="b"))) == \
+        {**st.to_json(), "broker": "b"}  # no devices yet
+    for t, b in SimFleet(devices=7, windows=2).messages():
+        st.ingest(t, b, t.endswith("/birth"))
+    st.ingest("eva/sim-00001/stats", b"{not json")
+    st.ingest("eva/sim-00002/alarm", enc(alarm("sim-00002", "b0", 99, "raised")))
+    chunks = st.to_json_chunks(msgspec.json.encode, broker="mqtt://b:1883", replica="r")
+    assert len(chunks) == (9 if chunk_bytes == 1 else 3)
+    doc = json.loads(b"".join(chunks))
+    want = {**json.loads(json.dumps(st.to_json())), "broker": "mqtt://b:1883", "replica": "r"}
+    assert doc == want and doc["fleet"]["devices"] == 7 and doc["fleet"]["active_alarms"] >= 1
+
+
+def test_metrics_chunking_does_not_change_the_exposition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics is written per family and per DEVICES_PER_CHUNK devices (peak memory); the body
+    is the same bytes however it is cut, and every family is one contiguous block."""
+    from agent.fleet import exporter
+    from agent.fleet.ingest import FleetModel
+    from tests.fleet_sim import SimFleet
+
+    model = FleetModel()
+    for t, b in SimFleet(devices=11, windows=2).messages():
+        model.ingest(t, b, t.endswith("/birth"))
+    model.ingest("eva/sim-00003/stats", b"{bad")
+    whole = exporter.exposition(model)
+    monkeypatch.setattr(exporter, "DEVICES_PER_CHUNK", 3)
+    chunks = exporter.FleetCollector(model).exposition_chunks()
+    assert b"".join(chunks) == whole and len(chunks) > 2 * len(exporter._DEVICE_FAMILIES)
+    names = [ln.split(b"{")[0].split(b" ")[0] for ln in whole.splitlines()
+             if ln.startswith(b"eva_device_")]
+    assert names == sorted(names, key=names.index) and len(set(names)) >= 10
+    blocks = [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+    assert len(blocks) == len(set(blocks))  # no family split in two
+    assert b'eva_device_invalid_payloads_total{device="sim-00003",kind="invalid_json"} 1' in whole
+
+
 def test_serve_state_sums_groups_exactly_and_only_the_input_level_per_device() -> None:
     """`fleet serve` (FleetModel) skips per-device histograms but its fleet sums are exactly
     those of `fleet watch`'s FleetState, and its per-device input level is the same."""

@@ -14,6 +14,7 @@ below `e` (the device bins left-closed: [e_i-1, e_i)); exact integer counts, mer
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,13 +100,13 @@ class FleetCollector(Collector):
                 devices.append((
                     dev_id, d.online, d.birth_fields().get("agent_version"),
                     x.group if x else _model_group(d.model),
-                    {b: list(r) for b, r in x.boots.items()} if x else {},
-                    x.drift.tolist() if x else [], x.accuracy if x else None,
+                    {b: tuple(r) for b, r in x.boots.items()} if x else {},
+                    array("f", x.drift) if x else (), x.accuracy if x else None,
                     x.last_end if x else math.nan,
                     [(a["metric"], a["stage"], a["scope"], a["state"] == "raised")
                      for a in rules.values()],
                     sum(s.missing() for s in d.seqs.values()), d.duplicates,
-                    d.outbox_dropped, dict(d.errors)))
+                    d.outbox_dropped, tuple(d.errors[k] for k in ERROR_KINDS)))
             return {"groups": groups, "devices": devices, "outcomes": dict(m.outcomes),
                     "unknown_topics": st.unknown_topics,
                     "broker_dropped": st.broker_dropped[1] if st.broker_dropped else None,
@@ -213,8 +214,8 @@ class FleetCollector(Collector):
                                   "reported dropping", value=sum(d[11] for d in devs))
         fam = CounterMetricFamily("eva_fleet_invalid_payloads", "messages refused, by reason",
                                   labels=("kind",))
-        for kind in ERROR_KINDS:
-            fam.add_metric((kind,), sum(d[12].get(kind, 0) for d in devs))
+        for i, kind in enumerate(ERROR_KINDS):  # d[12]: the counts in ERROR_KINDS order
+            fam.add_metric((kind,), sum(d[12][i] for d in devs))
         fam.add_metric(("unknown_topic",), snap["unknown_topics"])
         yield fam
         fam = CounterMetricFamily("eva_fleet_messages", "messages ingested by outcome",
@@ -237,6 +238,7 @@ class FleetCollector(Collector):
 
 
 # --- per device: the text format written directly ------------------------------------------------
+DEVICES_PER_CHUNK = 1000
 _DEVICE_FAMILIES = (
     *((f"eva_device_{k}_total", "counter", f"{k} since the boot started (the payloads' "
        "since_boot: max by (device, boot) over replicas, then sum, is exact)")
@@ -266,16 +268,19 @@ def _num(v: float | int) -> str:
 
 def device_chunks(devs: list[tuple]) -> Iterator[bytes]:
     """The eva_device_* families in the Prometheus text format (0.0.4), one encoded chunk per
-    family: at 10,000 devices a scrape is ~300,000 lines (~20 MB), and holding them all as
-    strings at once cost ~65 MiB of peak memory; one family at a time holds a tenth of that."""
+    family and DEVICES_PER_CHUNK devices: at 10,000 devices a scrape is ~300,000 lines (~20 MB),
+    and holding them all as strings at once cost ~65 MiB of peak memory."""
     stage = {m.name: m.stage for m in METRICS}
     labels = [f'device="{_esc(dev[0])}"' for dev in devs]
     for i, (name, kind, help_) in enumerate(_DEVICE_FAMILIES):
         # the 0.0.4 text format types the sample name itself (with _total)
         out = [f"# HELP {name} {help_}\n# TYPE {name} {kind}\n"]
         add = out.append
-        for d, (_, on, agent_v, group, boots, scores, accuracy, end, rules, miss, dup, odrop,
-                errors) in zip(labels, devs, strict=True):
+        for n, (d, (_, on, agent_v, group, boots, scores, accuracy, end, rules, miss, dup, odrop,
+                errors)) in enumerate(zip(labels, devs, strict=True), 1):
+            if n % DEVICES_PER_CHUNK == 0:  # bytes now: the lines' strings cost ~3x more
+                yield "".join(out).encode()
+                out.clear()
             if i < len(CUMULATIVE):
                 for boot, row in boots.items():
                     add(f'{name}{{{d},boot="{_esc(boot)}"}} {row[1 + i]}\n')
@@ -307,9 +312,9 @@ def device_chunks(devs: list[tuple]) -> Iterator[bytes]:
             elif name == "eva_device_outbox_dropped_total":
                 add(f"{name}{{{d}}} {odrop}\n")
             elif name == "eva_device_invalid_payloads_total":
-                for err, n in errors.items():
-                    if n:
-                        add(f'{name}{{{d},kind="{err}"}} {n}\n')
+                for err, k in zip(ERROR_KINDS, errors, strict=True):
+                    if k:
+                        add(f'{name}{{{d},kind="{err}"}} {k}\n')
         yield "".join(out).encode()
         del out
 

@@ -95,6 +95,29 @@ def _share_ok(group: str) -> bool:
     return not group or not any(c in group for c in "/+#")
 
 
+BIG_VIEWS = ("/metrics", "/api/fleet.json")  # ~20 / 15 MB at 10,000 devices
+
+
+def _libc_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def release_memory() -> None:
+    """Give the memory of a big response back to the system. glibc keeps freed heap memory for
+    reuse, so after a 20 MB scrape the replica's RSS stayed ~40 MiB higher (an operator reads
+    that as a leak); malloc_trim(0) returns it. A no-op where the C library is not glibc."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 # --- MQTT ------------------------------------------------------------------------------------
 def _client_id(session: str, session_expiry_s: float) -> tuple[str, bool]:
     """(client id, persistent): a named replica with a session expiry keeps a stable id, so
@@ -234,13 +257,11 @@ class App:
                    "outcomes": dict(m.outcomes), "replica": self.replica}
         return json.dumps(out).encode()
 
-    def fleet_json(self) -> bytes:
-        with self.model.reading():
-            snap = self.model.state.to_json()
-        snap["broker"] = self.broker
+    def fleet_json(self) -> list[bytes]:
         from msgspec.json import encode
 
-        return encode(snap)
+        with self.model.reading():
+            return self.model.state.to_json_chunks(encode, broker=self.broker)
 
     def page(self, query: dict[str, list[str]]) -> bytes:
         from agent.fleet import page, views
@@ -300,6 +321,9 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away
+            if u.path in BIG_VIEWS:
+                del body, chunks
+                release_memory()
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http %s", format % args)
@@ -376,10 +400,10 @@ class Server:
                 last_prune = time.monotonic()
 
     def maintain(self, prune: bool = False) -> None:
+        self.model.settle()  # the windows merged since the last call: into the sums, the history
         if self.history is None:
             return
         try:
-            self.model.settle()  # the windows merged since the last flush, into the history
             self.history.flush()
             if prune:
                 self.history.prune(time.time())

@@ -43,6 +43,7 @@ from agent.windows import COUNTERS
 FLEET_SCHEMA = 1
 # mosquitto's count of messages it dropped (queue limits); subscribed to where the ACL allows
 BROKER_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+JSON_CHUNK_BYTES = 1 << 20   # to_json_chunks joins devices into chunks of about this size
 MAX_GAP_RANGES = 20        # gap ranges listed per boot in to_json (the total is always exact)
 MAX_EVENTS = 20            # rollout events kept per device (agent.rollout: event topic)
 ERROR_KINDS = ("invalid_json", "schema", "edges_mismatch")
@@ -536,9 +537,39 @@ class FleetState:
     def to_json(self) -> dict[str, Any]:
         """The merged state as a JSON-serialisable dict (the `fleet watch --json` output)."""
         devices = {dev_id: self._device_json(d) for dev_id, d in sorted(self.devices.items())}
+        return self._document({k: _summary(v) for k, v in devices.items()}, devices)
+
+    def to_json_chunks(self, encode: Callable[[Any], bytes], **extra: Any) -> list[bytes]:
+        """`to_json()` as JSON, encoded device by device, with `extra` keys after "devices":
+        at 10,000 devices the whole document held as dicts cost ~35 MiB of peak memory; this
+        holds one device's dict at a time, and the bytes (joined per ~1 MB)."""
+        chunks: list[bytes] = []
+        batch: list[bytes] = []
+        size = 0
+        summaries = {}
+        for dev_id, d in sorted(self.devices.items()):
+            v = self._device_json(d)
+            summaries[dev_id] = _summary(v)
+            batch.append(encode(dev_id) + b":" + encode(v))
+            size += len(batch[-1])
+            if size > JSON_CHUNK_BYTES:
+                chunks.append(b",".join(batch) + b",")
+                batch, size = [], 0
+        if batch:
+            chunks.append(b",".join(batch))
+        elif chunks:
+            chunks[-1] = chunks[-1][:-1]  # no trailing comma
+        head = encode(self._document(summaries, {}))
+        tail = b"".join(b"," + encode(k) + b":" + encode(v) for k, v in extra.items())
+        assert head.endswith(b'"devices":{}}')  # the document's last key
+        return [head[:-2], *chunks, b"}" + tail + b"}"]  # head[:-2] ends with "devices":{
+
+    def _document(self, summaries: Mapping[str, Mapping[str, Any]],
+                  devices: dict[str, Any]) -> dict[str, Any]:
+        """The document around the devices; `summaries`: `_summary` of every device."""
         f = self.fleet
-        rates = [v["utterances_per_min"] for v in devices.values()
-                 if v["utterances_per_min"] is not None]
+        rows = summaries.values()
+        rates = [v["utterances_per_min"] for v in rows if v["utterances_per_min"] is not None]
         errors = {k: sum(d.errors[k] for d in self.devices.values()) for k in ERROR_KINDS}
         errors["unknown_topic"] = self.unknown_topics
         metrics = {}
@@ -548,14 +579,14 @@ class FleetState:
                                          stage=s.stage if s else None)
         order = [m for m in self._specs if m in metrics] + sorted(set(metrics) - set(self._specs))
         fleet = {
-            "devices": len(devices),
-            "online": sum(1 for v in devices.values() if v["online"] is True),
-            "offline": sum(1 for v in devices.values() if v["online"] is False),
+            "devices": len(summaries),
+            "online": sum(1 for v in rows if v["online"] is True),
+            "offline": sum(1 for v in rows if v["online"] is False),
             "windows": f.windows,
             "alarm_events": sum(d.alarm_events for d in self.devices.values()),
-            "active_alarms": sum(len(v["active_alarms"]) for v in devices.values()),
+            "active_alarms": sum(v["active_alarms"] for v in rows),
             "duplicates": sum(d.duplicates for d in self.devices.values()),
-            "missing": sum(v["missing"] for v in devices.values()),
+            "missing": sum(v["missing"] for v in rows),
             "outbox_dropped": sum(d.outbox_dropped for d in self.devices.values()),
             "counts": dict(f.counts),
             "utterances_per_min": _round(sum(rates)) if rates else None,
@@ -564,11 +595,18 @@ class FleetState:
             "input_rms_dbfs": _round(f.metrics["input_rms_dbfs"].mean)
             if "input_rms_dbfs" in f.metrics else None,
             "errors": errors,
-            "loss": self._loss_json(devices),
+            "loss": self._loss_json(summaries),
             "metrics": {name: metrics[name] for name in order},
         }
         return {"schema": FLEET_SCHEMA, "prefix": self.prefix, "generated_utc": _utc(self._clock()),
                 "messages": self.messages, "fleet": fleet, "devices": devices}
+
+
+def _summary(device: Mapping[str, Any]) -> dict[str, Any]:
+    """What the fleet totals need of a device's JSON."""
+    return {"online": device["online"], "utterances_per_min": device["utterances_per_min"],
+            "active_alarms": len(device["active_alarms"]), "missing": device["missing"],
+            "outbox_dropped": device["outbox_dropped"]}
 
 
 def _add_window(totals: _Totals, p: Mapping[str, Any],
