@@ -58,7 +58,10 @@ class SimFleet:
 
     def rollout(self, i: int) -> dict[str, Any] | None:
         if self.canary_every and i % self.canary_every == 0:
-            return {"id": "r-2.0.0", "cohort": "in"}
+            # as agent.rollout reports a committed canary (docs/stats.schema.json "rollout")
+            return {"id": "r-2.0.0", "cohort": "in", "percent": 20.0, "mode": "activate",
+                    "state": "committed", "candidate": "fsdd-digits@2.0.0",
+                    "previous": "fsdd-digits@1.0.0", "probation": None, "shadow": None}
         return None
 
     def birth(self, i: int) -> tuple[str, bytes]:

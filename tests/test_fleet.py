@@ -561,6 +561,53 @@ def test_stats_contract_accepts_and_refuses_metric_entries_field_by_field() -> N
     assert set(Counts.__annotations__) == set(COUNTERS)
 
 
+def test_stats_contract_never_refuses_what_the_documented_schema_accepts() -> None:
+    """agent.fleet.schema is the serving side's copy of docs/stats.schema.json: every variant
+    of a real payload that the documented schema accepts is accepted (and merged) too. One
+    deliberate difference: JSON Schema's "integer" also matches 2.0; counters written as
+    floats are refused (the agent never writes them, and a float count cannot merge exactly)."""
+    from jsonschema import Draft202012Validator
+
+    from agent.fleet.schema import Invalid, check_stats, decode_stats
+    from tests.fleet_sim import SimFleet
+
+    doc = Draft202012Validator(json.loads((ROOT / "docs" / "stats.schema.json").read_text()))
+    base = next(SimFleet(devices=1, windows=1).stats_payloads(0))
+    assert doc.is_valid(base)
+    rnd = random.Random(5)
+    junk: list[Any] = [None, True, -1, 0, 2, 0.5, -1e308, "x", [], {}, [0, 1]]
+
+    def mangle(x: Any, depth: int = 0) -> Any:
+        if isinstance(x, dict) and x:
+            k = rnd.choice(list(x))
+            y = dict(x)
+            if rnd.random() < 0.2:
+                del y[k]
+            else:
+                y[k] = mangle(x[k], depth + 1) if rnd.random() < 0.6 else rnd.choice(junk)
+            return y
+        if isinstance(x, list) and x:
+            y = list(x)
+            y[rnd.randrange(len(y))] = rnd.choice(junk)
+            return y
+        return rnd.choice(junk)
+
+    valid = 0
+    for _ in range(600):
+        p = mangle(json.loads(json.dumps(base)))
+        if not doc.is_valid(p):
+            continue
+        valid += 1
+        try:
+            check_stats(decode_stats(enc(p)), p["device_id"])
+        except Invalid as e:
+            pytest.fail(f"documented-valid payload refused: {e.args}")
+    assert valid > 50  # the mangling left enough valid variants to mean something
+    assert doc.is_valid({**base, "seq": 2.0})
+    with pytest.raises(Invalid):
+        decode_stats(enc({**base, "seq": 2.0}))
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])
 def test_json_chunks_are_the_json_document(chunk_bytes: int,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
