@@ -174,6 +174,15 @@ def _publish(broker: Broker, msgs: list[tuple[str, bytes]], **kw: Any) -> None:
         c.loop_stop()
 
 
+def _until(pred: Any, what: str, timeout_s: float = 10.0) -> None:
+    """Poll a counter of the reader (it has no event for it); bounded."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not seen within {timeout_s} s")
+        time.sleep(0.01)
+
+
 def _reader(broker: Broker, sink: Collector, **kw: Any) -> StatsReader:
     opts: dict[str, Any] = {"host": broker.host, "port": broker.port, "tls": False,
                             "topic_filter": "eva/+/stats", "client_id": "eva-serve-t-stats",
@@ -251,6 +260,8 @@ def test_reconnects_after_a_broker_restart_and_gets_what_was_queued(
         broker.restart()  # the session (our subscription) is saved and restored
         _publish(broker, [("eva/d1/stats", b"after%d" % i) for i in range(20)])
         sink.wait(lambda m: len(m) == 21)
+        _until(lambda: reader.connections == 2, "the SUBACK of the reconnection")
+        reader.stop()  # inside the block: its last log lines are captured too
     assert sink.payloads() == [b"before"] + [b"after%d" % i for i in range(20)]
     lost = [r for r in caplog.records if "lost the broker" in r.getMessage()]
     assert len(lost) == 1 and lost[0].levelno == logging.WARNING
@@ -353,7 +364,9 @@ def test_a_malformed_packet_is_logged_and_the_reader_reconnects(
         with caplog.at_level(logging.WARNING, logger="edge-voice-agent.fleet"):
             r.start()
             sink.wait(lambda m: len(m) >= 3)  # one good message per connection
-        assert r.connections >= 3 and r._thread is not None and r._thread.is_alive()
+            _until(lambda: r.connections >= 3, "three subscriptions")
+            assert r._thread is not None and r._thread.is_alive()
+            r.stop()
         warnings = [x.getMessage() for x in caplog.records if "lost the broker" in x.getMessage()]
         assert warnings and "remaining length longer than 4 bytes" in warnings[0]
     finally:
