@@ -249,6 +249,10 @@ def main() -> int:
         print(f"ingest ({args.mqtt_version=}): {done} stats messages in {wall:.2f} s = "
               f"{done / wall:,.0f} msg/s wall; replica CPU {cpu:.2f} s = "
               f"{done / cpu:,.0f} msg per CPU-second")
+        r = json.loads(_get(base + "/api/ingest.json")).get("stats_reader")
+        if r:
+            print(f"stats reader: {r['messages'] / max(1, r['reads']):.1f} messages per read, "
+                  f"{r['connections']} connection(s)")
         print(f"load average after: {os.getloadavg()}")
         rss, hwm = (_status_kb(serve.pid, k) / 1024 for k in ("VmRSS", "VmHWM"))
         print(f"replica RSS with {args.devices} devices: {rss:.0f} MiB (peak {hwm:.0f} MiB; "

@@ -9,11 +9,13 @@ packet) and for the keepalive ping.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import struct
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -447,6 +449,12 @@ def test_serve_reads_stats_over_tls_with_a_password_on_its_own_session(
         while counted() < len(msgs) and time.monotonic() < deadline:
             time.sleep(0.05)  # the model has no event to wait on
         assert counted() == len(msgs) and server.stats.messages == len(msgs)
+        host, port = server.address
+        with urllib.request.urlopen(f"http://{host}:{port}/api/ingest.json",  # noqa: S310
+                                    timeout=10) as r:
+            reader = json.loads(r.read())["stats_reader"]
+        assert reader["messages"] == len(msgs) and reader["connections"] == 1
+        assert reader["ingest_errors"] == 0 and reader["reads"] >= 1
         log = broker.log()
         assert "eva-serve-r1-stats" in log and "eva-serve-r1 " in log  # both connected
     finally:

@@ -234,10 +234,11 @@ class App:
     """Everything the HTTP handler serves; one per process."""
 
     def __init__(self, model: Any, history: Any, *, per_device: bool, replica: str,
-                 broker: str = "", share: str = "") -> None:
+                 broker: str = "", share: str = "", stats: StatsReader | None = None) -> None:
         from agent.fleet.exporter import FleetCollector
 
         self.model = model
+        self.stats = stats
         self.history = history
         self.replica = replica
         self.broker = broker
@@ -253,8 +254,14 @@ class App:
         """Cheap counters for probes and benchmarks (no per-device work)."""
         m = self.model
         with m.lock:
-            out = {"messages": m.state.messages, "devices": len(m.state.devices),
-                   "outcomes": dict(m.outcomes), "replica": self.replica}
+            out: dict[str, Any] = {"messages": m.state.messages,
+                                   "devices": len(m.state.devices),
+                                   "outcomes": dict(m.outcomes), "replica": self.replica}
+        r = self.stats
+        if r is not None:  # the stats connection: reconnects, reads (messages per read)
+            out["stats_reader"] = {"messages": r.messages, "reads": r.reads,
+                                   "connections": r.connections,
+                                   "ingest_errors": r.ingest_errors}
         return json.dumps(out).encode()
 
     def fleet_json(self) -> list[bytes]:
@@ -364,7 +371,7 @@ class Server:
                                  persistent=persistent, session_expiry_s=session_expiry_s,
                                  **(credentials or {}))
         self.app = App(self.model, self.history, per_device=per_device, replica=self.replica,
-                       broker=self.feed.url, share=share)
+                       broker=self.feed.url, share=share, stats=self.stats)
         try:
             self.http = ThreadingHTTPServer(listen, _handler(self.app))
         except OSError as e:
