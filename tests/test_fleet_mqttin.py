@@ -13,6 +13,8 @@ import json
 import logging
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -459,3 +461,19 @@ def test_serve_reads_stats_over_tls_with_a_password_on_its_own_session(
         assert "eva-serve-r1-stats" in log and "eva-serve-r1 " in log  # both connected
     finally:
         server.stop()
+
+
+def test_serve_command_with_refused_credentials_is_one_line_and_exit_1(
+        mosquitto: BrokerFactory, tmp_path: Any) -> None:
+    pytest.importorskip("prometheus_client", reason="the fleet extra (prometheus-client)")
+    broker = mosquitto(users={"operator": "s3cret"})
+    pw = tmp_path / "pw"
+    pw.write_text("wrong\n")
+    r = subprocess.run([sys.executable, "-m", "agent", "fleet", "serve", "--broker", broker.url,
+                        "--listen", "127.0.0.1:0", "--history", "none", "--username",
+                        "operator", "--password-file", str(pw)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        f"broker {broker.url} refused the connection: Not authorized"), r.stderr
