@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,23 @@ FSDD = SHARED / "data" / "fsdd" / "recordings"
 EVAL = SHARED / "eval"
 SPEECH_COMMANDS = SHARED / "data" / "speech-commands"
 
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> object:
+    """A test that runs `cli.main` in-process points the root logger at the stream pytest is
+    capturing into (agent.logs.setup); once pytest closes that stream, every later log line
+    printed "--- Logging error ---". Each test gets the root logger back as it found it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
 
 @pytest.fixture(scope="session")
 def fsdd() -> Path:

@@ -260,11 +260,15 @@ def test_reconnects_after_a_broker_restart_and_gets_what_was_queued(
     reader.start()
     _publish(broker, [("eva/d1/stats", b"before")])
     sink.wait(lambda m: len(m) == 1)
+    assert reader.connected
     with caplog.at_level(logging.INFO, logger="edge-voice-agent.fleet"):
-        broker.restart()  # the session (our subscription) is saved and restored
+        broker.stop()
+        _until(lambda: not reader.connected, "the reader to notice the broker is gone")
+        broker.start()  # the session (our subscription) is saved and restored
         _publish(broker, [("eva/d1/stats", b"after%d" % i) for i in range(20)])
         sink.wait(lambda m: len(m) == 21)
         _until(lambda: reader.connections == 2, "the SUBACK of the reconnection")
+        assert reader.connected
         reader.stop()  # inside the block: its last log lines are captured too
     assert sink.payloads() == [b"before"] + [b"after%d" % i for i in range(20)]
     lost = [r for r in caplog.records if "lost the broker" in r.getMessage()]
@@ -457,6 +461,12 @@ def test_serve_reads_stats_over_tls_with_a_password_on_its_own_session(
             reader = json.loads(r.read())["stats_reader"]
         assert reader["messages"] == len(msgs) and reader["connections"] == 1
         assert reader["ingest_errors"] == 0 and reader["reads"] >= 1
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics",  # noqa: S310
+                                    timeout=10) as r:
+            text = r.read().decode()
+        assert "eva_serve_stats_connected 1.0" in text  # the stats link, for alerting
+        assert f"eva_serve_stats_messages_total {float(len(msgs))}" in text
+        assert "eva_serve_stats_connections_total 1.0" in text
         log = broker.log()
         assert "eva-serve-r1-stats" in log and "eva-serve-r1 " in log  # both connected
     finally:

@@ -44,8 +44,9 @@ def _le(x: float) -> str:
 
 class FleetCollector(Collector):
     def __init__(self, model: FleetModel, *, per_device: bool = True,
-                 replica: str = "") -> None:
+                 replica: str = "", link: Any = None) -> None:
         self.model = model
+        self.link = link  # the stats connection (agent.fleet.mqttin.StatsReader), if any
         self.per_device = per_device
         self.replica = replica
         self._snap: dict[str, Any] | None = None
@@ -119,6 +120,18 @@ class FleetCollector(Collector):
                                 labels=("version", "replica"))
         info.add_metric((__version__, self.replica), {})
         yield info
+        r = self.link
+        if r is not None:  # the stats connection's health: a reconnecting replica shows here
+            yield GaugeMetricFamily("eva_serve_stats_connected", "1 while the stats "
+                                    "subscription is up", value=int(r.connected))
+            for name, value, help_ in (
+                    ("connections", r.connections, "stats subscriptions made (1 + reconnects)"),
+                    ("messages", r.messages, "stats messages handed to the model"),
+                    ("reads", r.reads, "socket reads that returned data (messages per read = "
+                     "messages / reads: ~50 when the replica is behind)"),
+                    ("ingest_errors", r.ingest_errors, "messages the model raised on (a bug; "
+                     "acknowledged and logged)")):
+                yield CounterMetricFamily(f"eva_serve_stats_{name}", help_, value=value)
         gl = list(GROUP_LABELS)
         groups = snap["groups"]
         fam = CounterMetricFamily("eva_fleet_windows", "stats windows received (deduplicated "

@@ -314,6 +314,11 @@ class StatsReader:
             self._thread.join(timeout_s)
 
     # --- the thread -----------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """Subscribed on a live connection (False while it reconnects)."""
+        return self._live and self._sock is not None
+
     def _open(self, timeout_s: float) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=timeout_s)
         try:

@@ -243,7 +243,8 @@ class App:
         self.replica = replica
         self.broker = broker
         self.share = share
-        self.collector = FleetCollector(model, per_device=per_device, replica=replica)
+        self.collector = FleetCollector(model, per_device=per_device, replica=replica,
+                                        link=stats)
 
     def metrics(self) -> tuple[list[bytes], str]:
         from prometheus_client import CONTENT_TYPE_LATEST
