@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,27 @@ def birth(dev: str, boot: str, edges: dict[str, list[float]] | None = None) -> d
 
 def enc(p: Any) -> bytes:
     return json.dumps(p).encode()
+
+
+def mangler(rnd: random.Random, junk: list[Any], *, p_delete: float,
+            p_deeper: float) -> Callable[[Any], Any]:
+    """A fuzzer: each call changes one field somewhere in a JSON value (deletes it, replaces it
+    with junk, or descends into it)."""
+    def mangle(x: Any) -> Any:
+        if isinstance(x, dict) and x:
+            k = rnd.choice(list(x))
+            y = dict(x)
+            if rnd.random() < p_delete:
+                del y[k]
+            else:
+                y[k] = mangle(x[k]) if rnd.random() < p_deeper else rnd.choice(junk)
+            return y
+        if isinstance(x, list) and x:
+            y = list(x)
+            y[rnd.randrange(len(y))] = rnd.choice(junk)
+            return y
+        return rnd.choice(junk)
+    return mangle
 
 
 def dense(edges: Sequence[float], compact: Sequence[int]) -> np.ndarray:
@@ -299,23 +320,8 @@ def test_invalid_json_and_schema_mismatch_are_counted_never_raised() -> None:
     assert st.ingest("other/d1/stats", enc(good)) == "unknown_topic"
     assert st.ingest("eva/d1/x/stats", enc(good)) == "unknown_topic"
     # Fuzz: mangle one field of a valid payload at a time; never an exception.
-    rnd = random.Random(3)
-    junk: list[Any] = [None, True, -1, 1e308, "x", [], {}, [1, "a"], {"a": None}]
-
-    def mangle(x: Any) -> Any:
-        if isinstance(x, dict) and x:
-            k = rnd.choice(list(x))
-            y = dict(x)
-            if rnd.random() < 0.3:
-                del y[k]
-            else:
-                y[k] = mangle(x[k]) if rnd.random() < 0.5 else rnd.choice(junk)
-            return y
-        if isinstance(x, list) and x:
-            y = list(x)
-            y[rnd.randrange(len(y))] = rnd.choice(junk)
-            return y
-        return rnd.choice(junk)
+    mangle = mangler(random.Random(3), [None, True, -1, 1e308, "x", [], {}, [1, "a"],
+                                        {"a": None}], p_delete=0.3, p_deeper=0.5)
 
     allowed = {"stats", "duplicate", "schema", "edges_mismatch"}
     for i in range(400):
@@ -574,23 +580,8 @@ def test_stats_contract_never_refuses_what_the_documented_schema_accepts() -> No
     doc = Draft202012Validator(json.loads((ROOT / "docs" / "stats.schema.json").read_text()))
     base = next(SimFleet(devices=1, windows=1).stats_payloads(0))
     assert doc.is_valid(base)
-    rnd = random.Random(5)
-    junk: list[Any] = [None, True, -1, 0, 2, 0.5, -1e308, "x", [], {}, [0, 1]]
-
-    def mangle(x: Any, depth: int = 0) -> Any:
-        if isinstance(x, dict) and x:
-            k = rnd.choice(list(x))
-            y = dict(x)
-            if rnd.random() < 0.2:
-                del y[k]
-            else:
-                y[k] = mangle(x[k], depth + 1) if rnd.random() < 0.6 else rnd.choice(junk)
-            return y
-        if isinstance(x, list) and x:
-            y = list(x)
-            y[rnd.randrange(len(y))] = rnd.choice(junk)
-            return y
-        return rnd.choice(junk)
+    mangle = mangler(random.Random(5), [None, True, -1, 0, 2, 0.5, -1e308, "x", [], {}, [0, 1]],
+                     p_delete=0.2, p_deeper=0.6)
 
     valid = 0
     for _ in range(600):

@@ -44,6 +44,8 @@ FAST = (0.05, 0.2)  # reconnect back-off in tests
 
 # --- building packets as a broker would ------------------------------------------------------
 def _varint(n: int) -> bytes:
+    """The remaining-length encoding, written here independently of agent.fleet.mqttin (a test
+    oracle that shares the code under test would agree with its bugs)."""
     out = bytearray()
     while True:
         b, n = n & 127, n >> 7
