@@ -599,6 +599,33 @@ def test_stats_contract_never_refuses_what_the_documented_schema_accepts() -> No
         decode_stats(enc({**base, "seq": 2.0}))
 
 
+def test_birth_edges_are_checked_once_and_shared_and_the_memory_of_them_is_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica that restarts gets every device's retained birth at once: edge lists already
+    checked are looked up, not checked again, and devices share one array per edge list. Bad
+    lists are still refused, and a hostile fleet cannot grow the memory of them without bound."""
+    from agent.fleet import state as state_mod
+
+    st = FleetState()
+    other = METRICS[1].name  # declared with other edges than the catalogue's
+    edges = {other: [0.0, 1.0, 2.5]}
+    assert st.ingest("eva/d1/birth", enc(birth("d1", "b", edges))) == "birth"
+    assert st.ingest("eva/d2/birth", enc(birth("d2", "b", edges))) == "birth"
+    a, b = st.devices["d1"].births["b"], st.devices["d2"].births["b"]
+    assert a[other] is b[other] and a[other].tolist() == [0.0, 1.0, 2.5]
+    name = METRICS[0].name
+    assert st.ingest("eva/d3/birth", enc(birth("d3", "b", {name: list(METRICS[0].edges)}))) \
+        == "birth"
+    assert st.devices["d3"].births["b"][name] is st._edges[name]  # the catalogue's own array
+    for bad in ([0.0, 2.0, 1.0], [0.0, True], [0.0, "1"], [], [[0.0]]):
+        assert st.ingest("eva/d4/birth", enc(birth("d4", "b", {METRICS[2].name: bad}))) \
+            == "schema", bad
+    monkeypatch.setattr(state_mod, "MAX_EDGE_SETS", 50)
+    for i in range(200):
+        st.ingest(f"eva/h{i}/birth", enc(birth(f"h{i}", "b", {METRICS[3].name: [0.0, i + 1.0]})))
+    assert len(st._known_edges) == 50
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])
 def test_json_chunks_are_the_json_document(chunk_bytes: int,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
