@@ -137,7 +137,7 @@ def main() -> int:
               f"first poll) in {wall:.2f} s = {count / wall:,.0f} msg/s wall; replica CPU "
               f"{cpu:.2f} s = {count / cpu:,.0f} msg per CPU-second "
               f"({cpu / wall:.0%} of its core); {per_read:.1f} messages per read; births "
-              f"received meanwhile (retained, on the control connection): "
+              f"received meanwhile (retained and queued, on the control connection): "
               f"{j['outcomes'].get('birth', 0)}")
         print(f"replica RSS: {_status_kb(serve.pid, 'VmRSS') / 1024:.0f} MiB (peak "
               f"{_status_kb(serve.pid, 'VmHWM') / 1024:.0f} MiB); load average after: "

@@ -93,9 +93,9 @@ class LeanSubscriber:
 
     def __init__(self, model: Counter, port: int, version: str, topic_filter: str,
                  client_id: str, persistent: bool) -> None:
-        from agent.fleet.mqttin import StatsReader
+        from agent.fleet.mqttin import Subscriber
 
-        self.r = StatsReader(model.ingest, host="127.0.0.1", port=port, tls=False,
+        self.r = Subscriber(model.ingest, host="127.0.0.1", port=port, tls=False,
                              topic_filter=topic_filter, client_id=client_id, version=version,
                              persistent=persistent, session_expiry_s=3600)
         self.r.start(30)

@@ -31,7 +31,7 @@ from agent.fleet.mqttin import (
     Control,
     MalformedPacket,
     Publish,
-    StatsReader,
+    Subscriber,
     connect_packet,
     parse_packets,
     subscribe_packet,
@@ -189,17 +189,17 @@ def _until(pred: Any, what: str, timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def _reader(broker: Broker, sink: Collector, **kw: Any) -> StatsReader:
+def _reader(broker: Broker, sink: Collector, **kw: Any) -> Subscriber:
     opts: dict[str, Any] = {"host": broker.host, "port": broker.port, "tls": False,
                             "topic_filter": "eva/+/stats", "client_id": "eva-serve-t-stats",
                             "backoff_s": FAST}
     opts.update(kw)
-    return StatsReader(sink.ingest, **opts)
+    return Subscriber(sink.ingest, **opts)
 
 
 @pytest.fixture
-def readers() -> Iterator[list[StatsReader]]:
-    made: list[StatsReader] = []
+def readers() -> Iterator[list[Subscriber]]:
+    made: list[Subscriber] = []
     yield made
     for r in made:
         r.stop()
@@ -207,7 +207,7 @@ def readers() -> Iterator[list[StatsReader]]:
 
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
 def test_acknowledged_messages_are_not_redelivered_to_a_persistent_session(
-        mosquitto: BrokerFactory, readers: list[StatsReader], version: str) -> None:
+        mosquitto: BrokerFactory, readers: list[Subscriber], version: str) -> None:
     broker = mosquitto()
     sink = Collector()
     first = _reader(broker, sink, version=version, persistent=True, session_expiry_s=600)
@@ -228,12 +228,12 @@ def test_acknowledged_messages_are_not_redelivered_to_a_persistent_session(
 
 
 def test_a_message_ingested_but_not_acknowledged_is_redelivered(
-        mosquitto: BrokerFactory, readers: list[StatsReader]) -> None:
+        mosquitto: BrokerFactory, readers: list[Subscriber]) -> None:
     """The PUBACKs go out after the model has the chunk: a connection lost in between means
     the broker sends those messages again (at least once; the model counts duplicates)."""
     broker = mosquitto()
     sink = Collector()
-    reader: StatsReader
+    reader: Subscriber
 
     def ingest(topic: str, payload: bytes, retained: bool) -> str:
         if payload == b"m5" and payload not in sink.payloads():
@@ -242,7 +242,7 @@ def test_a_message_ingested_but_not_acknowledged_is_redelivered(
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
         return sink.ingest(topic, payload, retained)
 
-    reader = StatsReader(ingest, host=broker.host, port=broker.port, tls=False,
+    reader = Subscriber(ingest, host=broker.host, port=broker.port, tls=False,
                          topic_filter="eva/+/stats", client_id="eva-serve-unacked-stats",
                          persistent=True, session_expiry_s=600, backoff_s=FAST)
     readers.append(reader)
@@ -253,7 +253,7 @@ def test_a_message_ingested_but_not_acknowledged_is_redelivered(
 
 
 def test_reconnects_after_a_broker_restart_and_gets_what_was_queued(
-        mosquitto: BrokerFactory, readers: list[StatsReader],
+        mosquitto: BrokerFactory, readers: list[Subscriber],
         caplog: pytest.LogCaptureFixture) -> None:
     broker = mosquitto(persistence=True)
     sink = Collector()
@@ -280,7 +280,7 @@ def test_reconnects_after_a_broker_restart_and_gets_what_was_queued(
 
 
 def test_tls_with_a_password_and_refused_credentials(
-        mosquitto: BrokerFactory, pki: Pki, readers: list[StatsReader]) -> None:
+        mosquitto: BrokerFactory, pki: Pki, readers: list[Subscriber]) -> None:
     broker = mosquitto(tls=pki, users={"operator": "s3cret"})
     sink = Collector()
     for version in ("5", "3.1.1"):  # mosquitto says 0x87 (v5) or 5 (3.1.1)
@@ -301,7 +301,7 @@ def test_tls_with_a_password_and_refused_credentials(
 
 
 def test_tls_client_certificate_and_an_untrusted_server(
-        mosquitto: BrokerFactory, pki: Pki, readers: list[StatsReader]) -> None:
+        mosquitto: BrokerFactory, pki: Pki, readers: list[Subscriber]) -> None:
     broker = mosquitto(tls=pki, require_certificate=True, use_identity_as_username=True)
     sink = Collector()
     with pytest.raises(AgentError, match=r"^cannot connect to broker mqtts://127\.0\.0\.1:\d+: "
@@ -319,7 +319,7 @@ def test_an_absent_broker_is_one_line() -> None:
     port = free_port()  # nothing listens there
     with pytest.raises(AgentError, match=rf"^cannot connect to broker mqtt://127\.0\.0\.1:{port}"
                        r": Connection refused$"):
-        StatsReader(Collector().ingest, host="127.0.0.1", port=port, tls=False,
+        Subscriber(Collector().ingest, host="127.0.0.1", port=port, tls=False,
                     topic_filter="eva/+/stats", client_id="x").start()
 
 
@@ -367,7 +367,7 @@ def test_a_malformed_packet_is_logged_and_the_reader_reconnects(
         caplog: pytest.LogCaptureFixture) -> None:
     fake = FakeBroker(publish("eva/d/stats", b"ok", qos=0) + b"\x30\xff\xff\xff\xff\x01")
     sink = Collector()
-    r = StatsReader(sink.ingest, host="127.0.0.1", port=fake.port, tls=False,
+    r = Subscriber(sink.ingest, host="127.0.0.1", port=fake.port, tls=False,
                     topic_filter="eva/+/stats", client_id="x", version="3.1.1",
                     backoff_s=FAST)
     try:
@@ -388,7 +388,7 @@ def test_a_refused_subscription_is_one_line() -> None:
     """(mosquitto grants every subscription and filters by ACL on delivery, so a fake broker
     says no here; brokers that refuse $share from 3.1.1 clients do so at SUBACK.)"""
     fake = FakeBroker(b"", suback=b"\x90\x03\x00\x01\x80")
-    r = StatsReader(Collector().ingest, host="127.0.0.1", port=fake.port, tls=False,
+    r = Subscriber(Collector().ingest, host="127.0.0.1", port=fake.port, tls=False,
                     topic_filter="$share/g/eva/+/stats", client_id="x", version="3.1.1")
     try:
         with pytest.raises(AgentError) as e:
@@ -404,7 +404,7 @@ def test_a_refused_subscription_is_one_line() -> None:
 
 def test_pings_within_the_keepalive_when_idle() -> None:
     fake = FakeBroker(b"")
-    r = StatsReader(Collector().ingest, host="127.0.0.1", port=fake.port, tls=False,
+    r = Subscriber(Collector().ingest, host="127.0.0.1", port=fake.port, tls=False,
                     topic_filter="eva/+/stats", client_id="x", version="3.1.1", keepalive_s=1)
     try:
         t0 = time.monotonic()
@@ -426,12 +426,44 @@ def test_connect_and_subscribe_packets_carry_the_session_and_credentials() -> No
     assert v3 == b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x1e\x00\x01c"
     assert subscribe_packet("a/+", v5=False) == b"\x82\x08\x00\x01\x00\x03a/+\x01"
     assert subscribe_packet("a/+", v5=True) == b"\x82\x09\x00\x01\x00\x00\x03a/+\x01"
+    assert subscribe_packet("a/+", v5=False, extra=[("b", 1), ("$SYS/x", 0)]) == \
+        b"\x82\x15\x00\x01\x00\x03a/+\x01\x00\x01b\x01\x00\x06$SYS/x\x00"
+
+
+def test_a_refused_sys_filter_is_tolerated_any_other_refusal_is_one_line() -> None:
+    """The control connection subscribes to several filters in one packet: an ACL that keeps
+    the operator out of $SYS costs only the broker's drop counter; refusing alarms is an error
+    that names the filter."""
+    filters = [("eva/+/status", 1), ("$SYS/broker/publish/messages/dropped", 0)]
+    fake = FakeBroker(b"", suback=b"\x90\x05\x00\x01\x01\x01\x80")  # $SYS refused
+    r = Subscriber(Collector().ingest, host="127.0.0.1", port=fake.port, tls=False,
+                   topic_filter="eva/+/alarm", extra_filters=filters, client_id="x",
+                   version="3.1.1")
+    try:
+        r.start()
+        assert r.connected
+    finally:
+        r.stop()
+        fake.close()
+    fake = FakeBroker(b"", suback=b"\x90\x05\x00\x01\x01\x80\x00")  # status refused
+    r = Subscriber(Collector().ingest, host="127.0.0.1", port=fake.port, tls=False,
+                   topic_filter="eva/+/alarm", extra_filters=filters, client_id="x",
+                   version="3.1.1")
+    try:
+        with pytest.raises(AgentError) as e:
+            r.start()
+        assert str(e.value) == (f"broker mqtt://127.0.0.1:{fake.port} refused the subscription "
+                                "to eva/+/status (ACL?): Unspecified error")
+    finally:
+        r.stop()
+        fake.close()
 
 
 def test_serve_reads_stats_over_tls_with_a_password_on_its_own_session(
         mosquitto: BrokerFactory, pki: Pki, tmp_path: Any) -> None:
-    """`fleet serve` wiring: the stats reader gets the server's credentials, TLS and session
-    (client id `eva-serve-NAME-stats`, beside paho's `eva-serve-NAME` for the control plane)."""
+    """`fleet serve` wiring: both lean connections get the server's credentials, TLS and
+    session (client ids `eva-serve-NAME-stats` for the shared stats, `eva-serve-NAME` for the
+    control plane: alarms, presence, births, rollouts, the broker's drop counter)."""
     pytest.importorskip("prometheus_client", reason="the fleet extra (prometheus-client)")
     from agent.fleet.serve import Server
     from tests.fleet_sim import SimFleet
@@ -444,10 +476,14 @@ def test_serve_reads_stats_over_tls_with_a_password_on_its_own_session(
     try:
         assert server.stats.client_id == "eva-serve-r1-stats"
         assert server.stats.topic_filter == "$share/g/eva/+/stats"
-        assert "eva/+/stats" not in {t.split("/", 2)[-1] for t, _ in server.feed.subscriptions}
+        assert server.control.client_id == "eva-serve-r1"
+        control = {server.control.topic_filter, *(f for f, _ in server.control.extra_filters)}
+        assert {"eva/+/alarm", "eva/+/birth", "eva/+/status", "eva/+/rollout"} <= control
+        assert not any(f.endswith("/stats") for f in control)
         sim = SimFleet(devices=1, windows=2)
+        births = [(t, b) for t, b in sim.messages() if t.endswith("/birth")]
         msgs = [(t, b) for t, b in sim.messages() if not t.endswith("/birth")]
-        _publish(broker, msgs, username="operator", password="s3cret", ca=pki.ca)
+        _publish(broker, births + msgs, username="operator", password="s3cret", ca=pki.ca)
 
         def counted() -> int:
             with server.model.lock:
@@ -457,6 +493,9 @@ def test_serve_reads_stats_over_tls_with_a_password_on_its_own_session(
         while counted() < len(msgs) and time.monotonic() < deadline:
             time.sleep(0.05)  # the model has no event to wait on
         assert counted() == len(msgs) and server.stats.messages == len(msgs)
+        _until(lambda: server.model.outcomes.get("birth") == len(births) == 1,
+               "the birth, on the control link")
+        assert server.control.messages >= 1  # the birth, and the broker's drop counter
         host, port = server.address
         with urllib.request.urlopen(f"http://{host}:{port}/api/ingest.json",  # noqa: S310
                                     timeout=10) as r:

@@ -46,7 +46,7 @@ class FleetCollector(Collector):
     def __init__(self, model: FleetModel, *, per_device: bool = True,
                  replica: str = "", link: Any = None) -> None:
         self.model = model
-        self.link = link  # the stats connection (agent.fleet.mqttin.StatsReader), if any
+        self.link = link  # the stats connection (agent.fleet.mqttin.Subscriber), if any
         self.per_device = per_device
         self.replica = replica
         self._snap: dict[str, Any] | None = None

@@ -1,4 +1,5 @@
-"""The lean MQTT reader that carries `fleet serve`'s stats stream (the bulk of its input).
+"""The lean MQTT subscriber that carries `fleet serve`'s input: the stats stream (the bulk)
+and, on a second connection, the control plane.
 
 Why hand-written rather than paho: issue 12 asks for ≥ 5,000 stats messages (4.8 KB each) a
 second per replica on one core, a budget of 200 µs CPU per message for everything (decode,
@@ -12,15 +13,15 @@ which the model counts as a duplicate). benchmarks/bench_mqttin.py measures both
 
 What it implements: CONNECT (MQTT 5 and 3.1.1; clean start, or a persistent session with a
 session expiry; username/password; TLS with a CA file or the system trust store and an optional
-client certificate), one SUBSCRIBE at QoS 1, receiving PUBLISH at QoS 0/1 (MQTT 5 properties
+client certificate), one SUBSCRIBE packet (a filter at QoS 1, more at QoS 0/1; a refused $SYS
+filter is tolerated, any other refusal is an error), receiving PUBLISH at QoS 0/1 (MQTT 5 properties
 skipped), PUBACK (the 2-byte form, valid in both versions), PINGREQ within the keepalive,
 PINGRESP, SUBACK, a broker's DISCONNECT (MQTT 5), and reconnecting with a bounded back-off.
 
 What it deliberately does not: QoS 2 receive (we subscribe at QoS 1, so a broker never sends
 QoS 2; one that does is treated as a protocol error), topic aliases (we never send Topic Alias
 Maximum, so the broker may not use them), AUTH (enhanced authentication), a will, publishing,
-more than one subscription. The control-plane topics (alarms, status, births, rollouts, $SYS:
-rare, some retained) stay on paho in agent.fleet.serve.
+unsubscribing. `fleet watch` (a terminal tool, not the throughput path) stays on paho.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -191,9 +192,13 @@ def connect_packet(client_id: str, *, v5: bool, clean: bool, session_expiry_s: i
     return b"\x10" + _remaining(len(body)) + body
 
 
-def subscribe_packet(topic_filter: str, *, v5: bool, packet_id: int = 1) -> bytes:
-    """SUBSCRIBE to one filter at QoS 1 (MQTT 5 options: no-local 0, as $share requires)."""
+def subscribe_packet(topic_filter: str, *, v5: bool, packet_id: int = 1,
+                     extra: Sequence[tuple[str, int]] = ()) -> bytes:
+    """SUBSCRIBE to `topic_filter` at QoS 1, then to the `extra` (filter, QoS) pairs, in one
+    packet (MQTT 5 options: no-local 0, as $share requires; retained messages sent)."""
     body = struct.pack(">H", packet_id) + (b"\x00" if v5 else b"") + _str(topic_filter) + b"\x01"
+    for f, qos in extra:
+        body += _str(f) + bytes([qos])
     return b"\x82" + _remaining(len(body)) + body
 
 
@@ -238,15 +243,16 @@ class _Refused(Exception):
     """CONNACK or SUBACK refused us; str() is the one-line reason."""
 
 
-class StatsReader:
-    """One MQTT connection, one QoS 1 subscription, `ingest(topic, payload, retained)` for
-    every message from one thread. `start()` connects (bounded) and raises AgentError with one
-    line if it cannot; afterwards the thread survives anything: a lost broker is one warning
-    line and a reconnect with back-off; the broker's queue for a persistent session arrives
-    after the reconnect."""
+class Subscriber:
+    """One MQTT connection, its subscriptions (`topic_filter` at QoS 1 plus `extra_filters`),
+    `ingest(topic, payload, retained)` for every message from one thread. `start()` connects
+    (bounded) and raises AgentError with one line if it cannot; afterwards the thread survives
+    anything: a lost broker is one warning line and a reconnect with back-off; the broker's
+    queue for a persistent session arrives after the reconnect."""
 
     def __init__(self, ingest: Callable[[str, bytes, bool], Any], *, host: str, port: int,
                  tls: bool, topic_filter: str, client_id: str, version: str = "5",
+                 extra_filters: Sequence[tuple[str, int]] = (),
                  persistent: bool = False, session_expiry_s: float = 0.0, username: str = "",
                  password: str | None = None, ca_file: Path | None = None,
                  cert_file: Path | None = None, key_file: Path | None = None,
@@ -255,6 +261,7 @@ class StatsReader:
         self.host, self.port, self.tls = host, port, tls
         self.url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
         self.topic_filter = topic_filter
+        self.extra_filters = tuple(extra_filters)  # $SYS ones may be refused (ACL): tolerated
         self.client_id = client_id
         self.v5 = version == "5"
         self.keepalive_s = keepalive_s
@@ -263,7 +270,7 @@ class StatsReader:
             client_id, v5=self.v5, clean=not persistent,
             session_expiry_s=int(session_expiry_s) if persistent else 0,
             keepalive_s=keepalive_s, username=username, password=password)
-        self._subscribe = subscribe_packet(topic_filter, v5=self.v5)
+        self._subscribe = subscribe_packet(topic_filter, v5=self.v5, extra=self.extra_filters)
         self._ssl: ssl.SSLContext | None = None
         if tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host
@@ -299,7 +306,9 @@ class StatsReader:
             why = self._failed or (f"did not complete the connection within {timeout_s:g} s")
             self.stop()
             raise AgentError(f"broker {self.url} {why}")
-        log.info("subscribed to %s on %s (lean reader)", self.topic_filter, self.url)
+        log.info("subscribed to %s on %s (lean reader)", ", ".join(
+            [self.topic_filter, *(f for f, _ in self.extra_filters if not f.startswith("$"))]),
+            self.url)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Disconnect politely (the thread sends DISCONNECT) and join, bounded."""
@@ -465,10 +474,15 @@ class StatsReader:
                                + reason_name("CONNACK", code, self.v5))
             sock.sendall(self._subscribe)
         elif p.kind == SUBACK:
-            refused = [c for c in suback_codes(p.body, self.v5) if c >= 0x80]
+            filters = [self.topic_filter, *(f for f, _ in self.extra_filters)]
+            refused = [(f, c) for f, c in zip(filters, suback_codes(p.body, self.v5),
+                                               strict=False)
+                       if c >= 0x80 and not f.startswith("$SYS")]  # $SYS: an ACL may say no
             if refused:
-                raise _Refused(f"refused the subscription to {self.topic_filter} ({SHARE_HINT}): "
-                               + reason_name("SUBACK", refused[0], self.v5))
+                f, c = refused[0]
+                hint = f" ({SHARE_HINT})" if f.startswith("$share") else " (ACL?)"
+                raise _Refused(f"refused the subscription to {f}{hint}: "
+                               + reason_name("SUBACK", c, self.v5))
             self.connections += 1
             self._live = True
             if self.connections > 1:

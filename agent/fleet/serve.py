@@ -1,9 +1,10 @@
 """`edge-voice-agent fleet serve`: the fleet's telemetry as Prometheus metrics, a web page with
 history, and `/api/fleet.json`, from one process that can run as several replicas.
 
-The network edges live here: two MQTT connections feeding `FleetModel` (the stats, the bulk,
-through the lean reader of agent.fleet.mqttin, which costs a tenth of paho's CPU per message;
-the control plane, rare and partly retained, through paho), an HTTP server (stdlib) for
+The network edges live here: two MQTT connections feeding `FleetModel` through the lean
+subscriber of agent.fleet.mqttin, which costs a tenth of paho's CPU per message (the stats, the
+bulk; the control plane, rare and partly retained, on its own connection), an HTTP server
+(stdlib) for
 `/metrics`, `/`, `/device/ID`, `/api/fleet.json`, `/healthz`, and a maintenance thread
 flushing the history. Scale-out: with `--share GROUP`, stats come through the shared
 subscription `$share/GROUP/{prefix}/+/stats` (the broker hands each message to one replica);
@@ -30,7 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.errors import AgentError, ConfigError
-from agent.fleet.mqttin import StatsReader
+from agent.fleet.mqttin import Subscriber
 from agent.telemetry.message import DEFAULT_PREFIX
 
 log = logging.getLogger("edge-voice-agent.fleet")
@@ -131,102 +132,16 @@ def stats_filter(prefix: str, share: str) -> str:
     return f"$share/{share}/{prefix}/+/stats" if share else f"{prefix}/+/stats"
 
 
-class Feed:
-    """The control-plane subscriber (paho): alarms, status, births, rollout events and
-    commands, the broker's drop counter, on plain subscriptions, for every replica. Stats
-    are not here: see StatsReader in agent.fleet.mqttin."""
+def control_filters(prefix: str) -> list[tuple[str, int]]:
+    """What every replica subscribes to on plain subscriptions, besides the stats: alarms
+    (transitions, rare: each replica's "alarms now" is complete), presence and births
+    (retained: brokers never send retained messages to shared subscriptions), rollout events
+    and commands (so /api/fleet.json has all `fleet watch --json` has) and the broker's drop
+    counter (QoS 0; an ACL may refuse it)."""
+    from agent.fleet.state import BROKER_DROPPED_TOPIC
 
-    def __init__(self, model: Any, *, host: str, port: int, tls: bool, prefix: str,
-                 version: str = "5", session: str = "",
-                 session_expiry_s: float = 0.0, username: str = "",
-                 password: str | None = None, ca_file: Path | None = None,
-                 cert_file: Path | None = None, key_file: Path | None = None) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        from agent.fleet.state import BROKER_DROPPED_TOPIC
-
-        self.model = model
-        self.host, self.port = host, port
-        self.url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
-        # Alarms (transitions, rare) go to every replica, so each one's "alarms now" is
-        # complete; only stats, the bulk, are shared (and read by StatsReader).
-        # Rollout events and commands (rare, some retained) likewise: /api/fleet.json then has
-        # everything `fleet watch --json` has.
-        self.subscriptions = [(f"{prefix}/+/alarm", 1),
-                              (f"{prefix}/+/status", 1), (f"{prefix}/+/birth", 1),
-                              (f"{prefix}/+/event", 1), (f"{prefix}/+/rollout", 1),
-                              (BROKER_DROPPED_TOPIC, 0)]
-        self._connack = threading.Event()
-        self._subscribed = threading.Event()
-        self._refused: str | None = None
-        self.v5 = version == "5"
-        # A stable session (named replica) lets the broker queue for us while we restart.
-        client_id, persistent = _client_id(session, session_expiry_s)
-        proto = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
-        kw = {} if self.v5 else {"clean_session": not persistent}
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kw)
-        self._connect_kw: dict[str, Any] = {}
-        if self.v5:
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = int(session_expiry_s) if persistent else 0
-            self._connect_kw = {"clean_start": not persistent, "properties": props}
-        from agent.fleet.watch import prepare_client
-
-        self.client = prepare_client(c, self, username=username, password=password, tls=tls,
-                                     ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        try:
-            self.client.connect(self.host, self.port, keepalive=30, **self._connect_kw)
-        except (OSError, ValueError) as e:
-            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise AgentError(f"cannot connect to broker {self.url}: {reason}") from None
-        self.client.loop_start()
-        ok = self._connack.wait(timeout_s) and self._refused is None \
-            and self._subscribed.wait(timeout_s)
-        if not ok:
-            why = (f"refused the connection: {self._refused}" if self._refused else
-                   f"did not complete the connection within {timeout_s:g} s")
-            self.stop()
-            raise AgentError(f"broker {self.url} {why}")
-        log.info("subscribed to %s on %s", ", ".join(t for t, _ in self.subscriptions[:-1]),
-                 self.url)
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if rc.is_failure:
-            self._refused = str(rc)
-            self._connack.set()
-            client.disconnect()
-            return
-        self._refused = None
-        self._connack.set()
-        client.subscribe(self.subscriptions)
-
-    def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
-        refused = [t for (t, _), rc in zip(self.subscriptions, rcs, strict=False)
-                   if rc.is_failure and not t.startswith("$SYS")]
-        if refused:
-            log.error("broker refused the subscription to %s (ACL?)", ", ".join(refused))
-        self._subscribed.set()
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        try:
-            self.model.ingest(msg.topic, msg.payload, bool(msg.retain))
-        except Exception:  # escaping, it would end paho's thread and the control plane
-            log.exception("ingesting a message on %s failed", msg.topic)
-
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any,
-                       props: Any) -> None:
-        if self._subscribed.is_set() and rc.is_failure:
-            log.warning("lost the broker %s (%s); reconnecting", self.url, rc)
+    return [(f"{prefix}/+/{kind}", 1) for kind in ("alarm", "status", "birth", "event",
+                                                   "rollout")] + [(BROKER_DROPPED_TOPIC, 0)]
 
 
 # --- HTTP ------------------------------------------------------------------------------------
@@ -234,7 +149,7 @@ class App:
     """Everything the HTTP handler serves; one per process."""
 
     def __init__(self, model: Any, history: Any, *, per_device: bool, replica: str,
-                 broker: str = "", share: str = "", stats: StatsReader | None = None) -> None:
+                 broker: str = "", share: str = "", stats: Subscriber | None = None) -> None:
         from agent.fleet.exporter import FleetCollector
 
         self.model = model
@@ -361,18 +276,20 @@ class Server:
             raise AgentError(f"cannot open the history {history_path!r}: {e} (--history PATH "
                              "in a writable directory, or --history none)") from None
         self.model = FleetModel(prefix, history=self.history)
-        # Two connections into one model: FleetModel.ingest serialises them on its lock.
-        self.feed = Feed(self.model, host=host, port=port, tls=tls, prefix=prefix,
-                         version=mqtt_version, session=replica,
-                         session_expiry_s=session_expiry_s, **(credentials or {}))
+        # Two connections into one model (FleetModel.ingest serialises them on its lock): the
+        # stats, shared between replicas, and the control plane, which must not wait behind a
+        # backlog of stats in the broker's in-flight window.
         client_id, persistent = _client_id(replica, session_expiry_s)
-        self.stats = StatsReader(self.model.ingest, host=host, port=port, tls=tls,
-                                 topic_filter=stats_filter(prefix, share),
-                                 client_id=f"{client_id}-stats", version=mqtt_version,
-                                 persistent=persistent, session_expiry_s=session_expiry_s,
-                                 **(credentials or {}))
+        common = {"host": host, "port": port, "tls": tls, "version": mqtt_version,
+                  "persistent": persistent, "session_expiry_s": session_expiry_s,
+                  **(credentials or {})}
+        first, *rest = control_filters(prefix)
+        self.control = Subscriber(self.model.ingest, topic_filter=first[0], extra_filters=rest,
+                                  client_id=client_id, **common)
+        self.stats = Subscriber(self.model.ingest, topic_filter=stats_filter(prefix, share),
+                                client_id=f"{client_id}-stats", **common)
         self.app = App(self.model, self.history, per_device=per_device, replica=self.replica,
-                       broker=self.feed.url, share=share, stats=self.stats)
+                       broker=self.stats.url, share=share, stats=self.stats)
         try:
             self.http = ThreadingHTTPServer(listen, _handler(self.app))
         except OSError as e:
@@ -387,11 +304,11 @@ class Server:
         return self.http.server_address[:2]  # type: ignore[return-value]
 
     def start(self) -> Server:
-        self.feed.start()
+        self.control.start()
         try:
             self.stats.start()
         except AgentError:
-            self.feed.stop()
+            self.control.stop()
             raise
         for target in (self.http.serve_forever, self._maintain):
             t = threading.Thread(target=target, daemon=True, name=target.__name__)
@@ -422,7 +339,7 @@ class Server:
     def stop(self) -> None:
         self._stop.set()
         self.stats.stop()
-        self.feed.stop()
+        self.control.stop()
         if self._threads:  # shutdown() waits for serve_forever, which may never have started
             self.http.shutdown()
         self.http.server_close()
