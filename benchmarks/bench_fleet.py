@@ -98,6 +98,29 @@ def _status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def stop_process(p: subprocess.Popen) -> None:
+    """SIGTERM (a replica's clean shutdown), then SIGKILL after 30 s."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def bench_broker(d: Path) -> Broker:
+    """A mosquitto on a free loopback port whose queues hold a whole benchmark fleet (queue
+    limits as docs/mosquitto/mosquitto.conf sizes them, raised to hold every message)."""
+    port = free_port()
+    conf = d / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "log_dest stderr",
+             "log_type error", "max_queued_messages 1000000", "max_queued_bytes 0",
+             "max_inflight_messages 1000", "max_packet_size 65536"]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    conf.write_text("\n".join(lines) + "\n")
+    return Broker(port=port, conf=conf, log_path=d / "broker.log").start()
+
+
 def _prefill_history(path: Path, days: float, devices: int) -> int:
     """`days` of 5-minute buckets for two model versions, as if `devices` reported."""
     from agent.fleet.history import History
@@ -146,15 +169,8 @@ def main() -> int:
     if mosq is None:
         print("mosquitto not found (apt-get install -y mosquitto)")
         return 2
-    port = free_port()
-    conf = d / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "log_dest stderr",
-             "log_type error", "max_queued_messages 1000000", "max_queued_bytes 0",
-             "max_inflight_messages 1000", "max_packet_size 65536"]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    conf.write_text("\n".join(lines) + "\n")
-    broker = Broker(port=port, conf=conf, log_path=d / "broker.log").start()
+    broker = bench_broker(d)
+    port = broker.port
 
     print(f"load average before: {os.getloadavg()}  (2 cores shared); CPU calibration: "
           f"sum(range(10**7)) took {_calibration():.3f} CPU-s")
@@ -270,11 +286,7 @@ def main() -> int:
         print(f"replica RSS after the views: {_status_kb(serve.pid, 'VmRSS') / 1024:.0f} MiB "
               f"(peak {_status_kb(serve.pid, 'VmHWM') / 1024:.0f} MiB)")
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve)
         broker.kill()
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)

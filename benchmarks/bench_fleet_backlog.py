@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_fleet import EVA, PUBLISHER, _calibration, _get, _proc_times, _status_kb  # noqa: E402
+from bench_fleet import (  # noqa: E402
+    EVA,
+    PUBLISHER,
+    _calibration,
+    _get,
+    _proc_times,
+    _status_kb,
+    bench_broker,
+    stop_process,
+)
 
 from tests.fleet_sim import SimFleet  # noqa: E402
-from tests.mqtt_fixtures import Broker, free_port  # noqa: E402
+from tests.mqtt_fixtures import free_port  # noqa: E402
 
 
 def _ingested(base: str) -> int:
@@ -53,15 +61,8 @@ def main() -> int:
     args = ap.parse_args()
 
     d = Path(tempfile.mkdtemp(prefix="bench-backlog-"))
-    port = free_port()
-    conf = d / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "log_dest stderr",
-             "log_type error", "max_queued_messages 1000000", "max_queued_bytes 0",
-             "max_inflight_messages 1000", "max_packet_size 65536"]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    conf.write_text("\n".join(lines) + "\n")
-    broker = Broker(port=port, conf=conf, log_path=d / "broker.log").start()
+    broker = bench_broker(d)
+    port = broker.port
     print(f"load average before: {os.getloadavg()}  (2 cores shared); CPU calibration: "
           f"sum(range(10**7)) took {_calibration():.3f} CPU-s")
 
@@ -100,8 +101,7 @@ def main() -> int:
                 time.sleep(0.05)
 
     serve = start()  # makes the persistent session (and its subscriptions) on the broker
-    serve.send_signal(signal.SIGTERM)
-    serve.wait(30)
+    stop_process(serve)
     pub = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(port), str(d / "msgs.pickle")],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -143,11 +143,7 @@ def main() -> int:
               f"{_status_kb(serve.pid, 'VmHWM') / 1024:.0f} MiB); load average after: "
               f"{os.getloadavg()}")
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve)
         if pub.poll() is None:
             pub.kill()
         broker.kill()
