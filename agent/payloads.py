@@ -14,7 +14,7 @@ Encoding choices that keep a payload with every metric filled far below 8 KB:
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 from agent.drift import AlarmEvent, DriftScore
 from agent.metric_catalog import MEAN_MIN_VALUES, METRICS, PER_UTTERANCE, MetricSpec
 from agent.privacy import DEFAULT_K, class_outputs
+from agent.telemetry.message import json_bytes
 from agent.windows import Histogram, WindowSummary
 
 STATS_SCHEMA = 1
@@ -29,18 +30,23 @@ ALARM_SCHEMA = 1
 MAX_PAYLOAD_BYTES = 8192
 ACCURACY_METHOD = "mean_calibrated_top_probability"
 ACCURACY_VALID_IF = "calibration_holds"
+COUNTS = ("frames", "speech_frames", "utterances", "accepted", "abstained", "dropped_frames",
+          "state_write_errors")
 
 
 def payload_bytes(payload: Any) -> bytes:
     """Compact UTF-8 JSON, the same encoding the telemetry sinks put on the wire."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return json_bytes(payload)
 
 
+@functools.lru_cache(maxsize=4)  # a window's end is the next window's start
 def iso_utc(epoch_s: float) -> str:
     """ISO 8601 UTC with milliseconds and a Z: 2024-05-01T12:00:00.000Z."""
     dt = datetime.fromtimestamp(round(epoch_s, 3), tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    if dt.year < 1000:  # strftime does not pad the year to 4 digits, isoformat does
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # isoformat truncates to milliseconds like `microsecond // 1000`; cheaper than strftime
+    return dt.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 def _anchor_epoch(utc_anchor: float | datetime) -> float:
@@ -56,6 +62,14 @@ def _num(x: float | None, digits: int = 5) -> float | None:
     return None if x is None else float(f"{x:.{digits}g}")
 
 
+def _num5(x: float) -> float:
+    """`_num(x)` for a float, the hot path (~75 per window): no per-call format spec."""
+    return float(f"{x:.5g}")
+
+
+_QS = (0.5, 0.95)
+
+
 def metric_entry(spec: MetricSpec, h: Histogram, min_values: int = 1,
                  distribution_min: int = 1) -> dict[str, Any]:
     """One `metrics` entry. Below `min_values` values only stage and count are published;
@@ -65,11 +79,12 @@ def metric_entry(spec: MetricSpec, h: Histogram, min_values: int = 1,
         return {"stage": spec.stage, "count": n, "mean": None, "min": None, "max": None,
                 "p50": None, "p95": None, "hist": []}
     if n < distribution_min:
-        return {"stage": spec.stage, "count": n, "mean": _num(h.sum / n), "min": None,
+        return {"stage": spec.stage, "count": n, "mean": _num5(h.sum / n), "min": None,
                 "max": None, "p50": None, "p95": None, "hist": []}
-    p50, p95 = h.quantiles((0.5, 0.95))
-    return {"stage": spec.stage, "count": n, "mean": _num(h.sum / n), "min": _num(h.min),
-            "max": _num(h.max), "p50": _num(p50), "p95": _num(p95), "hist": h.compact()}
+    _, (p50, p95), hist = h.digest(_QS)  # n > 0: both quantiles are floats
+    return {"stage": spec.stage, "count": n, "mean": _num5(h.sum / n), "min": _num5(h.min),
+            "max": _num5(h.max), "p50": _num5(p50), "p95": _num5(p95),  # type: ignore[arg-type]
+            "hist": hist}
 
 
 def drift_entry(d: DriftScore | None, active: bool) -> dict[str, Any]:
@@ -102,21 +117,25 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
     """
     t0 = _anchor_epoch(utc_anchor)
     drift = drift or {}
+    hists = summary.hists
+    # per-utterance metrics (metric_catalog.PER_UTTERANCE): no individual values, see there
+    utt_min = max(min_values, MEAN_MIN_VALUES)
     metrics = {}
     for m in catalog:
-        h = summary.hists.get(m.name)
-        h = h if h is not None else Histogram(m.edges)
-        if m.name in PER_UTTERANCE:  # see metric_catalog.PER_UTTERANCE: no individual values
-            metrics[m.name] = metric_entry(m, h, max(min_values, MEAN_MIN_VALUES), k)
-        else:
-            metrics[m.name] = metric_entry(m, h, min_values)
+        name = m.name
+        h = hists.get(name)
+        if h is None:
+            h = Histogram(m.edges)
+        metrics[name] = (metric_entry(m, h, utt_min, k) if name in PER_UTTERANCE
+                         else metric_entry(m, h, min_values))
     # the probability that the recognised digit is right, averaged: an accuracy estimate
-    conf = summary.hists.get("digit_confidence")
+    conf = hists.get("digit_confidence")
     if conf is None or conf.count == 0:
-        conf = summary.hists.get("confidence")
+        conf = hists.get("confidence")
     n_conf = conf.count if conf is not None else 0
     if n_conf < MEAN_MIN_VALUES:  # one or two decisions' confidence is theirs alone
         n_conf = 0
+    counts = summary.counts
     out = {
         "schema": STATS_SCHEMA,
         "device_id": device_id,
@@ -127,17 +146,15 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
                    "start_utc": iso_utc(t0 + summary.start_s),
                    "end_utc": iso_utc(t0 + summary.end_s),
                    "utc_source": utc_source, "utc_synced": utc_synced},
-        "counts": {k_: int(summary.counts.get(k_, 0)) for k_ in
-                   ("frames", "speech_frames", "utterances", "accepted", "abstained",
-                    "dropped_frames", "state_write_errors")},
+        "counts": {k_: int(counts.get(k_, 0)) for k_ in COUNTS},
         "metrics": metrics,
         "drift": {m.name: drift_entry(drift.get(m.name), m.name in active_alarms)
                   for m in catalog},
         "estimated_accuracy": {"value": _num(conf.mean, 4) if n_conf else None, "n": n_conf,
                                "method": ACCURACY_METHOD, "valid_if": ACCURACY_VALID_IF},
-        "outputs": class_outputs(summary.classes, summary.counts.get("utterances", 0), k),
+        "outputs": class_outputs(summary.classes, counts.get("utterances", 0), k),
         "model": dict(model),
-        "process": {key: (_num(v) if isinstance(v, float) else v)
+        "process": {key: (_num5(v) if isinstance(v, float) else v)
                     for key, v in process.items()},
     }
     if since_boot is not None:

@@ -147,7 +147,7 @@ class Histogram:
     # --- statistics ----------------------------------------------------------------------
     @property
     def count(self) -> int:
-        return int(self.counts.sum())
+        return sum(self.counts.tolist())  # ~25 bins: cheaper in plain Python than numpy's sum
 
     @property
     def mean(self) -> float | None:
@@ -155,9 +155,9 @@ class Histogram:
         return self.sum / n if n else None
 
     def _bin_bounds(self, b: int) -> tuple[float, float]:
-        e = self.edges
-        lo = self.min if b == 0 else float(e[b - 1])
-        hi = self.max if b == e.size else float(e[b])
+        e = self._edge_list  # the same floats as self.edges, without numpy scalar indexing
+        lo = self.min if b == 0 else e[b - 1]
+        hi = self.max if b == len(e) else e[b]
         return max(lo, self.min), min(hi, self.max)
 
     def _locate(self, q: float) -> tuple[int, int, int, int]:
@@ -188,26 +188,43 @@ class Histogram:
         """`quantile(q)` for each q with one pass over the bins (payload building is on the
         pipeline thread once per window)."""
         counts = self.counts.tolist()
-        n = sum(counts)
+        return self._quantiles(counts, list(itertools.accumulate(counts)), qs)
+
+    def digest(self, qs: Sequence[float]) -> tuple[int, list[float | None], list[int]]:
+        """(count, quantiles(qs), compact()) from one read of the counts: the stats payload
+        needs all three for every metric of every window, on the pipeline thread."""
+        counts = self.counts.tolist()
+        cum = list(itertools.accumulate(counts))
+        n = cum[-1]
+        if n == 0:
+            return 0, [None for _ in qs], []
+        # the run of bins from the first to the last non-empty one, found on the running sum
+        first, end = bisect.bisect_right(cum, 0), bisect.bisect_left(cum, n) + 1
+        return n, self._quantiles(counts, cum, qs), [first, *counts[first:end]]
+
+    def _quantiles(self, counts: list[int], cum: list[int], qs: Sequence[float]
+                   ) -> list[float | None]:
+        """The inverted-CDF estimates of the class docstring from the counts and their running
+        sum (plain Python: ~25 bins, numpy's per-call overhead would dominate)."""
+        n = cum[-1]
         if n == 0:
             return [None for _ in qs]
-        cum = list(itertools.accumulate(counts))
+        lo_v, hi_v, e = self.min, self.max, self._edge_list
         out: list[float | None] = []
         for q in qs:
             if not 0.0 <= q <= 1.0:
                 raise ValueError(f"quantile {q} outside [0, 1]")
             k = min(n - 1, max(0, math.ceil(q * n - 1e-9) - 1))
             if k == 0:
-                out.append(self.min)
-                continue
-            if k == n - 1:
-                out.append(self.max)
-                continue
-            b = bisect.bisect_right(cum, k)
-            c = counts[b]
-            j = k - (cum[b] - c)
-            lo, hi = self._bin_bounds(b)
-            out.append(lo + (j + 0.5) / c * (hi - lo))
+                out.append(lo_v)
+            elif k == n - 1:
+                out.append(hi_v)
+            else:  # as in `quantile`, with `_bin_bounds` inlined
+                b = bisect.bisect_right(cum, k)
+                c = counts[b]
+                lo = lo_v if b == 0 else max(e[b - 1], lo_v)
+                hi = hi_v if b == len(e) else min(e[b], hi_v)
+                out.append(lo + (k - (cum[b] - c) + 0.5) / c * (hi - lo))
         return out
 
     def quantile_error_bound(self, q: float) -> float | None:
@@ -231,10 +248,7 @@ class Histogram:
         """Payload encoding: [first, c_first, c_first+1, ..., c_last] -- the counts of the run of
         bins from the first to the last non-empty one; [] when empty. Typical windows fill a few
         adjacent bins, so this is shorter than index/count pairs and never longer than 25 ints."""
-        nz = np.flatnonzero(self.counts)
-        if nz.size == 0:
-            return []
-        return [int(nz[0])] + [int(c) for c in self.counts[nz[0]:nz[-1] + 1]]
+        return self.digest(())[2]
 
     @classmethod
     def from_compact(cls, edges: Sequence[float], enc: Sequence[int], *,
