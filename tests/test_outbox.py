@@ -199,3 +199,42 @@ def test_one_producer_one_publisher_thread(tmp_path: Path) -> None:
             t.join(30)
         assert not errors
         assert seen == list(range(n)) and len(ob) == 0 and ob.size_bytes == 0
+
+
+def test_an_append_that_fails_after_expiring_rows_leaves_them_to_the_next(tmp_path: Path) -> None:
+    """The outbox keeps what it knows of the disk in memory (the stored drop count, the age of
+    the oldest row) so appends do not read it back; a rolled-back append must not leave those
+    out of step: the rows it expired are back on disk, and the next append expires and counts
+    them again."""
+    now = [1000.0]
+
+    class FailingInsert:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self._db = db
+
+        def execute(self, sql: str, *a: object) -> sqlite3.Cursor:
+            if sql.startswith("INSERT INTO outbox"):
+                raise sqlite3.OperationalError("disk I/O error")
+            return self._db.execute(sql, *a)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._db, name)
+
+    with Outbox(tmp_path / "ob.sqlite3", OutboxLimits(max_age_s=60),
+                clock=lambda: now[0]) as ob:
+        ob.append(msg(0))
+        ob.append(msg(1))
+        now[0] += 100  # both expire with the next append
+        real = ob._db
+        ob._db = FailingInsert(real)  # type: ignore[assignment]
+        assert ob.append(msg(2)) == -1
+        ob._db = real
+        assert len(ob) == 2  # the expiry was rolled back with the failed insert
+        assert ob.append(msg(3)) > 0
+        ps = payloads(ob)
+        # two expired + the message the failed append lost, reported once, on the next one
+        assert [p["seq"] for p in ps] == [3] and ps[0]["outbox_dropped"] == 3
+        assert ob.pending_dropped() == 0
+        now[0] += 30
+        ob.append(msg(4))
+        assert [p.get("outbox_dropped") for p in payloads(ob)] == [3, None]

@@ -43,6 +43,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -178,6 +179,11 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self._ckpt_db: sqlite3.Connection | None = None
         self._count = self._bytes = 0
+        # Mirrors of what is on disk, so an append need not read it back (None/-inf: unknown,
+        # read on next use): the stored pending_dropped, and a lower bound on `created` of the
+        # rows (nothing younger than it can have expired). Reset whenever a write fails.
+        self._pending_disk: int | None = None
+        self._oldest_lb = -math.inf
         self._mem_dropped = 0      # lost while the database could not be written: not on disk
         self._unacked: set[int] = set()  # acknowledged, but the DELETE failed: retried
         self.dropped_total = 0  # dropped by this process (for stats)
@@ -248,6 +254,7 @@ class Outbox:
                                      f"({describe_error(e)}); check the state directory or "
                                      "set agent.state_dir") from None
             self._db = db
+            self._forget_mirrors()
             self._recount()
             return True
         return False  # pragma: no cover - the loop returns or raises
@@ -342,6 +349,7 @@ class Outbox:
 
     def _failed_locked(self, e: BaseException, consequence: str) -> None:
         """A write failed: roll back, resync the counters, report (and recover if corrupt)."""
+        self._forget_mirrors()
         if self._db is not None:
             _rollback(self._db)
         if isinstance(e, sqlite3.Error) and _kind(e) == "corrupt" and self._db is not None:
@@ -384,12 +392,12 @@ class Outbox:
             dropped_before = self.dropped_total  # rows dropped in a rolled-back txn stay
             try:
                 db.execute("BEGIN IMMEDIATE")
-                pending = (self._meta_get("pending_dropped") + self._mem_dropped
+                pending = (self._pending_get() + self._mem_dropped
                            + self._expire_locked(now))
                 incoming = len(base) + 32
                 if incoming > self.limits.max_bytes:
                     # Can never fit: drop the newest itself and report it with the next one.
-                    self._meta_set("pending_dropped", pending + 1)
+                    self._pending_set(pending + 1)
                     db.execute("COMMIT")
                     self._mem_dropped = 0
                     self.dropped_total += 1
@@ -402,7 +410,9 @@ class Outbox:
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (msg.topic, data, msg.qos, int(msg.retain), now, self._boot, len(data),
                      pending))
-                self._meta_set("pending_dropped", 0)
+                if self._pending_disk:  # the count now rides in this row
+                    self._pending_set(0)
+                self._oldest_lb = min(self._oldest_lb, now)
                 if now - self._clock_stored >= CLOCK_STORE_S:
                     self._store_clock(db)
                 db.execute("COMMIT")
@@ -529,7 +539,7 @@ class Outbox:
                 self._db.execute("BEGIN IMMEDIATE")
                 n = self._expire_locked(self.now())
                 if n:
-                    self._meta_set("pending_dropped", self._meta_get("pending_dropped") + n)
+                    self._pending_set(self._pending_get() + n)
                 self._db.execute("COMMIT")
             except (sqlite3.Error, OSError) as e:
                 self.dropped_total = dropped_before
@@ -593,8 +603,7 @@ class Outbox:
                 if db is not None:
                     db.execute("BEGIN IMMEDIATE")
                     if self._mem_dropped:
-                        self._meta_set("pending_dropped",
-                                       self._meta_get("pending_dropped") + self._mem_dropped)
+                        self._pending_set(self._pending_get() + self._mem_dropped)
                     self._store_clock(db)
                     db.execute("COMMIT")
                     self._mem_dropped = 0
@@ -631,6 +640,20 @@ class Outbox:
         self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) "
                          "DO UPDATE SET value = excluded.value", (key, value))
 
+    def _pending_get(self) -> int:
+        if self._pending_disk is None:
+            self._pending_disk = self._meta_get("pending_dropped")
+        return self._pending_disk
+
+    def _pending_set(self, value: int) -> None:
+        self._meta_set("pending_dropped", value)
+        self._pending_disk = value
+
+    def _forget_mirrors(self) -> None:
+        """After a failed (rolled back) write or a reopen the disk is the truth again."""
+        self._pending_disk = None
+        self._oldest_lb = -math.inf
+
     def _drop_rows(self, rows: list[tuple[int, int, int]]) -> int:
         """Delete (id, size, carried) rows; return how many messages that loses in total."""
         assert self._db is not None
@@ -653,15 +676,21 @@ class Outbox:
             return 0
         assert self._db is not None
         # Walk from the oldest row and stop at the first young one: O(expired), not O(rows),
-        # because this runs on every append (the caller's thread).
+        # because this runs on every append (the caller's thread). Rows are in `created`
+        # order, so the first young one bounds the rest: until the cutoff passes it, no walk.
         cutoff = now - self.limits.max_age_s
+        if cutoff <= self._oldest_lb:
+            return 0
         rows = []
+        oldest = math.inf  # every row expired: the next append sets the bound
         cur = self._db.execute("SELECT id, size, carried, created FROM outbox ORDER BY id")
         for rid, size, carried, created in cur:
             if created >= cutoff:
+                oldest = created
                 break
             rows.append((rid, size, carried))
         cur.close()
+        self._oldest_lb = oldest
         return self._drop_rows(rows) if rows else 0
 
     def _make_room_locked(self, incoming: int, budget: int) -> int:
