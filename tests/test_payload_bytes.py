@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import random
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 
 from agent.drift import AlarmEvent, DriftScore
 from agent.metric_catalog import spec
-from agent.payloads import alarm_payload, payload_bytes, stats_payload
+from agent.payloads import alarm_payload, iso_utc, payload_bytes, stats_payload
 from agent.telemetry.message import Message, json_bytes
 from agent.windows import Histogram, WindowSummary
 
@@ -94,3 +96,19 @@ def test_alarm_payload_bytes_are_unchanged():
                                  3600.0004, "input_rms_dbfs JS distance 0.712 >= 0.7"),
                       device_id="kitchen-pi-04", boot_id="4f1c2a9e0b7d4c3a", seq=3)
     assert payload_bytes(p) == FROZEN["alarm"].encode("utf-8")
+
+
+def test_iso_utc_matches_the_strftime_form_it_replaced():
+    """iso_utc formats with isoformat now (cheaper); the strftime form is the reference,
+    including half-millisecond ties, leap days, and years before 1000 (unpadded there)."""
+    def reference(epoch_s: float) -> str:
+        dt = datetime.fromtimestamp(round(epoch_s, 3), tz=UTC)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+    rng = random.Random(3)
+    values = [0.0, 0.0005, 0.0015, 59.9995, 1714564800.25, 1709164799.9995, 951782400.0,
+              4102444799.9999, -1.0, -0.0004, -31_000_000_000.5]
+    values += [rng.uniform(-1e9, 4.2e9) for _ in range(3000)]
+    values += [round(rng.uniform(1.6e9, 1.8e9), 3) + 0.0005 for _ in range(1000)]
+    for v in values:
+        assert iso_utc(v) == reference(v), v
