@@ -74,14 +74,13 @@ def metric_entry(spec: MetricSpec, h: Histogram, min_values: int = 1,
                  distribution_min: int = 1) -> dict[str, Any]:
     """One `metrics` entry. Below `min_values` values only stage and count are published;
     below `distribution_min` also the mean, but no min, max, quantiles or histogram."""
-    n = h.count
+    n, (p50, p95), hist = h.digest(_QS, max(min_values, distribution_min))
     if n == 0 or n < min_values:
         return {"stage": spec.stage, "count": n, "mean": None, "min": None, "max": None,
                 "p50": None, "p95": None, "hist": []}
     if n < distribution_min:
         return {"stage": spec.stage, "count": n, "mean": _num5(h.sum / n), "min": None,
                 "max": None, "p50": None, "p95": None, "hist": []}
-    _, (p50, p95), hist = h.digest(_QS)  # n > 0: both quantiles are floats
     return {"stage": spec.stage, "count": n, "mean": _num5(h.sum / n), "min": _num5(h.min),
             "max": _num5(h.max), "p50": _num5(p50), "p95": _num5(p95),  # type: ignore[arg-type]
             "hist": hist}

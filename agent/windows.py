@@ -190,14 +190,16 @@ class Histogram:
         counts = self.counts.tolist()
         return self._quantiles(counts, list(itertools.accumulate(counts)), qs)
 
-    def digest(self, qs: Sequence[float]) -> tuple[int, list[float | None], list[int]]:
+    def digest(self, qs: Sequence[float], at_least: int = 1
+               ) -> tuple[int, list[float | None], list[int]]:
         """(count, quantiles(qs), compact()) from one read of the counts: the stats payload
-        needs all three for every metric of every window, on the pipeline thread."""
+        needs all three for every metric of every window, on the pipeline thread. Below
+        `at_least` values only the count is computed (quantiles None, compact [])."""
         counts = self.counts.tolist()
         cum = list(itertools.accumulate(counts))
         n = cum[-1]
-        if n == 0:
-            return 0, [None for _ in qs], []
+        if n == 0 or n < at_least:
+            return n, [None for _ in qs], []
         # the run of bins from the first to the last non-empty one, found on the running sum
         first, end = bisect.bisect_right(cum, 0), bisect.bisect_left(cum, n) + 1
         return n, self._quantiles(counts, cum, qs), [first, *counts[first:end]]

@@ -322,3 +322,22 @@ def test_quantiles_in_one_pass_equal_quantile_one_by_one():
         h.add(rng.uniform(lo - (hi - lo) * 0.1, hi + (hi - lo) * 0.1, 37))
         qs = (0.0, 0.05, 0.5, 0.95, 1.0)
         assert h.quantiles(qs) == [h.quantile(q) for q in qs], m.name
+
+
+def test_digest_equals_count_quantiles_and_compact():
+    """`digest` (the payload's one read of a histogram) against the numpy-based forms."""
+    rng = np.random.default_rng(4)
+    qs = (0.0, 0.05, 0.5, 0.95, 1.0)
+    for m in METRICS:
+        h = Histogram(m.edges)
+        assert h.digest(qs) == (0, [None] * 5, [])
+        lo, hi = m.edges[0], m.edges[-1]
+        for n in (1, 2, 3, 19, 20, 500):
+            h = Histogram(m.edges)
+            h.add(rng.uniform(lo - (hi - lo) * 0.1, hi + (hi - lo) * 0.1, n))
+            nz = np.flatnonzero(h.counts)
+            compact = [int(nz[0])] + [int(c) for c in h.counts[nz[0]:nz[-1] + 1]]
+            assert h.digest(qs) == (int(h.counts.sum()), [h.quantile(q) for q in qs],
+                                    compact), (m.name, n)
+            assert h.compact() == compact and h.count == n
+            assert h.digest(qs, at_least=n + 1) == (n, [None] * 5, [])
