@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,3 +69,20 @@ def fill(directory: Path, leave: int = 0) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+class FailingInserts:
+    """Stands in for an outbox's sqlite connection: its INSERTs into the outbox fail with
+    `message` (e.g. "database or disk is full", the way SQLITE_FULL does), all else works."""
+
+    def __init__(self, db: sqlite3.Connection, message: str = "database or disk is full") -> None:
+        self._db = db
+        self._message = message
+
+    def execute(self, sql: str, *a: object) -> sqlite3.Cursor:
+        if sql.startswith("INSERT INTO outbox"):
+            raise sqlite3.OperationalError(self._message)
+        return self._db.execute(sql, *a)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)

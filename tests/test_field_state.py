@@ -27,7 +27,7 @@ from agent.state_health import QUARANTINED, WRITE_ERRORS, StateHealth
 from agent.telemetry.message import Message
 from agent.telemetry.outbox import OUTBOX_FILENAME, Outbox, OutboxLimits, OutboxUnusable
 from agent.windows import WindowAggregator
-from tests.fs_fixtures import fill, read_only, tiny_fs
+from tests.fs_fixtures import FailingInserts, fill, read_only, tiny_fs
 from tests.mqtt_fixtures import BrokerFactory, Subscriber, mosquitto
 
 __all__ = ["mosquitto"]  # the real-broker fixture
@@ -343,23 +343,9 @@ def test_injected_enospc_without_root_degrades_the_same_way(
     w.close()
     assert w.lost == 1 and len((tmp_path / "decisions.jsonl").read_text().splitlines()) == 1
 
-    class FullDisk:
-        """A sqlite connection whose INSERTs fail the way SQLITE_FULL does."""
-
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self._db = db
-
-        def execute(self, sql: str, *a: object) -> sqlite3.Cursor:
-            if sql.startswith("INSERT INTO outbox"):
-                raise sqlite3.OperationalError("database or disk is full")
-            return self._db.execute(sql, *a)
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self._db, name)
-
     with Outbox(tmp_path / OUTBOX_FILENAME, health=health) as ob:
         real = ob._db
-        ob._db = FullDisk(real)  # type: ignore[assignment]
+        ob._db = FailingInserts(real)  # type: ignore[assignment]
         assert [ob.append(msg(i)) for i in range(4)] == [-1] * 4
         ob._db = real
         assert ob.append(msg(4)) > 0 and payloads(ob)[-1]["outbox_dropped"] == 4

@@ -13,6 +13,7 @@ import pytest
 
 from agent.telemetry import Message, Outbox, OutboxLimits
 from agent.telemetry.outbox import OutboxLocked
+from tests.fs_fixtures import FailingInserts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,25 +209,13 @@ def test_an_append_that_fails_after_expiring_rows_leaves_them_to_the_next(tmp_pa
     them again."""
     now = [1000.0]
 
-    class FailingInsert:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self._db = db
-
-        def execute(self, sql: str, *a: object) -> sqlite3.Cursor:
-            if sql.startswith("INSERT INTO outbox"):
-                raise sqlite3.OperationalError("disk I/O error")
-            return self._db.execute(sql, *a)
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self._db, name)
-
     with Outbox(tmp_path / "ob.sqlite3", OutboxLimits(max_age_s=60),
                 clock=lambda: now[0]) as ob:
         ob.append(msg(0))
         ob.append(msg(1))
         now[0] += 100  # both expire with the next append
         real = ob._db
-        ob._db = FailingInsert(real)  # type: ignore[assignment]
+        ob._db = FailingInserts(real, "disk I/O error")  # type: ignore[assignment]
         assert ob.append(msg(2)) == -1
         ob._db = real
         assert len(ob) == 2  # the expiry was rolled back with the failed insert
