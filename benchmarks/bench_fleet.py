@@ -107,6 +107,19 @@ def stop_process(p: subprocess.Popen) -> None:
         p.kill()
 
 
+def off_core(core: int, *pids: int) -> set[int]:
+    """Keep these processes (0 = this one) off the replica's core, so that "one core" is the
+    replica's alone: the broker and the publishers run on the others (none left: unchanged)."""
+    others = os.sched_getaffinity(0) - {core}
+    if others:
+        for pid in pids:
+            try:
+                os.sched_setaffinity(pid, others)
+            except OSError:
+                pass
+    return others
+
+
 def bench_broker(d: Path) -> Broker:
     """A mosquitto on a free loopback port whose queues hold a whole benchmark fleet (queue
     limits as docs/mosquitto/mosquitto.conf sizes them, raised to hold every message)."""
@@ -171,6 +184,8 @@ def main() -> int:
         return 2
     broker = bench_broker(d)
     port = broker.port
+    assert broker.proc is not None
+    off_core(args.core, 0, broker.proc.pid)
 
     print(f"load average before: {os.getloadavg()}  (2 cores shared); CPU calibration: "
           f"sum(range(10**7)) took {_calibration():.3f} CPU-s")
@@ -222,6 +237,7 @@ def main() -> int:
         pubs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(port), str(p)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 for p in parts]
+        off_core(args.core, *(p.pid for p in pubs))
         for p in pubs:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         rss0 = _status_kb(serve.pid, "VmRSS")

@@ -38,6 +38,7 @@ from bench_fleet import (  # noqa: E402
     _proc_times,
     _status_kb,
     bench_broker,
+    off_core,
     stop_process,
 )
 
@@ -63,6 +64,8 @@ def main() -> int:
     d = Path(tempfile.mkdtemp(prefix="bench-backlog-"))
     broker = bench_broker(d)
     port = broker.port
+    assert broker.proc is not None
+    off_core(args.core, 0, broker.proc.pid)
     print(f"load average before: {os.getloadavg()}  (2 cores shared); CPU calibration: "
           f"sum(range(10**7)) took {_calibration():.3f} CPU-s")
 
