@@ -101,6 +101,17 @@ def pipeline_latency(wav: Path, speculate: bool) -> dict:
             "speculative_ms_per_utterance": round(p.speculative_ms / max(1, len(lat)), 3)}
 
 
+def make_bench_stream(shared: Path, minutes: float, tmp: Path) -> Path:
+    """The benchmarks' "microphone": `minutes` of FSDD speech from ../shared/eval/make_stream.py
+    (seed 3, so every benchmark and every run hears the same stream); returns the WAV."""
+    stream = tmp / "stream"
+    subprocess.run([sys.executable, str(shared / "eval" / "make_stream.py"), "--clips",
+                    str(shared / "data" / "fsdd" / "recordings"), "--seconds",
+                    str(minutes * 60), "--seed", "3", "--out", str(stream)], check=True,
+                   capture_output=True)
+    return stream.with_suffix(".wav")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,12 +120,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="eva-bench-"))
-    stream = tmp / "stream"
-    subprocess.run([sys.executable, str(a.shared / "eval" / "make_stream.py"), "--clips",
-                    str(a.shared / "data" / "fsdd" / "recordings"), "--seconds",
-                    str(a.minutes * 60), "--seed", "3", "--out", str(stream)], check=True,
-                   capture_output=True)
-    wav = stream.with_suffix(".wav")
+    wav = make_bench_stream(a.shared, a.minutes, tmp)
     audio_s = a.minutes * 60
     decisions = tmp / "decisions.jsonl"
     agent_cmd = [sys.executable, "-m", "agent", "run", "--source", str(wav), "--decisions",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_pipeline import timed  # noqa: E402
+from benchmarks.bench_pipeline import make_bench_stream, timed  # noqa: E402
 
 
 def deliver(state: Path, src: Path, rollout_id: str) -> None:
@@ -53,12 +52,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="eva-bench-shadow-"))
-    stream = tmp / "stream"
-    subprocess.run([sys.executable, str(a.shared / "eval" / "make_stream.py"), "--clips",
-                    str(a.shared / "data" / "fsdd" / "recordings"), "--seconds",
-                    str(a.minutes * 60), "--seed", "3", "--out", str(stream)], check=True,
-                   capture_output=True)
-    wav = stream.with_suffix(".wav")
+    wav = make_bench_stream(a.shared, a.minutes, tmp)
     audio_s = a.minutes * 60
     cands = {"same-fe": derive(tmp / "same", version="9.9.0-bench"),
              "abstainer": derive(tmp / "abst", version="9.9.1-bench", behaviour="abstain")}
