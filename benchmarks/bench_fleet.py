@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.fleet_sim import SimFleet  # noqa: E402
-from tests.mqtt_fixtures import Broker, free_port  # noqa: E402
+from tests.mqtt_fixtures import MOSQUITTO, Broker, free_port  # noqa: E402
 
 EVA = [sys.executable, "-m", "agent"]
 
@@ -120,9 +120,12 @@ def off_core(core: int, *pids: int) -> set[int]:
     return others
 
 
-def bench_broker(d: Path) -> Broker:
+def bench_broker(d: Path, core: int) -> Broker:
     """A mosquitto on a free loopback port whose queues hold a whole benchmark fleet (queue
-    limits as docs/mosquitto/mosquitto.conf sizes them, raised to hold every message)."""
+    limits as docs/mosquitto/mosquitto.conf sizes them, raised to hold every message), kept
+    with this process off the replica's `core`; prints the machine's load and calibration."""
+    if MOSQUITTO is None:
+        raise SystemExit("mosquitto not found (apt-get install -y mosquitto)")
     port = free_port()
     conf = d / "mosquitto.conf"
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "log_dest stderr",
@@ -131,7 +134,12 @@ def bench_broker(d: Path) -> Broker:
     if os.geteuid() == 0:
         lines.append("user root")
     conf.write_text("\n".join(lines) + "\n")
-    return Broker(port=port, conf=conf, log_path=d / "broker.log").start()
+    broker = Broker(port=port, conf=conf, log_path=d / "broker.log").start()
+    assert broker.proc is not None
+    off_core(core, 0, broker.proc.pid)
+    print(f"load average before: {os.getloadavg()}  (2 cores shared); CPU calibration: "
+          f"sum(range(10**7)) took {_calibration():.3f} CPU-s")
+    return broker
 
 
 def _prefill_history(path: Path, days: float, devices: int) -> int:
@@ -177,18 +185,8 @@ def main() -> int:
     args = ap.parse_args()
 
     d = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
-    mosq = shutil.which("mosquitto", path=os.pathsep.join([os.environ.get("PATH", ""),
-                                                            "/usr/sbin"]))
-    if mosq is None:
-        print("mosquitto not found (apt-get install -y mosquitto)")
-        return 2
-    broker = bench_broker(d)
+    broker = bench_broker(d, args.core)
     port = broker.port
-    assert broker.proc is not None
-    off_core(args.core, 0, broker.proc.pid)
-
-    print(f"load average before: {os.getloadavg()}  (2 cores shared); CPU calibration: "
-          f"sum(range(10**7)) took {_calibration():.3f} CPU-s")
     t0 = time.perf_counter()
     hist_bytes = _prefill_history(d / "history.sqlite", args.history_days, args.devices)
     print(f"history pre-filled: {args.history_days:g} days, {hist_bytes / 2**20:.1f} MiB "

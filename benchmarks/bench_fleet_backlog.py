@@ -33,12 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_fleet import (  # noqa: E402
     EVA,
     PUBLISHER,
-    _calibration,
     _get,
     _proc_times,
     _status_kb,
     bench_broker,
-    off_core,
     stop_process,
 )
 
@@ -62,12 +60,8 @@ def main() -> int:
     args = ap.parse_args()
 
     d = Path(tempfile.mkdtemp(prefix="bench-backlog-"))
-    broker = bench_broker(d)
+    broker = bench_broker(d, args.core)
     port = broker.port
-    assert broker.proc is not None
-    off_core(args.core, 0, broker.proc.pid)
-    print(f"load average before: {os.getloadavg()}  (2 cores shared); CPU calibration: "
-          f"sum(range(10**7)) took {_calibration():.3f} CPU-s")
 
     sim = SimFleet(devices=args.devices, windows=args.windows)
     msgs = [(t, b, t.endswith("/birth")) for t, b in sim.messages()
