@@ -26,7 +26,6 @@ import sqlite3
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -42,16 +41,12 @@ PRUNE_S = 600.0
 PROM_HINT = "pip install 'edge-voice-agent[fleet]'"
 
 
-def add_parser(fsub: Any) -> None:
-    s = fsub.add_parser("serve", help="Prometheus /metrics, a web page with history and "
-                        "/api/fleet.json; run several with --share to scale out")
-    s.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   default=argparse.SUPPRESS, help="stderr log level [INFO]")
-    s.add_argument("--broker", required=True, metavar="URL",
-                   help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+def add_parser(fsub: Any, connection: Any) -> None:
+    """`connection` adds the broker options every `fleet` command takes (agent.fleet.watch)."""
+    s = connection(fsub.add_parser("serve", help="Prometheus /metrics, a web page with history "
+                                   "and /api/fleet.json; run several with --share to scale out"))
     s.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"HTTP address for /metrics, / and /api/fleet.json [{DEFAULT_LISTEN}]")
-    s.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix [{DEFAULT_PREFIX}]")
     s.add_argument("--share", default="", metavar="GROUP",
                    help="take stats through the shared subscription $share/GROUP/...: run one "
                         "replica per core or host with the same GROUP")
@@ -71,13 +66,6 @@ def add_parser(fsub: Any) -> None:
     s.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
                    help="protocol of both broker connections; mosquitto and EMQX also "
                         "accept $share from 3.1.1 clients [5]")
-    s.add_argument("--username", default="", help="broker username (operator account)")
-    s.add_argument("--password-file", type=Path, default=None,
-                   help="file whose first line is the password")
-    s.add_argument("--ca-file", type=Path, default=None,
-                   help="CA bundle for mqtts (default: the system trust store)")
-    s.add_argument("--cert-file", type=Path, default=None, help="client certificate (mqtts)")
-    s.add_argument("--key-file", type=Path, default=None, help="client key (mqtts)")
     s.set_defaults(fleet_func=cmd_serve)
 
 

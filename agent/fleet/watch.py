@@ -49,7 +49,7 @@ def add_parser(sub: Any) -> None:
     from agent.fleet import rollout, serve  # argparse only; paho etc. load on use
 
     rollout.add_parser(fsub, connection)
-    serve.add_parser(fsub)
+    serve.add_parser(fsub, connection)
 
 
 def connection(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
