@@ -65,7 +65,7 @@ def test_fetch_verifies_the_real_wheel_and_a_tampered_extracted_file_is_refused(
     for f in P.FILES:
         assert (d / f.name).stat().st_size == f.size
         if f.sha256:
-            assert P.sha256_path(d / f.name) == f.sha256
+            assert P.sha256_file(d / f.name) == f.sha256
     copy = tmp_path / "x"
     copy.mkdir()
     for f in P.FILES:

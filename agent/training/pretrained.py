@@ -22,6 +22,7 @@ import numpy as np
 
 from agent.errors import AgentError
 from agent.frontend import DEFAULT, EMBEDDING_FILE, MEL_FILE, STREAM_FILE, SpeechEmbedding
+from agent.model import sha256_file
 
 PACKAGE = "openwakeword"
 VERSION = "0.4.0"
@@ -67,14 +68,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_wheel(cache: Path) -> Path:
     """`pip download --no-deps` the pinned wheel into `cache` (reused when already there)."""
     wheel = cache / WHEEL
@@ -96,7 +89,7 @@ def download_wheel(cache: Path) -> Path:
 
 
 def verify_wheel(wheel: Path) -> None:
-    digest = sha256_path(wheel)
+    digest = sha256_file(wheel)
     if digest != WHEEL_SHA256:
         raise AgentError(f"wheel {wheel} has sha256 {digest[:12]}… but the pin is "
                          f"{WHEEL_SHA256[:12]}…; it is not {PACKAGE}=={VERSION} as published — "
@@ -125,7 +118,7 @@ def extract(wheel: Path, out: Path) -> dict[str, Path]:
                                  f"is {f.sha256[:12]}…; refusing it — delete the wheel and "
                                  "fetch again")
             target = out / f.name
-            if not target.is_file() or sha256_path(target) != digest:
+            if not target.is_file() or sha256_file(target) != digest:
                 tmp = target.with_suffix(".tmp")
                 tmp.write_bytes(data)
                 tmp.replace(target)
@@ -140,7 +133,7 @@ def verify_extracted(directory: Path) -> None:
         if not path.is_file():
             raise AgentError(f"{path} is missing; fetch the pretrained front end again")
         if f.sha256:
-            digest = sha256_path(path)
+            digest = sha256_file(path)
             if digest != f.sha256:
                 raise AgentError(f"{path} has sha256 {digest[:12]}… but the pin is "
                                  f"{f.sha256[:12]}…; delete it and fetch again")
