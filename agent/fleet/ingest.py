@@ -148,18 +148,19 @@ class FleetModel:
         the history (call before reading `state.groups`, and before flushing the history)."""
         with self.lock:
             done = self.state.settle()
-        if self.history is not None:
-            for bucket, key, totals, drift in done:
-                self.history.add_totals(bucket, key, totals, drift)
+        self._to_history(done)
 
     @contextmanager
     def reading(self) -> Iterator[None]:
         """The lock, with the sums settled: what every view holds while it copies state."""
         with self.lock:
-            for bucket, key, totals, drift in self.state.settle():
-                if self.history is not None:
-                    self.history.add_totals(bucket, key, totals, drift)
+            self._to_history(self.state.settle())
             yield
+
+    def _to_history(self, done: list[tuple[int, GroupKey, _Totals, list[list[float]]]]) -> None:
+        if self.history is not None:
+            for bucket, key, totals, drift in done:
+                self.history.add_totals(bucket, key, totals, drift)
 
     def _stats(self, p: Mapping[str, Any], end: float, group: GroupKey,
                drift_sums: list[list[float]]) -> None:
