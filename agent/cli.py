@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder of the Speech Commands part (clips/{digit}_{speaker}_{n}.wav "
                        "and clips/neg_{word}_{speaker}_{n}.wav): real digits and real non-digit "
                        "words of many speakers, for training and speaker-grouped evaluation")
+        q.add_argument("--talk", type=Path, default=None,
+                       help="folder of talk_{speaker}_{utterance}.flac: real people talking, "
+                       "never to the device (negatives by speaker group, false activations "
+                       "per hour)")
         q.add_argument("--limit-per-class", type=int, default=None,
                        help="at most N clips per speaker and digit (quick runs)")
         q.add_argument("--small", action="store_true",
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="thresholds, baseline and out-of-fold predictions "
                     "[calibration/<model name>]")
     tr.add_argument("--name", default="fsdd-digits")
-    tr.add_argument("--model-version", default="2.0.0")
+    tr.add_argument("--model-version", default="3.0.0")
 
     ev = sub.add_parser("evaluate", help="leave-one-speaker-out evaluation of the training "
                         "recipe: accuracy by speaker, accent, class and condition, confusion, "
@@ -235,7 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train.train(args.data, args.out, calib, name=args.name, version=args.model_version,
                 seed=args.seed, speakers=speakers, limit_per_class=args.limit_per_class,
                 recipe=_recipe(args), cache=args.cache, workers=args.workers,
-                speech_commands=args.speech_commands, log=_log)
+                speech_commands=args.speech_commands, talk=args.talk, log=_log)
     return 0
 
 
@@ -245,7 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     r = _recipe(args)
     ds = evaluate.build_dataset(args.data, args.cache or train.DEFAULT_CACHE, r, args.seed,
                                 speakers, args.limit_per_class, args.workers, _log,
-                                args.speech_commands)
+                                args.speech_commands, args.talk)
     report = train.public(evaluate.loso(ds, r, args.seed, args.workers, _log))
     if args.json:
         print(json.dumps(report))

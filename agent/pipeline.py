@@ -1,7 +1,8 @@
 """The pure pipeline: audio blocks in, decisions out, on one audio clock.
 
 source block → mono → resample to the model's rate (16 kHz) → VAD segmenter → front end
-(agent/frontend.py, the same code training uses) → head → policy. No threads, no files, no
+(agent/frontend.py, the same code training uses) → head → policy (threshold and
+addressing: what the VAD knows about the segment, agent/decision.py). No threads, no files, no
 network here: the service feeds blocks and drains decisions, tests and benchmarks call the
 same object directly. Observers get every measurement the
 monitoring layer needs without the pipeline knowing what they do with it.
@@ -148,18 +149,19 @@ class Pipeline:
         label = confidence = margin = None
         accepted = False
         runs = self.model is not None and self.policy.runs_model
+        addressed = self.policy.addressing.allows_utterance(u)
         if runs:
             feats = self._features(u)
             probs = self.model.predict(feats[None, :])[0]
             label, confidence, margin, accepted = self.policy.decide(
-                probs, self.model.manifest.classes)
+                probs, self.model.manifest.classes, addressed)
         latency_ms = (time.perf_counter() - t0) * 1000.0
         d = Decision(start=u.start / self.rate, end=u.end / self.rate,
                      decided_at=u.emitted_at / self.rate, label=label, confidence=confidence,
                      accepted=accepted,
                      model=self.model.manifest.ref if runs else None,
                      latency_ms=latency_ms, margin=margin, mode=self.policy.mode,
-                     forced_cut=u.forced_cut)
+                     forced_cut=u.forced_cut, addressed=addressed)
         outcome = Outcome(u, d, probs, feats)
         for o in self.observers:
             o.on_outcome(outcome)

@@ -75,6 +75,7 @@ def load_policy(cfg: Config, model: ModelRunner) -> Policy:
     """The automation mode with its threshold: explicit, or the model's calibrated one."""
     m = model.manifest
     threshold = cfg.decision.threshold
+    per_class: tuple[tuple[str, float], ...] = ()  # an explicit threshold is for every class
     if threshold < 0:
         path = Path(cfg.model.thresholds) if cfg.model.thresholds else \
             calibration_dir(m.name) / "thresholds.json"
@@ -83,8 +84,9 @@ def load_policy(cfg: Config, model: ModelRunner) -> Policy:
             raise AgentError(f"thresholds file {path} was calibrated for {t.model} "
                              f"(sha256 {t.sha256[:12]}…), not for {m.ref} (sha256 "
                              f"{m.sha256[:12]}…); recalibrate or set decision.threshold")
-        threshold = t.threshold
-    return Policy(cfg.decision.mode, threshold, m.unknown_label)
+        threshold, per_class = t.threshold, t.per_class
+    return Policy(cfg.decision.mode, threshold, m.unknown_label, per_class,
+                  cfg.decision.addressing())
 
 
 def build_pipeline(cfg: Config) -> Pipeline:

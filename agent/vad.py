@@ -45,6 +45,14 @@ class Utterance:
     speech_frames: int
     forced_cut: bool      # True when max_utterance_ms cut it, not silence
     emitted_at: int       # clock position at which the segmenter released it
+    # samples of quiet between the previous segment's last speech (released or discarded as
+    # too short) and `start`; None when nothing was heard before (stream start, after a hole)
+    quiet_before: int | None = None
+
+    @property
+    def length_s(self) -> float:
+        """Speech span in seconds (first to last speech frame)."""
+        return (self.end - self.start) / self.rate
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Segmenter:
         self._last_speech_end = 0
         self._speech_count = 0
         self._silence_run = 0
+        self._prev_speech_end: int | None = None  # last speech of the previous segment
         self.speculate = speculate
         self.speculate_after = max(1, speculate_after)
         self.noise_floor_db: float | None = None
@@ -163,6 +172,7 @@ class Segmenter:
         self._pending = np.zeros(0, np.float32)
         self._recent.clear()
         self._history.clear()
+        self._prev_speech_end = None  # what came before the hole is unknown
         return out
 
     def _floor(self) -> float:
@@ -217,12 +227,15 @@ class Segmenter:
         skip = (audio_start - self._active_first) // self.frame
         audio = np.concatenate(self._active[skip:keep]) if keep > skip else \
             np.zeros(0, np.float32)
+        prev = self._prev_speech_end
         return Utterance(start=self._start, end=end, audio_start=audio_start, audio=audio,
                          rate=self.rate, speech_frames=self._speech_count, forced_cut=forced,
-                         emitted_at=self._clock)
+                         emitted_at=self._clock,
+                         quiet_before=None if prev is None else max(0, self._start - prev))
 
     def _close(self, forced: bool) -> Utterance | None:
         u = self._build(forced)
+        self._prev_speech_end = self._last_speech_end
         self._active = None
         self._recent.clear()
         if u is None:

@@ -65,3 +65,28 @@ def test_modes_end_to_end():
     assert all(d["label"] is None and d["confidence"] is None and not d["accepted"]
                and d["model"] is None for d in off)
     assert [d["start"] for d in off] == [d["start"] for d in partial]
+
+
+def test_per_class_thresholds_replace_the_single_one():
+    pol = Policy("partial", 0.9, "unknown", per_class=(("0", 0.5), ("1", 0.99)))
+    assert pol.decide(probs(0.60, 0.30, 0.05, 0.05), CLASSES)[3]        # "0" at 0.6 ≥ 0.5
+    assert not pol.decide(probs(0.02, 0.95, 0.02, 0.01), CLASSES)[3]    # "1" at 0.95 < 0.99
+    assert pol.decide(probs(0.02, 0.02, 0.95, 0.01), CLASSES)[3]        # "2": the single one
+
+
+@pytest.mark.parametrize("length,forced,quiet,ok", [
+    (0.6, False, None, True),     # a word at the start of the stream
+    (0.6, False, 2.0, True),      # a word on its own
+    (0.6, False, 0.2, False),     # right after other speech: a piece of a sentence
+    (2.5, False, 2.0, False),     # too long for a command
+    (0.6, True, 2.0, False),      # force-cut at max_utterance_ms: running speech
+])
+def test_addressing_rule(length, forced, quiet, ok):
+    from agent.decision import Addressing
+
+    rule = Addressing()
+    assert rule.allows(length, forced, quiet) is ok
+    pol = Policy("full", 0.0, "unknown", addressing=rule)
+    # never acts on a segment that was not addressed to it, however confident, in any mode
+    assert pol.decide(probs(0.99, 0.0, 0.0, 0.01), CLASSES, rule.allows(length, forced, quiet)
+                      )[3] is ok

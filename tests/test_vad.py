@@ -128,3 +128,27 @@ def test_all_webrtcvad_frame_lengths_work(words, frame_ms):
 def test_unsupported_rate_is_refused():
     with pytest.raises(ConfigError, match="22050"):
         Segmenter(VadConfig(), 22050)
+
+
+def test_quiet_before_measures_the_pause_since_the_previous_segment(words):
+    """What the addressing rule reads: nothing before the first word (None), the pause before
+    each later one (a word after 0.3 s of quiet is inside running speech, after 1.5 s on its
+    own), and a force-cut continuation follows its first part with no quiet at all."""
+    a, b, c = words[:3]
+    x = np.concatenate([floor(RATE), a, floor(int(0.3 * RATE), seed=1), b,
+                        floor(int(1.5 * RATE), seed=2), c, floor(RATE, seed=3)])
+    us = run(Segmenter(VadConfig(), RATE), x)
+    assert len(us) == 3
+    assert us[0].quiet_before is None
+    q1, q2 = us[1].quiet_before / RATE, us[2].quiet_before / RATE
+    assert 0.2 <= q1 <= 0.45 and 1.3 <= q2 <= 1.7, (q1, q2)
+    assert all(u.length_s == (u.end - u.start) / RATE for u in us)
+    speech = np.concatenate([words[i % len(words)] for i in range(12)])
+    cut = run(Segmenter(VadConfig(max_utterance_ms=1000, hangover_ms=600), RATE),
+              np.concatenate([floor(RATE), speech, floor(RATE, seed=4)]))
+    forced = [u for u in cut if u.forced_cut]
+    assert forced and cut[cut.index(forced[0]) + 1].quiet_before == 0
+    seg = Segmenter(VadConfig(), RATE)
+    run(seg, np.concatenate([floor(RATE), a, floor(RATE)]))
+    seg.skip(RATE)  # after a hole nothing is known about what came before
+    assert run(seg, np.concatenate([floor(RATE), b, floor(RATE)]))[0].quiet_before is None

@@ -227,7 +227,8 @@ class RolloutController:
         model = self._load_candidate(c.ref)
         m = model.manifest
         t = Thresholds.read(thresholds_path(model.directory, m))
-        self.shadow = ShadowRunner(model, Policy("partial", t.threshold, m.unknown_label),
+        self.shadow = ShadowRunner(model, Policy("partial", t.threshold, m.unknown_label,
+                                                 t.per_class, self.host.pipeline.policy.addressing),
                                    self.host.pipeline.rate,
                                    active=lambda: self.host.pipeline.model)
         self.shadow.on_result.extend(self._shadow_listeners)

@@ -45,11 +45,11 @@ def features_of(model: ModelRunner, audio: np.ndarray) -> np.ndarray:
     return model.features(audio)
 
 
-def decide(model: ModelRunner, policy: Policy, audio: np.ndarray
+def decide(model: ModelRunner, policy: Policy, audio: np.ndarray, addressed: bool = True
            ) -> tuple[str, float, float, bool, np.ndarray]:
     """(label, confidence, margin, accepted, probabilities): the pipeline's own steps."""
     probs = model.predict(features_of(model, audio)[None, :])[0]
-    label, conf, margin, accepted = policy.decide(probs, model.manifest.classes)
+    label, conf, margin, accepted = policy.decide(probs, model.manifest.classes, addressed)
     return label, conf, margin, accepted, probs
 
 
@@ -113,18 +113,20 @@ class ShadowRunner:
         t0 = time.perf_counter()
         feats = getattr(o, "features", None)
         active = self.active()
+        addressed = self.policy.addressing.allows_utterance(o.utterance)  # like the pipeline
         # the active model's head input is the candidate's too when they share the front end
         if feats is not None and active is not None and \
                 getattr(self.model, "embedder", None) is getattr(active, "embedder", False):
             probs = self.model.predict(feats[None, :])[0]
-            label, conf, margin, accepted = self.policy.decide(probs, self.model.manifest.classes)
+            label, conf, margin, accepted = self.policy.decide(
+                probs, self.model.manifest.classes, addressed)
         else:
             audio = o.utterance.audio
             want = self.model.manifest.sample_rate
             if o.utterance.rate != want:
                 import soxr
                 audio = soxr.resample(audio, o.utterance.rate, want).astype(np.float32)
-            label, conf, margin, accepted, _ = decide(self.model, self.policy, audio)
+            label, conf, margin, accepted, _ = decide(self.model, self.policy, audio, addressed)
         latency = (time.perf_counter() - t0) * 1000.0
         unknown = self.policy.unknown_label
         best = conf - margin if label == unknown else conf

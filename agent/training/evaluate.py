@@ -26,7 +26,10 @@ from typing import Any
 import numpy as np
 
 from agent import frontend as F
+from agent.config import VadConfig
+from agent.decision import Addressing
 from agent.training import augment as A
+from agent.training import streams as T
 from agent.training import synth as S
 from agent.training.dataset import (
     ACCENTS,
@@ -55,6 +58,8 @@ from agent.training.recipe import (
     softmax,
     threshold_for_precision,
 )
+from agent.training.thresholds import accepted as accepted_at
+from agent.training.thresholds import choose_thresholds, group_precision, nested_thresholds
 
 SR = 16000
 FSDD_CONDITIONS = A.CONDITIONS
@@ -99,6 +104,24 @@ class Part:
 
 
 @dataclass
+class StreamPart:
+    """Head inputs of VAD segments of streams (agent/training/streams.py), with what the VAD
+    knew about each segment and each group's stream length in hours."""
+
+    x: np.ndarray
+    length_s: np.ndarray
+    forced: np.ndarray
+    quiet_before_s: np.ndarray   # nan: nothing heard before
+    group: np.ndarray            # speaker, speaker group or kind of sound
+    hours: dict[str, float]
+
+    def addressed(self, rule: Addressing) -> np.ndarray:
+        return np.array([rule.allows(float(n), bool(f), None if np.isnan(q) else float(q))
+                         for n, f, q in zip(self.length_s, self.forced, self.quiet_before_s,
+                                            strict=True)], bool)
+
+
+@dataclass
 class DataSet:
     fsdd: Part
     sc: Part | None
@@ -109,15 +132,20 @@ class DataSet:
     sounds: Part           # babble, music, noise, tv; group A trained, B held out
     clips: list[Clip] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    talk: StreamPart | None = None          # real people talking, by speaker
+    word_stream: StreamPart | None = None   # real Speech Commands words, by speaker group
+    sound_stream: StreamPart | None = None  # made-up music and noise, by kind
 
     @property
     def speakers(self) -> list[str]:
         return sorted({str(s) for s in self.fsdd.group})
 
-    def train_sets(self, fsdd_speakers: list[str], sc_speakers: list[str]
+    def train_sets(self, fsdd_speakers: list[str], sc_speakers: list[str],
+                   talk_speakers: list[str] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(x_head, y_head, x_rejector, y_rejector) for the given training speakers; the
-        rejector's labels are the digit, WORD or SOUND."""
+        rejector's labels are the digit, WORD or SOUND; every VAD segment of the talk speakers
+        is a WORD (running speech is never a command)."""
         xs, ys = [], []
         x, y = self.fsdd.all(np.isin(self.fsdd.group, fsdd_speakers))
         xs.append(x), ys.append(y)
@@ -131,6 +159,8 @@ class DataSet:
         xs.append(x), ys.append(y)
         xh, yh = np.concatenate(xs), np.concatenate(ys)
         words.append(self.words.all(self.words.group == "A")[0])
+        if self.talk is not None and talk_speakers:
+            words.append(self.talk.x[np.isin(self.talk.group, talk_speakers)])
         xw = np.concatenate(words)
         xs_ = self.sounds.all(self.sounds.group == "A")[0]
         return xh, yh, np.concatenate([xh, xw, xs_]), np.concatenate(
@@ -181,7 +211,8 @@ def _limit(clips: list[Clip], limit: int | None, per_speaker: bool = True) -> li
 
 def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
                   speakers: set[str] | None = None, limit_per_class: int | None = None,
-                  workers: int = 2, log=print, speech_commands: Path | None = None) -> DataSet:
+                  workers: int = 2, log=print, speech_commands: Path | None = None,
+                  talk: Path | None = None) -> DataSet:
     from agent.training.pretrained import fetch
 
     t0 = time.perf_counter()
@@ -227,7 +258,10 @@ def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
                 else:
                     x = A.tv(sents[int(rng.integers(len(sents)))], rng)
                 sounds.append(x), kinds.append(kind), groups.append(g)
-    synth_key = [len(x) for x in digits.audio[:50]] + [r.to_dict(), seed]
+    # only what changes the synthetic audio or its augmentation: refitting a head or rejector
+    # with other settings reuses the cached features
+    synth_key = [len(x) for x in digits.audio[:50]] + [
+        {k: v for k, v in r.to_dict().items() if k.startswith("n_") or "aug" in k}, seed]
     with Pool(workers, _init_worker, ({"babble_train": babble_train,
                                        "babble_test": babble_test},)) as pool:
         def feats(name: str, key: Any, audio: list[np.ndarray], copies: int,
@@ -263,14 +297,58 @@ def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
                      np.array([S.HOMOPHONES[i] for i in homo.label]))
         nx, na, _ = feats("sounds", synth_key, sounds, r.synth_aug_copies)
         npart = Part(nx, na, np.full(len(nx), UNKNOWN_INDEX), np.array(groups), np.array(kinds))
-    ds = DataSet(fsdd, sc, synth, heldout, wpart, hpart, npart, clips=clips, counts={
+        vad = VadConfig()
+
+        def stream_part(name: str, key: Any, streams: list[tuple[str, list[np.ndarray]]],
+                        gap: tuple[float, float]) -> StreamPart:
+            segs, hours = [], {}
+            for i, (g, audio) in enumerate(streams):
+                sg, secs = T.stream_segments(audio, g, vad, seed + i, gap)
+                segs += sg
+                hours[g] = hours.get(g, 0.0) + secs / 3600
+            x = featurize(pool, cache, name, [key, gap, vad.__dict__],
+                          [sg.audio for sg in segs], "clean", seed, log)
+            return StreamPart(x, np.array([sg.length_s for sg in segs]),
+                              np.array([sg.forced_cut for sg in segs]),
+                              np.array([np.nan if sg.quiet_before_s is None else sg.quiet_before_s
+                                        for sg in segs]),
+                              np.array([sg.group for sg in segs]), hours)
+
+        talk_part = word_stream = None
+        if talk is not None:
+            by_spk = T.talk_files(talk)
+            if limit_per_class:  # quick runs: a few sentences of a few speakers
+                by_spk = {k: v[:2 * limit_per_class] for k, v in list(by_spk.items())[:9]}
+            talk_part = stream_part(
+                "talk", [(p.name, p.stat().st_size) for ps in by_spk.values() for p in ps],
+                [(spk, [load_audio(p, SR) for p in ps]) for spk, ps in by_spk.items()],
+                T.TALK_GAP_S)
+        if sc_clips:
+            by_group: dict[str, list[np.ndarray]] = {}
+            order = {s: i for i, g in enumerate(sc_speaker_groups(
+                sorted({c.speaker for c in sc_clips}), r.sc_folds)) for s in g}
+            for c, a in zip(sc_clips, sc_audio, strict=True):
+                if is_negative(c.label):
+                    by_group.setdefault(f"sc{order[c.speaker]}", []).append(a)
+            word_stream = stream_part("word-stream", [_files_key(sc_clips), r.sc_folds],
+                                      sorted(by_group.items()), T.WORD_GAP_S)
+        srng = np.random.default_rng(seed + 7)
+        pieces = 400 if r.n_music >= 100 else 30   # about 10 minutes of each (1.5 s a piece)
+        sound_streams = [(k, [gen(srng) for _ in range(pieces)])
+                         for k, gen in (("music", A.music), ("noise", A.noise))]
+        sound_stream = stream_part("sound-stream", [synth_key, pieces], sound_streams,
+                                   (0.0, 1.0))
+    ds = DataSet(fsdd, sc, synth, heldout, wpart, hpart, npart, talk=talk_part,
+                 word_stream=word_stream, sound_stream=sound_stream, clips=clips, counts={
         "fsdd_recordings": len(clips), "fsdd_speakers": len(set(fsdd.group)),
         "speech_commands_digits": int(sum(not is_negative(c.label) for c in sc_clips)),
         "speech_commands_words": int(sum(is_negative(c.label) for c in sc_clips)),
         "speech_commands_speakers": len({c.speaker for c in sc_clips}),
         "synthetic_digits": len(dig_tr.audio), "heldout_voice_digits": len(dig_ho.audio),
         "synthetic_words": len(words.audio), "homophones": len(homo.audio),
-        "sounds": len(sounds)})
+        "sounds": len(sounds),
+        **({"talk_speakers": len(talk_part.hours), "talk_segments": len(talk_part.x),
+            "talk_hours": round(sum(talk_part.hours.values()), 2)} if talk_part else {})})
     log(f"data: {len(clips)} FSDD recordings of {len(set(fsdd.group))} speakers, "
         f"{len(sc_clips)} Speech Commands clips, {len(dig_tr.audio)} synthetic digits "
         f"(+{len(dig_ho.audio)} of held-out voices), {len(words.audio)} synthetic words, "
@@ -280,18 +358,23 @@ def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
 
 # --- folds --------------------------------------------------------------------------------------
 def _fit_fold(args: tuple) -> tuple:
-    ds, fsdd_tr, sc_tr, r, seed = args
-    xh, yh, xr, yr = ds.train_sets(fsdd_tr, sc_tr)
+    ds, fsdd_tr, sc_tr, talk_tr, r, seed = args
+    xh, yh, xr, yr = ds.train_sets(fsdd_tr, sc_tr, talk_tr)
     return fit_head(xh, yh, r, seed), fit_rejector(xr, yr, r, seed)
+
+
+def sc_speaker_groups(speakers: list[str], k: int) -> list[list[str]]:
+    """Speakers in k groups (seeded permutation of the sorted ids)."""
+    spk = np.array(sorted(speakers))
+    perm = np.random.default_rng(0).permutation(len(spk))
+    return [sorted(spk[perm[i::k]]) for i in range(min(k, len(spk)))]
 
 
 def sc_folds(ds: DataSet, k: int = 5) -> list[list[str]]:
     """Speech Commands speakers in k groups (seeded permutation of the sorted ids)."""
     if ds.sc is None:
         return []
-    spk = np.array(sorted({str(s) for s in ds.sc.group}))
-    perm = np.random.default_rng(0).permutation(len(spk))
-    return [sorted(spk[perm[i::k]]) for i in range(min(k, len(spk)))]
+    return sc_speaker_groups(sorted({str(s) for s in ds.sc.group}), k)
 
 
 def _scores(models: tuple, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -306,8 +389,12 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
         raise SystemExit("evaluate: leave-one-speaker-out needs at least two speakers")
     sc_all = sorted({str(s) for s in ds.sc.group}) if ds.sc is not None else []
     groups = sc_folds(ds, r.sc_folds)
-    jobs = [(ds, [o for o in speakers if o != s], sc_all, r, seed) for s in speakers]
-    jobs += [(ds, speakers, [s for s in sc_all if s not in g], r, seed) for g in groups]
+    talk_all = sorted(ds.talk.hours) if ds.talk is not None else []
+    talk_groups = sc_speaker_groups(talk_all, len(groups)) if groups and talk_all else []
+    jobs = [(ds, [o for o in speakers if o != s], sc_all, talk_all, r, seed) for s in speakers]
+    jobs += [(ds, speakers, [s for s in sc_all if s not in g],
+              [s for s in talk_all if not talk_groups or s not in talk_groups[i]], r, seed)
+             for i, g in enumerate(groups)]
     with Pool(max(1, min(workers, len(jobs)))) as p:
         models = p.map(_fit_fold, jobs)
     # out of fold: FSDD by speaker (every condition), Speech Commands by speaker group
@@ -333,6 +420,22 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
         zs = [_scores(m, x) for m in loso_models]
         negs[name] = (np.concatenate([z for z, _ in zs]), np.concatenate([lg for _, lg in zs]))
     ho = [_scores(m, ds.heldout_voices.x) for m in loso_models]
+    sc_models = models[len(speakers):]
+    # streams, out of fold: talk by held-out talk group, Speech Commands words by held-out
+    # speaker group, music and noise by every speaker-group model (averaged)
+    stream_scores: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    if ds.talk is not None and talk_groups:
+        for g, m in zip(talk_groups, sc_models, strict=True):
+            te = np.isin(ds.talk.group, g)
+            stream_scores.setdefault("talk", []).append((te, *_scores(m, ds.talk.x[te])))
+    if ds.word_stream is not None:
+        for i, m in enumerate(sc_models):
+            te = ds.word_stream.group == f"sc{i}"
+            stream_scores.setdefault("words", []).append((te, *_scores(m, ds.word_stream.x[te])))
+    if ds.sound_stream is not None and sc_models:
+        for m in sc_models:
+            every = np.ones(len(ds.sound_stream.x), bool)
+            stream_scores.setdefault("sounds", []).append((every, *_scores(m, ds.sound_stream.x)))
 
     # calibration on the real out-of-fold scores: head temperature on digits; Platt on all
     y_f = f.label
@@ -352,7 +455,17 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
     y_sc = np.where(is_dig_sc, sc_y, UNKNOWN_INDEX)
     # one threshold, out of fold, on FSDD + Speech Commands pooled (real voices, real words)
     p_pool, y_pool = np.concatenate([p_f, p_sc]), np.concatenate([y_f, y_sc])
-    thr, cov_pool, prec_pool = threshold_for_precision(p_pool, y_pool, r.target_precision)
+    thr_pooled, cov_pool, prec_pool = threshold_for_precision(p_pool, y_pool,
+                                                              r.target_precision)
+    # thresholds that hold for the worst held-out group (an FSDD speaker, a Speech Commands
+    # speaker group with its digits and words)
+    g_pool = np.concatenate([f.group.astype(str), np.array(
+        [next(f"sc{i}" for i, gg in enumerate(groups) if g in gg) for g in sc_g], dtype=str)])
+    p_pool = p_pool.astype(np.float32)  # as stored in oof.npz: the choice replays exactly
+    thr, th_vec = choose_thresholds(p_pool, y_pool, g_pool, r.target_precision,
+                                    per_class=r.per_class_thresholds)
+    nested_th = nested_thresholds(p_pool, y_pool, g_pool, r.target_precision,
+                                  r.per_class_thresholds)
 
     # nested calibration for an honest ECE: each FSDD speaker / SC group calibrated on the rest
     src = np.r_[f.group, np.array([f"sc{i}" for g in sc_g for i, gg in enumerate(groups)
@@ -368,7 +481,7 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
     head_only = softmax(oof_z["clean"], t)
 
     def accepted(p: np.ndarray) -> np.ndarray:
-        return (p.argmax(1) != UNKNOWN_INDEX) & (p.max(1) >= thr)
+        return accepted_at(p, th_vec)
 
     conditions = {}
     for c in f.cond:
@@ -397,6 +510,17 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
     main_kinds = [k for k in fa_by_kind if k != "homophones"]
     fa_all = float(np.sum([fa_by_kind[k] * n_neg[k] for k in main_kinds]) /
                    max(1, sum(n_neg[k] for k in main_kinds)))
+    by_group = {g: {"precision": pr, "accepted": n, "coverage": cov,
+                    "source": "fsdd" if g in speakers else "speech-commands"}
+                for g, (pr, n, cov) in group_precision(p_pool, y_pool, g_pool, th_vec).items()}
+    worst = min((v["precision"] for v in by_group.values() if v["precision"] is not None),
+                default=None)
+    nested_worst = min((v["precision"] for v in nested_th.values()
+                        if v["precision"] is not None), default=None)
+    src_pool = np.where(np.isin(g_pool, speakers), "fsdd", "speech-commands")
+    by_source = {k: {"precision": v[0], "accepted": v[1], "coverage": v[2]} for k, v in
+                 group_precision(p_pool, y_pool, src_pool, th_vec).items()}
+    false_activations = stream_report(ds, stream_scores, prob, th_vec)
     p_ho = [prob(z, lg) for z, lg in ho]
     ho_acc = float(np.mean([(softmax(z, t).argmax(1) == ds.heldout_voices.label).mean()
                             for z, _ in ho])) if len(ds.heldout_voices.label) else None
@@ -419,11 +543,19 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
                         "on out-of-fold scores of real voices (FSDD + Speech Commands); ECE "
                         "of the 11-way output with a nested fit"},
         "threshold": {"value": thr, "target_precision": r.target_precision,
+                      "per_class": {d: float(v) for d, v in zip(DIGITS, th_vec, strict=True)},
                       "precision": float(correct_f[a_f].mean()) if a_f.any() else None,
                       "coverage": float(a_f.mean()),
+                      "by_group": by_group, "worst_group": worst,
+                      "by_source": by_source, "nested": nested_th,
+                      "nested_worst": nested_worst,
+                      "pooled_threshold": thr_pooled,
                       "pooled_precision": prec_pool, "pooled_digit_coverage": cov_pool,
-                      "chosen_on": "out-of-fold FSDD (by speaker) + Speech Commands (by "
-                      "speaker group), pooled"},
+                      "chosen_on": "out-of-fold FSDD (each speaker a group) + Speech Commands "
+                      "(each held-out speaker group, digits and words): the precision target "
+                      "holds in every group; nested: each group scored at thresholds chosen "
+                      "without it"},
+        "false_activations": false_activations,
         "rejected_as_unknown": float((pred == UNKNOWN_INDEX).mean()),
         "negatives": {"n": int(sum(n_neg[k] for k in main_kinds)), "false_accepts": fa_all,
                       "by_kind": fa_by_kind, "counts": n_neg,
@@ -434,7 +566,7 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
                            "coverage": float(np.mean([accepted(p).mean() for p in p_ho]))
                            if p_ho and len(ds.heldout_voices.label) else None,
                            "voices": list(S.HELDOUT_VOICES)},
-        "open_set_cost": open_set_cost(head_only, p_f, y_f, p_sc, y_sc, sc_z, t, thr,
+        "open_set_cost": open_set_cost(head_only, p_f, y_f, p_sc, y_sc, sc_z, t, thr_pooled,
                                        r.target_precision),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -451,7 +583,9 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
             "digits_covered": float(ok[dig].mean()),
             "precision": float(ok[a_sc].sum() / max(1, a_sc.sum())),
             "words_accepted": float(a_sc[~dig].mean()), "words_accepted_by_word": words_acc}
-    report["_oof"] = {"probabilities": p_f.astype(np.float32), "labels": y_f}
+    report["_oof"] = {"probabilities": p_f.astype(np.float32), "labels": y_f,
+                      "pool_probabilities": p_pool.astype(np.float32), "pool_labels": y_pool,
+                      "pool_groups": g_pool}
     sc_rep = report.get("speech_commands", {})
     log(f"evaluate: LOSO clean {report['accuracy']:.3f} (worst {report['worst_speaker']:.3f}), "
         f"white 10 dB {conditions['white10']['mean']:.3f}, babble 10 dB "
@@ -463,6 +597,40 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
         f"{sc_rep.get('digits_covered', float('nan')):.3f}, words accepted "
         f"{sc_rep.get('words_accepted', float('nan')):.3f}")
     return report
+
+
+def stream_report(ds: DataSet, scores: dict[str, list[tuple]], prob, th: np.ndarray
+                  ) -> dict[str, Any]:
+    """False activations per hour of each stream, out of fold: by the model alone (threshold)
+    and with the addressing rule the daemon applies (agent/decision.py)."""
+    rule = Addressing()
+    out: dict[str, Any] = {}
+    parts = {"talk": ds.talk, "words": ds.word_stream, "sounds": ds.sound_stream}
+    for name, folds in scores.items():
+        part = parts[name]
+        addressed = part.addressed(rule)
+        kinds = ["music", "noise"] if name == "sounds" else [name]
+        for kind in kinds:
+            acc_model = acc_rule = n_seg = 0.0
+            for te, z, lg in folds:
+                a = accepted_at(prob(z, lg), th)
+                k = part.group[te] == kind if name == "sounds" else np.ones(len(a), bool)
+                acc_model += float((a & k).sum())
+                acc_rule += float((a & k & addressed[te]).sum())
+                n_seg += float(k.sum())
+            reps = len(folds) if name == "sounds" else 1   # every model saw the sound streams
+            hours = part.hours[kind] if name == "sounds" else sum(part.hours.values())
+            seg_mask = part.group == kind if name == "sounds" else np.ones(len(part.x), bool)
+            out[kind] = {
+                "hours": hours, "segments": int(n_seg / reps),
+                "forced_cut": float(part.forced[seg_mask].mean()) if seg_mask.any() else 0.0,
+                "addressed": float(addressed[seg_mask].mean()) if seg_mask.any() else 0.0,
+                "per_hour_model": acc_model / reps / hours,
+                "per_hour": acc_rule / reps / hours}
+    out["rule"] = {"max_length_s": rule.max_length_s,
+                   "min_quiet_before_s": rule.min_quiet_before_s,
+                   "act_on_forced_cut": rule.act_on_forced_cut}
+    return out
 
 
 def held_out_negatives(ds: DataSet) -> dict[str, np.ndarray]:

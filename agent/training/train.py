@@ -93,10 +93,11 @@ def measure_latency(model_dir: Path, clips: list[np.ndarray], n: int = 100) -> f
 
 
 def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path, *,
-          name: str = "fsdd-digits", version: str = "2.0.0", seed: int = 0,
+          name: str = "fsdd-digits", version: str = "3.0.0", seed: int = 0,
           speakers: set[str] | None = None, limit_per_class: int | None = None,
           recipe: Recipe | None = None, cache: Path | None = None, workers: int = 2,
-          speech_commands: Path | None = None, log=print) -> TrainResult:
+          speech_commands: Path | None = None, talk: Path | None = None,
+          log=print) -> TrainResult:
     from agent.frontend import FrontendParams
     from agent.training.modeldir import write_model_directory
 
@@ -105,11 +106,12 @@ def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path
     out_dir, calibration_dir = Path(out_dir), Path(calibration_dir)
     dim = FrontendParams().dim
     ds = build_dataset(Path(data_dir), cache or DEFAULT_CACHE, r, seed, speakers,
-                       limit_per_class, workers, log, speech_commands)
+                       limit_per_class, workers, log, speech_commands, talk)
     report = loso(ds, r, seed, workers, log)
     t, platt = report["calibration"]["temperature"], tuple(report["calibration"]["platt"])
     sc_speakers = sorted({str(s) for s in ds.sc.group}) if ds.sc is not None else []
-    xh, yh, xr, yr = ds.train_sets(ds.speakers, sc_speakers)
+    talk_speakers = sorted(ds.talk.hours) if ds.talk is not None else []
+    xh, yh, xr, yr = ds.train_sets(ds.speakers, sc_speakers, talk_speakers)
     log(f"train: final fit on {len(yh)} digit examples, rejector on {len(yr)}")
     head, rejector = fit_head(xh, yh, r, seed), fit_rejector(xr, yr, r, seed)
     head_blob, rej_blob = head_to_onnx(head, t, dim), rejector_to_onnx(rejector, platt, dim)
@@ -121,6 +123,8 @@ def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path
     data = "Free Spoken Digit Dataset (CC BY-SA 4.0) + synthetic speech"
     if ds.sc is not None:
         data += " + Speech Commands (CC BY 4.0, Warden 2018)"
+    if ds.talk is not None:
+        data += " + speechocean762 read sentences as negatives (CC BY 4.0, Speechocean/Xiaomi)"
     manifest = write_model_directory(
         out_dir, name=name, version=version, classes=CLASSES, unknown_label=UNKNOWN,
         heads={"head": head_blob, "rejector": rej_blob},
@@ -139,11 +143,16 @@ def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path
     th = pub["threshold"]
     (calibration_dir / "thresholds.json").write_text(json.dumps({
         "model": manifest.ref, "sha256": manifest.sha256, "threshold": round(th["value"], 6),
+        "per_class": {k: round(v, 6) for k, v in th["per_class"].items()},
         "target_precision": th["target_precision"],
         "out_of_fold": {"coverage": round(th["coverage"], 4),
                         "precision": round(th["precision"] or 0.0, 4),
-                        "method": "leave-one-speaker-out (FSDD) + speaker-grouped folds "
-                        "(Speech Commands), pooled"}}, indent=2) + "\n")
+                        "worst_group_precision": th["worst_group"],
+                        "nested_worst_group_precision": th["nested_worst"],
+                        "method": "agent/training/thresholds.py choose_thresholds over "
+                        f"{OOF_FILE} (pool_probabilities, pool_labels, pool_groups): the "
+                        "precision target holds in every held-out group (each FSDD speaker, "
+                        "each Speech Commands speaker group)"}}, indent=2) + "\n")
     np.savez_compressed(calibration_dir / OOF_FILE, **report["_oof"])
     calibrate(out_dir, ds.clips, calibration_dir, seed=seed, log=log)
     latency = measure_latency(out_dir, [load_audio(c.path, 16000) for c in ds.clips[::50]])
