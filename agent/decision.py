@@ -5,11 +5,12 @@ the calibrated confidence reaches the threshold chosen for a target precision (o
 chosen so that precision holds for the worst held-out speaker group), otherwise abstain, which
 on a device means "ask again" or hand over to a person.
 
-Addressing: a command is a short word spoken on its own, with quiet before it; a piece of a
-sentence is not. `Addressing` reads what the VAD knows about the segment (its speech length,
-whether `max_utterance_ms` force-cut it, how long it was quiet before) and never lets a segment
-that fails it act, whatever the model says. The same rule runs in training evaluation
-(agent/training/streams.py) and in the daemon (agent/pipeline.py).
+Addressing: a command is a short word spoken on its own, with quiet before and after it; a
+piece of a sentence is not. `Addressing` reads what the VAD knows about the segment (its speech
+length, whether `max_utterance_ms` force-cut it, how long it was quiet before, whether the next
+segment started within `vad.quiet_after_ms`) and never lets a segment that fails it act,
+whatever the model says. The same rule runs in training evaluation (agent/training/streams.py)
+and in the daemon (agent/pipeline.py).
 """
 
 from __future__ import annotations
@@ -100,9 +101,13 @@ class Addressing:
     max_length_s: float = 1.6          # speech span; spoken digits last 0.2-1.1 s
     min_quiet_before_s: float = 0.5    # a sentence's next piece follows a short pause
     act_on_forced_cut: bool = False    # a segment cut at max_utterance_ms is running speech
+    quiet_after: bool = True           # another segment started within vad.quiet_after_ms
 
-    def allows(self, length_s: float, forced_cut: bool, quiet_before_s: float | None) -> bool:
+    def allows(self, length_s: float, forced_cut: bool, quiet_before_s: float | None,
+               speech_after: bool = False) -> bool:
         if forced_cut and not self.act_on_forced_cut:
+            return False
+        if speech_after and self.quiet_after:
             return False
         if length_s > self.max_length_s:
             return False
@@ -111,11 +116,12 @@ class Addressing:
     def allows_utterance(self, u: Any) -> bool:
         """`allows` for an agent.vad.Utterance (its length, force-cut, quiet before)."""
         q = u.quiet_before
-        return self.allows(u.length_s, u.forced_cut, None if q is None else q / u.rate)
+        return self.allows(u.length_s, u.forced_cut, None if q is None else q / u.rate,
+                           u.speech_after)
 
 
 ADDRESS_ANYTHING = Addressing(max_length_s=float("inf"), min_quiet_before_s=0.0,
-                              act_on_forced_cut=True)
+                              act_on_forced_cut=True, quiet_after=False)
 
 
 @dataclass(frozen=True)

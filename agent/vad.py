@@ -5,8 +5,11 @@ Designed for short commands (spoken digits last 0.2-0.8 s). The classic recipe (
 misses or clips them. Here a frame is speech when webrtcvad says so *and* it stands
 `energy_gate_db` above a tracked noise floor (webrtcvad alone fires on steady noise); an
 utterance starts after `trigger_frames` speech frames within `trigger_window`, keeps
-`preroll_ms` of audio before that point, ends after `hangover_ms` of non-speech (so the closure
-inside "six" or "eight" does not split a word), and is force-cut at `max_utterance_ms`.
+`preroll_ms` of audio before that point, ends after `hangover_ms` of non-speech (so the closure inside "six" or "eight" does
+not split a word), and is force-cut at `max_utterance_ms`. An utterance ended by silence is held
+until `quiet_after_ms` of quiet follow its last speech, or released as `speech_after` when the
+next utterance starts sooner: a command is said on its own, a piece of a sentence is followed by
+more speech (see agent/decision.py, `Addressing`).
 
 Time is the sample counter of the stream pushed in (one clock): every position in an
 `Utterance` is a sample index, so a replayed file gives identical results in any block size.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import webrtcvad
@@ -48,6 +51,7 @@ class Utterance:
     # samples of quiet between the previous segment's last speech (released or discarded as
     # too short) and `start`; None when nothing was heard before (stream start, after a hole)
     quiet_before: int | None = None
+    speech_after: bool = False   # the next utterance started within quiet_after_ms
 
     @property
     def length_s(self) -> float:
@@ -109,6 +113,8 @@ class Segmenter:
         self._speech_count = 0
         self._silence_run = 0
         self._prev_speech_end: int | None = None  # last speech of the previous segment
+        self._quiet_after = rate * cfg.quiet_after_ms // 1000
+        self._held: Utterance | None = None      # ended by silence, waiting for quiet after
         self.speculate = speculate
         self.speculate_after = max(1, speculate_after)
         self.noise_floor_db: float | None = None
@@ -156,11 +162,13 @@ class Segmenter:
         return out, VadBlockStats(frame_db, speech, self._floor(), first, self.frame)
 
     def flush(self) -> list[Utterance]:
-        """End of stream: close the utterance in progress (as if silence followed)."""
+        """End of stream: release the held utterance and close the one in progress (as if
+        silence followed)."""
+        out = [self._release(False)] if self._held is not None else []
         if self._active is None:
-            return []
+            return out
         u = self._close(forced=False)
-        return [u] if u is not None else []
+        return out + [self._release(False, u)] if u is not None else out
 
     def skip(self, n: int) -> list[Utterance]:
         """A hole of `n` samples in the input (the device was away): close the utterance in
@@ -178,13 +186,26 @@ class Segmenter:
     def _floor(self) -> float:
         return float("nan") if self.noise_floor_db is None else float(self.noise_floor_db)
 
+    def _release(self, speech_after: bool, u: Utterance | None = None) -> Utterance:
+        """The held utterance (or `u`), released now."""
+        u = u if u is not None else self._held
+        assert u is not None
+        if u is self._held:
+            self._held = None
+        return replace(u, emitted_at=self._clock, speech_after=speech_after)
+
     def _step(self, frame: np.ndarray, is_speech: bool) -> Utterance | None:
         t = self._clock
         self._clock += self.frame
         self._recent.append(is_speech)
         if self._active is None:
             self._history.append(frame)
+            held = None
+            if self._held is not None and self._clock - self._held.end >= self._quiet_after:
+                held = self._release(False)
             if is_speech and sum(self._recent) >= self.cfg.trigger_frames:
+                if self._held is not None:  # the next utterance starts: running speech
+                    held = self._release(True)
                 # The utterance starts at the first speech frame of the trigger window.
                 k = len(self._recent)
                 first = next(j for j, s in enumerate(self._recent) if s)
@@ -195,7 +216,7 @@ class Segmenter:
                 self._last_speech_end = t + self.frame
                 self._silence_run = 0
                 self._history.clear()
-            return None
+            return held
         self._active.append(frame)
         if is_speech:
             self._speech_count += 1
@@ -206,7 +227,11 @@ class Segmenter:
         if (self._clock - self._start) // self.frame >= self._max_frames:
             return self._close(forced=True)
         if self._silence_run >= self._hang_frames:
-            return self._close(forced=False)
+            u = self._close(forced=False)
+            if u is None or self._clock - u.end >= self._quiet_after:
+                return u
+            self._held = u  # released once quiet_after_ms of quiet follow, or speech resumes
+            return None
         if (self.speculate is not None and self._silence_run == self.speculate_after
                 and self._speech_count >= self._min_speech):
             u = self._build(forced=False)

@@ -16,6 +16,7 @@ SHARED = Path(os.environ.get("EVA_SHARED", ROOT.parent / "shared"))
 FSDD = SHARED / "data" / "fsdd" / "recordings"
 EVAL = SHARED / "eval"
 SPEECH_COMMANDS = SHARED / "data" / "speech-commands"
+TALK = SHARED / "data" / "talk"
 
 
 
@@ -62,6 +63,14 @@ def speech_commands() -> Path:
         pytest.skip(f"shared Speech Commands clips not found at {SPEECH_COMMANDS} (set "
                     "EVA_SHARED to the shared/ folder)")
     return SPEECH_COMMANDS
+
+
+@pytest.fixture(scope="session")
+def talk() -> Path:
+    if not any(TALK.glob("talk_*.flac")):
+        pytest.skip(f"shared talk recordings not found at {TALK} (set EVA_SHARED to the shared/ "
+                    "folder)")
+    return TALK
 
 
 @pytest.fixture(scope="session")

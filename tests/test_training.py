@@ -17,11 +17,12 @@ pytest.importorskip("sklearn", reason="the train extra is not installed")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, fsdd, speech_commands):
-    """A small model trained by the CLI on three FSDD speakers and a few Speech Commands clips
-    (few synthetic clips)."""
+def trained(tmp_path_factory, fsdd, speech_commands, talk):
+    """A small model trained by the CLI on three FSDD speakers, a few Speech Commands clips and
+    a few sentences of people talking (few synthetic clips)."""
     root = tmp_path_factory.mktemp("train")
     r = eva("train", "--data", str(fsdd), "--speech-commands", str(speech_commands), "--small",
+            "--talk", str(talk),
             "--limit-per-class", "3", "--speakers", "theo,lucas,jackson", "--out",
             str(root / "model"), "--calibration-out", str(root / "calib"), "--cache",
             str(root / "cache"), "--name", "tiny", timeout=600)
@@ -38,7 +39,7 @@ def test_training_writes_every_artefact(trained):
         assert (root / f).is_file(), f
     m = json.loads((root / "model/manifest.json").read_text())
     assert m["classes"][-1] == "unknown" and m["unknown_label"] == "unknown"
-    assert m["version"] == "2.0.0"
+    assert m["version"] == "3.0.0"
     assert m["training"]["speakers"] == ["jackson", "lucas", "theo"]
     assert m["training"]["onnx_max_abs_diff"] < 1e-4   # ONNX == scikit-learn (checked in train)
     assert m["training"]["counts"]["speech_commands_words"] > 0
@@ -123,6 +124,31 @@ def test_shipped_open_set_rule_rejects_synthetic_non_digits_and_keeps_digits(tmp
     assert sum(decide(s)[1] for s in sounds) == 0
 
 
+def _replay_thresholds(calib) -> None:
+    """thresholds.json is what choose_thresholds gives on the out-of-fold decisions stored next
+    to it, and every held-out group reaches the target precision there."""
+    from agent.training.thresholds import choose_thresholds, group_precision
+
+    thr = json.loads((calib / "thresholds.json").read_text())
+    oof = np.load(calib / "oof.npz")
+    p, y, g = oof["pool_probabilities"], oof["pool_labels"], oof["pool_groups"]
+    assert len(set(g)) >= 3 and len(p) == len(y) == len(g)
+    glob, per = choose_thresholds(p, y, g, thr["target_precision"])
+    assert round(glob, 6) == thr["threshold"]
+    assert [round(float(v), 6) for v in per] == [thr["per_class"][str(d)] for d in range(10)]
+    for name, (prec, n, _) in group_precision(p, y, g, per).items():
+        assert n == 0 or prec >= thr["target_precision"], (name, prec, n)
+    assert thr["out_of_fold"]["worst_group_precision"] >= thr["target_precision"]
+
+
+def test_shipped_thresholds_are_reproducible_from_calibration():
+    _replay_thresholds(calibration_dir("fsdd-digits"))
+
+
+def test_trained_thresholds_are_reproducible_from_calibration(trained):
+    _replay_thresholds(trained[0] / "calib")
+
+
 def test_threshold_file_is_produced_and_loaded(trained, tmp_path):
     root, _ = trained
     thr = json.loads((root / "calib/thresholds.json").read_text())
@@ -135,9 +161,10 @@ def test_threshold_file_is_produced_and_loaded(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"threshold {thr['threshold']:.3f}" in r.stderr
     decisions = [json.loads(x) for x in r.stdout.splitlines()]
-    assert decisions and all(d["model"] == "tiny@2.0.0" for d in decisions)
-    assert all(d["accepted"] == (d["confidence"] >= thr["threshold"] and d["label"] != "unknown")
-               for d in decisions)
+    assert decisions and all(d["model"] == "tiny@3.0.0" for d in decisions)
+    per = thr["per_class"]
+    assert all(d["accepted"] == (d["label"] != "unknown" and d["confidence"] >= per[d["label"]]
+                                 and d.get("addressed", True)) for d in decisions)
     # a thresholds file for another model build is refused, not silently used
     other = dict(thr, sha256="0" * 64)
     (tmp_path / "t.json").write_text(json.dumps(other))
@@ -146,9 +173,10 @@ def test_threshold_file_is_produced_and_loaded(trained, tmp_path):
     assert r.returncode == 1 and "calibrated for" in r.stderr
 
 
-def test_evaluate_reports_every_number(fsdd, speech_commands, trained):
+def test_evaluate_reports_every_number(fsdd, speech_commands, talk, trained):
     root, _ = trained
     args = ("evaluate", "--data", str(fsdd), "--speech-commands", str(speech_commands),
+            "--talk", str(talk),
             "--small", "--limit-per-class", "3", "--speakers", "theo,lucas,jackson", "--cache",
             str(root / "cache"))
     r = eva(*args, "--json", timeout=600)
@@ -166,7 +194,15 @@ def test_evaluate_reports_every_number(fsdd, speech_commands, trained):
     assert counts.shape == (10, 11) and counts.sum() == 3 * 10 * 3
     assert 0 <= rep["calibration"]["ece"] <= 1 and rep["calibration"]["temperature"] > 0
     th = rep["threshold"]
-    assert {"value", "precision", "coverage", "target_precision"} <= set(th)
+    assert {"value", "precision", "coverage", "target_precision", "per_class", "by_group",
+            "by_source", "worst_group", "nested", "nested_worst"} <= set(th)
+    # precision per held-out group: each FSDD speaker and each Speech Commands speaker group
+    assert {"jackson", "lucas", "theo", "sc0", "sc1", "sc2"} == set(th["by_group"])
+    assert set(th["by_source"]) == {"fsdd", "speech-commands"}
+    fa = rep["false_activations"]
+    for kind in ("talk", "words", "music", "noise"):
+        assert fa[kind]["hours"] > 0 and fa[kind]["per_hour"] >= 0, kind
+        assert fa[kind]["per_hour"] <= fa[kind]["per_hour_model"]  # the rule only removes
     neg = rep["negatives"]
     assert 0 <= neg["false_accepts"] <= 1
     assert {"synthetic words", "babble", "music", "noise", "tv"} <= set(neg["by_kind"])
@@ -178,5 +214,6 @@ def test_evaluate_reports_every_number(fsdd, speech_commands, trained):
     assert human.returncode == 0
     for needle in ("accuracy clean", "babble 10 dB", "per accent", "per class", "ECE",
                    "coverage", "false accepts", "Speech Commands", "open-set cost",
-                   "confusion"):
+                   "confusion", "precision by held-out group", "precision by source",
+                   "false activations per hour", "talk", "music", "noise"):
         assert needle in human.stdout

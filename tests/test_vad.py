@@ -152,3 +152,23 @@ def test_quiet_before_measures_the_pause_since_the_previous_segment(words):
     run(seg, np.concatenate([floor(RATE), a, floor(RATE)]))
     seg.skip(RATE)  # after a hole nothing is known about what came before
     assert run(seg, np.concatenate([floor(RATE), b, floor(RATE)]))[0].quiet_before is None
+
+
+def test_a_word_followed_by_more_speech_is_marked_speech_after(words):
+    """Held for vad.quiet_after_ms after its last speech: released as `speech_after` when the
+    next word starts sooner (a piece of running speech), as a word on its own otherwise, and
+    released at most quiet_after_ms after its end either way."""
+    a, b, c = words[:3]
+    x = np.concatenate([floor(RATE), a, floor(int(0.35 * RATE), seed=1), b,
+                        floor(int(1.5 * RATE), seed=2), c, floor(RATE, seed=3)])
+    cfg = VadConfig()
+    us = run(Segmenter(cfg, RATE), x)
+    assert [u.speech_after for u in us] == [True, False, False]
+    assert us[0].emitted_at <= us[1].start + 3 * cfg.frame_ms * RATE // 1000
+    for u in us[1:]:
+        assert (u.emitted_at - u.end) / RATE >= cfg.quiet_after_ms / 1000
+        assert (u.emitted_at - u.end) / RATE <= cfg.quiet_after_ms / 1000 + 0.05
+    # without the hold, the segmenter releases after the hangover, as before
+    us0 = run(Segmenter(replace(cfg, quiet_after_ms=0), RATE), x)
+    assert [u.speech_after for u in us0] == [False] * 3
+    assert [(u.start, u.end) for u in us0] == [(u.start, u.end) for u in us]

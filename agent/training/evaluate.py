@@ -112,13 +112,15 @@ class StreamPart:
     length_s: np.ndarray
     forced: np.ndarray
     quiet_before_s: np.ndarray   # nan: nothing heard before
+    speech_after: np.ndarray     # the next segment started within vad.quiet_after_ms
     group: np.ndarray            # speaker, speaker group or kind of sound
     hours: dict[str, float]
 
     def addressed(self, rule: Addressing) -> np.ndarray:
-        return np.array([rule.allows(float(n), bool(f), None if np.isnan(q) else float(q))
-                         for n, f, q in zip(self.length_s, self.forced, self.quiet_before_s,
-                                            strict=True)], bool)
+        return np.array([rule.allows(float(n), bool(f), None if np.isnan(q) else float(q),
+                                     bool(a))
+                         for n, f, q, a in zip(self.length_s, self.forced, self.quiet_before_s,
+                                               self.speech_after, strict=True)], bool)
 
 
 @dataclass
@@ -312,6 +314,7 @@ def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
                               np.array([sg.forced_cut for sg in segs]),
                               np.array([np.nan if sg.quiet_before_s is None else sg.quiet_before_s
                                         for sg in segs]),
+                              np.array([sg.speech_after for sg in segs]),
                               np.array([sg.group for sg in segs]), hours)
 
         talk_part = word_stream = None
@@ -691,8 +694,33 @@ def render_text(report: dict[str, Any]) -> str:
     out.append(f"calibration: temperature {cal['temperature']:.3f}, Platt a={cal['platt'][0]:.3f}"
                f" b={cal['platt'][1]:.3f}; ECE {cal['ece']:.4f} (uncalibrated "
                f"{cal['ece_uncalibrated']:.4f}; FSDD digits {cal['ece_fsdd_digits']:.4f})")
-    out.append(f"threshold {th['value']:.4f} for precision {th['target_precision']}: FSDD "
-               f"precision {th['precision'] or 0:.4f}, coverage {th['coverage']:.4f}")
+    out.append(f"thresholds for precision {th['target_precision']} on the worst held-out "
+               f"group: {th['value']:.4f}; per class " + ", ".join(
+                   f"{d} {v:.3f}" for d, v in th["per_class"].items()) +
+               f"; FSDD precision {th['precision'] or 0:.4f}, coverage {th['coverage']:.4f}")
+
+    def prec(v: dict) -> str:
+        p = v["precision"]
+        return f"{'n/a' if p is None else f'{p:.4f}'} ({v['accepted']} acted on, digits " \
+            f"covered {v['coverage']:.3f})"
+    out.append("precision by held-out group: " + "; ".join(
+        f"{g} {prec(v)}" for g, v in th["by_group"].items()) +
+        f"; worst {th['worst_group'] or 0:.4f}")
+    out.append("precision by source: " + "; ".join(f"{g} {prec(v)}"
+                                                   for g, v in th["by_source"].items()))
+    out.append("precision by held-out group at thresholds chosen without it: " + "; ".join(
+        f"{g} {prec(v)}" for g, v in th["nested"].items()) +
+        f"; worst {th['nested_worst'] or 0:.4f}")
+    fa = report.get("false_activations", {})
+    if fa:
+        rule = fa["rule"]
+        out.append(f"false activations per hour (out of fold; addressing: speech span ≤ "
+                   f"{rule['max_length_s']} s, ≥ {rule['min_quiet_before_s']} s quiet before, "
+                   f"force-cut {'acts' if rule['act_on_forced_cut'] else 'never acts'}): " +
+                   "; ".join(f"{k} {v['per_hour']:.2f} (model alone {v['per_hour_model']:.2f}; "
+                             f"{v['segments']} segments in {v['hours']:.2f} h, "
+                             f"{100 * v['addressed']:.0f} % addressed)"
+                             for k, v in fa.items() if k != "rule"))
     out.append(f"false accepts on {neg['n']} held-out negatives: {neg['false_accepts']:.4f} (" +
                ", ".join(f"{k} {v:.3f}" for k, v in neg["by_kind"].items()) + ")")
     sc = report.get("speech_commands")

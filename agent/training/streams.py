@@ -32,6 +32,7 @@ class Segment:
     length_s: float
     forced_cut: bool
     quiet_before_s: float | None
+    speech_after: bool
     group: str            # speaker or speaker group (grouped folds)
 
 
@@ -65,6 +66,7 @@ def stream_segments(clips: list[np.ndarray], group: str, vad: VadConfig, seed: i
     """Lay `clips` out as one stream, segment it; (segments, stream seconds)."""
     audio = lay_out(clips, SR, seed, gap_s=gap_s)
     segs = [Segment(u.audio, u.length_s, u.forced_cut,
-                    None if u.quiet_before is None else u.quiet_before / SR, group)
+                    None if u.quiet_before is None else u.quiet_before / SR, u.speech_after,
+                    group)
             for u in segment(audio, vad)]
     return segs, len(audio) / SR
