@@ -36,6 +36,14 @@ SELECTION_NOTES = [
 ]
 
 
+STREAMS = {
+    "talk": "real people talking (speechocean762 read sentences, 0.5-2 s between sentences)",
+    "words": "real non-digit words (Speech Commands, 1-3 s apart)",
+    "music": "made-up music (chords, notes, drums)",
+    "noise": "made-up noise (steady, bursty, humming)",
+}
+
+
 def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, Any],
            size_bytes: int, latency_ms: float, train_seconds: float,
            targets: dict[str, Any]) -> str:
@@ -44,6 +52,8 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
     tr = manifest.get("training", {})
     counts = tr.get("counts", {})
     cal, th, neg = report["calibration"], report["threshold"], report["negatives"]
+    fa = report.get("false_activations", {})
+    fa_rule = fa.get("rule", {})
     sc = report.get("speech_commands")
     ho = report["heldout_voices"]
     lines = [
@@ -85,8 +95,20 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "(https://creativecommons.org/licenses/by/4.0/): "
         f"{counts.get('speech_commands_digits', 0)} real digits and "
         f"{counts.get('speech_commands_words', 0)} real non-digit words (yes, no, up, down, "
-        f"left, right, on, off, stop, go, …) from {counts.get('speech_commands_speakers', 0)} "
-        "speakers, 16 kHz, crowd-sourced microphones. Not redistributed here.",
+        f"left, right, on, off, stop, go, tree, …) from "
+        f"{counts.get('speech_commands_speakers', 0)} speakers, 16 kHz, crowd-sourced "
+        "microphones. Not redistributed here.",
+        "* **speechocean762** (Speechocean and Xiaomi, 2021; CC BY 4.0 on OpenSLR, Apache-2.0 "
+        "on its model hub card): real read English sentences by "
+        f"{counts.get('talk_speakers', 0)} non-native speakers (Mandarin first language; "
+        f"children and adults), sentences with a digit word removed; laid out as "
+        f"{counts.get('talk_hours', 0)} h of people talking, never addressed to a device, cut "
+        f"by the agent's own VAD into {counts.get('talk_segments', 0)} segments: negatives for "
+        "the rejector (speakers held out by group) and the false activations per hour of talk. "
+        "Not redistributed here.",
+        "* **CMU AN4** (Carnegie Mellon University, 1991; BSD-style licence) is in the shared "
+        "data but not used by this model: its digits are strings spoken without pauses, and "
+        "cutting them out by alignment was not cheap enough here (see Known limits).",
         f"* **Synthetic voices** made on the training machine (espeak-ng accents × variants, "
         f"flite, festival; random speed and pitch): {counts.get('synthetic_digits', '?')} "
         f"digits, {counts.get('synthetic_words', '?')} non-digit words (commands, common "
@@ -112,15 +134,24 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "(FSDD, Speech Commands digits, synthetic digits) → temperature softmax. Rejector: "
         f"StandardScaler → MLP ({', '.join(map(str, recipe['rejector_hidden']))} ReLU, alpha "
         f"{recipe['rejector_alpha']}, {recipe['rejector_max_iter']} epochs), digits against "
-        "real Speech Commands words, two thirds of the synthetic word vocabulary and the "
-        "non-speech sounds → Platt sigmoid. Both exported with skl2onnx (checked equal to "
-        f"scikit-learn within {tr.get('onnx_max_abs_diff', 0):.1e}).",
+        "real Speech Commands words, every VAD segment of real people talking, two thirds of "
+        "the synthetic word vocabulary and the non-speech sounds → Platt sigmoid. Both "
+        "exported with skl2onnx (checked equal to scikit-learn within "
+        f"{tr.get('onnx_max_abs_diff', 0):.1e}).",
+        "",
+        "Addressing (`agent/decision.py`, the same rule in `evaluate` and in the daemon): a "
+        "VAD segment acts only when it looks like a command said on its own: speech span at "
+        f"most {fa_rule.get('max_length_s', '?')} s, at least "
+        f"{fa_rule.get('min_quiet_before_s', '?')} s of quiet before it, no other segment "
+        "starting within `vad.quiet_after_ms` after it, and not force-cut at "
+        "`vad.max_utterance_ms`. A segment that fails it is decided (label and confidence "
+        "in the decisions file, `\"addressed\": false`) but never acted on.",
         "",
         "Every figure below is out of fold, never a random split: **leave-one-speaker-out** over "
-        "the FSDD speakers (trained on the others + all Speech Commands speakers + synthetic "
-        f"voices), and **speaker-grouped folds** over the Speech Commands speakers "
-        f"({recipe.get('sc_folds', 3)} groups; "
-        "trained on FSDD + the other groups).",
+        "the FSDD speakers (trained on the others + all Speech Commands and talk speakers + "
+        "synthetic voices), and **speaker-grouped folds** over the Speech Commands and talk "
+        f"speakers ({recipe.get('sc_folds', 3)} groups each; trained on FSDD + the other "
+        "groups).",
         "",
         "## Results (leave-one-speaker-out)",
         "",
@@ -174,12 +205,43 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         f"tested speaker or group): **{cal['ece']:.3f}** (uncalibrated "
         f"{cal['ece_uncalibrated']:.3f}; FSDD digits alone {cal['ece_fsdd_digits']:.3f}).",
         "",
-        f"Acceptance threshold **{th['value']:.3f}** (`calibration/{manifest['name']}/"
-        "thresholds.json`), chosen out of fold on FSDD and Speech Commands pooled (real digits "
-        f"and real words) for a precision of {pct(th['target_precision'])}: on the FSDD "
-        f"speakers precision **{pct(th['precision'])}** at coverage **{pct(th['coverage'])}**. "
-        "In the default `partial` mode the agent acts at or above it and abstains (asks again) "
-        "below it.",
+        f"Acceptance thresholds (`calibration/{manifest['name']}/thresholds.json`, one per "
+        "class) chosen out of fold so that the precision of accepted decisions reaches "
+        f"{pct(th['target_precision'])} in **every** held-out group (each FSDD speaker; each "
+        "group of Speech Commands speakers with its digits and its non-digit words), not on "
+        f"the pool (`agent/training/thresholds.py`): {th['value']:.3f} for all classes, then "
+        "per class " + ", ".join(f"{d}: {v:.3f}" for d, v in th["per_class"].items()) +
+        f". On the FSDD speakers precision **{pct(th['precision'])}** at coverage "
+        f"**{pct(th['coverage'])}**; worst group **{pct(th.get('worst_group'))}**. "
+        "In the default `partial` mode the agent acts at or above its class's threshold and "
+        "abstains (asks again) below it. The pooled choice of model 2 would have been "
+        f"{th.get('pooled_threshold', 0):.3f}.",
+        "",
+        "Precision of accepted decisions by held-out group: at the shipped thresholds (chosen "
+        "with every group) and, the honest figure for a new voice, at thresholds chosen "
+        "without that group (nested):",
+        "",
+        "| group | source | precision | acted on | digits covered | precision, nested | "
+        "digits covered, nested |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *[f"| {g} | {v['source']} | {pct(v['precision'])} | {v['accepted']} | "
+          f"{pct(v['coverage'])} | {pct(th['nested'][g]['precision'])} | "
+          f"{pct(th['nested'][g]['coverage'])} |" for g, v in th["by_group"].items()],
+        "",
+        "By source: " + "; ".join(
+            f"{k} precision {pct(v['precision'])} ({v['accepted']} acted on, digits covered "
+            f"{pct(v['coverage'])})" for k, v in th["by_source"].items()) +
+        f". Worst group at thresholds chosen without it: **{pct(th.get('nested_worst'))}**.",
+        "",
+        "False activations per hour, out of fold (each stream scored by models that never "
+        "heard its speakers; the stream laid out as a device hears it and cut by the agent's "
+        "VAD):",
+        "",
+        "| stream | hours | VAD segments | addressed | per hour, model alone | **per hour** |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[f"| {STREAMS.get(k, k)} | {v['hours']:.2f} | {v['segments']} | "
+          f"{pct(v['addressed'])} | {v['per_hour_model']:.2f} | **{v['per_hour']:.2f}** |"
+          for k, v in fa.items() if k != "rule"],
         "",
         "What the open-set rule costs and buys, out of fold:",
         "",

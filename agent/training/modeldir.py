@@ -18,7 +18,8 @@ from agent.training import pretrained as P
 
 NOTICE_FILE = "NOTICE"
 HEAD_LICENCE = ("MIT (this project); trained on FSDD (CC BY-SA 4.0), Speech Commands (CC BY 4.0, "
-                "Warden 2018) and synthetic speech")
+                "Warden 2018), speechocean762 read sentences as negatives (CC BY 4.0, "
+                "Speechocean and Xiaomi 2021) and synthetic speech")
 HEAD_FILES = {"head": "head.onnx", "rejector": "rejector.onnx"}
 
 
@@ -30,7 +31,7 @@ def notice_text() -> str:
 edge-voice-agent — third-party model components
 ================================================
 
-The speech front end of the fsdd-digits 2.x models (files melspectrogram.onnx,
+The speech front end of the fsdd-digits 2.x and 3.x models (files melspectrogram.onnx,
 embedding_model.onnx and embedding_stream.onnx in every model directory) is not this project's
 work. embedding_stream.onnx is embedding_model.onnx with its input time axis declared dynamic
 and its output transposed time-major, so one call embeds a whole sequence; weights and
@@ -65,7 +66,9 @@ daemon at every load; the device never downloads them and never imports openwake
 
 Trained heads (head.onnx, rejector.onnx) are this project's, under its MIT licence, trained
 on the Free Spoken Digit Dataset (Jakobovski et al., CC BY-SA 4.0), Speech Commands (Warden
-2018, CC BY 4.0) where used, and synthetic speech.
+2018, CC BY 4.0) where used, real read sentences of the speechocean762 corpus as examples of
+people talking (Speechocean and Xiaomi 2021, CC BY 4.0) where used, and synthetic speech. No
+recording of any of them is redistributed.
 """
 
 
