@@ -5,11 +5,11 @@ Designed for short commands (spoken digits last 0.2-0.8 s). The classic recipe (
 misses or clips them. Here a frame is speech when webrtcvad says so *and* it stands
 `energy_gate_db` above a tracked noise floor (webrtcvad alone fires on steady noise); an
 utterance starts after `trigger_frames` speech frames within `trigger_window`, keeps
-`preroll_ms` of audio before that point, ends after `hangover_ms` of non-speech (so the closure inside "six" or "eight" does
-not split a word), and is force-cut at `max_utterance_ms`. An utterance ended by silence is held
-until `quiet_after_ms` of quiet follow its last speech, or released as `speech_after` when the
-next utterance starts sooner: a command is said on its own, a piece of a sentence is followed by
-more speech (see agent/decision.py, `Addressing`).
+`preroll_ms` of audio before that point, ends after `hangover_ms` of non-speech (so the
+closure inside "six" or "eight" does not split a word), and is force-cut at `max_utterance_ms`.
+An utterance ended by silence is held until `quiet_after_ms` of quiet follow its last speech, or
+released as `speech_after` when the next utterance starts sooner: a command is said on its own,
+a piece of a sentence is followed by more speech (see agent/decision.py, `Addressing`).
 
 Time is the sample counter of the stream pushed in (one clock): every position in an
 `Utterance` is a sample index, so a replayed file gives identical results in any block size.

@@ -137,6 +137,7 @@ class DataSet:
     talk: StreamPart | None = None          # real people talking, by speaker
     word_stream: StreamPart | None = None   # real Speech Commands words, by speaker group
     sound_stream: StreamPart | None = None  # made-up music and noise, by kind
+    sc_extra: Part | None = None            # more augmented copies of the real SC digits
 
     @property
     def speakers(self) -> list[str]:
@@ -156,6 +157,9 @@ class DataSet:
             tr = np.isin(self.sc.group, sc_speakers)
             x, y = self.sc.all(tr & (self.sc.label != UNKNOWN_INDEX))
             xs.append(x), ys.append(y)
+            if self.sc_extra is not None:
+                m = np.isin(self.sc_extra.group, sc_speakers)
+                xs.append(self.sc_extra.x[m]), ys.append(self.sc_extra.label[m])
             words.append(self.sc.all(tr & (self.sc.label == UNKNOWN_INDEX))[0])
         x, y = self.synth.all(np.ones(len(self.synth.label), bool))
         xs.append(x), ys.append(y)
@@ -279,13 +283,23 @@ def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
         fc = {"clean": fx[keep], **{k: v[keep] for k, v in fc.items()}}
         fsdd = Part(fx[keep], [a[keep] for a in fa], np.array([int(c.label) for c in clips]),
                     np.array([c.speaker for c in clips]), np.array([c.label for c in clips]), fc)
-        sc = None
+        sc = sc_extra = None
         if sc_clips:
             sx, sa, _ = feats("speech-commands", _files_key(sc_clips), sc_audio, 1)
             sc = Part(sx, sa, np.array([UNKNOWN_INDEX if is_negative(c.label) else int(c.label)
                                         for c in sc_clips]),
                       np.array([c.speaker for c in sc_clips]),
                       np.array([c.label for c in sc_clips]))
+            # real digits of many voices are the scarcest data: more augmented copies of them
+            dig_i = [i for i, c in enumerate(sc_clips) if not is_negative(c.label)]
+            extra = [featurize(pool, cache, "speech-commands-digits",
+                               _files_key([sc_clips[i] for i in dig_i]),
+                               [sc_audio[i] for i in dig_i], "aug", seed + 101 * (k + 10), log)
+                     for k in range(r.real_digit_copies)]
+            if extra:
+                sc_extra = Part(np.concatenate(extra), [], np.tile(sc.label[dig_i], len(extra)),
+                                np.tile(sc.group[dig_i], len(extra)),
+                                np.tile(sc.kind[dig_i], len(extra)))
         dx, da, _ = feats("synth-digits", synth_key, dig_tr.audio, r.synth_aug_copies)
         synth = Part(dx, da, dig_tr.label, dig_tr.voice, dig_tr.voice)
         hx, _, _ = feats("heldout-voices", synth_key, dig_ho.audio, 0)
@@ -342,6 +356,7 @@ def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
         sound_stream = stream_part("sound-stream", [synth_key, pieces], sound_streams,
                                    (0.0, 1.0))
     ds = DataSet(fsdd, sc, synth, heldout, wpart, hpart, npart, talk=talk_part,
+                 sc_extra=sc_extra,
                  word_stream=word_stream, sound_stream=sound_stream, clips=clips, counts={
         "fsdd_recordings": len(clips), "fsdd_speakers": len(set(fsdd.group)),
         "speech_commands_digits": int(sum(not is_negative(c.label) for c in sc_clips)),

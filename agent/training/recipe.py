@@ -28,6 +28,7 @@ UNKNOWN_INDEX = len(DIGITS)
 @dataclass(frozen=True)
 class Recipe:
     aug_copies: int = 1              # augmented copies of each real clip
+    real_digit_copies: int = 0       # more augmented copies of each real Speech Commands digit
     synth_aug_copies: int = 0        # augmented copies of each synthetic clip (CPU time)
     augment: AugmentParams = field(default_factory=AugmentParams)
     n_espeak: int = 1500             # synthetic digits per engine
