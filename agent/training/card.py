@@ -44,6 +44,34 @@ STREAMS = {
 }
 
 
+# Model 3 (issue 16), measured out of fold on this machine with the Speech Commands and talk
+# speaker groups (SC digits covered / non-digit words accepted / talk false activations per
+# hour with the addressing rule, at one threshold across variants).
+MODEL3_NOTES = [
+    "Thresholds: model 2's single threshold for 0.99 precision on the pooled out-of-fold data "
+    "(0.852 on model 3's data) left the worst Speech Commands speaker group at 0.93-0.96 "
+    "precision: its non-digit words pass at high confidence. Chosen per held-out group "
+    "instead, the threshold rises to what the worst group needs, and per class where a class "
+    "is safe (6, 2) it comes down again.",
+    "Addressing, on the 60 talk speakers cut by the agent's VAD (1,980 segments in 1.65 h, 29 % "
+    "force-cut): speech span ≤ 1.6 s and ≥ 0.5 s of quiet before leave 15 % of the segments "
+    "able to act (model 2's rule: all); with vad.quiet_after_ms = 350 (a next segment "
+    "within it marks running speech) fewer still. Out of fold the talk false activations "
+    "went from 21.3 per hour (model alone) to 4.3 (length, quiet before, force-cut) and lower "
+    "with the quiet-after hold. A 500 ms hold would remove 2.6 times more sentence pieces "
+    "than none, but puts the end-of-utterance latency p95 over the 0.5 s the end-to-end test "
+    "holds (0.61 s); 350 ms keeps it (0.47 s).",
+    "Real digits, the real words and the talk segments are all in the rejector's training; "
+    "tried and not kept (Speech Commands digits covered at matched word acceptance, 3 speaker "
+    "groups): one class per real non-digit word in the rejector (no better; more words "
+    "accepted at high thresholds), four more augmented copies of every real Speech Commands "
+    "digit (closed-set 0.938 → 0.945, coverage within noise), a larger rejector (256 units, "
+    "40 epochs; see below).",
+    "Time-shifted second windows that must agree were not tried: the head input is computed "
+    "once per utterance in the model's predict path, which issue 16's device half changes.",
+]
+
+
 def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, Any],
            size_bytes: int, latency_ms: float, train_seconds: float,
            targets: dict[str, Any]) -> str:
@@ -277,35 +305,58 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "work shared the machine; see `benchmarks/bench_pipeline.py` for the pipeline figures). "
         f"Training {train_seconds / 60:.1f} min on a shared 2-core machine (`edge-voice-agent "
         "train --data ../shared/data/fsdd/recordings --speech-commands "
-        f"../shared/data/speech-commands`, seed {tr.get('seed', 0)}; embeddings and "
+        "../shared/data/speech-commands --talk ../shared/data/talk`, seed "
+        f"{tr.get('seed', 0)}; embeddings and "
         "synthesised speech are cached, a first run computes them).",
         "",
         "## Where the targets are not reached",
         "",
-        "* False accepts on held-out synthetic words: the rejector never heard these words, and "
-        "many are one sound from a digit (rhymes, \"fourth\", \"eighth\"); real Speech Commands "
-        "words are accepted far less often (0.9 % at the shipped threshold) because real words "
-        "are in training. Babble and TV-like sound pass a few percent; music and noise none.",
-        "* Real Speech Commands digits: 153 clips of 125 speakers, about one per speaker, so "
-        "each fold trains on ~100; the rejector is what costs coverage (the head alone is 92 % "
-        "right on them). More real digits are the lever, as the issue found.",
-        "* Babble at 10 dB: 0.925 against 0.93; white noise at 10 dB reaches 0.95.",
-        "* Training time: on a 2-core machine shared with other work (load 10-15 throughout); "
-        "almost all of it is the embedding of ~20,000 clips and the 12-way rejector fits; "
-        "embeddings are cached, so re-runs only refit.",
+        "* Precision on the worst held-out group with thresholds chosen without it (the honest "
+        f"figure for a new voice): {pct(th.get('nested_worst'))}. The errors are real "
+        "non-digit words of unseen speakers accepted at 0.9-0.99 confidence (\"tree\" as "
+        "three, \"down\"/\"no\" as nine or five): a threshold chosen on other speakers does "
+        "not see them coming. The shipped thresholds hold every group at the target only "
+        "because every group took part in choosing them; coverage is what they cost "
+        f"(FSDD {pct(th['coverage'])}, Speech Commands digits "
+        f"{pct(th['by_source'].get('speech-commands', {}).get('coverage'))}). Trust was put "
+        "first, as issue 16 asks: coverage was traded for precision.",
+        "* Real Speech Commands digits: 274 clips of 455 speakers; the rejector is what costs "
+        "coverage (the closed-set head is right on "
+        f"{pct(sc['closed_set_accuracy']) if sc else 'n/a'} of them): it cannot yet tell a "
+        "real digit of an unseen crowd-sourced voice from that voice's other words as well as "
+        "it does for FSDD voices. More real digits of many voices are the lever (AN4's "
+        "digit strings cut by alignment, enrollment on the device).",
+        "* False activations per hour: see the table above; the addressing rule removes most "
+        "of what people talking would trigger (pieces of sentences), the rest are short "
+        "phrases said on their own that sound like a digit.",
+        "* Babble and noise at 10 dB, and LOSO accuracy: the head is model 2's design; the "
+        "figures are in the table.",
+        "* Training time: on a 2-core machine shared with four other jobs (load 9-11 "
+        "throughout); embeddings are cached, so re-runs only refit.",
         "",
         "## Known limits",
         "",
-        "* Real training voices: five male FSDD speakers and 125 Speech Commands speakers with "
-        "few digits each (about one per speaker); women's and children's voices come mostly "
-        "from Speech Commands and the synthetic voices.",
-        "* Homophones (\"for\", \"to\", \"ate\", \"won\") are accepted as digits; sequences of "
-        "digits spoken without pauses are one utterance for the VAD and are not supported.",
+        "* Real training voices: five male FSDD speakers, 455 Speech Commands speakers with "
+        "few digits each (274 digits in all), 60 talk speakers (negatives only); women's and "
+        "children's voices come mostly from Speech Commands, talk and the synthetic voices.",
+        "* Homophones (\"for\", \"to\", \"ate\", \"won\") are accepted as digits when said "
+        "on their own; inside a sentence the addressing rule stops them. Sequences of digits "
+        "spoken without pauses are one utterance for the VAD and are not supported; digits "
+        "said less than `decision.min_quiet_before_ms` apart are not acted on.",
+        "* Music and noise are made-up streams here (chords, notes, drums; steady, bursty, "
+        "humming noise), not recordings of rooms; talk is read sentences of non-native "
+        "speakers, not conversation or TV.",
         "* The confidence is calibrated on these voices; under drift (a new microphone, a new "
         "population of voices) the estimated accuracy published in telemetry is optimistic.",
         "* The embedding front end's licence: see Components and `NOTICE`.",
         "",
         "## Model selection (speaker-grouped folds)",
+        "",
+        "Model 3:",
+        "",
+        *[f"* {n}" for n in MODEL3_NOTES],
+        "",
+        "Model 2 (kept: the same front end, head and rejector design):",
         "",
         *[f"* {n}" for n in SELECTION_NOTES],
         "",

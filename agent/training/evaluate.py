@@ -539,6 +539,8 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
     by_source = {k: {"precision": v[0], "accepted": v[1], "coverage": v[2]} for k, v in
                  group_precision(p_pool, y_pool, src_pool, th_vec).items()}
     false_activations = stream_report(ds, stream_scores, prob, th_vec)
+    streams_oof = {name: [(te, prob(z, lg)) for te, z, lg in folds]
+                   for name, folds in stream_scores.items()}  # for offline study (not saved)
     p_ho = [prob(z, lg) for z, lg in ho]
     ho_acc = float(np.mean([(softmax(z, t).argmax(1) == ds.heldout_voices.label).mean()
                             for z, _ in ho])) if len(ds.heldout_voices.label) else None
@@ -601,6 +603,7 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
             "digits_covered": float(ok[dig].mean()),
             "precision": float(ok[a_sc].sum() / max(1, a_sc.sum())),
             "words_accepted": float(a_sc[~dig].mean()), "words_accepted_by_word": words_acc}
+    report["_streams"] = streams_oof
     report["_oof"] = {"probabilities": p_f.astype(np.float32), "labels": y_f,
                       "pool_probabilities": p_pool.astype(np.float32), "pool_labels": y_pool,
                       "pool_groups": g_pool}
