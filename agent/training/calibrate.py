@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.audio.sources import AudioBlock
-from agent.config import VadConfig
+from agent.config import DecisionConfig, VadConfig
 from agent.decision import Policy
 from agent.drift import Baseline
 from agent.model import ModelRunner
@@ -56,11 +56,14 @@ def lay_out(clips: list[np.ndarray], rate: int, seed: int = 0, gap_s: tuple = (1
 
 
 def stream_summary(model: ModelRunner, audio: np.ndarray, vad: VadConfig,
-                   threshold: float) -> WindowSummary:
-    """Run the daemon's pipeline and monitor over `audio`; merge every window into one."""
+                   threshold: float, per_class: tuple[tuple[str, float], ...] = ()
+                   ) -> WindowSummary:
+    """Run the daemon's pipeline and monitor (its default policy: thresholds and addressing)
+    over `audio`; merge every window into one."""
     windows: list[WindowSummary] = []
     m = model.manifest
-    pipeline = Pipeline(vad, model, Policy("partial", threshold, m.unknown_label))
+    pipeline = Pipeline(vad, model, Policy("partial", threshold, m.unknown_label, per_class,
+                                           DecisionConfig().addressing()))
     monitor = Monitor(emit=lambda msg: None, device_id="calibration",
                       model_info={"name": m.name}, rate=m.sample_rate, window_s=60.0,
                       unknown_label=m.unknown_label, on_window=windows.append)
@@ -95,7 +98,9 @@ def calibrate(model_dir: Path, clips: list[Clip], calibration_dir: Path, *, seed
     audio = lay_out([load_audio(c.path, m.sample_rate) for c in clips], m.sample_rate, seed)
     log(f"calibrate: {len(clips)} clips laid out as {len(audio) / m.sample_rate / 60:.1f} min "
         "of stream")
-    summary = stream_summary(model, audio, vad or VadConfig(), float(thresholds["threshold"]))
+    summary = stream_summary(model, audio, vad or VadConfig(), float(thresholds["threshold"]),
+                             tuple(sorted((str(k), float(v)) for k, v in
+                                          (thresholds.get("per_class") or {}).items())))
     hists = dict(summary.hists)
     oof_path = calibration_dir / OOF_FILE
     source = "stream (shipped model)"
