@@ -172,3 +172,29 @@ def test_a_word_followed_by_more_speech_is_marked_speech_after(words):
     us0 = run(Segmenter(replace(cfg, quiet_after_ms=0), RATE), x)
     assert [u.speech_after for u in us0] == [False] * 3
     assert [(u.start, u.end) for u in us0] == [(u.start, u.end) for u in us]
+
+
+def test_training_streams_cut_and_address_exactly_as_the_daemon():
+    """No skew in the addressing rule: evaluation's segments (agent/training/streams.py) are the
+    daemon pipeline's utterances on the same audio, and its default rule is the config's."""
+    from agent.audio.sources import AudioBlock
+    from agent.config import DecisionConfig
+    from agent.decision import Addressing, Policy
+    from agent.pipeline import Pipeline
+    from agent.training.streams import segment
+
+    x, sr = sf.read(str(demo_audio()), dtype="float32")
+    x = np.concatenate([x, x[: sr * 3] * 0.5])  # words following each other closely, too
+    assert DecisionConfig().addressing() == Addressing()
+    pipeline = Pipeline(VadConfig(), None, Policy("off", 1.0), rate=RATE)
+    got = []
+    pipeline.observers.append(type("O", (), {"on_block": lambda *a: None,
+                                             "on_outcome": lambda s, o: got.append(o)})())
+    for i in range(0, len(x), 800):
+        pipeline.feed(AudioBlock(x[i:i + 800, None], RATE))
+    pipeline.finish()
+    ours = segment(x, VadConfig(), RATE)
+    key = [(u.start, u.end, u.quiet_before, u.speech_after, u.forced_cut) for u in ours]
+    assert key == [(o.utterance.start, o.utterance.end, o.utterance.quiet_before,
+                    o.utterance.speech_after, o.utterance.forced_cut) for o in got]
+    assert len(key) >= 14
