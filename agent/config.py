@@ -76,7 +76,7 @@ class DecisionConfig:
                           lo=-1.0, hi=1.0, alias="threshold")
     max_command_ms: int = _f(1600, "a segment with a longer speech span is not a command said on "
                              "its own and never acts", lo=100, hi=60000)
-    min_quiet_before_ms: int = _f(500, "a segment that follows other speech by less than this "
+    min_quiet_before_ms: int = _f(700, "a segment that follows other speech by less than this "
                                   "is part of running speech and never acts", lo=0, hi=60000)
     act_on_forced_cut: bool = _f(False, "let a segment force-cut at vad.max_utterance_ms act")
 

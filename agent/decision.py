@@ -99,7 +99,7 @@ class Addressing:
     addressed to a device) against real digits of held-out speakers; see the model card."""
 
     max_length_s: float = 1.6          # speech span; spoken digits last 0.2-1.1 s
-    min_quiet_before_s: float = 0.5    # a sentence's next piece follows a short pause
+    min_quiet_before_s: float = 0.7    # a sentence's next piece follows a short pause
     act_on_forced_cut: bool = False    # a segment cut at max_utterance_ms is running speech
     quiet_after: bool = True           # another segment started within vad.quiet_after_ms
 
