@@ -133,11 +133,13 @@ def _replay_thresholds(calib) -> None:
     oof = np.load(calib / "oof.npz")
     p, y, g = oof["pool_probabilities"], oof["pool_labels"], oof["pool_groups"]
     assert len(set(g)) >= 3 and len(p) == len(y) == len(g)
-    glob, per = choose_thresholds(p, y, g, thr["target_precision"])
+    glob, per = choose_thresholds(p, y, g, thr["target_precision"],
+                                  max_words=thr["max_word_rate"])
     assert round(glob, 6) == thr["threshold"]
     assert [round(float(v), 6) for v in per] == [thr["per_class"][str(d)] for d in range(10)]
-    for name, (prec, n, _) in group_precision(p, y, g, per).items():
+    for name, (prec, n, _, words) in group_precision(p, y, g, per).items():
         assert n == 0 or prec >= thr["target_precision"], (name, prec, n)
+        assert words is None or words <= thr["max_word_rate"], (name, words)
     assert thr["out_of_fold"]["worst_group_precision"] >= thr["target_precision"]
 
 

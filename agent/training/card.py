@@ -49,10 +49,16 @@ STREAMS = {
 # hour with the addressing rule, at one threshold across variants).
 MODEL3_NOTES = [
     "Thresholds: model 2's single threshold for 0.99 precision on the pooled out-of-fold data "
-    "(0.852 on model 3's data) left the worst Speech Commands speaker group at 0.93-0.96 "
-    "precision: its non-digit words pass at high confidence. Chosen per held-out group "
-    "instead, the threshold rises to what the worst group needs, and per class where a class "
-    "is safe (6, 2) it comes down again.",
+    "(0.852 on model 3's data) left Speech Commands speaker groups at 0.93-0.96 precision over "
+    "their digits and words: their non-digit words pass at high confidence. Chosen so that "
+    "precision over digits and words reaches 0.99 in every group, the thresholds rose to "
+    "0.995 (FSDD coverage 0.828, Speech Commands digits 0.584) and still let 0.7-1.0 % of an "
+    "unseen group's words through (nested). Shipped instead: the digits' precision ≥ 0.99 and "
+    "≤ 0.2 % of the words acted on in every group, the issue's own two figures (FSDD "
+    "coverage 0.856, Speech Commands digits 0.617; nested: digits' precision ≥ 0.997 in every "
+    "group, words 0.85-1.3 %). Allowing 0.5 % of the words in-sample gave coverage 0.880 but "
+    "1.7 % of an unseen group's words. One threshold per class where a class is safe (6, 2) "
+    "comes down, where it errs it stays up.",
     "Addressing, on the 60 talk speakers cut by the agent's VAD (1,980 segments in 1.65 h, 29 % "
     "force-cut), out of fold at the shipped thresholds: the model alone accepts 35 segments "
     "(21.3 per hour), most of them pieces of sentences right after a force-cut one (no quiet "
@@ -237,10 +243,12 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         f"{cal['ece_uncalibrated']:.3f}; FSDD digits alone {cal['ece_fsdd_digits']:.3f}).",
         "",
         f"Acceptance thresholds (`calibration/{manifest['name']}/thresholds.json`, one per "
-        "class) chosen out of fold so that the precision of accepted decisions reaches "
-        f"{pct(th['target_precision'])} in **every** held-out group (each FSDD speaker; each "
+        "class) chosen out of fold so that in **every** held-out group (each FSDD speaker; each "
         "group of Speech Commands speakers with its digits and its non-digit words), not on "
-        f"the pool (`agent/training/thresholds.py`): {th['value']:.3f} for all classes, then "
+        "the pool, the decisions acted on for spoken digits reach a precision of "
+        f"{pct(th['target_precision'])} and at most {pct(th.get('max_word_rate'))} of the "
+        "non-digit words are acted on (`agent/training/thresholds.py`): "
+        f"{th['value']:.3f} for all classes, then "
         "per class " + ", ".join(f"{d}: {v:.3f}" for d, v in th["per_class"].items()) +
         f". On the FSDD speakers precision **{pct(th['precision'])}** at coverage "
         f"**{pct(th['coverage'])}**; worst group **{pct(th.get('worst_group'))}**. "
@@ -252,17 +260,21 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "with every group) and, the honest figure for a new voice, at thresholds chosen "
         "without that group (nested):",
         "",
-        "| group | source | precision | acted on | digits covered | precision, nested | "
-        "digits covered, nested |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| group | source | precision | acted on | digits covered | words acted on | "
+        "precision, nested | digits covered, nested | words acted on, nested |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *[f"| {g} | {v['source']} | {pct(v['precision'])} | {v['accepted']} | "
-          f"{pct(v['coverage'])} | {pct(th['nested'][g]['precision'])} | "
-          f"{pct(th['nested'][g]['coverage'])} |" for g, v in th["by_group"].items()],
+          f"{pct(v['coverage'])} | {pct(v.get('words_accepted'))} | "
+          f"{pct(th['nested'][g]['precision'])} | {pct(th['nested'][g]['coverage'])} | "
+          f"{pct(th['nested'][g].get('words_accepted'))} |" for g, v in th["by_group"].items()],
         "",
         "By source: " + "; ".join(
             f"{k} precision {pct(v['precision'])} ({v['accepted']} acted on, digits covered "
-            f"{pct(v['coverage'])})" for k, v in th["by_source"].items()) +
-        f". Worst group at thresholds chosen without it: **{pct(th.get('nested_worst'))}**.",
+            f"{pct(v['coverage'])}, words acted on {pct(v.get('words_accepted'))})"
+            for k, v in th["by_source"].items()) +
+        f". Worst group at thresholds chosen without it: precision "
+        f"**{pct(th.get('nested_worst'))}**, words acted on "
+        f"**{pct(th.get('nested_words_worst'))}**.",
         "",
         "False activations per hour, out of fold (each stream scored by models that never "
         "heard its speakers; the stream laid out as a device hears it and cut by the agent's "
@@ -314,15 +326,16 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "",
         "## Where the targets are not reached",
         "",
-        "* Precision on the worst held-out group with thresholds chosen without it (the honest "
-        f"figure for a new voice): {pct(th.get('nested_worst'))}. The errors are real "
-        "non-digit words of unseen speakers accepted at 0.9-0.99 confidence (\"tree\" as "
-        "three, \"down\"/\"no\" as nine or five): a threshold chosen on other speakers does "
-        "not see them coming. The shipped thresholds hold every group at the target only "
-        "because every group took part in choosing them; coverage is what they cost "
+        "* Non-digit words of unseen speakers: at thresholds chosen without their group, up "
+        f"to {pct(th.get('nested_words_worst'))} of a group's real words are acted on (target "
+        "0.5 %), at 0.9-0.99 confidence (\"tree\" as three, \"down\"/\"no\" as nine or "
+        "five); the shipped thresholds hold every group at "
+        f"{pct(th.get('max_word_rate'))} only because every group took part in choosing "
+        "them. The digits' precision does hold on unseen groups (worst "
+        f"{pct(th.get('nested_worst'))}); the words are what a threshold chosen on other "
+        "speakers does not see coming, and coverage is what a stricter word rate costs "
         f"(FSDD {pct(th['coverage'])}, Speech Commands digits "
-        f"{pct(th['by_source'].get('speech-commands', {}).get('coverage'))}). Trust was put "
-        "first, as issue 16 asks: coverage was traded for precision.",
+        f"{pct(th['by_source'].get('speech-commands', {}).get('coverage'))}).",
         "* Real Speech Commands digits: 274 clips of 455 speakers; the rejector is what costs "
         "coverage (the closed-set head is right on "
         f"{pct(sc['closed_set_accuracy']) if sc else 'n/a'} of them): it cannot yet tell a "

@@ -481,9 +481,10 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
         [next(f"sc{i}" for i, gg in enumerate(groups) if g in gg) for g in sc_g], dtype=str)])
     p_pool = p_pool.astype(np.float32)  # as stored in oof.npz: the choice replays exactly
     thr, th_vec = choose_thresholds(p_pool, y_pool, g_pool, r.target_precision,
-                                    per_class=r.per_class_thresholds)
+                                    per_class=r.per_class_thresholds,
+                                    max_words=r.max_word_rate)
     nested_th = nested_thresholds(p_pool, y_pool, g_pool, r.target_precision,
-                                  r.per_class_thresholds)
+                                  r.per_class_thresholds, r.max_word_rate)
 
     # nested calibration for an honest ECE: each FSDD speaker / SC group calibrated on the rest
     src = np.r_[f.group, np.array([f"sc{i}" for g in sc_g for i, gg in enumerate(groups)
@@ -528,16 +529,20 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
     main_kinds = [k for k in fa_by_kind if k != "homophones"]
     fa_all = float(np.sum([fa_by_kind[k] * n_neg[k] for k in main_kinds]) /
                    max(1, sum(n_neg[k] for k in main_kinds)))
-    by_group = {g: {"precision": pr, "accepted": n, "coverage": cov,
+    by_group = {g: {"precision": pr, "accepted": n, "coverage": cov, "words_accepted": w,
                     "source": "fsdd" if g in speakers else "speech-commands"}
-                for g, (pr, n, cov) in group_precision(p_pool, y_pool, g_pool, th_vec).items()}
+                for g, (pr, n, cov, w) in group_precision(p_pool, y_pool, g_pool,
+                                                          th_vec).items()}
     worst = min((v["precision"] for v in by_group.values() if v["precision"] is not None),
                 default=None)
     nested_worst = min((v["precision"] for v in nested_th.values()
                         if v["precision"] is not None), default=None)
     src_pool = np.where(np.isin(g_pool, speakers), "fsdd", "speech-commands")
-    by_source = {k: {"precision": v[0], "accepted": v[1], "coverage": v[2]} for k, v in
-                 group_precision(p_pool, y_pool, src_pool, th_vec).items()}
+    by_source = {k: {"precision": v[0], "accepted": v[1], "coverage": v[2],
+                     "words_accepted": v[3]}
+                 for k, v in group_precision(p_pool, y_pool, src_pool, th_vec).items()}
+    nested_words = max((v["words_accepted"] for v in nested_th.values()
+                        if v["words_accepted"] is not None), default=None)
     false_activations = stream_report(ds, stream_scores, prob, th_vec)
     streams_oof = {name: [(te, prob(z, lg)) for te, z, lg in folds]
                    for name, folds in stream_scores.items()}  # for offline study (not saved)
@@ -568,13 +573,15 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
                       "coverage": float(a_f.mean()),
                       "by_group": by_group, "worst_group": worst,
                       "by_source": by_source, "nested": nested_th,
-                      "nested_worst": nested_worst,
+                      "nested_worst": nested_worst, "nested_words_worst": nested_words,
+                      "max_word_rate": r.max_word_rate,
                       "pooled_threshold": thr_pooled,
                       "pooled_precision": prec_pool, "pooled_digit_coverage": cov_pool,
                       "chosen_on": "out-of-fold FSDD (each speaker a group) + Speech Commands "
-                      "(each held-out speaker group, digits and words): the precision target "
-                      "holds in every group; nested: each group scored at thresholds chosen "
-                      "without it"},
+                      "(each held-out speaker group, digits and words): in every group the "
+                      "decisions acted on for spoken digits reach the target precision and at "
+                      "most max_word_rate of the non-digit words are acted on; nested: each "
+                      "group scored at thresholds chosen without it"},
         "false_activations": false_activations,
         "rejected_as_unknown": float((pred == UNKNOWN_INDEX).mean()),
         "negatives": {"n": int(sum(n_neg[k] for k in main_kinds)), "false_accepts": fa_all,
@@ -719,8 +726,10 @@ def render_text(report: dict[str, Any]) -> str:
 
     def prec(v: dict) -> str:
         p = v["precision"]
+        w = v.get("words_accepted")
         return f"{'n/a' if p is None else f'{p:.4f}'} ({v['accepted']} acted on, digits " \
-            f"covered {v['coverage']:.3f})"
+            f"covered {v['coverage']:.3f}" + ("" if w is None else f", words acted on {w:.4f}") \
+            + ")"
     out.append("precision by held-out group: " + "; ".join(
         f"{g} {prec(v)}" for g, v in th["by_group"].items()) +
         f"; worst {th['worst_group'] or 0:.4f}")

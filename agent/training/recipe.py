@@ -49,6 +49,7 @@ class Recipe:
     rejector_max_iter: int = 25
     sc_folds: int = 3                # speaker groups of the Speech Commands evaluation
     target_precision: float = 0.99   # on the worst held-out group (agent/training/thresholds)
+    max_word_rate: float = 0.002     # real non-digit words acted on, at most, in every group
     per_class_thresholds: bool = True
 
     def to_dict(self) -> dict:

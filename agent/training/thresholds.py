@@ -3,10 +3,12 @@
 A threshold chosen for 0.99 precision on pooled out-of-fold data gave 0.97 on a new accent: the
 pool is dominated by the voices that are easy. Here every out-of-fold decision belongs to a
 held-out group (an FSDD speaker, a group of Speech Commands speakers with their digits and their
-non-digit words), and a threshold is acceptable only when the precision of accepted decisions
-reaches the target in *every* group. One threshold first (the lowest that satisfies every
-group), then one per class where that helps: coordinate descent over the classes, each class's
-threshold moved to the lowest value above which every group keeps the target (more coverage
+non-digit words), and thresholds are acceptable only when, in *every* group, the decisions acted
+on for spoken digits reach the target precision and at most `max_words` of the group's
+non-digit words are acted on (the two figures issue 16 sets: precision of accepted decisions on
+a new voice, real words accepted as a digit). One threshold first (the lowest that satisfies
+every group), then one per class where that helps: coordinate descent over the classes, each
+class's threshold moved to the lowest value above which every group keeps both (more coverage
 where a class is safe, less where it is the one that errs). Pure numpy, deterministic: the test
 `tests/test_training.py` recomputes the shipped thresholds from `calibration/<model>/oof.npz`.
 """
@@ -28,30 +30,45 @@ def accepted(p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return digit & (p.max(1) >= thresholds[np.minimum(pred, len(thresholds) - 1)])
 
 
-def group_precision(p: np.ndarray, y: np.ndarray, groups: np.ndarray,
-                    thresholds: np.ndarray) -> dict[str, tuple[float | None, int, float]]:
-    """group → (precision of accepted decisions, accepted, coverage of its digits)."""
+def group_precision(p: np.ndarray, y: np.ndarray, groups: np.ndarray, thresholds: np.ndarray
+                    ) -> dict[str, tuple[float | None, int, float, float | None]]:
+    """group → (precision of the decisions acted on for its spoken digits, how many, coverage
+    of its digits (acted on and right), share of its non-digit words acted on (None: none))."""
     a = accepted(p, thresholds)
     ok = a & (p.argmax(1) == y)
+    word = y == UNKNOWN_INDEX
     out = {}
     for g in np.unique(groups):
         m = groups == g
-        n = int(a[m].sum())
-        dig = m & (y != UNKNOWN_INDEX)
-        out[str(g)] = (float(ok[m].sum() / n) if n else None, n,
-                       float(ok[dig].sum() / max(1, dig.sum())))
+        dig = m & ~word
+        n = int((a & dig).sum())
+        out[str(g)] = (float(ok[dig].sum() / n) if n else None, n,
+                       float(ok[dig].sum() / max(1, dig.sum())),
+                       float(a[m & word].mean()) if (m & word).any() else None)
     return out
 
 
 def _worst_ok(p_ok: np.ndarray, acc: np.ndarray, gi: np.ndarray, n_groups: int,
-              target: float) -> bool:
-    n = np.bincount(gi, acc, n_groups)
-    hits = np.bincount(gi, acc & p_ok, n_groups)
-    return bool(np.all(hits >= target * n - 1e-9))
+              target: float, is_word: np.ndarray | None = None,
+              max_words: float | None = None) -> bool:
+    """Every group reaches the target precision; with `max_words`, precision is over the
+    group's digits and its non-digit words may be accepted at most at that rate."""
+    if max_words is None:
+        n = np.bincount(gi, acc, n_groups)
+        hits = np.bincount(gi, acc & p_ok, n_groups)
+        return bool(np.all(hits >= target * n - 1e-9))
+    assert is_word is not None
+    dig = ~is_word
+    n = np.bincount(gi, acc & dig, n_groups)
+    hits = np.bincount(gi, acc & p_ok & dig, n_groups)
+    words = np.bincount(gi, is_word, n_groups)
+    passed = np.bincount(gi, acc & is_word, n_groups)
+    return bool(np.all(hits >= target * n - 1e-9) and np.all(passed <= max_words * words + 1e-9))
 
 
 def choose_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: float,
-                      per_class: bool = True, passes: int = 2) -> tuple[float, np.ndarray]:
+                      per_class: bool = True, passes: int = 2,
+                      max_words: float | None = None) -> tuple[float, np.ndarray]:
     """(global threshold, per-class thresholds (10,)) so that every group's accepted
     decisions reach `target` precision, with as much coverage as the grid allows.
 
@@ -66,7 +83,7 @@ def choose_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: 
 
     def ok(th: np.ndarray) -> bool:
         acc = digit & (conf >= th[np.minimum(pred, n_cls - 1)])
-        return _worst_ok(correct, acc, gi, n_groups, target)
+        return _worst_ok(correct, acc, gi, n_groups, target, y == UNKNOWN_INDEX, max_words)
 
     def lowest(trial_of) -> float:
         """Walk the grid down from the top; the last value before a group first fails (so
@@ -93,13 +110,16 @@ def choose_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: 
 
 
 def nested_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: float,
-                      per_class: bool = True) -> dict[str, dict[str, float | int | None]]:
-    """The honest figure: each group's precision and coverage at thresholds chosen without it
-    (what a new voice gets)."""
+                      per_class: bool = True, max_words: float | None = None
+                      ) -> dict[str, dict[str, float | int | None]]:
+    """The honest figure: each group's precision, coverage and words accepted at thresholds
+    chosen without it (what a new voice gets)."""
     out: dict[str, dict[str, float | int | None]] = {}
     for g in np.unique(groups):
         o = groups != g
-        _, th = choose_thresholds(p[o], y[o], groups[o], target, per_class)
-        prec, n, cov = group_precision(p[~o], y[~o], groups[~o], th)[str(g)]
-        out[str(g)] = {"precision": prec, "accepted": n, "coverage": cov}
+        _, th = choose_thresholds(p[o], y[o], groups[o], target, per_class,
+                                  max_words=max_words)
+        prec, n, cov, words = group_precision(p[~o], y[~o], groups[~o], th)[str(g)]
+        out[str(g)] = {"precision": prec, "accepted": n, "coverage": cov,
+                       "words_accepted": words}
     return out

@@ -50,6 +50,8 @@ TARGETS = [
      0.99, lambda r: r["threshold"].get("nested_worst"), True),
     ("precision of accepted decisions, worst group", 0.99,
      lambda r: r["threshold"].get("worst_group"), True),
+    ("non-digit words accepted, worst held-out group (thresholds chosen without it)", 0.005,
+     lambda r: r["threshold"].get("nested_words_worst"), False),
     ("coverage at the thresholds (FSDD, LOSO)", 0.90, lambda r: r["threshold"]["coverage"],
      True),
     ("Speech Commands held-out speakers: digits covered (correct and accepted)", 0.85,
@@ -156,15 +158,17 @@ def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path
     (calibration_dir / "thresholds.json").write_text(json.dumps({
         "model": manifest.ref, "sha256": manifest.sha256, "threshold": round(th["value"], 6),
         "per_class": {k: round(v, 6) for k, v in th["per_class"].items()},
-        "target_precision": th["target_precision"],
+        "target_precision": th["target_precision"], "max_word_rate": th["max_word_rate"],
         "out_of_fold": {"coverage": round(th["coverage"], 4),
                         "precision": round(th["precision"] or 0.0, 4),
                         "worst_group_precision": th["worst_group"],
                         "nested_worst_group_precision": th["nested_worst"],
+                        "nested_worst_group_words_accepted": th["nested_words_worst"],
                         "method": "agent/training/thresholds.py choose_thresholds over "
                         f"{OOF_FILE} (pool_probabilities, pool_labels, pool_groups): the "
-                        "precision target holds in every held-out group (each FSDD speaker, "
-                        "each Speech Commands speaker group)"}}, indent=2) + "\n")
+                        "digits' precision target and max_word_rate hold in every held-out "
+                        "group (each FSDD speaker, each Speech Commands speaker group)"}},
+        indent=2) + "\n")
     np.savez_compressed(calibration_dir / OOF_FILE, **report["_oof"])
     calibrate(out_dir, ds.clips, calibration_dir, seed=seed, log=log)
     latency = measure_latency(out_dir, [load_audio(c.path, 16000) for c in ds.clips[::50]])
