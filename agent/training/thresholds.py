@@ -8,8 +8,8 @@ on for spoken digits reach the target precision and at most `max_words` of the g
 non-digit words are acted on (the two figures issue 16 sets: precision of accepted decisions on
 a new voice, real words accepted as a digit). One threshold first (the lowest that satisfies
 every group), then one per class where that helps: coordinate descent over the classes, each
-class's threshold moved to the lowest value above which every group keeps both (more coverage
-where a class is safe, less where it is the one that errs). Pure numpy, deterministic: the test
+class's threshold lowered while every group keeps both (more coverage where a class is safe;
+where it is the one that errs it stays at the common threshold). Pure numpy, deterministic: the test
 `tests/test_training.py` recomputes the shipped thresholds from `calibration/<model>/oof.npz`.
 """
 
@@ -85,11 +85,13 @@ def choose_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: 
         acc = digit & (conf >= th[np.minimum(pred, n_cls - 1)])
         return _worst_ok(correct, acc, gi, n_groups, target, y == UNKNOWN_INDEX, max_words)
 
-    def lowest(trial_of) -> float:
-        """Walk the grid down from the top; the last value before a group first fails (so
-        every higher value holds too: no lucky gap between two failures)."""
-        best = 1.0
+    def lowest(trial_of, start: float = 1.0) -> float:
+        """Walk the grid down from `start` (a value that holds); the last value before a group
+        first fails, so every value between holds too: no lucky gap between two failures."""
+        best = start
         for t in GRID[::-1]:
+            if t >= start:
+                continue
             if not ok(trial_of(t)):
                 break
             best = float(t)
@@ -105,7 +107,7 @@ def choose_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: 
                 out = th.copy()
                 out[k] = t
                 return out
-            th[k] = lowest(trial)
+            th[k] = lowest(trial, float(th[k]))  # only ever lowered: every step holds
     return glob, th
 
 
