@@ -42,7 +42,7 @@ def flip_byte(path, at=200):
 def test_bundled_model_loads_and_lists_every_component_with_provenance():
     r = ModelRunner(default_model_dir())
     m = r.manifest
-    assert m.sample_rate == 16000 and m.version.startswith("2.") and len(m.classes) >= 10
+    assert m.sample_rate == 16000 and m.version.startswith("3.") and len(m.classes) >= 10
     roles = {c.role for c in m.components}
     assert {"melspectrogram", "embedding", "head"} <= roles
     for c in m.components:
