@@ -286,10 +286,11 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
           f"{pct(v['addressed'])} | {v['per_hour_model']:.2f} | **{v['per_hour']:.2f}** |"
           for k, v in fa.items() if k != "rule"],
         "",
-        "What the open-set rule costs and buys, out of fold:",
+        "What the open-set rule costs and buys, out of fold, at one common threshold (the "
+        "pooled choice above, so the rejector's part can be seen):",
         "",
         f"* closed-set head alone, its own threshold for 99 % precision on FSDD: coverage "
-        f"{pct(cost['head_only_fsdd']['coverage'])}; with the rejector at the shipped "
+        f"{pct(cost['head_only_fsdd']['coverage'])}; with the rejector at that "
         f"threshold: {pct(cost['with_rejector_fsdd']['coverage'])}.",
     ]
     if "head_only_speech_commands" in cost:
