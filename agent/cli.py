@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--calibration-out", type=Path, default=None,
                     help="[calibration/<model name>]")
     ca.add_argument("--seed", type=int, default=0)
+    ca.add_argument("--speech-commands", type=Path, default=None,
+                    help="also take the real digits of this Speech Commands folder into the "
+                    "head-input reference (more voices)")
+    ca.add_argument("--reference-only", action="store_true",
+                    help="write only the head-input reference (head_input_reference.npz) that "
+                    "device adaptation and enrollment need, not baseline.json")
 
     rl = sub.add_parser("reload", help="make a running agent re-read its config (SIGHUP to "
                         "PID); what `systemctl reload` runs, so no /bin/kill is needed")
@@ -258,14 +264,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _training()
     from agent.model import Manifest
     from agent.resources import default_model_dir
-    from agent.training.calibrate import calibrate
+    from agent.training.calibrate import calibrate, write_reference
     from agent.training.dataset import discover
 
     model_dir = args.model or default_model_dir()
     name = Manifest.read(model_dir / "manifest.json").name
     speakers = {s for s in args.speakers.split(",") if s} or None
-    calibrate(model_dir, discover(args.data, speakers),
-              args.calibration_out or Path("calibration") / name, seed=args.seed, log=_log)
+    clips = discover(args.data, speakers)
+    ref_clips = clips
+    if args.speech_commands is not None:
+        from agent.training.dataset import discover_speech_commands
+
+        ref_clips = clips + [c for c in discover_speech_commands(args.speech_commands)
+                             if not c.label.startswith("neg:")]
+    out = args.calibration_out or Path("calibration") / name
+    if args.reference_only:
+        write_reference(model_dir, ref_clips, out, log=_log)
+    else:
+        calibrate(model_dir, clips, out, seed=args.seed, log=_log, reference_clips=ref_clips)
     return 0
 
 

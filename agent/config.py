@@ -173,6 +173,24 @@ class SamplesConfig:
 
 
 @dataclass
+class PersonalConfig:
+    adaptation: bool = _f(True, "adapt the head input to this device's own utterances (label-"
+                          "free, kept in STATE_DIR/personal, never published)")
+    adaptation_min_utterances: int = _f(20, "utterances heard before adaptation changes a "
+                                        "decision", lo=1, hi=100000)
+    adaptation_prior: float = _f(20.0, "shrinkage: the shift is weighted n / (n + prior)",
+                                 lo=0.0, hi=100000.0)
+    adaptation_horizon: int = _f(500, "utterances the running mean remembers", lo=10,
+                                 hi=1000000)
+    adaptation_max_shift: float = _f(0.5, "largest shift (RMS, in training standard "
+                                     "deviations)", lo=0.0, hi=10.0)
+    enrollment: bool = _f(True, "use the enrollment in STATE_DIR/personal when there is one "
+                          "('edge-voice-agent enroll')")
+    enrollment_weight: float = _f(0.5, "weight of the similarity to the enrolled examples",
+                                  lo=0.0, hi=100.0)
+
+
+@dataclass
 class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -184,6 +202,7 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
     # Alarm rules are tables keyed by metric ([alarms.snr_db] ...); validated by agent.drift.
     alarms: dict = field(default_factory=dict)
     rollup_alarms: dict = field(default_factory=dict)
