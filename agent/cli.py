@@ -19,7 +19,8 @@ PROG = "edge-voice-agent"
 # Settings a subcommand has no use for get no flag there, so argparse refuses them (with that
 # subcommand's usage) instead of the command silently ignoring them.
 DEMO_FIXED = frozenset({"audio.source", "audio.mic_rate", "audio.mic_channels"})
-CLASSIFY_SECTIONS = frozenset({"model", "decision"})
+CLASSIFY_SECTIONS = frozenset({"model", "decision", "personal"})
+ENROLL_SECTIONS = frozenset({"agent", "model", "audio", "vad"})
 
 
 def _add_settings(p: argparse.ArgumentParser, *, skip: frozenset[str] = frozenset(),
@@ -79,7 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("classify", help="classify each audio file as one utterance")
     cl.add_argument("files", nargs="+", type=Path)
+    cl.add_argument("--state-dir", dest="set:agent.state_dir", default=argparse.SUPPRESS,
+                    metavar="DIR", help="use this device's enrollment and adaptation (read "
+                    "only); without it, the model alone decides")
     _add_settings(cl, sections=CLASSIFY_SECTIONS)
+
+    en = sub.add_parser("enroll", help="teach the device a voice: one recording per class "
+                        "({label}_{anything}.wav), or prompts at the microphone without files; "
+                        "keeps head inputs only (0600), never audio, never published")
+    en.add_argument("files", nargs="*", type=Path)
+    en.add_argument("--forget", action="store_true",
+                    help="remove the enrollment from the state directory")
+    _add_settings(en, sections=ENROLL_SECTIONS)
 
     def data_args(q: argparse.ArgumentParser) -> None:
         from agent.samples import DataFolders
@@ -177,7 +189,10 @@ def cmd_run(args: argparse.Namespace, **forced) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.resources import demo_audio
 
-    forced = {"audio.source": str(demo_audio())}
+    # a showcase of the shipped model: it neither learns from nor is changed by this device's
+    # personal state (a demo file must not teach the device's adaptation six synthetic voices)
+    forced = {"audio.source": str(demo_audio()), "personal.adaptation": False,
+              "personal.enrollment": False}
     if not any(k == "set:output.decisions" for k in vars(args)):
         forced["output.decisions"] = "-"
     return cmd_run(args, **forced)
@@ -192,6 +207,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model, policy = pipeline.model, pipeline.policy
     assert model is not None
     m = model.manifest
+    personal = service.personalize(cfg, model, learn=False) if cfg.agent.state_dir else None
     status = 0
     for path in args.files:
         try:
@@ -202,13 +218,30 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             status = 1
             continue
-        probs = model.predict(model.features(audio)[None, :])[0]
+        feats = model.features(audio)
+        probs = model.predict(feats[None, :])[0] if personal is None else \
+            personal.predict(model, feats)
         label, conf, _, accepted = policy.decide(probs, m.classes) if policy.runs_model else \
             (None, None, None, False)
         print(json.dumps({"file": str(path), "label": label,
                           "confidence": None if conf is None else round(conf, 4),
                           "accepted": accepted}), flush=True)
     return status
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from agent.personal import enroll
+
+    cfg = _config(args)
+    if args.forget:
+        if args.files:
+            raise AgentError("enroll --forget takes no files; run it alone")
+        print(enroll.forget(cfg), flush=True)
+        return 0
+    from agent import service
+
+    print(enroll.enroll(cfg, args.files, service.load_model(cfg)), flush=True)
+    return 0
 
 
 def _training():
@@ -298,7 +331,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.main(lambda: _config(args), as_json=args.json)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "train": cmd_train,
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "enroll": cmd_enroll,
+            "train": cmd_train,
             "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "doctor": cmd_doctor,
             "reload": cmd_reload, "fleet": lambda args: args.fleet_func(args),
             "models": lambda args: args.models_func(args),

@@ -54,6 +54,13 @@ from agent.errors import AgentError, one_line
 from agent.metric_catalog import METRICS
 from agent.model import ModelRunner
 from agent.monitor import Monitor
+from agent.personal.adaptation import AdaptationParams
+from agent.personal.device import (
+    FILE_MICROPHONE,
+    Personalizer,
+    build_personalizer,
+    microphone_identity,
+)
 from agent.pipeline import Pipeline
 from agent.resources import calibration_dir, default_model_dir
 from agent.rollout.hooks import attach_rollout
@@ -93,6 +100,29 @@ def build_pipeline(cfg: Config) -> Pipeline:
         return Pipeline(cfg.vad, model, Policy("off", 1.0, model.manifest.unknown_label))
     model = load_model(cfg)
     return Pipeline(cfg.vad, model, load_policy(cfg, model))
+
+
+def personalize(cfg: Config, model: ModelRunner | None, *, microphone: str = FILE_MICROPHONE,
+                health: StateHealth | None = None, learn: bool = True) -> Personalizer | None:
+    """Device adaptation and enrollment for `model` from the state directory (None when off,
+    when the model runs no decisions, or when the model has no head-input reference)."""
+    if model is None or cfg.decision.mode == "off":
+        return None
+    p = cfg.personal
+    return build_personalizer(
+        model=model, state_dir=cfg.state_path(), microphone=microphone,
+        adaptation=p.adaptation, enrollment=p.enrollment,
+        params=AdaptationParams(p.adaptation_min_utterances, p.adaptation_prior,
+                                p.adaptation_horizon, p.adaptation_max_shift),
+        enrollment_weight=p.enrollment_weight, health=health, learn=learn)
+
+
+def personal_section(pipeline: Pipeline) -> dict:
+    """The stats payload's `personal` section: aggregates only (docs/stats.schema.json)."""
+    personal = pipeline.personal
+    if isinstance(personal, Personalizer):
+        return personal.section()
+    return {"personal": {"enrolled": False, "adaptation": {"active": False, "utterances": 0}}}
 
 
 def config_digest(cfg: Config) -> str:
@@ -190,7 +220,7 @@ TICK_S = 0.25             # longest the loop waits for audio before pinging, pol
 STALL_S = 10.0
 # Settings a SIGHUP applies; every other difference is reported as needing a restart (the
 # source, rates, VAD state and windows are tied to the running clock, sinks to open files).
-LIVE_SECTIONS = ("model", "decision", *RULE_SECTIONS)
+LIVE_SECTIONS = ("model", "decision", "personal", *RULE_SECTIONS)
 LIVE_KEYS = frozenset({"monitoring.baseline", "monitoring.k"})
 REASON_MAX = 200          # alarm.schema.json: reason maxLength
 UNPACED_FILE_QUEUE = 4    # blocks queued ahead for a file read as fast as possible
@@ -455,7 +485,8 @@ def restart_needed(running: Config, new: Config) -> list[str]:
 def merge_live(running: Config, new: Config) -> Config:
     """The configuration actually running after a reload: live settings from `new`."""
     return dataclasses.replace(
-        running, model=new.model, decision=new.decision, alarms=new.alarms,
+        running, model=new.model, decision=new.decision, personal=new.personal,
+        alarms=new.alarms,
         rollup_alarms=new.rollup_alarms,
         monitoring=dataclasses.replace(running.monitoring, baseline=new.monitoring.baseline,
                                        k=new.monitoring.k))
@@ -506,6 +537,10 @@ class Service:
                                      lambda msg: self.sink.publish(msg), health=self.health,
                                      live=live)
         self.sink = build_sink(cfg, self.device_id, self._birth(), self.health)
+        self.microphone = microphone_identity(self.source_desc) if live else FILE_MICROPHONE
+        self.pipeline.personal = personalize(cfg, self.pipeline.model,
+                                             microphone=self.microphone, health=self.health)
+        self.monitor.sections.append(lambda s: personal_section(self.pipeline))
         self.pipeline.observers.append(self.monitor)
         self.writer = DecisionWriter(cfg.decisions_target(), self.health)
         # An unpaced file waits for the pipeline anyway (nothing to drop): a short queue of its
@@ -657,6 +692,11 @@ class Service:
         self.audio_down = False
         self._last_audio = time.monotonic()
         self.source_desc = ev.description
+        mic = microphone_identity(ev.description)
+        if mic != self.microphone and mic != FILE_MICROPHONE:
+            self.microphone = mic
+            if isinstance(self.pipeline.personal, Personalizer):
+                self.pipeline.personal.new_microphone(mic)
         log.info("audio source back after %.1f s: %s", ev.outage_s, ev.description)
         clock = self.pipeline.clock_s
         self.monitor.observe("audio_outage_s", ev.outage_s, clock)
@@ -716,8 +756,13 @@ class Service:
     def _swap(self, parts: LiveParts) -> None:
         """Put a new model and policy in, between two blocks; another rate rebuilds the
         segmenter on the same audio clock (agent.rollout.switch)."""
+        old = self.pipeline.personal
         self.pipeline, decisions = retarget(self.pipeline, parts.model, parts.policy)
         self.writer.write(decisions)
+        if isinstance(old, Personalizer):
+            old.close()  # its state is saved; another model starts adaptation afresh
+        self.pipeline.personal = personalize(parts.cfg, self.pipeline.model,
+                                             microphone=self.microphone, health=self.health)
         mon = self.monitor
         mon.rate = self.pipeline.rate
         mon.model_info = model_info(self.pipeline)
@@ -760,6 +805,8 @@ class Service:
     def close(self, stopped: bool, t_stop: float) -> bool:
         """Decide the utterance in progress, publish the last window, close files and sinks."""
         self.writer.write(self.pipeline.finish())
+        if isinstance(self.pipeline.personal, Personalizer):
+            self.pipeline.personal.close()
         self.monitor.finish(self.pipeline.clock_s)
         self.writer.close()
         self.capture.join(timeout=0.5)
