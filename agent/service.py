@@ -105,7 +105,8 @@ def build_pipeline(cfg: Config) -> Pipeline:
 def personalize(cfg: Config, model: ModelRunner | None, *, microphone: str = FILE_MICROPHONE,
                 health: StateHealth | None = None, learn: bool = True) -> Personalizer | None:
     """Device adaptation and enrollment for `model` from the state directory (None when off,
-    when the model runs no decisions, or when the model has no head-input reference)."""
+    when the model runs no decisions, or when the model has no head-input reference). A file
+    source (`microphone` FILE_MICROPHONE) adapts in memory only: replays stay exact."""
     if model is None or cfg.decision.mode == "off":
         return None
     p = cfg.personal
@@ -114,7 +115,8 @@ def personalize(cfg: Config, model: ModelRunner | None, *, microphone: str = FIL
         adaptation=p.adaptation, enrollment=p.enrollment,
         params=AdaptationParams(p.adaptation_min_utterances, p.adaptation_prior,
                                 p.adaptation_horizon, p.adaptation_max_shift),
-        enrollment_weight=p.enrollment_weight, health=health, learn=learn)
+        enrollment_weight=p.enrollment_weight, health=health, learn=learn,
+        persist=microphone != FILE_MICROPHONE)
 
 
 def personal_section(pipeline: Pipeline) -> dict:

@@ -232,7 +232,8 @@ def test_local_activation_starts_probation_against_the_models_recent_values(tmp_
     assert ctl.probation.baseline["abstain_rate"] == 0.2
     assert store.pointers().probation.baseline["abstain_rate"] == 0.2  # persisted
     assert host.monitor.events[-1]["event"] == "activated"
-    assert ctl.section()["probation"] == {"windows_done": 0, "windows_total": 4}
+    assert ctl.section()["probation"] == {"windows_done": 0, "windows_total": 4,
+                                          "like_for_like": True}
     store.rollback()
     host.pipeline.model = bundled
     ctl.on_reload()

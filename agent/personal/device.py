@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from agent.audio.sources import stable_device_name
 from agent.errors import AgentError, one_line
 from agent.model import ModelRunner
-from agent.personal.adaptation import AdaptationParams, Adapter
+from agent.personal.adaptation import AdaptationParams, AdaptationState, Adapter
 from agent.personal.enrollment import Enrollment, Rescorer, missing_classes
 from agent.personal.reference import REFERENCE_FILE, Reference
 from agent.personal.store import AdaptationKey, PersonalStore, frontend_id
@@ -35,7 +36,7 @@ log = logging.getLogger("edge-voice-agent")
 
 SAVE_EVERY = 20          # adaptation updates between saves (and one on close)
 CALIBRATION = "calibration"
-FILE_MICROPHONE = "file"  # every file source counts as one microphone (replays are repeatable)
+FILE_MICROPHONE = "file"  # a replayed file: adapts in memory from a fresh state, never saved
 
 
 def reference_path(model_dir: Path, name: str) -> Path:
@@ -70,7 +71,7 @@ def microphone_identity(description: str) -> str:
     """A live source's device name ("mic:NAME"); every file source is FILE_MICROPHONE."""
     prefix = "microphone '"
     if description.startswith(prefix):
-        return "mic:" + description[len(prefix):].split("'", 1)[0]
+        return "mic:" + stable_device_name(description[len(prefix):].rsplit("'", 1)[0])
     return FILE_MICROPHONE
 
 
@@ -184,11 +185,10 @@ class Personalizer:
                  self.key.microphone, microphone)
         self.key = AdaptationKey(self.key.model_sha256, self.key.frontend, microphone)
         self.adapter = Adapter(self.adapter.params,
-                               type(self.adapter.state).fresh(self.manifest.frontend.dim))
+                               AdaptationState.fresh(self.manifest.frontend.dim))
         self._stale = True
-        if self.learn and self.store is not None:
-            self.adapter.updates = 1  # the fresh state replaces the old file on disk
-            self.save()
+        self.adapter.updates = 1  # the fresh state replaces the old file on disk
+        self.save()
 
     def close(self) -> None:
         self.save()
@@ -197,9 +197,13 @@ class Personalizer:
 def build_personalizer(*, model: ModelRunner, state_dir: Path, microphone: str,
                        adaptation: bool, params: AdaptationParams, enrollment: bool,
                        enrollment_weight: float, health: StateHealth | None = None,
-                       learn: bool = True) -> Personalizer | None:
+                       learn: bool = True, persist: bool = True) -> Personalizer | None:
     """Load what the state directory holds for this model; None when nothing is switched on.
-    Every reason something is not used is logged in one line."""
+    Every reason something is not used is logged in one line.
+
+    `learn`: utterances feed the adaptation (classify only reads); `persist`: what it learns
+    is saved — a live microphone's, not a replayed file's, so a file replays exactly and a demo
+    or test recording never becomes part of the device's state."""
     if not adaptation and not enrollment:
         return None
     m = model.manifest
@@ -228,10 +232,11 @@ def build_personalizer(*, model: ModelRunner, state_dir: Path, microphone: str,
         key = AdaptationKey(m.sha256, fid, microphone)
         state, note = store.load_adaptation(key, m.frontend.dim)
         adapter = Adapter(params, state)
-        if learn and note.startswith("adaptation starts afresh"):
+        if learn and persist and note.startswith("adaptation starts afresh"):
             store.save_adaptation(state, key)  # the old model's or microphone's state is gone
-    p = Personalizer(model, reference, adapter=adapter, enrollment=enrolled, store=store,
-                     key=key, enrollment_weight=enrollment_weight, learn=learn)
+    p = Personalizer(model, reference, adapter=adapter, enrollment=enrolled,
+                     store=store if persist else None, key=key,
+                     enrollment_weight=enrollment_weight, learn=learn)
     log.info("personalisation of %s: %s; %s", m.ref,
              f"enrolled ({len(enrolled.labels)} examples)" if enrolled is not None
              else "not enrolled", note)
