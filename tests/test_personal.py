@@ -423,3 +423,34 @@ def test_enrolled_data_never_appears_in_any_published_payload(tmp_path, demo_cli
     assert "enrollment" not in text and "labels" not in text
     for m in messages:  # and nothing of it in the topics or birth either
         assert "personal/" not in m["topic"]
+
+
+def test_adaptation_save_on_a_full_disk_stays_in_memory_and_is_counted(tmp_path, model,
+                                                                       monkeypatch):
+    import errno
+
+    from agent.personal import store as store_mod
+
+    health = StateHealth()
+    p = build_personalizer(model=model, state_dir=tmp_path, microphone="mic:USB",
+                           adaptation=True, params=AdaptationParams(min_utterances=3),
+                           enrollment=False, enrollment_weight=0.5, health=health)
+    real = store_mod._atomic_npz
+
+    def full(path, arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_atomic_npz", full)
+    x = np.ones(model.manifest.frontend.dim, np.float32)
+    probs = np.zeros(len(model.manifest.classes), np.float32)
+    probs[0] = 1.0
+    for _ in range(45):
+        p.observe(x, probs)
+    assert p.adapting and p.adapter.utterances == 45  # learning goes on in memory
+    errors, _, events = health.take()
+    assert errors == 2 and [e.state for e in events] == ["raised"]  # at 20 and 40, not each
+    assert health.failing == {"adaptation": "No space left on device"}
+    monkeypatch.setattr(store_mod, "_atomic_npz", real)
+    p.close()  # space is back: saved, and the alarm clears
+    assert health.failing == {} and [e.state for e in health.take()[2]] == ["cleared"]
+    assert PersonalStore(tmp_path).load_adaptation(p.key, x.size)[0].n == 45

@@ -92,6 +92,7 @@ class Personalizer:
         self._unknown = m.classes.index(m.unknown_label) if m.unknown_label in m.classes else -1
         self._shift: np.ndarray | None = None
         self._stale = True
+        self._unsaved = False  # the last save was refused by the disk
 
     # --- what telemetry and rollouts may know -------------------------------------------
     @property
@@ -170,12 +171,14 @@ class Personalizer:
             self.save()
 
     def save(self) -> None:
+        """Save the adaptation state; a refused write is counted (StateHealth) and tried again
+        after the next SAVE_EVERY utterances or at the stop, never at every utterance."""
         a = self.adapter
         if a is None or not self.learn or self.store is None or self.key is None or \
-                a.updates == 0:
+                (a.updates == 0 and not self._unsaved):
             return
-        if self.store.save_adaptation(a.state, self.key):
-            a.updates = 0
+        self._unsaved = not self.store.save_adaptation(a.state, self.key)
+        a.updates = 0
 
     def new_microphone(self, microphone: str) -> None:
         """The source came back as another device: what was learned was for the old one."""
