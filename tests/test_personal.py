@@ -454,3 +454,43 @@ def test_adaptation_save_on_a_full_disk_stays_in_memory_and_is_counted(tmp_path,
     p.close()  # space is back: saved, and the alarm clears
     assert health.failing == {} and [e.state for e in health.take()[2]] == ["cleared"]
     assert PersonalStore(tmp_path).load_adaptation(p.key, x.size)[0].n == 45
+
+
+def test_another_model_starts_adaptation_afresh_and_is_shadowed_like_for_like(tmp_path, model,
+                                                                              caplog):
+    """What `models activate`, a rollout or a reload with another model does: the service
+    builds the personalisation for the new model, whose key differs, so it starts afresh."""
+    import dataclasses
+
+    from agent import config as config_mod
+    from agent import service
+    from agent.personal.device import reference_path
+    from tests.rollout_models import derive
+
+    other_dir = derive(tmp_path / "m2", version="9.0.0-test")
+    other = ModelRunner(other_dir, share_from=model)
+    ref, _ = reference_for(model)
+    dataclasses.replace(ref, model=other.manifest.ref, sha256=other.manifest.sha256).save(
+        other_dir / "calibration" / "head_input_reference.npz")  # as a delivered model ships it
+    assert reference_path(other_dir, other.manifest.name).parent == other_dir / "calibration"
+    cfg = config_mod.load(None, {"agent.state_dir": str(tmp_path / "state"),
+                                 "personal.adaptation_min_utterances": 3})
+    a = service.personalize(cfg, model, microphone="mic:USB")
+    x = np.ones(model.manifest.frontend.dim, np.float32)
+    digit = np.zeros(len(model.manifest.classes), np.float32)
+    digit[0] = 1.0
+    for _ in range(30):
+        a.observe(x, digit)
+    a.close()
+    assert service.personalize(cfg, model, microphone="mic:USB").adapter.utterances == 30
+    with caplog.at_level(logging.INFO, logger="edge-voice-agent"):
+        b = service.personalize(cfg, other, microphone="mic:USB")
+    assert b is not None and b.adapter.utterances == 0 and not b.adapting
+    assert any("starts afresh: the model changed" in r.getMessage() for r in caplog.records)
+    # and going back does not bring the old state back: it was reset on disk
+    assert service.personalize(cfg, model, microphone="mic:USB").adapter.utterances == 0
+    # a candidate with its own reference and the same front end is scored with this state
+    assert a.scorer_for(other) is not None
+    changed = ModelRunner(derive(tmp_path / "m3", version="9.0.1-test", behaviour="abstain"),
+                          share_from=model)
+    assert a.scorer_for(changed) is None  # another build without its reference: cannot

@@ -186,7 +186,7 @@ class Personalizer:
             return
         log.info("device adaptation starts afresh: another microphone (%s → %s)",
                  self.key.microphone, microphone)
-        self.key = AdaptationKey(self.key.model_sha256, self.key.frontend, microphone)
+        self.key = AdaptationKey(self.key.model, self.key.frontend, microphone)
         self.adapter = Adapter(self.adapter.params,
                                AdaptationState.fresh(self.manifest.frontend.dim))
         self._stale = True
@@ -232,7 +232,7 @@ def build_personalizer(*, model: ModelRunner, state_dir: Path, microphone: str,
     adapter = key = None
     note = "adaptation off"
     if adaptation:
-        key = AdaptationKey(m.sha256, fid, microphone)
+        key = AdaptationKey(f"{m.ref} {m.sha256}", fid, microphone)
         state, note = store.load_adaptation(key, m.frontend.dim)
         adapter = Adapter(params, state)
         if learn and persist and note.startswith("adaptation starts afresh"):

@@ -52,13 +52,13 @@ def frontend_id(m: Manifest) -> str:
 class AdaptationKey:
     """What an adaptation state belongs to; any difference starts it afresh."""
 
-    model_sha256: str
+    model: str       # "name@version sha256": another version or build starts afresh
     frontend: str
     microphone: str
 
     def differs(self, other: AdaptationKey) -> str:
         """Why `other` is not this key ("" when equal), for the log line."""
-        if other.model_sha256 != self.model_sha256:
+        if other.model != self.model:
             return "the model changed"
         if other.frontend != self.frontend:
             return "the front end changed"
@@ -182,7 +182,7 @@ class PersonalStore:
             meta = json.loads(str(z["meta"]))
             mean = z["mean"].astype(np.float64)
             n = int(meta["n"])
-            saved = AdaptationKey(str(meta["model_sha256"]), str(meta["frontend"]),
+            saved = AdaptationKey(str(meta["model"]), str(meta["frontend"]),
                                   str(meta["microphone"]))
             if meta.get("format") != FORMAT or mean.shape != (dim,) or n < 0 or \
                     not np.all(np.isfinite(mean)):
@@ -197,7 +197,7 @@ class PersonalStore:
         return AdaptationState(mean, n), f"adaptation resumed ({n} utterances)"
 
     def save_adaptation(self, state: AdaptationState, key: AdaptationKey) -> bool:
-        meta = {"format": FORMAT, "n": int(state.n), "model_sha256": key.model_sha256,
+        meta = {"format": FORMAT, "n": int(state.n), "model": key.model,
                 "frontend": key.frontend, "microphone": key.microphone}
         try:
             _atomic_npz(self.adaptation_path, {"meta": np.array(json.dumps(meta)),
