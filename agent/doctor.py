@@ -182,6 +182,44 @@ def check_baseline(cfg: Config) -> Check:
 
 
 # --- state directory ------------------------------------------------------------------------
+def check_personal(cfg: Config, state_cfg: Config) -> Check:
+    """Device adaptation and enrollment can work: the model's head-input reference, and the
+    personal state files read back (doctor never moves or changes them)."""
+    import json as json_
+
+    from agent.personal.device import reference_for
+    from agent.personal.store import Corrupt, PersonalStore, read_npz
+    from agent.service import load_model
+
+    p = cfg.personal
+    if cfg.decision.mode == "off" or not (p.adaptation or p.enrollment):
+        return Check("personal", SKIP, "personalisation is off (decision.mode off, or "
+                     "personal.adaptation and personal.enrollment false)")
+    try:
+        model = load_model(cfg)
+    except Exception as e:  # noqa: BLE001 - the model check says why
+        return Check("personal", SKIP, f"no model to personalise: {_msg(e)}")
+    ref, why = reference_for(model)
+    if ref is None:
+        return Check("personal", SKIP, f"adaptation and enrollment are off: {why}")
+    store = PersonalStore(state_cfg.state_path())
+    parts = [f"reference for {model.manifest.ref}"]
+    for name, path in (("enrollment", store.enrollment_path),
+                       ("adaptation", store.adaptation_path)):
+        if not path.exists():
+            parts.append(f"no {name} yet")
+            continue
+        try:
+            z = read_npz(path)
+            meta = json_.loads(str(z["meta"]))
+        except (Corrupt, KeyError, ValueError, OSError) as e:
+            return Check("personal", FAIL, f"{path} is unreadable ({_msg(e)}); the agent moves "
+                         f"it aside at start{' (enroll again)' if name == 'enrollment' else ''}")
+        parts.append(f"enrolled ({len(z['labels'])} recordings)" if name == "enrollment"
+                     else f"adaptation learned from {meta.get('n', 0)} utterances")
+    return Check("personal", OK, "; ".join(parts))
+
+
 def check_state_dir(cfg: Config) -> Check:
     """Exists (or can be created), is writable, and only its owner can read or change it: it
     holds decisions (per-utterance content), baselines and the telemetry outbox."""
@@ -377,7 +415,8 @@ def run_checks(cfg: Config) -> list[Check]:
     except AgentError as e:
         mcfg, store = cfg, [Check("model store", FAIL, _msg(e))]
     return [check_audio_devices(cfg), check_audio_source(cfg), *store, check_model(mcfg),
-            check_thresholds(mcfg), check_baseline(mcfg), check_state_dir(cfg),
+            check_thresholds(mcfg), check_baseline(mcfg), check_personal(mcfg, cfg),
+            check_state_dir(cfg),
             check_state_space(cfg), check_outbox(cfg),
             check_broker(cfg), check_clock()]
 

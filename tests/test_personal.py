@@ -494,3 +494,21 @@ def test_another_model_starts_adaptation_afresh_and_is_shadowed_like_for_like(tm
     changed = ModelRunner(derive(tmp_path / "m3", version="9.0.1-test", behaviour="abstain"),
                           share_from=model)
     assert a.scorer_for(changed) is None  # another build without its reference: cannot
+
+
+def test_doctor_reports_the_personal_state_without_touching_it(tmp_path):
+    from agent import config as config_mod
+    from agent.doctor import check_personal
+
+    cfg = config_mod.load(None, {"agent.state_dir": str(tmp_path)})
+    c = check_personal(cfg, cfg)
+    assert c.status == "OK" and "no enrollment yet" in c.detail
+    (tmp_path / "personal").mkdir()
+    bad = tmp_path / "personal" / "enrollment.npz"
+    bad.write_bytes(b"garbage")
+    c = check_personal(cfg, cfg)
+    assert c.status == "FAIL" and str(bad) in c.detail and "enroll again" in c.detail
+    assert bad.read_bytes() == b"garbage"  # doctor only looks
+    off = config_mod.load(None, {"agent.state_dir": str(tmp_path), "personal.adaptation": False,
+                                 "personal.enrollment": False})
+    assert check_personal(off, off).status == "SKIP"

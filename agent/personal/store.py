@@ -96,7 +96,7 @@ def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         os.close(dfd)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -141,7 +141,7 @@ class PersonalStore:
         if not path.exists():
             return None
         try:
-            z = _read_npz(path)
+            z = read_npz(path)
             meta = json.loads(str(z["meta"]))
             if meta.get("format") != FORMAT:
                 raise Corrupt(f"format {meta.get('format')!r}, expected {FORMAT}")
@@ -178,7 +178,7 @@ class PersonalStore:
         if not path.exists():
             return AdaptationState.fresh(dim), "no adaptation state yet: learning"
         try:
-            z = _read_npz(path)
+            z = read_npz(path)
             meta = json.loads(str(z["meta"]))
             mean = z["mean"].astype(np.float64)
             n = int(meta["n"])
