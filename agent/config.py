@@ -186,7 +186,9 @@ class PersonalConfig:
                                      "deviations)", lo=0.0, hi=10.0)
     enrollment: bool = _f(True, "use the enrollment in STATE_DIR/personal when there is one "
                           "('edge-voice-agent enroll')")
-    enrollment_weight: float = _f(0.5, "weight of the similarity to the enrolled examples",
+    enrollment_weight: float = _f(0.25, "weight of the similarity to the enrolled examples "
+                                  "(0.25: the largest that kept every held-out FSDD speaker's "
+                                  "precision >= 0.99, benchmarks/bench_personal.py --sweep)",
                                   lo=0.0, hi=100.0)
 
 

@@ -213,6 +213,8 @@ def main() -> int:
                     help="enrollment weight [personal.enrollment_weight's default]")
     ap.add_argument("--sweep", action="store_true", help="also sweep the enrollment weight")
     ap.add_argument("--skip-adaptation", action="store_true")
+    ap.add_argument("--adaptation-min-utterances", type=int, default=None,
+                    help="[personal.adaptation_min_utterances' default]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from agent.config import PersonalConfig
@@ -228,11 +230,12 @@ def main() -> int:
     report["enrollment"] = enrollment_slice(f, oof, model, thr, args.reps, weight)
     if args.sweep:
         report["sweep"] = {}
-        for w in (0.25, 0.5, 1.0, 2.0, 4.0):
+        for w in (0.1, 0.25, 0.5, 1.0, 2.0):
             sl = enrollment_slice(f, oof, model, thr, args.reps, w)
             report["sweep"][w] = {k: v["after"] for k, v in sl.items()}
     if not args.skip_adaptation:
-        params = AdaptationParams(pc.adaptation_min_utterances, pc.adaptation_prior,
+        params = AdaptationParams(args.adaptation_min_utterances or pc.adaptation_min_utterances,
+                                  pc.adaptation_prior,
                                   pc.adaptation_horizon, pc.adaptation_max_shift)
         ad = adaptation(f, model, thr, params)
         report["adaptation"] = ad

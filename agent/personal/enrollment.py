@@ -25,7 +25,7 @@ import numpy as np
 from agent.errors import AgentError
 from agent.personal.reference import Reference
 
-DEFAULT_WEIGHT = 0.5
+DEFAULT_WEIGHT = 0.25
 
 
 def label_of(path: Path, classes: Iterable[str]) -> str:
