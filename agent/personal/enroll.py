@@ -26,6 +26,7 @@ from agent.personal.store import PersonalStore, frontend_id
 from agent.pipeline import Outcome, Pipeline
 
 PROMPT_TIMEOUT_S = 10.0  # audio seconds waited for each prompted word
+MAX_PER_CLASS = 20       # the state stays small (about 4 KB per recording)
 
 
 def known_classes(model: ModelRunner) -> list[str]:
@@ -45,6 +46,10 @@ def from_files(model: ModelRunner, files: Iterable[Path]) -> Enrollment:
         raise AgentError(f"enrollment needs at least one recording of every class of "
                          f"{model.manifest.ref}; none for {', '.join(lacking)} (name them "
                          f"{lacking[0]}_1.wav, ...)")
+    crowded = sorted({c for c in labels if labels.count(c) > MAX_PER_CLASS})
+    if crowded:
+        raise AgentError(f"enrollment takes at most {MAX_PER_CLASS} recordings per class; "
+                         f"{', '.join(crowded)} has more: pick the best {MAX_PER_CLASS}")
     x = []
     for f in files:
         audio = load_audio(f, model.manifest.sample_rate)
