@@ -413,9 +413,14 @@ class RolloutController:
     def _warming_up(self, baseline: dict[str, Any]) -> bool:
         """The previous model decided with device adaptation, the new one's adaptation (reset
         with the model) is not active yet: its windows would not compare like with like, so
-        they wait, like quiet windows (it comes back after personal.adaptation_min_utterances)."""
+        they wait, like quiet windows (it comes back after personal.adaptation_min_utterances).
+        A new model that cannot adapt at all (no head-input reference) does not wait: its
+        windows count and `like_for_like` says false."""
         then = str(baseline.get("personal", ""))
-        if "adapted" in then.split("+") and "adapted" not in self._personal().split("+"):
+        personal = self.host.pipeline.personal
+        learning = getattr(personal, "adapter", None) is not None and \
+            not getattr(personal, "adapting", False)  # it will adapt, it does not yet
+        if "adapted" in then.split("+") and learning:
             if not self._warm_logged:
                 self._warm_logged = True
                 log.info("probation windows wait for the new model's device adaptation (the "
