@@ -75,6 +75,14 @@ def microphone_identity(description: str) -> str:
     return FILE_MICROPHONE
 
 
+def personal_scores(model: ModelRunner, rescorer: Rescorer | None, shift: np.ndarray | None,
+                    x: np.ndarray) -> np.ndarray:
+    """The model on the shifted head input, then the enrollment's rescoring (on the unshifted
+    one: the shift moves the utterance and the enrolled examples alike)."""
+    p = model.predict((x if shift is None else x - shift)[None, :])[0]
+    return rescorer.rescore(p, x) if rescorer is not None else p
+
+
 class Personalizer:
     def __init__(self, model: ModelRunner, reference: Reference | None, *,
                  adapter: Adapter | None, enrollment: Enrollment | None,
@@ -130,14 +138,7 @@ class Personalizer:
 
     def predict(self, model: ModelRunner, x: np.ndarray) -> np.ndarray:
         """The personalised probabilities of one head input (dim,)."""
-        return self._score(model, self.reference, self.rescorer, self.shift(), x)
-
-    @staticmethod
-    def _score(model: ModelRunner, reference: Reference | None, rescorer: Rescorer | None,
-               shift: np.ndarray | None, x: np.ndarray) -> np.ndarray:
-        xa = x if shift is None else x - shift
-        p = model.predict(xa[None, :])[0]
-        return rescorer.rescore(p, x) if rescorer is not None else p
+        return personal_scores(model, self.rescorer, self.shift(), x)
 
     def scorer_for(self, model: ModelRunner) -> Callable[[np.ndarray], np.ndarray] | None:
         """Score another model (a shadow candidate) with this device's state, or None when it
@@ -154,7 +155,7 @@ class Personalizer:
         def score(x: np.ndarray) -> np.ndarray:
             shift = self.adapter.shift(ref.mean, ref.scale) if self.adapter is not None \
                 else None
-            return self._score(model, ref, rescorer, shift, x)
+            return personal_scores(model, rescorer, shift, x)
         return score
 
     # --- learning -----------------------------------------------------------------------

@@ -10,7 +10,8 @@ added to the head's log-probability of the class with weight `weight`:
 
 The probability that the utterance is one of the known classes at all (the rejector's p_in,
 1 - P(unknown)) is left as the model gave it: enrollment can change which digit, and how sure,
-never whether something that is not a digit gets acted on. The weight was chosen on speaker-
+but no decision's confidence can rise above p_in, so a sound the model takes for "not a digit"
+(p_in below the threshold) is never acted on because of it. The weight was chosen on speaker-
 grouped data (benchmarks/bench_personal.py).
 """
 
@@ -68,7 +69,6 @@ class Rescorer:
         self.reference = reference
         self.weight = weight
         self.known = [i for i, c in enumerate(classes) if c != unknown_label]
-        self.unknown = classes.index(unknown_label) if unknown_label in classes else -1
         u = reference.project(enrollment.x)
         labels = np.array(enrollment.labels)
         self.protos = np.stack([u[labels == classes[i]].mean(0) for i in self.known])

@@ -214,6 +214,3 @@ class PersonalStore:
         if self.health is not None:
             self.health.write_ok("adaptation", self.adaptation_path)
         return True
-
-    def reset_adaptation(self) -> None:
-        self.adaptation_path.unlink(missing_ok=True)
