@@ -165,7 +165,9 @@ class Pipeline:
             label, confidence, margin, accepted = self.policy.decide(
                 probs, self.model.manifest.classes)
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        if runs and self.personal is not None:  # learning (and its saves) after the decision
+        if runs and self.personal is not None and not u.forced_cut:
+            # learning (and its saves) after the decision; a force-cut segment is running
+            # speech, not a command, and teaches the adaptation nothing
             self.personal.observe(feats, probs)
         d = Decision(start=u.start / self.rate, end=u.end / self.rate,
                      decided_at=u.emitted_at / self.rate, label=label, confidence=confidence,

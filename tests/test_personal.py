@@ -553,3 +553,27 @@ def test_enroll_prompts_at_a_real_virtual_microphone(pulse, tmp_path, model):  #
     saved = PersonalStore(state).load_enrollment()
     assert saved is not None and list(saved.labels) == classes
 
+
+
+def test_force_cut_segments_do_not_teach_the_adaptation(model):
+    """Running speech cut at max_utterance_ms is not a command: it is decided, but it does not
+    join the device's running mean."""
+    seen: list[np.ndarray] = []
+
+    class Recorder:
+        def predict(self, m, x):
+            return m.predict(x[None, :])[0]
+
+        def observe(self, x, probs):
+            seen.append(x)
+
+    x, sr = sf.read(str(demo_audio()), dtype="float32")
+    p = Pipeline(VadConfig(max_utterance_ms=550), model,
+                 Policy("partial", threshold(model), model.manifest.unknown_label))
+    p.personal = Recorder()
+    out = []
+    for i in range(0, len(x), sr // 10):
+        out += p.feed(AudioBlock(x[i:i + sr // 10, None], sr))
+    out += p.finish()
+    cut = sum(d.forced_cut for d in out)
+    assert 0 < cut < len(out) and len(seen) == len(out) - cut
