@@ -4,7 +4,8 @@ microphone differ from the training recordings, learned from its own utterances.
 A device hears one room, one microphone and a few voices; their head inputs sit a little away
 from where the training recordings put them. The adapter keeps a running mean of the device's
 own head inputs (no labels: only utterances the model does not call "unknown" and the VAD did
-not force-cut count, so noise and running talk do not pull it) and moves every head input by the difference to the training mean:
+not force-cut count, so noise and running talk do not pull it) and moves every head input by
+the difference to the training mean:
 
     x' = x - w * (device_mean - training_mean),  w = n / (n + prior)
 
