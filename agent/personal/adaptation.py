@@ -9,7 +9,7 @@ the difference to the training mean:
 
     x' = x - w * (device_mean - training_mean),  w = n / (n + prior)
 
-bounded three ways so a stable device is never made worse: nothing moves before
+bounded three ways, so a young or wrong estimate cannot move much: nothing moves before
 `min_utterances`; `w` shrinks the shift toward zero while the estimate is young; and the shift
 is capped at `max_shift` (root mean square, in units of the training standard deviation). The
 mean forgets with a horizon of `horizon` utterances, so it follows a slow change and its memory
