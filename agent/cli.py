@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("classify", help="classify each audio file as one utterance")
     cl.add_argument("files", nargs="+", type=Path)
     cl.add_argument("--state-dir", dest="set:agent.state_dir", default=argparse.SUPPRESS,
-                    metavar="DIR", help="use this device's enrollment and adaptation (read "
-                    "only); without it, the model alone decides")
+                    metavar="DIR", help="use this device's enrollment (read only; the "
+                    "adaptation learned at the device's microphone is not applied to files); "
+                    "without it, the model alone decides")
     _add_settings(cl, sections=CLASSIFY_SECTIONS)
 
     en = sub.add_parser("enroll", help="teach the device a voice: one recording per class "
@@ -207,7 +208,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model, policy = pipeline.model, pipeline.policy
     assert model is not None
     m = model.manifest
-    personal = service.personalize(cfg, model, learn=False) if cfg.agent.state_dir else None
+    personal = None
+    if cfg.agent.state_dir:  # the enrollment; adaptation belongs to the device's microphone
+        cfg.personal.adaptation = False
+        personal = service.personalize(cfg, model, learn=False)
     status = 0
     for path in args.files:
         try:
