@@ -43,7 +43,8 @@ NonNeg = Annotated[float, Meta(ge=0, le=_FLOAT_MAX)]
 Level = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")]   # one MQTT topic level / id
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._+-]{0,64}\Z")]   # model name, version
 Ref = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._+@-]{0,160}\Z")]  # name@version
-Word = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{0,32}\Z")]    # a mode, a state, a class
+Word = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{0,32}\Z")]    # a mode, a state
+Label = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._ -]{1,32}\Z")]  # a class the model outputs
 Utc = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
                                   r"(\.[0-9]{1,6})?Z\Z")]
 MAX_METRICS = 64           # metric entries per window (the catalogue has ~20)
@@ -97,7 +98,7 @@ class Drift(TypedDict):
 
 
 class Outputs(TypedDict):
-    classes: Annotated[dict[Word, Count], Meta(max_length=MAX_CLASSES)] | None
+    classes: Annotated[dict[Label, Count], Meta(max_length=MAX_CLASSES)] | None
     suppressed: bool
 
 
