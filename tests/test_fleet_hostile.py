@@ -267,7 +267,8 @@ def test_row1_windows_with_50kb_model_names_are_refused_and_counted() -> None:
 # --- row 2: a new model or rollout id in every window ------------------------------------------
 def test_row2_a_new_model_or_rollout_in_every_window_stays_within_the_group_budget() -> None:
     model, app, sim = served()
-    groups0 = len(model.state.group_keys)
+    with model.reading():
+        groups0 = len(model.state.groups)
 
     def flood(first: int, n: int) -> dict[str, bytes]:
         for seq in range(first, first + n):
@@ -279,13 +280,13 @@ def test_row2_a_new_model_or_rollout_in_every_window_stays_within_the_group_budg
 
     few = flood(0, 20)
     many = flood(20, 300)
+    for k in ("metrics", "json", "page"):
+        assert len(many[k]) < len(few[k]) + 2_000, k  # 300 more names: no more series
     with model.reading():
-        assert len(model.state.groups) <= groups0 + MAX_DEVICE_GROUPS
+        assert len(model.state.groups) == groups0 + MAX_DEVICE_GROUPS + 1  # and OTHER
         assert model.state.capped["groups"] == 320 - MAX_DEVICE_GROUPS
         assert OTHER in model.state.groups
         assert model.state.groups[OTHER].windows == 320 - MAX_DEVICE_GROUPS
-    for k in ("metrics", "json", "page"):
-        assert len(many[k]) < len(few[k]) + 2_000, k  # 300 more names: no more series
     assert b'eva_fleet_capped_total{budget="groups"} 316.0' in many["metrics"]
     honest_totals_exact(model, sim)
 
@@ -483,11 +484,7 @@ def test_row9_device_strings_reach_the_terminal_as_inert_text() -> None:
     from agent.fleet import rollout, watch
 
     model, app, sim = served()
-    p = honest_window(sim, seq=0)
-    p["model"] = {**p["model"], "name": "fsdd[/]"}
-    assert send(model, "evil", p) == "schema"  # not a name: refused at the door
     snap = model.state.to_json()
-    # and were such strings ever to get through, the renderers show them as text
     hostile = "fsdd[/] [bold red]x\x1b[2J\x1b]0;title\x07\x1b]52;c;cHduZWQ=\x07\u202e"
     d = snap["devices"]["sim-00000"]
     d["model"] = {"name": hostile, "version": hostile, "slot": hostile}
@@ -505,6 +502,10 @@ def test_row9_device_strings_reach_the_terminal_as_inert_text() -> None:
     assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
     status = rollout.render_text(rollout.summarize(snap, {}, "eva"))
     assert "\x1b" not in status and "\x07" not in status and "fsdd[/]" in status
+    # and such strings do not even get in: not a name, refused at the door
+    p = honest_window(sim, seq=0)
+    p["model"] = {**p["model"], "name": "fsdd[/]"}
+    assert send(model, "evil", p) == "schema"
 
 
 # --- row 10: far-future windows and the prune -----------------------------------------------------
