@@ -370,11 +370,12 @@ def test_row6_deep_nesting_is_refused_and_counted_never_dropped_silently() -> No
 
 
 # --- row 7: HTTP ----------------------------------------------------------------------------------
-def _get(addr: tuple[str, int], path: str, method: str = "GET",
-         timeout_s: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+def _get(addr: tuple[str, int], path: str, method: str = "GET", timeout_s: float = 10.0,
+         source: str = "") -> tuple[int, dict[str, str], bytes]:
     import http.client
 
-    c = http.client.HTTPConnection(*addr, timeout=timeout_s)
+    c = http.client.HTTPConnection(*addr, timeout=timeout_s,
+                                   source_address=(source, 0) if source else None)
     try:
         c.request(method, path)
         r = c.getresponse()
@@ -389,7 +390,8 @@ def test_row7_idle_connections_time_out_are_capped_and_views_answer(
     from agent.fleet import serve
 
     monkeypatch.setattr(serve, "HTTP_TIMEOUT_S", 1.0, raising=False)
-    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 8, raising=False)
+    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 12, raising=False)
+    monkeypatch.setattr(serve, "MAX_PER_CLIENT", 4, raising=False)
     broker = mosquitto()
     s = serve.Server(broker_url=broker.url, listen=("127.0.0.1", 0), history_path=None)
     s.start()
@@ -400,6 +402,9 @@ def test_row7_idle_connections_time_out_are_capped_and_views_answer(
         t0 = time.monotonic()
         status, headers, body = _get(s.address, "/healthz", timeout_s=5)
         assert status in (200, 503)  # answered at once either way: the accept loop is free
+        # another client is served at once: one address cannot take every slot
+        status, headers, body = _get(s.address, "/healthz", timeout_s=2, source="127.0.0.2")
+        assert status == 200 and body == b"ok\n"
         # every idle connection is closed by the server within its timeout (recv sees EOF)
         for c in idle:
             c.settimeout(5)

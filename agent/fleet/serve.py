@@ -86,6 +86,7 @@ def _share_ok(group: str) -> bool:
 
 BIG_VIEWS = ("/metrics", "/api/fleet.json")  # ~20 / 15 MB at 10,000 devices
 MAX_CONNECTIONS = 32     # open HTTP connections (= handler threads) at once; more get a 503
+MAX_PER_CLIENT = 8       # of which from one address: one client cannot take every slot
 HTTP_TIMEOUT_S = 10.0    # per socket operation: an idle or trickling client is dropped
 HEADERS = (  # the page has inline CSS and SVG, no script, no external resource
     ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
@@ -202,21 +203,31 @@ class App:
 class BoundedHTTPServer(ThreadingHTTPServer):
     """The standard library's threading server with what it lacks for a service (issue 20:
     251 idle connections made every view unreachable): at most MAX_CONNECTIONS connections,
-    each with its own thread, so the threads are bounded too; one more gets a short 503 from
-    the accept loop, without a thread; every socket operation times out (the handler's
+    each with its own thread, so the threads are bounded too, and at most MAX_PER_CLIENT from
+    one address, so one client cannot hold every slot; one more gets a short 503 from the
+    accept loop, without a thread; every socket operation times out (the handler's
     `timeout`), so an idle or trickling client frees its slot; a longer listen backlog."""
 
     daemon_threads = True
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: Any,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
-        self.slots = threading.BoundedSemaphore(max_connections)
-        self.refused = 0  # connections answered 503 (at the limit)
+                 max_connections: int | None = None, per_client: int | None = None) -> None:
+        self.max_connections = max_connections or MAX_CONNECTIONS
+        self.per_client = per_client or MAX_PER_CLIENT
+        self.open: dict[str, int] = {}  # client address -> connections open
+        self.slots_lock = threading.Lock()
+        self.refused = 0  # connections answered 503 (at a limit)
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
+        host = client_address[0] if isinstance(client_address, tuple) else ""
+        with self.slots_lock:
+            mine = self.open.get(host, 0)
+            full = mine >= self.per_client or sum(self.open.values()) >= self.max_connections
+            if not full:
+                self.open[host] = mine + 1
+        if full:
             self.refused += 1
             try:
                 request.settimeout(1.0)
@@ -228,14 +239,22 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self._release(host)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._release(client_address[0] if isinstance(client_address, tuple) else "")
+
+    def _release(self, host: str) -> None:
+        with self.slots_lock:
+            n = self.open.get(host, 0) - 1
+            if n > 0:
+                self.open[host] = n
+            else:
+                self.open.pop(host, None)
 
 
 def _handler(app: App) -> type[BaseHTTPRequestHandler]:
