@@ -632,3 +632,10 @@ def test_row12_a_trailing_newline_passes_no_pattern() -> None:
     assert model.ingest("eva/evil\n/stats", payload_bytes(p)) == "unknown_topic"
     assert refused(model, "evil") == {"schema": 5}
     views(model, app)
+    from agent.telemetry.message import check_level, topic  # and on the device's side
+
+    for bad in ("dev\n", "eva\n"):
+        with pytest.raises(ValueError):
+            check_level(bad)
+        with pytest.raises(ValueError):
+            topic(bad, "d", "stats")
