@@ -194,12 +194,13 @@ def check_targets(base: str, sim: SimFleet, pid: int) -> int:
     from prometheus_client.parser import text_string_to_metric_families
 
     ok = True
-    for path, budget in BUDGET_MS.items():
-        ms, size = _server_ms(base + path)  # urlopen raises on anything but 2xx
+    for path, budget in BUDGET_MS.items():  # the median of 3 (a shared machine)
+        runs = sorted(_server_ms(base + path) for _ in range(3))  # raises unless 2xx
+        ms, size = runs[1]
         good = ms <= budget
         ok &= good
-        print(f"  {path}: 200 in {ms:.0f} ms (budget {budget} ms) {size / 1024:.0f} KiB"
-              f"{'' if good else '  OVER BUDGET'}")
+        print(f"  {path}: 200 in {ms:.0f} ms, median of 3 ({runs[0][0]:.0f}-{runs[2][0]:.0f};"
+              f" budget {budget} ms) {size / 1024:.0f} KiB{'' if good else '  OVER BUDGET'}")
     metrics = _get(base + "/metrics")
     n = sum(len(f.samples) for f in text_string_to_metric_families(metrics.decode()))
     good = len(metrics) <= MAX_METRICS_BYTES
