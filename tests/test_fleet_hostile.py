@@ -307,7 +307,12 @@ def test_row3_counters_beyond_2_to_53_are_refused_and_every_view_survives() -> N
     p = honest_window(sim, seq=10)
     p["counts"] = {**p["counts"], "utterances": MAX_COUNT}  # the largest allowed: merged
     assert send(model, "evil", p) == "stats"
-    assert refused(model, "evil") == {"schema": 12}
+    from tests.test_fleet import alarm
+
+    for key in ("seq", "outbox_dropped"):  # an alarm's numbers too
+        a = json.dumps({**alarm("evil", "hb", 50, "raised"), key: 10**400}).encode()
+        assert model.ingest("eva/evil/alarm", a) == "schema"
+    assert refused(model, "evil") == {"schema": 14}
     views(model, app)
     honest_totals_exact(model, sim)
 

@@ -35,6 +35,7 @@ import numpy as np
 from agent.fleet.bins import MetricSum, compact
 from agent.fleet.loss import SessionLoss
 from agent.fleet.schema import (
+    MAX_COUNT,
     MAX_METRICS,
     REASONS,
     Alarm,
@@ -174,14 +175,13 @@ def _check_ids(p: Any, device: str) -> None:
     _need(p.get("schema") == 1 and _is_int(p.get("schema")), "schema is not 1")
     _need(p.get("device_id") == device, "device_id does not match the topic")
     _need(isinstance(p.get("boot_id"), str) and bool(_LEVEL.fullmatch(p["boot_id"])), "boot_id")
-    _need(_is_int(p.get("seq")) and p["seq"] >= 0, "seq")
+    _need(_is_int(p.get("seq")) and 0 <= p["seq"] <= MAX_COUNT, "seq")
     od = p.get("outbox_dropped", 1)
-    _need(_is_int(od) and od >= 1, "outbox_dropped")
+    _need(_is_int(od) and 1 <= od <= MAX_COUNT, "outbox_dropped")
 
 
 def _check_alarm(p: Any, device: str) -> None:
     _check_ids(p, device)
-    _need(_is_int(p["seq"]) and p["seq"] < 2**53, "seq")
     convert(p, Alarm)  # bounded strings, finite numbers (raises Invalid)
 
 
