@@ -344,6 +344,7 @@ def test_row4_the_history_never_overflows_and_no_flush_is_lost(tmp_path: Path) -
     series = h.series(now - 3600, now + 3600, 10, by_group=True)
     pts = [pt for key, pts in series.items() if key[0] == "m" for pt in pts]
     assert sum(pt.counts["windows"] for pt in pts) == 3
+    assert h.clamped > 0  # and flagged
     v = views(model, app)
     assert b"<svg" in v["page"]
     honest_totals_exact(model, sim)

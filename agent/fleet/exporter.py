@@ -109,7 +109,8 @@ class FleetCollector(Collector):
                     sum(s.missing() for s in d.seqs.values()), d.duplicates,
                     d.outbox_dropped, tuple(d.errors[k] for k in ERROR_KINDS)))
             return {"groups": groups, "devices": devices, "outcomes": dict(m.outcomes),
-                    "capped": dict(st.capped),
+                    "capped": {**st.capped, "history_sums": m.history.clamped
+                               if m.history is not None else 0},
                     "unknown_topics": st.unknown_topics,
                     "broker_dropped": st.broker_dropped[1] if st.broker_dropped else None,
                     "loss": st._loss_json({d[0]: {"missing": d[9], "outbox_dropped": d[11]}
@@ -242,7 +243,8 @@ class FleetCollector(Collector):
         yield fam
         fam = CounterMetricFamily("eva_fleet_capped", "times a budget was hit (groups: windows "
                                   "counted in the model group 'other'; boots, rules, metrics: "
-                                  "the oldest or the new one not kept)", labels=("budget",))
+                                  "the oldest or the new one not kept; history_sums: a stored "
+                                  "sum clamped at 2^62)", labels=("budget",))
         for what, n in snap["capped"].items():
             fam.add_metric((what,), n)
         yield fam

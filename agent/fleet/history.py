@@ -98,10 +98,6 @@ class Point:
 CLAMP = 2**62  # a stored sum stops here (SQLite integers are 64-bit; Python's are not)
 
 
-def _clamp(v: int) -> int:
-    return v if v < CLAMP else CLAMP
-
-
 class History:
     """The SQLite store; `add` from the MQTT thread, `flush`/`prune`/queries from others."""
 
@@ -129,6 +125,7 @@ class History:
                                      "NULL DEFAULT 0")
         self.rows_written = 0
         self.pruned = 0
+        self.clamped = 0  # stored sums that reached CLAMP (flagged: eva_fleet_capped_total)
 
     def close(self) -> None:
         self.flush()
@@ -228,11 +225,12 @@ class History:
         c = acc.counts
         cols = ["windows", "utterances", "accepted", "abstained", "dropped_frames", "acc_sum",
                 "acc_n"]
-        vals: list[Any] = [*(_clamp(c[k]) for k in COUNTS), acc.acc_sum, _clamp(acc.acc_n)]
+        vals: list[Any] = [*(self._clamp(c[k]) for k in COUNTS), acc.acc_sum,
+                           self._clamp(acc.acc_n)]
         for name, (dsum, dn) in acc.drift.items():
             if name in DRIFT:
                 cols += [f"d_{name}", f"n_{name}"]
-                vals += [dsum, _clamp(dn)]
+                vals += [dsum, self._clamp(dn)]
         db.execute(
             f"INSERT INTO windows (bucket, {', '.join(GROUP_COLUMNS)}, {', '.join(cols)}) "
             f"VALUES ({', '.join('?' * (5 + len(cols)))}) ON CONFLICT DO UPDATE SET "
@@ -257,6 +255,12 @@ class History:
                         hmax))
             n += 1
         return n
+
+    def _clamp(self, v: int) -> int:
+        if v < CLAMP:
+            return v
+        self.clamped += 1
+        return CLAMP
 
     def prune(self, now: float) -> int:
         """Drop buckets older than `days`, then the oldest until the file fits `max_mb`."""
