@@ -327,7 +327,7 @@ def main() -> int:
         while done < n_stats + n_hostile:
             j = json.loads(_get(base + "/api/ingest.json"))
             n = sum(v for k, v in j["outcomes"].items() if k not in ("birth", "status",
-                                                                        "rollout"))
+                                                                        "rollout", "sys"))
             if n != done:
                 done, progress = n, time.perf_counter()
             if first is None and done:
