@@ -172,15 +172,9 @@ def _compare(gen: Any, doc: list[Any], groot: dict, droot: dict, path: str,
             d = [x["additionalProperties"] for x in docs
                  if isinstance(x.get("additionalProperties"), dict)]
             _compare(alt["additionalProperties"], d, groot, droot, f"{path}.*", out)
-        if "propertyNames" in alt:  # documented names must pass the server's pattern
-            pat = alt["propertyNames"]["pattern"]
-            for x in docs:
-                names = x.get("propertyNames", {})
-                for n in names.get("enum", []):
-                    if not re.search(pat, n):
-                        out.append(f"{path}: documented name {n!r} fails {pat}")
-                if "pattern" in names and names["pattern"] != pat.replace("\\Z", "$"):
-                    out.append(f"{path}: names {pat!r}, documented {names['pattern']!r}")
+        if "propertyNames" in alt:  # the same bounds on the names (alphabets: below)
+            _compare(alt["propertyNames"], [x.get("propertyNames", {}) for x in docs], groot,
+                     droot, f"{path}.<names>", out)
         if "items" in alt:
             d = [x["items"] for x in docs if "items" in x]
             _compare(alt["items"], d, groot, droot, f"{path}[]", out)
@@ -192,6 +186,24 @@ def test_the_documented_schema_states_every_bound_the_server_enforces() -> None:
     out: list[str] = []
     _compare(gen, [doc], gen, doc, "$", out)
     assert not out, "\n".join(out)
+    # the alphabets checked after decoding (agent.fleet.schema.check_stats), documented too
+    import re
+
+    from agent.fleet import schema
+
+    def doc_pattern(*path: str | int) -> Any:
+        x: Any = doc
+        for k in path:
+            x = x[k]  # type: ignore[index]
+        return x
+
+    assert doc_pattern("$defs", "drift", "properties", "baseline", "pattern") == \
+        schema.WORD.replace("\\Z", "$")
+    classes = doc_pattern("properties", "outputs", "oneOf", 1, "properties", "classes")
+    assert classes["propertyNames"]["pattern"] == schema.LABEL.replace("\\Z", "$")
+    for k in ("metrics", "drift"):
+        names = doc_pattern("properties", k, "propertyNames", "enum")
+        assert names and all(re.search(schema.LEVEL, n) for n in names)
 
 
 def test_fuzzed_and_random_payloads_are_only_refused_and_counted() -> None:
@@ -633,10 +645,20 @@ def test_row12_a_trailing_newline_passes_no_pattern() -> None:
         tgt = q if where is None else q[where]
         tgt[key] = tgt[key] + "\n"
         assert send(model, "evil", q) == "schema", key
+    for where in ("metrics", "drift"):  # names checked after decoding, as strictly
+        q = copy.deepcopy(p)
+        q[where]["input_rms_dbfs\n"] = q[where].pop("input_rms_dbfs")
+        assert send(model, "evil", q) == "schema", where
+    q = copy.deepcopy(p)
+    q["drift"]["input_rms_dbfs"]["baseline"] = "training\n"
+    assert send(model, "evil", q) == "schema"
+    q = copy.deepcopy(p)
+    q["outputs"] = {"classes": {"0\n": 1}, "suppressed": False}
+    assert send(model, "evil", q) == "schema"
     a = alarm("evil", "b\n", 1, "raised")
     assert model.ingest("eva/evil/alarm", enc(a)) == "schema"
     assert model.ingest("eva/evil\n/stats", payload_bytes(p)) == "unknown_topic"
-    assert refused(model, "evil") == {"schema": 5}
+    assert refused(model, "evil") == {"schema": 9}
     views(model, app)
     from agent.telemetry.message import check_level, topic  # and on the device's side
 
