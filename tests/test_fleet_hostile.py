@@ -667,3 +667,25 @@ def test_row12_a_trailing_newline_passes_no_pattern() -> None:
             check_level(bad)
         with pytest.raises(ValueError):
             topic(bad, "d", "stats")
+
+
+def test_honest_messages_are_kept_exactly_as_they_came() -> None:
+    """The bounded types drop nothing an honest agent sends: its event, its birth's fields and
+    its window's model and rollout reach /api/fleet.json as they were published."""
+    model, app, sim = served()
+    e = {"schema": 1, "device_id": "sim-00000", "boot_id": "b0", "seq": 99,
+         "event": "rollout_received", "rollout_id": "r-2.0.0", "model": "fsdd-digits@2.0.0",
+         "previous": None, "state": "shadow", "reason": "shadow r-2.0.0", "window_end_s": 1.5,
+         "historical": True, "outbox_dropped": 2}
+    assert send(model, "sim-00000", e, "event") == "event"
+    doc = json.loads(views(model, app)["json"])
+    d = doc["devices"]["sim-00000"]
+    assert d["events"] == [e]
+    last = next(p for p in SimFleet(devices=1, windows=WINDOWS, end_epoch=sim.end_epoch)
+                .stats_payloads(0) if p["seq"] == WINDOWS - 1)
+    assert d["last_window"]["model"] == last["model"]
+    assert d["last_window"]["rollout"] == last["rollout"]
+    birth = json.loads(sim.birth(0)[1])
+    assert d["model"] == birth["model"]
+    assert {k: d[k] for k in ("agent_version", "config_digest", "window_s")} == \
+        {k: birth[k] for k in ("agent_version", "config_digest", "window_s")}

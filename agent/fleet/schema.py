@@ -208,8 +208,10 @@ class Alarm(TypedDict):
 
 
 class Event(TypedDict):
-    """docs/event.schema.json: a rollout step, kept (the last few) and shown."""
+    """docs/event.schema.json: a rollout step, kept (the last few) and shown as it came."""
 
+    schema: NotRequired[Literal[1]]
+    device_id: NotRequired[Level]
     event: Word
     rollout_id: NotRequired[Level | None]
     model: NotRequired[Ref | None]
@@ -219,6 +221,8 @@ class Event(TypedDict):
     window_end_s: NotRequired[NonNeg]
     seq: NotRequired[Count]
     boot_id: NotRequired[Level]
+    outbox_dropped: NotRequired[Annotated[int, Meta(ge=1, le=MAX_COUNT)]]
+    historical: NotRequired[bool]
 
 
 _STATS = msgspec.json.Decoder(Stats)
