@@ -206,7 +206,11 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     each with its own thread, so the threads are bounded too, and at most MAX_PER_CLIENT from
     one address, so one client cannot hold every slot; one more gets a short 503 from the
     accept loop, without a thread; every socket operation times out (the handler's
-    `timeout`), so an idle or trickling client frees its slot; a longer listen backlog."""
+    `timeout`), so an idle or trickling client frees its slot; a longer listen backlog.
+    Measured against waitress 3 (connection_limit=32, channel_timeout=10, 4 threads): with 251
+    idle connections open, waitress stopped accepting and another client timed out, where
+    this server answered it at once; a 20 MB body took 110 ms there and 20 ms here. So no
+    dependency for it (docs/fleet.md)."""
 
     daemon_threads = True
     request_queue_size = 128
