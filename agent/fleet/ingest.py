@@ -127,8 +127,8 @@ class FleetModel:
         if kind in ("stats", "alarm"):
             try:
                 parsed = (decode_stats if kind == "stats" else decode_json)(payload)
-            except Invalid:
-                pass  # FleetState parses it again and counts it against the device
+            except Invalid as e:
+                parsed = e  # FleetState counts it against the device (without parsing again)
         with self.lock:
             st = self.state
             outcome = st.ingest(topic, payload, retained, decoded=parsed)

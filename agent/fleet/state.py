@@ -362,7 +362,8 @@ class FleetState:
         duplicate | invalid_json | schema | edges_mismatch | unknown_topic. Never raises.
 
         `decoded`: the payload as `decode_stats` (stats) or `decode_json` (others) returned it,
-        when the caller parsed it already (outside its lock); else `payload` is parsed here."""
+        or the `Invalid` they raised, when the caller parsed it already (outside its lock);
+        else `payload` is parsed here."""
         if topic == BROKER_DROPPED_TOPIC:  # the broker's, not the fleet's: not in `messages`
             return self._broker_dropped(payload)
         self.messages += 1
@@ -383,6 +384,8 @@ class FleetState:
         if not retained:
             dev.last_seen = self._clock()
         try:
+            if isinstance(decoded, _Invalid):  # the caller's parse refused it already
+                raise decoded
             if kind == "status":
                 return self._status(dev, payload, retained)
             if kind == "stats":
