@@ -168,7 +168,7 @@ def _prefill_history(path: Path, days: float, devices: int) -> int:
             if model == "2.0.0":
                 p["rollout"] = {"id": "r-2.0.0", "cohort": "in"}
             for _ in range(min(per_bucket, 3)):  # sums only grow the numbers, not the rows
-                h.add(t, group_key(p), p)
+                h.add(t, group_key(p), p, received=t)  # as if received on time
         n += 1
         t += 300
         if n % 500 == 0:

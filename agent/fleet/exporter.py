@@ -134,8 +134,8 @@ class FleetCollector(Collector):
                     ("ingest_errors", r.ingest_errors, "messages the model raised on (a bug; "
                      "acknowledged and logged)")):
                 yield CounterMetricFamily(f"eva_serve_stats_{name}", help_, value=value)
-        info = InfoMetricFamily("eva_metric", "each catalogue metric's pipeline stage and unit "
-                                "(join on metric: * on (metric) group_left (stage) eva_metric_info)",
+        info = InfoMetricFamily("eva_metric", "each catalogue metric's pipeline stage and "
+                                "unit (join: * on (metric) group_left (stage) eva_metric_info)",
                                 labels=("metric", "stage", "unit"))
         for spec in METRICS:
             info.add_metric((spec.name, spec.stage, spec.unit), {})
