@@ -7,14 +7,14 @@ the metrics in `hist_metrics`. All of it adds, so any time range merges exactly 
 re-buckets 14 days into plot points by adding rows, counters and drift in SQL).
 
 Windows are bucketed by their own end time (the device's clock), so late or replayed windows
-land where they belong; every row also keeps the server's clock when it last received a window
-for it (`received`). Writes are batched: `add` (MQTT thread) only sums in memory, `flush` (a
-maintenance thread) upserts the pending sums in one transaction. Bounded by age (`--history-
-days`, default 14) and size (`--history-mb`), both on a row's age by the older of its two
-times, MIN(bucket, received): a device whose clock runs ahead cannot keep its buckets past
-`days` of the server's time (nor make the size bound evict the real history first), and a late
-window is not kept past the range it is plotted in. A prune deletes a slice at a time, the lock
-(which the page reads under) released in between.
+land where they belong; every counters row also keeps the server's clock when it last received
+a window for it (`received`; its histogram rows go with it). Writes are batched: `add` (MQTT
+thread) only sums in memory, `flush` (a maintenance thread) upserts the pending sums in one
+transaction. Bounded by age (`--history-days`, default 14) and size (`--history-mb`), both on
+a row's age, the older of its two times, MIN(bucket, received): a device whose clock runs
+ahead cannot keep its buckets past `days` of the server's time (nor make the size bound evict
+the real history first), and a late window is not kept past the range it is plotted in. A
+prune deletes a slice at a time, the lock (which the page reads under) released in between.
 """
 
 from __future__ import annotations
@@ -57,15 +57,14 @@ CREATE TABLE IF NOT EXISTS hists (
   bucket INTEGER NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
   rollout TEXT NOT NULL, cohort TEXT NOT NULL, metric TEXT NOT NULL,
   counts TEXT NOT NULL, hsum REAL NOT NULL, hmin REAL NOT NULL, hmax REAL NOT NULL,
-  received INTEGER NOT NULL,
   PRIMARY KEY (metric, bucket, model, model_version, rollout, cohort)) WITHOUT ROWID;
 """
 TABLES = ("windows", "hists")
 AGE = "MIN(bucket, received)"  # a row's age: the older of its plotted and its received time
-INDEXES = "".join(f"CREATE INDEX IF NOT EXISTS {t}_age ON {t} ({AGE});\n" for t in TABLES)
-SLICE_ROWS = 2000  # a prune deletes at most this many rows a table per hold of the lock
-_KEYS = {"windows": "bucket, " + ", ".join(GROUP_COLUMNS),
-         "hists": "metric, bucket, " + ", ".join(GROUP_COLUMNS)}
+INDEX = f"CREATE INDEX IF NOT EXISTS windows_age ON windows ({AGE})"
+SLICE_ROWS = 500  # a prune deletes at most this many counters rows (and their histograms) a
+# hold of the lock: ~10 ms here
+_KEY = " AND ".join(f"{c}=?" for c in ("bucket", *GROUP_COLUMNS))
 
 
 @dataclass
@@ -132,7 +131,7 @@ class History:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             self._migrate()
-            self._db.executescript(INDEXES)
+            self._db.execute(INDEX)
             have = {r[1] for r in self._db.execute("PRAGMA table_info(windows)")}
             for name in DRIFT:  # per-metric drift sums; a newer catalogue adds columns
                 if f"d_{name}" not in have:
@@ -148,11 +147,10 @@ class History:
         """A file of the version before `received`: its rows take the time of the upgrade (a
         column default, no rewrite), so they age by their buckets as they did, and a bucket
         from a clock that ran ahead goes `days` after the upgrade."""
-        for table in TABLES:
-            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-            if "received" not in have:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN received INTEGER NOT NULL "
-                                 f"DEFAULT {int(self.clock())}")
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(windows)")}
+        if "received" not in have:
+            self._db.execute("ALTER TABLE windows ADD COLUMN received INTEGER NOT NULL "
+                             f"DEFAULT {int(self.clock())}")
 
     def close(self) -> None:
         self.flush()
@@ -276,22 +274,18 @@ class History:
             if not m.counts:
                 continue
             old = db.execute(
-                "SELECT counts, hsum, hmin, hmax, received FROM hists WHERE metric=? AND "
-                "bucket=? AND model=? AND model_version=? AND rollout=? AND cohort=?",
+                "SELECT counts, hsum, hmin, hmax FROM hists WHERE metric=? AND bucket=? AND "
+                "model=? AND model_version=? AND rollout=? AND cohort=?",
                 (name, *key)).fetchone()
             counts, hsum, hmin, hmax = list(m.counts), m.sum, m.min, m.max
-            got = received
             if old is not None:
                 counts = [a + b for a, b in zip(json.loads(old[0]), counts, strict=True)]
                 hsum, hmin, hmax = hsum + old[1], min(hmin, old[2]), max(hmax, old[3])
-                got = max(got, old[4])
             if hsum != hsum:  # inf - inf from two absurd windows: NULL would fail the flush
                 hsum = 0.0
-            db.execute("INSERT OR REPLACE INTO hists (bucket, model, model_version, rollout, "
-                       "cohort, metric, counts, hsum, hmin, hmax, received) "
-                       "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            db.execute("INSERT OR REPLACE INTO hists VALUES (?,?,?,?,?,?,?,?,?,?)",
                        (*key, name, json.dumps(counts, separators=(",", ":")), hsum, hmin,
-                        hmax, got))
+                        hmax))
             n += 1
         return n
 
@@ -303,32 +297,51 @@ class History:
 
     def prune(self, now: float) -> int:
         """Drop the rows older than `days` by the server's clock `now`, then the oldest until
-        the file fits `max_mb`; a row's age is MIN(bucket, received) (module docstring). A
-        slice of at most SLICE_ROWS rows per table at a time, with the lock released in
+        the file fits `max_mb`; a row's age is MIN(bucket, received) (module docstring), its
+        histograms go with it. SLICE_ROWS counters rows at a time, with the lock released in
         between (the page reads under it). Deleted pages are reused (the size counts pages in
         use): no VACUUM, which rewrote the whole file under the lock, once per slice."""
         cutoff = int(now - self.days * 86400)
         step = max(self.bucket_s, int(self.days * 86.4))  # a size slice: 0.1 % of `days`
         removed = 0
+        with self._dblock:
+            names = self._hist_names(self._db)
         while True:
             with self._dblock:
                 db = self._db
-                ages = [db.execute(f"SELECT MIN({AGE}) FROM {t}").fetchone()[0] for t in TABLES]
-                if ages == [None, None]:
+                first = db.execute(f"SELECT MIN({AGE}) FROM windows").fetchone()[0]
+                if first is None:
                     break
-                first = min(a for a in ages if a is not None)
                 old = first < cutoff
                 if not old and self._size(db) <= self.max_bytes:
                     break
-                upto = cutoff if old else first + step
-                for table, key in _KEYS.items():
-                    removed += db.execute(
-                        f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "
-                        f"WHERE {AGE} < ? ORDER BY {AGE} LIMIT {SLICE_ROWS})", (upto,)).rowcount
+                keys = db.execute(
+                    f"SELECT bucket, {', '.join(GROUP_COLUMNS)} FROM windows WHERE {AGE} < ? "
+                    f"ORDER BY {AGE} LIMIT {SLICE_ROWS}",
+                    (cutoff if old else first + step,)).fetchall()
+                db.execute("BEGIN")
+                try:
+                    removed += db.executemany(f"DELETE FROM windows WHERE {_KEY}", keys).rowcount
+                    removed += db.executemany(  # by primary key: the metrics in the file
+                        f"DELETE FROM hists WHERE metric=? AND {_KEY}",
+                        [(m, *k) for k in keys for m in names]).rowcount
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
         with self._dblock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.pruned += removed
         return removed
+
+    @staticmethod
+    def _hist_names(db: sqlite3.Connection) -> list[str]:
+        """The metrics with histogram rows (the primary key's first column: a seek each)."""
+        names: list[str] = []
+        while row := db.execute("SELECT metric FROM hists WHERE metric > ? ORDER BY metric "
+                                "LIMIT 1", (names[-1] if names else "",)).fetchone():
+            names.append(row[0])
+        return names
 
     @staticmethod
     def _size(db: sqlite3.Connection) -> int:
