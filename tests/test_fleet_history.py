@@ -216,8 +216,10 @@ def test_a_history_of_the_previous_version_is_kept_and_its_future_buckets_age_ou
     for p in payloads:
         h.add(utc_epoch_of(p), group, p)
     h.flush()
-    (pts,) = h.series(now - 3 * 86400, now + 4 * 86400, 1).values()
+    (pts,) = h.series(now - 3 * 86400, now + 4 * 86400, 1, metrics=["snr_db"]).values()
     assert sum(pt.counts["windows"] for pt in pts) == 5 + 7 + 11 + len(payloads)
+    merged = sum(np.asarray(pt.metrics["snr_db"].counts) for pt in pts if "snr_db" in pt.metrics)
+    assert np.array_equal(merged, 3 + _hist_sum(payloads, "snr_db"))  # the old rows' [1, 1, ...]
     h.close()
 
     h = History(path, days=14.0)  # opened again: no second migration
