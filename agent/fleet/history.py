@@ -63,7 +63,7 @@ TABLES = ("windows", "hists")
 AGE = "MIN(bucket, received)"  # a row's age: the older of its plotted and its received time
 INDEX = f"CREATE INDEX IF NOT EXISTS windows_age ON windows ({AGE})"
 SLICE_ROWS = 500  # a prune deletes at most this many counters rows (and their histograms) a
-# hold of the lock: ~10 ms here
+# hold of the lock: <= ~50 ms at load 12 here (14 days of history pruned: 20 holds)
 _KEY = " AND ".join(f"{c}=?" for c in ("bucket", *GROUP_COLUMNS))
 
 
