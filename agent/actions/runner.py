@@ -1,0 +1,250 @@
+"""Runs the integrator's programs for accepted decisions, off the pipeline thread.
+
+`submit` is all the pipeline thread does: per accepted decision with an entry in the table,
+one `put_nowait` into that action's bounded queue. A worker thread per action takes them one
+at a time and runs the program without a shell: the decision's JSON line on stdin, EVA_LABEL,
+EVA_CONFIDENCE and EVA_MODEL in the environment, in its own process group, which is killed
+(SIGKILL) when it outlives the table's timeout_s. A full queue drops the decision for that
+action (a stuck program cannot pile up work or memory).
+
+Never run: abstentions (accepted false, which includes every assist and shadow decision),
+`unknown`, and anything in the `off`/`shadow` modes, checked here again so that a policy bug
+cannot turn into an action.
+
+What happened is kept for the monitor (`take`, on the pipeline thread): per run the latency
+from the decision to the program's start (`action_latency_ms`) and an `action_outcome`
+(0 ok, 1 failed: exit status not 0 or could not start, 2 killed at the timeout, 3 dropped on a
+full queue). A failure is logged once per action and cause, never with the decision's content.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from agent.actions.table import Action, ActionTable
+from agent.decision import Decision
+from agent.errors import one_line
+
+log = logging.getLogger("edge-voice-agent.actions")
+
+OK, FAILED, TIMED_OUT, DROPPED = 0, 1, 2, 3
+ACTING_MODES = frozenset({"partial", "full"})
+# The agent's own systemd plumbing is not the action's business.
+PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID",
+               "LISTEN_FDNAMES")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: the decision as it goes to the program, and when it was handed over."""
+
+    line: bytes
+    env: dict[str, str]
+    submitted: float   # time.perf_counter() at submit
+    timeout_s: float
+
+
+def acts_on(d: Decision, unknown_label: str | None) -> bool:
+    """Whether a decision may cause an action at all."""
+    return d.accepted and d.mode in ACTING_MODES and d.label is not None and \
+        d.label != (unknown_label or "unknown")
+
+
+class ActionRunner:
+    """The action table in force, one worker per action, and what they measured."""
+
+    def __init__(self, table: ActionTable, unknown_label: str | None = None) -> None:
+        self.table = table
+        self.unknown_label = unknown_label
+        self._workers: dict[Action, _Worker] = {}
+        self._lock = threading.Lock()
+        self._measures: list[tuple[str, float]] = []
+        self._logged: set[tuple[Action, str]] = set()
+        self.counts = {"ok": 0, "failed": 0, "timed_out": 0, "dropped": 0}
+        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        self._base_env = env
+
+    # --- pipeline thread --------------------------------------------------------------------
+    def replace(self, table: ActionTable, unknown_label: str | None = None) -> None:
+        """Swap the table (one reference: a decision sees the old or the new, never a mix);
+        workers of actions no longer in it finish what they hold and end."""
+        self.table = table
+        if unknown_label is not None:
+            self.unknown_label = unknown_label
+        keep = set(table.actions.values())
+        for a in [a for a in self._workers if a not in keep]:
+            self._workers.pop(a).retire()
+
+    def submit(self, decisions: Iterable[Decision]) -> None:
+        table = self.table
+        if not table:
+            return
+        for d in decisions:
+            if not acts_on(d, self.unknown_label):
+                continue
+            assert d.label is not None
+            action = table.match(d.label)
+            if action is None:
+                continue
+            w = self._workers.get(action)
+            if w is None:
+                w = self._workers[action] = _Worker(self, action, table.queue_max)
+            env = dict(self._base_env, EVA_LABEL=d.label,
+                       EVA_CONFIDENCE="" if d.confidence is None else f"{d.confidence:.4f}",
+                       EVA_MODEL=d.model or "")
+            job = Job((json.dumps(d.to_json()) + "\n").encode(), env, time.perf_counter(),
+                      table.timeout_s)
+            try:
+                w.q.put_nowait(job)
+            except queue.Full:
+                self.record(action, DROPPED, None, f"its queue is full ({table.queue_max} "
+                            "waiting): decisions for it are dropped while it is busy (counted "
+                            "in action_outcome)")
+
+    def take(self) -> list[tuple[str, float]]:
+        """(metric, value) pairs measured since the last call, for the monitor."""
+        with self._lock:
+            out, self._measures = self._measures, []
+        return out
+
+    # --- any thread -------------------------------------------------------------------------
+    def record(self, action: Action, outcome: int, latency_ms: float | None,
+               cause: str = "") -> None:
+        name = ("ok", "failed", "timed_out", "dropped")[outcome]
+        with self._lock:
+            self.counts[name] += 1
+            self._measures.append(("action_outcome", float(outcome)))
+            if latency_ms is not None:
+                self._measures.append(("action_latency_ms", latency_ms))
+            first = outcome != OK and (action, cause) not in self._logged
+            if first:
+                self._logged.add((action, cause))
+        if first:
+            log.warning("action for label %r (%s): %s; logged once per cause", action.key,
+                        action.argv[0], cause)
+
+    def idle(self) -> bool:
+        return all(w.idle() for w in list(self._workers.values()))
+
+    def close(self, timeout_s: float) -> None:
+        """Let queued runs finish for up to `timeout_s`, then kill what still runs and drop
+        what waits (one line saying how many)."""
+        workers = list(self._workers.values())
+        self._workers.clear()
+        for w in workers:
+            w.retire()
+        deadline = time.monotonic() + timeout_s
+        for w in workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+        left = 0
+        for w in workers:
+            left += w.abort()
+        for w in workers:
+            w.join(1.0)
+        if left:
+            log.warning("stopping: %d queued action run(s) were not started", left)
+
+
+_RETIRE = object()
+
+
+class _Worker(threading.Thread):
+    """Runs one action's jobs, one at a time, in order."""
+
+    def __init__(self, runner: ActionRunner, action: Action, bound: int) -> None:
+        super().__init__(name=f"action {action.key}", daemon=True)
+        self.runner, self.action = runner, action
+        self.q: queue.Queue = queue.Queue(maxsize=bound)
+        self._busy = False
+        self._aborted = False
+        self._proc: subprocess.Popen | None = None
+        self._retired = False
+        self.start()
+
+    def idle(self) -> bool:
+        return not self._busy and self.q.empty()
+
+    def retire(self) -> None:
+        """Finish the queue, then end (the sentinel may wait: the queue can be full)."""
+        self._retired = True
+        try:
+            self.q.put_nowait(_RETIRE)
+        except queue.Full:
+            pass
+
+    def abort(self) -> int:
+        """Kill the running program; return how many queued runs are dropped."""
+        self._aborted = True
+        proc = self._proc
+        if proc is not None:
+            _kill_group(proc)
+        n = 0
+        while True:
+            try:
+                if self.q.get_nowait() is not _RETIRE:
+                    n += 1
+            except queue.Empty:
+                return n
+
+    def run(self) -> None:
+        while not self._aborted:
+            try:
+                job = self.q.get(timeout=0.5)
+            except queue.Empty:
+                if self._retired:
+                    return
+                continue
+            if job is _RETIRE:
+                return
+            self._busy = True
+            try:
+                self._run(job)
+            finally:
+                self._busy = False
+
+    def _run(self, job: Job) -> None:
+        a = self.action
+        try:
+            proc = subprocess.Popen(a.argv, stdin=subprocess.PIPE, stdout=2, stderr=2,
+                                    env=job.env, start_new_session=True, close_fds=True)
+        except OSError as e:
+            self.runner.record(a, FAILED, None, f"cannot start ({one_line(e.strerror or e)})")
+            return
+        started = time.perf_counter()
+        self._proc = proc
+        latency_ms = (started - job.submitted) * 1000.0
+        try:
+            proc.communicate(job.line, timeout=job.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.wait()
+            self.runner.record(a, TIMED_OUT, latency_ms,
+                               f"still running after actions.timeout_s = {job.timeout_s:g} s; "
+                               "its process group was killed")
+            return
+        finally:
+            self._proc = None
+        if self._aborted and proc.returncode < 0:
+            return  # killed by close(): the stop, not the action, ended it
+        if proc.returncode != 0:
+            how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else \
+                f"exited with status {proc.returncode}"
+            self.runner.record(a, FAILED, latency_ms, how)
+            return
+        self.runner.record(a, OK, latency_ms)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
