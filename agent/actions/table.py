@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import AgentError, ConfigError
+from agent.errors import ConfigError
 
 ANY = "*"
 SETTINGS = ("timeout_s", "queue_max")  # agent.config.ActionsConfig; every other key is a label
@@ -93,11 +93,11 @@ def resolve(argv0: str, path: str | None = None) -> str | None:
 
 
 def check(table: ActionTable, classes: Iterable[str] | None = None) -> list[str]:
-    """Refuse (AgentError, one line) an action whose program cannot run; return warnings for
+    """Refuse (ConfigError, one line) an action whose program cannot run; return warnings for
     keys the model has no class for (one line each, for the caller to log)."""
     for key, a in sorted(table.actions.items()):
         if resolve(a.argv[0]) is None:
-            raise AgentError(f"action for label {key!r}: program {a.argv[0]!r} does not exist "
+            raise ConfigError(f"action for label {key!r}: program {a.argv[0]!r} does not exist "
                              "or is not executable (as the service sees the file system: see "
                              "docs/actions.md); install it or fix [actions] in the config")
     if classes is None:
