@@ -131,7 +131,7 @@ METRICS: tuple[MetricSpec, ...] = (
                "one value per decision handed to an action: 0 ran and exited 0, 1 failed (exit "
                "status not 0, or could not start), 2 killed at actions.timeout_s, 3 dropped on "
                "a full queue; the histogram counts each"),
-    MetricSpec("socket_dropped", "system", "ratio", (0.5,),
+    MetricSpec("socket_dropped", "system", "ratio", (0.5, 1.5),
                "one value per decision and connected decision-socket reader: 1 when the reader "
                "was not reading and the decision was dropped for it, else 0; the mean is the "
                "share dropped"),

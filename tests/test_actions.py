@@ -450,3 +450,42 @@ def test_reload_swaps_the_table_and_refuses_a_missing_program_keeping_the_old_on
     assert all(x[4]["decided_at"] > at for x in got if x[0] == "B")
     assert len([d for d in a.decisions if d["accepted"]]) == len(got)
     assert sum("reload refused" in x for x in a.log) == 1
+
+
+# --- the README's example works -----------------------------------------------------------------
+def _readme_blocks() -> tuple[str, str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Wiring decisions to actions\n", 1)[1].split("\n## ", 1)[0]
+    sh = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    toml = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    return sh, toml
+
+
+def test_the_readme_actions_table_loads_and_its_programs_exist(tmp_path: Path) -> None:
+    _, toml = _readme_blocks()
+    (tmp_path / "c.toml").write_text(toml)
+    cfg = config_mod.load(tmp_path / "c.toml")
+    table = parse(cfg.actions.labels, cfg.actions.timeout_s, cfg.actions.queue_max)
+    assert check(table, [str(i) for i in range(10)]) == []  # programs found, labels known
+    assert table.match("7").argv[0] == "/bin/sh" and table.match("3").key == "*"  # type: ignore[union-attr]
+
+
+def test_the_readme_listen_one_liner_works(tmp_path: Path) -> None:
+    sh, _ = _readme_blocks()
+    line = next(x for x in sh.splitlines() if x.startswith("edge-voice-agent listen"))
+    bindir = Path(sys.executable).parent
+    if not (bindir / "edge-voice-agent").exists():
+        pytest.skip(f"no edge-voice-agent script next to {sys.executable} (pip install -e .)")
+    server = DecisionSocket(tmp_path / SOCKET_NAME)
+    try:
+        p = subprocess.Popen(["bash", "-c", line], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "RUNTIME_DIRECTORY": str(tmp_path),
+                                  "PATH": f"{bindir}:{os.environ['PATH']}"})
+        eventually(lambda: len(server.readers) == 1, "the one-liner's listen")
+        server.publish([decision("7"), decision("3"), decision("7", accepted=False),
+                        decision("7")])
+    finally:
+        server.close()  # listen exits 0 at the agent's end; so does the pipeline
+    out, _ = p.communicate(timeout=WAIT_S)
+    assert p.returncode == 0
+    assert [x.split(" at ")[0] for x in out.splitlines()] == ["seven", "seven"]
