@@ -4,9 +4,12 @@ A Unix domain stream socket (never a network port), mode 0660 with the service's
 only the service user and members of its group can read decisions: per-utterance data stays
 on the device. Each reader receives the same JSON lines as the decisions file, in order.
 
-The pipeline thread only appends a decision's bytes to each reader's bounded buffer and wakes
-the socket thread through a pipe; the socket thread accepts readers and writes to them without
-blocking. A reader that does not read fills its kernel buffer, then its own buffer (at most
+The pipeline thread hands a decision's bytes to each reader with one non-blocking send (a
+reader hears it at once, without waiting for another thread to get the interpreter); what the
+kernel does not take goes into that reader's bounded buffer and the socket thread, woken
+through a pipe, writes it when the reader reads again. The socket thread also accepts readers
+and notices when they leave. A reader that does not read fills its kernel buffer, then its own
+buffer (at most
 `buffer_max` decisions), and from then on decisions are dropped *for that reader only*, counted
 per reader (logged when it starts and when it leaves) and in the `socket_dropped` metric. The
 pipeline never waits for a reader, and memory stays bounded whatever readers do.
@@ -93,7 +96,7 @@ class Reader:
         self.n = n
         self.peer = _peer(sock)
         self.pending: deque[bytes] = deque()
-        self.out = b""        # taken from `pending`, partly sent (socket thread only)
+        self.out = b""        # handed to the socket, partly sent (under the lock)
         self.sent = 0         # decisions handed to the kernel
         self.dropped = 0      # decisions dropped for this reader
         self.writing = False  # registered for EVENT_WRITE
@@ -154,8 +157,22 @@ class DecisionSocket:
         lines = encode(decisions)
         queued = dropped = 0
         first_drop: list[Reader] = []
+        wake = False
         with self._lock:
             for r in self.readers:
+                if not r.out and not r.pending:  # the usual case: straight to the kernel
+                    data = b"".join(lines)
+                    try:
+                        done = r.sock.send(data)
+                    except OSError:  # full (EAGAIN), or gone: the socket thread sees that
+                        done = 0
+                    if done:
+                        r.out = data[done:]  # a line is never cut: the rest follows
+                        r.sent += len(lines)
+                        queued += len(lines)
+                        wake = wake or bool(r.out)
+                        continue
+                wake = True
                 room = self.buffer_max - len(r.pending)
                 take = lines[:max(0, room)]
                 r.pending.extend(take)
@@ -167,8 +184,9 @@ class DecisionSocket:
                     r.dropped += lost
                     dropped += lost
             self.dropped += dropped
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")  # a full pipe means a wake-up is pending anyway
+        if wake:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")  # a full pipe: a wake-up is pending anyway
         for r in first_drop:
             log.warning("decision socket: reader %d (%s) is not reading; decisions beyond %d "
                         "buffered are dropped for it (counted in socket_dropped)", r.n, r.peer,
@@ -256,26 +274,29 @@ class DecisionSocket:
             self._drop(r, "disconnected")
 
     def _flush(self, r: Reader) -> None:
-        while True:
-            if not r.out:
-                with self._lock:
+        gone = False
+        with self._lock:  # sends never block: the pipeline thread waits microseconds at most
+            while True:
+                if not r.out:
                     if not r.pending:
                         break
-                    n = len(r.pending)
+                    r.sent += len(r.pending)
                     r.out = b"".join(r.pending)
                     r.pending.clear()
-                r.sent += n
-            try:
-                done = r.sock.send(r.out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self._drop(r, "disconnected")
-                return
-            r.out = r.out[done:]
-            if r.out:
-                break
-        want = bool(r.out)
+                try:
+                    done = r.sock.send(r.out)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    gone = True
+                    break
+                r.out = r.out[done:]
+                if r.out:
+                    break
+            want = bool(r.out or r.pending)
+        if gone:
+            self._drop(r, "disconnected")
+            return
         if want != r.writing and r in self.readers:
             r.writing = want
             self._sel.modify(r.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want
