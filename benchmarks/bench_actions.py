@@ -2,7 +2,7 @@
 """Acting on decisions: how fast an action starts and a socket reader hears, what it costs the
 pipeline, and what a reader that never reads does to it.
 
-    python benchmarks/bench_actions.py [--minutes 3] [--speed 10] [--flood-minutes 40]
+    python benchmarks/bench_actions.py [--minutes 3] [--speed 10] [--flood-minutes 45]
                                        [--shared ../shared] [--json]
 
 1. Latency. The agent (`agent.service.run`, in this process) plays a stream of FSDD speech
@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,7 +41,13 @@ from benchmarks.bench_pipeline import make_bench_stream  # noqa: E402
 
 READER = """
 import socket, sys, time
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s = socket.socket(socket.AF_UNIX)
+while True:  # started before the agent: connect as soon as it serves
+    try:
+        s.connect(sys.argv[1])
+        break
+    except OSError:
+        time.sleep(0.005)
 with open(sys.argv[2], "w") as out:
     for line in s.makefile("rb"):
         out.write(f"{time.time_ns()} {line.decode()}")
@@ -57,7 +62,6 @@ def q(values: list[float], p: float) -> float:
 def paced_run(wav: Path, speed: float, tmp: Path, outlets: bool) -> dict:
     """One in-process paced run; with `outlets`, an action for every label and a reader."""
     from agent import config, service
-    from agent.actions.socket_server import connect
 
     state = tmp / ("on" if outlets else "off")
     shutil.rmtree(state, ignore_errors=True)
@@ -84,16 +88,9 @@ def paced_run(wav: Path, speed: float, tmp: Path, outlets: bool) -> dict:
     service.Service.decided = stamped  # type: ignore[method-assign]
     reader = None
     try:
-        if outlets:
-            def attach() -> None:  # the reader connects once the socket exists
-                sock = state / "s" / "decisions.sock"
-                while not sock.exists():
-                    time.sleep(0.005)
-                connect(sock).close()  # bound and accepting
-                nonlocal reader
-                reader = subprocess.Popen([sys.executable, "-c", READER, str(sock),
-                                           str(heard)])
-            threading.Thread(target=attach, daemon=True).start()
+        if outlets:  # started first, so its interpreter is up when the first word is decided
+            reader = subprocess.Popen([sys.executable, "-c", READER,
+                                       str(state / "s" / "decisions.sock"), str(heard)])
         service.run(cfg)
     finally:
         service.Service.decided = original  # type: ignore[method-assign]
@@ -106,7 +103,8 @@ def paced_run(wav: Path, speed: float, tmp: Path, outlets: bool) -> dict:
     if not outlets:
         return res
     to_reader = [(int(ns) - made[json.loads(rest)["decided_at"]]) / 1e6 for ns, rest in
-                 (x.split(" ", 1) for x in heard.read_text().splitlines())]
+                 (x.split(" ", 1) for x in heard.read_text().splitlines())] \
+        if heard.exists() else []
     to_start = [(int(ns) - made[json.loads(rest)["decided_at"]]) / 1e6 for ns, rest in
                 (x.split(" ", 1) for x in starts.read_text().splitlines())]
     stats = [json.loads(x)["payload"] for x in (state / "telemetry.jsonl").read_text()
@@ -200,7 +198,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=3)
     ap.add_argument("--speed", type=float, default=10)
-    ap.add_argument("--flood-minutes", type=float, default=40)
+    ap.add_argument("--flood-minutes", type=float, default=45)
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()

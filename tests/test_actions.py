@@ -297,7 +297,7 @@ def test_an_action_that_fails_is_counted_and_logged_once(
     assert [v for m, v in measures if m == "action_outcome"] == [1.0, 1.0, 1.0]
     assert len([v for m, v in measures if m == "action_latency_ms"]) == 3
     (line,) = [x.getMessage() for x in caplog.records]
-    assert "exited with status 3" in line and "'*'" in line
+    assert line == "action /bin/sh: exited with status 3; logged once per cause"  # no label
 
 
 def test_a_full_queue_drops_and_counts_and_never_waits(tmp_path: Path) -> None:
@@ -489,3 +489,31 @@ def test_the_readme_listen_one_liner_works(tmp_path: Path) -> None:
     out, _ = p.communicate(timeout=WAIT_S)
     assert p.returncode == 0
     assert [x.split(" at ")[0] for x in out.splitlines()] == ["seven", "seven"]
+
+
+def test_socket_drops_reach_the_monitor_as_socket_dropped(tmp_path: Path) -> None:
+    from agent.actions.outlets import Outlets
+
+    server = DecisionSocket(tmp_path / SOCKET_NAME, buffer_max=8)
+    held = connect(tmp_path / SOCKET_NAME)  # never reads
+    outlets = Outlets(server, runner_for(["/bin/true"]))
+    seen: list[tuple[str, list[float]]] = []
+
+    class Monitor:
+        def observe(self, metric: str, value, clock_s: float) -> None:
+            seen.append((metric, list(value)))
+
+    try:
+        eventually(lambda: len(server.readers) == 1, "the reader")
+        for i in range(3000):
+            outlets.publish([decision(accepted=False, t=float(i))])  # no action for these
+            if i % 100 == 0:
+                time.sleep(0.001)  # let the socket thread fill the kernel buffer
+        outlets.report(Monitor(), 1.0)
+    finally:
+        outlets.close(1.0)
+        held.close()
+    ((metric, values),) = seen
+    assert metric == "socket_dropped" and len(values) == 3000
+    assert sum(values) == server.dropped > 0 and set(values) == {0.0, 1.0}
+    assert values == sorted(values)  # delivered first, then dropped: the buffer filled up

@@ -14,7 +14,8 @@ cannot turn into an action.
 What happened is kept for the monitor (`take`, on the pipeline thread): per run the latency
 from the decision to the program's start (`action_latency_ms`) and an `action_outcome`
 (0 ok, 1 failed: exit status not 0 or could not start, 2 killed at the timeout, 3 dropped on a
-full queue). A failure is logged once per action and cause, never with the decision's content.
+full queue). A failure is logged once per action and cause, naming the program, never the label or
+anything else of the decision.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ class ActionRunner:
             if first:
                 self._logged.add((action, cause))
         if first:
-            log.warning("action for label %r (%s): %s; logged once per cause", action.key,
-                        action.argv[0], cause)
+            # the program, not the label: a log line must not say what was said
+            log.warning("action %s: %s; logged once per cause", action.argv[0], cause)
 
     def idle(self) -> bool:
         return all(w.idle() for w in list(self._workers.values()))
