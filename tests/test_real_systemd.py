@@ -5,8 +5,10 @@ What the offline checks (tests/test_systemd_unit.py, a fake notify socket) canno
 `systemctl start` returns on the agent's READY=1, that `systemctl reload` works on a minimal
 Debian (no /bin/kill there: the unit used to fail with status=203/EXEC) and applies a changed
 threshold, that the watchdog kills and restarts a frozen process, that `systemctl stop` ends
-with exit 0, and that a file source's decisions land in the state directory, 0600, owned by the
-service user.
+with exit 0, that a file source's decisions land in the state directory, 0600, owned by the
+service user, that the decision socket lives in the runtime directory (0660, the service's
+group) where `listen` reads it and a user outside the group is refused, and that an action runs
+inside the sandbox (it writes the state directory, not /etc).
 
 The root (debootstrap, slow, network) is built once by .ci/systemd-root.sh into
 $EVA_SYSTEMD_CACHE (default /var/cache/eva-systemd); the test boots it on a throw-away overlay.
