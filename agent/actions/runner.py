@@ -290,7 +290,9 @@ class Spawned:
             if left is not None and left <= 0:
                 return None
             if self._pidfd is not None:
-                select.select([self._pidfd], [], [], left)
+                poller = select.poll()
+                poller.register(self._pidfd, select.POLLIN)
+                poller.poll(None if left is None else max(1, int(left * 1000)))
             else:
                 time.sleep(0.01 if left is None else min(0.01, left))
 
