@@ -515,6 +515,10 @@ class Service:
         m = self.pipeline.model.manifest if self.pipeline.model else None
         self.outlets = Outlets.build(cfg, load_table(cfg, m.classes if m else None),
                                      self.pipeline.policy.unknown_label)
+        if self.outlets.socket_error:  # held for the boot: no reader can get decisions
+            self.monitor.service_alarm(AlarmEvent(
+                "socket_dropped", "system", "raised", 1.0, 0.0, 0.0,
+                self.outlets.socket_error[:REASON_MAX]))
         # An unpaced file waits for the pipeline anyway (nothing to drop): a short queue of its
         # large blocks is enough, and 100 of them held ~6 MiB of audio for nothing.
         depth = cfg.audio.queue_blocks if live or cfg.audio.speed > 0 else \

@@ -517,3 +517,23 @@ def test_socket_drops_reach_the_monitor_as_socket_dropped(tmp_path: Path) -> Non
     assert metric == "socket_dropped" and len(values) == 3000
     assert sum(values) == server.dropped > 0 and set(values) == {0.0, 1.0}
     assert values == sorted(values)  # delivered first, then dropped: the buffer filled up
+
+
+def test_a_socket_that_cannot_be_served_is_one_line_and_an_alarm_not_a_stop(
+        tmp_path: Path, clip: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    cfg = config_mod.load(None, {"audio.source": str(clip),
+                                 "agent.state_dir": str(tmp_path / "s"),
+                                 "output.decisions": str(tmp_path / "d.jsonl"),
+                                 "output.socket": str(blocker / SOCKET_NAME),
+                                 "telemetry.sink": f"file:{tmp_path / 'tel.jsonl'}"})
+    with caplog.at_level(logging.WARNING):
+        summary = service.run(cfg)
+    assert summary.decisions >= 5  # listening went on
+    (line,) = [r.getMessage() for r in caplog.records if "decision socket" in r.getMessage()]
+    assert str(blocker) in line and "listening goes on without it" in line
+    msgs = [json.loads(x) for x in (tmp_path / "tel.jsonl").read_text().splitlines()]
+    (alarm,) = [m["payload"] for m in msgs if m["topic"].endswith("/alarm")
+                and m["payload"]["metric"] == "socket_dropped"]
+    assert alarm["state"] == "raised" and "cannot be created" in alarm["reason"]

@@ -18,6 +18,7 @@ from agent.actions.socket_server import DecisionSocket, socket_path
 from agent.actions.table import ActionTable, check, parse
 from agent.config import Config
 from agent.decision import Decision
+from agent.errors import AgentError
 
 log = logging.getLogger("edge-voice-agent.actions")
 
@@ -37,16 +38,28 @@ def load_table(cfg: Config, classes: Iterable[str] | None) -> ActionTable:
 
 
 class Outlets:
-    def __init__(self, socket: DecisionSocket | None, runner: ActionRunner) -> None:
+    def __init__(self, socket: DecisionSocket | None, runner: ActionRunner,
+                 socket_error: str = "") -> None:
         self.socket = socket
         self.runner = runner
+        self.socket_error = socket_error  # why there is no socket although one was configured
         self._socket_values: list[float] = []
 
     @classmethod
     def build(cls, cfg: Config, table: ActionTable, unknown_label: str | None) -> Outlets:
+        """The socket is an extra outlet: when it cannot be served (a read-only directory,
+        another agent on the same path) the agent says so in one line and goes on listening;
+        the service raises the `socket_dropped` alarm from `socket_error`."""
         path = socket_path(cfg.output.socket, cfg.state_path())
-        sock = DecisionSocket(path) if path is not None else None
-        return cls(sock, ActionRunner(table, unknown_label))
+        sock, error = None, ""
+        if path is not None:
+            try:
+                sock = DecisionSocket(path)
+            except AgentError as e:
+                error = str(e)
+                log.warning("%s; listening goes on without it (decisions still go to the "
+                            "decisions file and actions)", error)
+        return cls(sock, ActionRunner(table, unknown_label), error)
 
     @property
     def socket_file(self) -> Path | None:
