@@ -99,6 +99,7 @@ def test_readers_get_every_decision_in_order_and_listen_exits_0_when_the_agent_s
         a.log_line(f"reader {n} connected")
     assert a.stdout.empty(), "the readers connected after the first decision (a slow machine?)"
     cli = listen_proc("--state-dir", str(state))  # the real client: starts in ~1 s
+    assert inet_sockets(a.proc.pid) == [], "nothing may listen on (or even open) a network port"
     assert a.finish() == 0
     got = [[x.decode() for x in r.makefile("rb")] for r in readers]  # up to end of file
     out, err = cli.communicate(timeout=WAIT_S)
@@ -111,6 +112,25 @@ def test_readers_get_every_decision_in_order_and_listen_exits_0_when_the_agent_s
     assert tail and tail == sent[len(sent) - len(tail):]  # from when it connected, in order
     assert not sock.exists(), "the socket file is removed when the agent stops"
     assert any("reader 3" in x and "0 dropped" in x for x in a.log)
+
+
+def inet_sockets(pid: int) -> list[str]:
+    """The process's IPv4/IPv6 sockets (TCP or UDP), from its descriptors and /proc/net."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[9] in inodes:
+                found.append(f"{table} {cols[1]}")
+    return found
 
 
 def test_a_reader_that_stops_reading_loses_only_its_own_decisions(tmp_path: Path) -> None:
