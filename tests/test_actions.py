@@ -325,8 +325,7 @@ def test_a_full_queue_drops_and_counts_and_never_waits(tmp_path: Path) -> None:
     r = runner_for(["/bin/sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done"],
                    queue_max=1)
     r.submit([decision()])
-    eventually(lambda: not r.idle() and all(w.q.empty() for w in r._workers.values()),
-               "the first run to start")
+    eventually(lambda: not r.idle() and r.waiting() == 0, "the first run to start")
     t0 = time.perf_counter()
     r.submit([decision(t=float(i)) for i in range(4)])  # one waits, three overflow
     assert time.perf_counter() - t0 < 0.05

@@ -134,7 +134,12 @@ class ActionRunner:
             log.warning("action %s: %s; logged once per cause", action.argv[0], cause)
 
     def idle(self) -> bool:
+        """No run going and none waiting."""
         return all(w.idle() for w in list(self._workers.values()))
+
+    def waiting(self) -> int:
+        """Runs queued behind the running ones."""
+        return sum(w.q.qsize() for w in list(self._workers.values()))
 
     def close(self, timeout_s: float) -> None:
         """Let queued runs finish for up to `timeout_s`, then kill what still runs and drop
