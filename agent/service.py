@@ -12,10 +12,10 @@ Lifecycle, all driven from the pipeline thread (signal handlers only set flags):
   DRAIN_ON_STOP_S; the utterance in progress is *decided* if it already holds vad.min_speech_ms
   of speech (the same rule as for any utterance, so a word cut by the stop is still answered)
   and dropped otherwise; the current partial window is published; exit within STOP_BUDGET_S.
-* SIGHUP: the config file is read again and the model, policy, alarm rules and training baseline
-  are built completely before one swap between two blocks; anything that fails leaves the old
-  parts running, logs one line and raises a `config_reload_ok` system alarm. Settings that
-  cannot change live are named as needing a restart.
+* SIGHUP: the config file is read again and the model, policy, alarm rules, training baseline
+  and action table are built completely before one swap between two blocks; anything that
+  fails leaves the old parts running, logs one line and raises a `config_reload_ok` system
+  alarm. Settings that cannot change live are named as needing a restart.
 * Device loss (live sources): capture keeps retrying with bounded exponential back-off and
   finds the device again by name; the pipeline logs once, raises an `audio_outage_s` audio alarm
   and clears it on return. The audio clock keeps counting through the outage (the time away
