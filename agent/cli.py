@@ -151,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "PID); what `systemctl reload` runs, so no /bin/kill is needed")
     rl.add_argument("pid", type=int, metavar="PID", help="the agent's main PID ($MAINPID)")
 
+    li = sub.add_parser("listen", help="print the running agent's decisions as JSON lines, "
+                        "from its local decision socket, until stopped")
+    where = li.add_mutually_exclusive_group()
+    where.add_argument("--state-dir", default=None, metavar="DIR",
+                       help="the agent's state directory (its socket is DIR/decisions.sock) "
+                       "[/run/edge-voice-agent under systemd, else the default state dir]")
+    where.add_argument("--socket", default=None, metavar="PATH",
+                       help="the decision socket itself (the agent's output.socket)")
+    li.add_argument("--accepted", action="store_true",
+                    help="only accepted decisions (what actions run for), not abstentions")
+
     doc = sub.add_parser("doctor", help="check audio devices, model, calibration, state "
                          "directory, broker and clock; exit 0 only when no check fails")
     doc.add_argument("--json", action="store_true",
@@ -329,6 +340,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    from agent.actions import listen
+
+    return listen.listen(listen.candidates(args.state_dir, args.socket), args.accepted)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from agent import doctor
 
@@ -338,7 +355,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "enroll": cmd_enroll,
             "train": cmd_train,
             "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "doctor": cmd_doctor,
-            "reload": cmd_reload, "fleet": lambda args: args.fleet_func(args),
+            "reload": cmd_reload, "listen": cmd_listen, "fleet": lambda args: args.fleet_func(args),
             "models": lambda args: args.models_func(args),
             "samples": lambda args: args.samples_func(args)}
 

@@ -128,6 +128,26 @@ def check_model(cfg: Config) -> Check:
                  f"verified (build sha256 {m.sha256[:12]}…)")
 
 
+def check_actions(cfg: Config) -> Check:
+    """The `[actions]` table as the service loads it: every program found and executable, every
+    label one the model has (noted otherwise: the table may be written for the next model)."""
+    from agent.actions.table import check, parse
+
+    table = parse(cfg.actions.labels, cfg.actions.timeout_s, cfg.actions.queue_max)
+    if not table:
+        return Check("actions", OK, "none configured (see docs/actions.md)")
+    try:
+        classes = _manifest(cfg).classes
+    except Exception:  # noqa: BLE001 - reported by the model check
+        classes = None
+    try:
+        warnings = check(table, classes)
+    except Exception as e:  # noqa: BLE001
+        return Check("actions", FAIL, _msg(e))
+    note = f"; note: {'; '.join(warnings)}" if warnings else ""
+    return Check("actions", OK, f"{len(table.actions)} entries: {table.describe()}{note}")
+
+
 def _manifest(cfg: Config):
     from agent.model import MANIFEST, Manifest
     from agent.resources import default_model_dir
@@ -416,7 +436,7 @@ def run_checks(cfg: Config) -> list[Check]:
         mcfg, store = cfg, [Check("model store", FAIL, _msg(e))]
     return [check_audio_devices(cfg), check_audio_source(cfg), *store, check_model(mcfg),
             check_thresholds(mcfg), check_baseline(mcfg), check_personal(mcfg, cfg),
-            check_state_dir(cfg),
+            check_actions(mcfg), check_state_dir(cfg),
             check_state_space(cfg), check_outbox(cfg),
             check_broker(cfg), check_clock()]
 

@@ -18,7 +18,7 @@ from tests.conftest import eva
 from tests.mqtt_fixtures import BrokerFactory, Pki, free_port, mosquitto, pki  # noqa: F401
 
 CHECKS = ["config", "audio_devices", "audio_source", "model", "thresholds", "baseline",
-          "personal", "state_dir", "state_space", "outbox", "broker", "clock"]
+          "personal", "actions", "state_dir", "state_space", "outbox", "broker", "clock"]
 
 
 @pytest.fixture
