@@ -7,9 +7,14 @@ the metrics in `hist_metrics`. All of it adds, so any time range merges exactly 
 re-buckets 14 days into plot points by adding rows, counters and drift in SQL).
 
 Windows are bucketed by their own end time (the device's clock), so late or replayed windows
-land where they belong. Writes are batched: `add` (MQTT thread) only sums in memory, `flush`
-(a maintenance thread) upserts the pending sums in one transaction. Bounded by age (`--history-
-days`, default 14) and size (`--history-mb`; the oldest buckets go first).
+land where they belong; every counters row also keeps the server's clock when it last received
+a window for it (`received`; its histogram rows go with it). Writes are batched: `add` (MQTT
+thread) only sums in memory, `flush` (a maintenance thread) upserts the pending sums in one
+transaction. Bounded by age (`--history-days`, default 14) and size (`--history-mb`), both on
+a row's age, the older of its two times, MIN(bucket, received): a device whose clock runs
+ahead cannot keep its buckets past `days` of the server's time (nor make the size bound evict
+the real history first), and a late window is not kept past the range it is plotted in. A
+prune deletes a slice at a time, the lock (which the page reads under) released in between.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import add
 from pathlib import Path
@@ -45,7 +51,7 @@ CREATE TABLE IF NOT EXISTS windows (
   rollout TEXT NOT NULL, cohort TEXT NOT NULL,
   windows INTEGER NOT NULL, utterances INTEGER NOT NULL, accepted INTEGER NOT NULL,
   abstained INTEGER NOT NULL, dropped_frames INTEGER NOT NULL,
-  acc_sum REAL NOT NULL, acc_n INTEGER NOT NULL,
+  acc_sum REAL NOT NULL, acc_n INTEGER NOT NULL, received INTEGER NOT NULL,
   PRIMARY KEY (bucket, model, model_version, rollout, cohort)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hists (
   bucket INTEGER NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
@@ -54,6 +60,11 @@ CREATE TABLE IF NOT EXISTS hists (
   PRIMARY KEY (metric, bucket, model, model_version, rollout, cohort)) WITHOUT ROWID;
 """
 TABLES = ("windows", "hists")
+AGE = "MIN(bucket, received)"  # a row's age: the older of its plotted and its received time
+INDEX = f"CREATE INDEX IF NOT EXISTS windows_age ON windows ({AGE})"
+SLICE_ROWS = 500  # a prune deletes at most this many counters rows (and their histograms) a
+# hold of the lock: <= ~50 ms at load 12 here (14 days of history pruned: 20 holds)
+_KEY = " AND ".join(f"{c}=?" for c in ("bucket", *GROUP_COLUMNS))
 
 
 @dataclass
@@ -63,6 +74,7 @@ class _Pending:
     acc_n: int = 0
     metrics: dict[str, MetricSum] = field(default_factory=dict)
     drift: dict[str, list[float]] = field(default_factory=dict)
+    received: float = 0.0  # the server's clock at the latest window (max)
 
 
 @dataclass
@@ -95,16 +107,21 @@ class Point:
         return m.quantiles(qs) if m is not None else [None for _ in qs]
 
 
+CLAMP = 2**62  # a stored sum stops here (SQLite integers are 64-bit; Python's are not)
+
+
 class History:
     """The SQLite store; `add` from the MQTT thread, `flush`/`prune`/queries from others."""
 
     def __init__(self, path: str | Path, *, days: float = 14.0, max_mb: float = 512.0,
-                 bucket_s: int = BUCKET_S, hist_metrics: Sequence[str] = HIST_METRICS) -> None:
+                 bucket_s: int = BUCKET_S, hist_metrics: Sequence[str] = HIST_METRICS,
+                 clock: Callable[[], float] = time.time) -> None:
         self.hist_metrics = tuple(m for m in hist_metrics if m in _EDGES)
         self.path = str(path)
         self.days = days
         self.max_bytes = int(max_mb * 1024 * 1024)
         self.bucket_s = bucket_s
+        self.clock = clock  # the server's clock: a window's receive time unless given
         self._pending: dict[tuple, _Pending] = {}
         self._plock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -113,6 +130,8 @@ class History:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._migrate()
+            self._db.execute(INDEX)
             have = {r[1] for r in self._db.execute("PRAGMA table_info(windows)")}
             for name in DRIFT:  # per-metric drift sums; a newer catalogue adds columns
                 if f"d_{name}" not in have:
@@ -122,6 +141,16 @@ class History:
                                      "NULL DEFAULT 0")
         self.rows_written = 0
         self.pruned = 0
+        self.clamped = 0  # stored sums that reached CLAMP (flagged: eva_fleet_capped_total)
+
+    def _migrate(self) -> None:
+        """A file of the version before `received`: its rows take the time of the upgrade (a
+        column default, no rewrite), so they age by their buckets as they did, and a bucket
+        from a clock that ran ahead goes `days` after the upgrade."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(windows)")}
+        if "received" not in have:
+            self._db.execute("ALTER TABLE windows ADD COLUMN received INTEGER NOT NULL "
+                             f"DEFAULT {int(self.clock())}")
 
     def close(self) -> None:
         self.flush()
@@ -130,15 +159,18 @@ class History:
 
     # --- input (MQTT thread) ---------------------------------------------------------------
     def add(self, end_epoch: float, group: tuple[str, str, str, str],
-            p: Mapping[str, Any]) -> None:
+            p: Mapping[str, Any], *, received: float | None = None) -> None:
+        """One window, bucketed by its end; `received`: the server's clock when it came."""
         if not math.isfinite(end_epoch):
             return
         bucket = int(end_epoch // self.bucket_s * self.bucket_s)
+        received = self.clock() if received is None else received
         with self._plock:
             key = (bucket, *group)
             acc = self._pending.get(key)
             if acc is None:
                 acc = self._pending[key] = _Pending()
+            acc.received = max(acc.received, received)
             c = p["counts"]
             acc.counts["windows"] += 1
             for k in COUNTS[1:]:
@@ -166,15 +198,18 @@ class History:
                         t[1] += 1
 
     def add_totals(self, bucket: int, group: tuple[str, str, str, str], totals: Any,
-                   drift: Sequence[Sequence[float]]) -> None:
+                   drift: Sequence[Sequence[float]], *, received: float | None = None) -> None:
         """Add sums already merged by the caller (agent.fleet.ingest: one bucket and group's
         windows, with `windows`, `counts`, `acc_sum`, `acc_n`, `metrics` like FleetState's
-        totals) and the drift score [sums, counts] in DRIFT order."""
+        totals) and the drift score [sums, counts] in DRIFT order; `received`: the server's
+        clock at the latest of those windows (now unless given)."""
+        received = self.clock() if received is None else received
         with self._plock:
             key = (bucket, *group)
             acc = self._pending.get(key)
             if acc is None:
                 acc = self._pending[key] = _Pending()
+            acc.received = max(acc.received, received)
             c = totals.counts
             acc.counts["windows"] += totals.windows
             for k in COUNTS[1:]:
@@ -221,15 +256,19 @@ class History:
         c = acc.counts
         cols = ["windows", "utterances", "accepted", "abstained", "dropped_frames", "acc_sum",
                 "acc_n"]
-        vals: list[Any] = [*(c[k] for k in COUNTS), acc.acc_sum, acc.acc_n]
+        vals: list[Any] = [*(self._clamp(c[k]) for k in COUNTS), acc.acc_sum,
+                           self._clamp(acc.acc_n)]
         for name, (dsum, dn) in acc.drift.items():
             if name in DRIFT:
                 cols += [f"d_{name}", f"n_{name}"]
-                vals += [dsum, dn]
+                vals += [dsum, self._clamp(dn)]
+        received = int(acc.received)
         db.execute(
-            f"INSERT INTO windows (bucket, {', '.join(GROUP_COLUMNS)}, {', '.join(cols)}) "
-            f"VALUES ({', '.join('?' * (5 + len(cols)))}) ON CONFLICT DO UPDATE SET "
-            + ", ".join(f"{col}={col}+excluded.{col}" for col in cols), (*key, *vals))
+            f"INSERT INTO windows (bucket, {', '.join(GROUP_COLUMNS)}, {', '.join(cols)}, "
+            f"received) VALUES ({', '.join('?' * (6 + len(cols)))}) ON CONFLICT DO UPDATE SET "
+            + ", ".join(f"{col}=MIN({col}+excluded.{col}, {CLAMP})" for col in cols)
+            + ", received=MAX(received, excluded.received)",
+            (*key, *vals, received))
         n = 1
         for name, m in acc.metrics.items():
             if not m.counts:
@@ -242,33 +281,67 @@ class History:
             if old is not None:
                 counts = [a + b for a, b in zip(json.loads(old[0]), counts, strict=True)]
                 hsum, hmin, hmax = hsum + old[1], min(hmin, old[2]), max(hmax, old[3])
+            if hsum != hsum:  # inf - inf from two absurd windows: NULL would fail the flush
+                hsum = 0.0
             db.execute("INSERT OR REPLACE INTO hists VALUES (?,?,?,?,?,?,?,?,?,?)",
                        (*key, name, json.dumps(counts, separators=(",", ":")), hsum, hmin,
                         hmax))
             n += 1
         return n
 
+    def _clamp(self, v: int) -> int:
+        if v < CLAMP:
+            return v
+        self.clamped += 1
+        return CLAMP
+
     def prune(self, now: float) -> int:
-        """Drop buckets older than `days`, then the oldest until the file fits `max_mb`."""
+        """Drop the rows older than `days` by the server's clock `now`, then the oldest until
+        the file fits `max_mb`; a row's age is MIN(bucket, received) (module docstring), its
+        histograms go with it. SLICE_ROWS counters rows at a time, with the lock released in
+        between (the page reads under it). Deleted pages are reused (the size counts pages in
+        use): no VACUUM, which rewrote the whole file under the lock, once per slice."""
         cutoff = int(now - self.days * 86400)
+        step = max(self.bucket_s, int(self.days * 86.4))  # a size slice: 0.1 % of `days`
         removed = 0
         with self._dblock:
-            db = self._db
-            for table in TABLES:
-                removed += db.execute(f"DELETE FROM {table} WHERE bucket < ?",
-                                      (cutoff,)).rowcount
-            while self._size(db) > self.max_bytes:
-                first = db.execute("SELECT MIN(bucket) FROM windows").fetchone()[0]
+            names = self._hist_names(self._db)
+        while True:
+            with self._dblock:
+                db = self._db
+                first = db.execute(f"SELECT MIN({AGE}) FROM windows").fetchone()[0]
                 if first is None:
                     break
-                upto = first + max(self.bucket_s, int(self.days * 86400 / 100))
-                for table in TABLES:
-                    removed += db.execute(f"DELETE FROM {table} WHERE bucket < ?",
-                                          (upto,)).rowcount
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                db.execute("VACUUM")
+                old = first < cutoff
+                if not old and self._size(db) <= self.max_bytes:
+                    break
+                keys = db.execute(
+                    f"SELECT bucket, {', '.join(GROUP_COLUMNS)} FROM windows WHERE {AGE} < ? "
+                    f"ORDER BY {AGE} LIMIT {SLICE_ROWS}",
+                    (cutoff if old else first + step,)).fetchall()
+                db.execute("BEGIN")
+                try:
+                    removed += db.executemany(f"DELETE FROM windows WHERE {_KEY}", keys).rowcount
+                    removed += db.executemany(  # by primary key: the metrics in the file
+                        f"DELETE FROM hists WHERE metric=? AND {_KEY}",
+                        [(m, *k) for k in keys for m in names]).rowcount
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        with self._dblock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.pruned += removed
         return removed
+
+    @staticmethod
+    def _hist_names(db: sqlite3.Connection) -> list[str]:
+        """The metrics with histogram rows (the primary key's first column: a seek each)."""
+        names: list[str] = []
+        while row := db.execute("SELECT metric FROM hists WHERE metric > ? ORDER BY metric "
+                                "LIMIT 1", (names[-1] if names else "",)).fetchone():
+            names.append(row[0])
+        return names
 
     @staticmethod
     def _size(db: sqlite3.Connection) -> int:
@@ -310,13 +383,16 @@ class History:
         g = ", ".join(GROUP_COLUMNS) if by_group else "''"
         k = 4 if by_group else 1
         lim = (first, step, first, first + n * step)
-        dcols = "".join(f", SUM(d_{m}), SUM(n_{m})" for m in DRIFT) if drift else ""
+        # TOTAL, not SUM: SUM raises on integer overflow (and the page answered 500 for as long
+        # as the row stayed); TOTAL is a float, exact below 2^53
+        dcols = "".join(f", TOTAL(d_{m}), TOTAL(n_{m})" for m in DRIFT) if drift else ""
         names = [m for m in metrics if m in _EDGES]
         with self._dblock:
             db = self._db
             rows = db.execute(
-                f"SELECT (bucket - ?) / ?, {g}, SUM(windows), SUM(utterances), SUM(accepted), "
-                f"SUM(abstained), SUM(dropped_frames), SUM(acc_sum), SUM(acc_n){dcols} "
+                f"SELECT (bucket - ?) / ?, {g}, TOTAL(windows), TOTAL(utterances), "
+                f"TOTAL(accepted), TOTAL(abstained), TOTAL(dropped_frames), TOTAL(acc_sum), "
+                f"TOTAL(acc_n){dcols} "
                 f"FROM windows WHERE bucket >= ? AND bucket < ? GROUP BY 1, {g}",
                 lim).fetchall()
             mrows = []
@@ -330,13 +406,13 @@ class History:
             if pt is None:
                 continue
             for name, v in zip(COUNTS, r[1 + k:6 + k], strict=True):
-                pt.counts[name] += v
+                pt.counts[name] += int(v)
             pt.acc_sum += r[6 + k]
-            pt.acc_n += r[7 + k]
+            pt.acc_n += int(r[7 + k])
             if drift:
                 base = 8 + k
                 for i, name in enumerate(DRIFT):
-                    dn = r[base + 2 * i + 1]
+                    dn = int(r[base + 2 * i + 1])
                     if dn:
                         t = pt.drift.setdefault(name, [0.0, 0])
                         t[0] += r[base + 2 * i]

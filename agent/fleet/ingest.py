@@ -25,11 +25,10 @@ from array import array
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from agent.fleet.history import BUCKET_S
-from agent.fleet.schema import Invalid, decode_json, decode_stats
+from agent.fleet.schema import FUTURE_S, PAST_S, Invalid, decode_json, decode_stats, utc_epoch
 from agent.fleet.state import FleetState, _Totals
 from agent.metric_catalog import METRICS
 from agent.payloads import SinceBoot
@@ -45,14 +44,6 @@ DEVICE_METRICS = frozenset({"input_rms_dbfs"})  # metrics summed per device (see
 _NAN = math.nan
 _INT_ONLY = {int}
 _FLOAT_OR_NONE = {float, type(None)}
-
-
-def utc_epoch(iso: str) -> float:
-    """'2024-05-01T12:00:00.000Z' → epoch seconds (NaN if unreadable)."""
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except (ValueError, AttributeError):
-        return _NAN
 
 
 @dataclass(slots=True)
@@ -82,22 +73,28 @@ class BucketedState(FleetState):
         self.bucket_s = bucket_s
         self.pending: dict[tuple[int | None, GroupKey], _Totals] = {}
         self.drift: dict[tuple[int | None, GroupKey], list[list[float]]] = {}
+        self.received: dict[tuple[int | None, GroupKey], float] = {}  # server clock, latest
         self.window_end = _NAN  # epoch of the last merged window's end
         self.window_slot: tuple[int | None, GroupKey] = (None, ("", "", "", ""))  # and its slot
 
     def _group_totals(self, key: GroupKey, p: Mapping[str, Any]) -> _Totals:
         end = self.window_end = utc_epoch(p["window"]["end_utc"])
-        bucket = int(end // self.bucket_s * self.bucket_s) if math.isfinite(end) else None
+        now = self._clock()
+        # only a plausible wall-clock end is plotted (a 1970 RTC's windows are counted only)
+        bucket = int(end // self.bucket_s * self.bucket_s) \
+            if now - PAST_S <= end <= now + FUTURE_S else None
         self.window_slot = slot = (bucket, key)
+        self.received[slot] = now  # the history ages rows by the server's clock too
         t = self.pending.get(slot)
         if t is None:
             t = self.pending[slot] = _Totals()
             self.drift[slot] = [[0.0] * len(METRIC_NAMES), [0] * len(METRIC_NAMES)]
         return t
 
-    def settle(self) -> list[tuple[int, GroupKey, _Totals, list[list[float]]]]:
+    def settle(self) -> list[tuple[int, GroupKey, _Totals, list[list[float]], float]]:
         """Fold the pending sums into `groups`; returns (bucket, group, sums, [drift score sums,
-        drift score counts]) of those with a readable window end, for the history."""
+        drift score counts], received) of those with a readable window end, for the history
+        (received: the server's clock at the latest of their windows)."""
         out = []
         for (bucket, key), t in self.pending.items():
             g = self.groups.get(key)
@@ -105,9 +102,11 @@ class BucketedState(FleetState):
                 g = self.groups[key] = _Totals()
             g.merge_in(t)
             if bucket is not None:
-                out.append((bucket, key, t, self.drift.pop((bucket, key), [[], []])))
+                out.append((bucket, key, t, self.drift.pop((bucket, key), [[], []]),
+                            self.received[bucket, key]))
         self.pending.clear()
         self.drift.clear()
+        self.received.clear()
         return out
 
 
@@ -133,8 +132,8 @@ class FleetModel:
         if kind in ("stats", "alarm"):
             try:
                 parsed = (decode_stats if kind == "stats" else decode_json)(payload)
-            except Invalid:
-                pass  # FleetState parses it again and counts it against the device
+            except Invalid as e:
+                parsed = e  # FleetState counts it against the device (without parsing again)
         with self.lock:
             st = self.state
             outcome = st.ingest(topic, payload, retained, decoded=parsed)
@@ -157,10 +156,11 @@ class FleetModel:
             self._to_history(self.state.settle())
             yield
 
-    def _to_history(self, done: list[tuple[int, GroupKey, _Totals, list[list[float]]]]) -> None:
+    def _to_history(self, done: list[tuple[int, GroupKey, _Totals, list[list[float]], float]]
+                    ) -> None:
         if self.history is not None:
-            for bucket, key, totals, drift in done:
-                self.history.add_totals(bucket, key, totals, drift)
+            for bucket, key, totals, drift, received in done:
+                self.history.add_totals(bucket, key, totals, drift, received=received)
 
     def _stats(self, p: Mapping[str, Any], end: float, group: GroupKey,
                drift_sums: list[list[float]]) -> None:
