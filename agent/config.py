@@ -52,7 +52,7 @@ class VadConfig:
     min_speech_ms: int = _f(90, "utterances with less speech than this are discarded",
                             lo=0, hi=5000)
     max_utterance_ms: int = _f(3000, "utterances are force-cut at this length", lo=100, hi=60000)
-    quiet_after_ms: int = _f(350, "quiet after an utterance's last speech before it is released; "
+    quiet_after_ms: int = _f(0, "quiet after an utterance's last speech before it is released; "
                              "another utterance starting sooner marks it as running speech",
                              lo=0, hi=5000)
     energy_gate_db: float = _f(3.0, "a frame counts as speech only this far above the noise floor",

@@ -164,7 +164,10 @@ class Segmenter:
     def flush(self) -> list[Utterance]:
         """End of stream: release the held utterance and close the one in progress (as if
         silence followed)."""
-        out = [self._release(False)] if self._held is not None else []
+        out = []
+        if self._held is not None:  # nothing can follow now: released as of when it closed
+            out.append(replace(self._held, speech_after=False))
+            self._held = None
         if self._active is None:
             return out
         u = self._close(forced=False)

@@ -386,7 +386,7 @@ def test_the_agent_runs_actions_for_accepted_decisions_only(tmp_path: Path) -> N
     got = runs(out) + runs(seven)
     assert sorted(x[4]["decided_at"] for x in got) == [d["decided_at"] for d in acted]
     for tag, label, conf, model, d in got:
-        assert d in acted and label == d["label"] and model == d["model"] == "fsdd-digits@2.0.0"
+        assert d in acted and label == d["label"] and model == d["model"] == "fsdd-digits@3.0.0"
         assert float(conf) == d["confidence"]
         assert (tag == "seven") == (label == "7")  # the most specific entry wins
     assert [x[4] for x in runs(out)] == [d for d in acted if d["label"] != "7"]  # in order

@@ -159,9 +159,9 @@ def test_a_word_followed_by_more_speech_is_marked_speech_after(words):
     next word starts sooner (a piece of running speech), as a word on its own otherwise, and
     released at most quiet_after_ms after its end either way."""
     a, b, c = words[:3]
-    x = np.concatenate([floor(RATE), a, floor(int(0.35 * RATE), seed=1), b,
+    x = np.concatenate([floor(RATE), a, floor(int(0.3 * RATE), seed=1), b,
                         floor(int(1.5 * RATE), seed=2), c, floor(RATE, seed=3)])
-    cfg = VadConfig()
+    cfg = VadConfig(quiet_after_ms=350)  # off by default
     us = run(Segmenter(cfg, RATE), x)
     assert [u.speech_after for u in us] == [True, False, False]
     assert us[0].emitted_at <= us[1].start + 3 * cfg.frame_ms * RATE // 1000

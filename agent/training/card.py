@@ -66,10 +66,11 @@ MODEL3_NOTES = [
     "hour); ≥ 0.7 s leaves 3 (1.8 per hour), shipped (the calm demo's shortest pause is "
     "0.84 s; chosen on these same streams, so the talk figure is optimistic). Speech span "
     "1.2-2.0 s changed nothing there (real digits here last at most 1.14 s). The quiet-after "
-    "hold (vad.quiet_after_ms = 350: a next segment within it marks running speech) removed "
-    "none of the accepted talk segments at these thresholds but a quarter of the sentence "
-    "pieces the rule lets through; a 500 ms hold would remove more but puts the "
-    "end-of-utterance latency p95 over the 0.5 s the end-to-end test holds (0.61 s).",
+    "hold (vad.quiet_after_ms = 350: a next segment within it marks running speech; measured "
+    "with it on) removed none of the accepted talk segments at these thresholds but a "
+    "quarter of the sentence pieces the rule lets through; it is off by default (every "
+    "decision waits for it, and a 500 ms hold puts the end-of-utterance latency p95 over "
+    "the 0.5 s the end-to-end test holds: 0.61 s).",
     "Real digits, the real words and the talk segments are all in the rejector's training; "
     "tried and not kept (Speech Commands digits covered at matched word acceptance, 3 speaker "
     "groups): one class per real non-digit word in the rejector (no better; more words "
