@@ -13,8 +13,8 @@ import pytest
 from agent.model import MANIFEST, Manifest
 from agent.privacy import find_violations
 from agent.resources import default_model_dir
+from agent.rollout.bundle import bundle_digest
 from agent.rollout.command import RolloutCommand
-from agent.rollout.store import manifest_digest
 from tests.conftest import ROOT, eva
 from tests.rollout_models import derive
 
@@ -51,7 +51,7 @@ def deliver(state: Path, model_dir: Path, mode: str, rollout_id: str = "r-1") ->
     m = Manifest.read(model_dir / MANIFEST)
     target = inbox / m.ref
     model_dir.rename(target)
-    c = RolloutCommand(rollout_id, m.name, m.version, manifest_digest(target), 100.0, mode)
+    c = RolloutCommand(rollout_id, m.name, m.version, bundle_digest(target), 100.0, mode)
     (state / "models").mkdir(parents=True, exist_ok=True)
     (state / "models" / "rollout.json").write_text(json.dumps(c.to_payload()))
     return c

@@ -10,8 +10,9 @@ import pytest
 from agent.errors import AgentError
 from agent.model import MANIFEST, Manifest
 from agent.resources import default_model_dir
+from agent.rollout.bundle import bundle_digest
 from agent.rollout.cohort import bucket, in_cohort
-from agent.rollout.store import ModelStore, Probation, manifest_digest
+from agent.rollout.store import ModelStore, Probation
 from tests.rollout_models import derive
 
 RUNNING = Manifest.read(default_model_dir() / MANIFEST)
@@ -24,7 +25,7 @@ def good(tmp_path_factory) -> Path:
 
 def test_install_verifies_and_lists_then_activate_and_rollback_move_pointers(tmp_path, good):
     store = ModelStore(tmp_path)
-    ref = store.install(good, RUNNING, expect_digest=manifest_digest(good))
+    ref = store.install(good, RUNNING, expect_digest=bundle_digest(good))
     assert ref == f"{RUNNING.name}@9.0.0-test"
     assert [s.ref for s in store.installed()] == [ref]
     assert store.install(good, RUNNING) == ref  # the same build again: a no-op

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCHEMA = 1
-MODES = ("shadow", "activate")
+MODES = ("shadow", "activate", "finish")  # finish: the rollout is over, nothing rolls back
 MAX_BYTES = 4096
 FLEET_LEVEL = "fleet"
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -1,15 +1,23 @@
 """Probation of a newly activated model: is it doing worse than the model it replaced?
 
-Each closed stats window gives a few key figures (abstain rate, estimated accuracy, compute
-latency p95, the share of abstentions asked again). The running model's recent windows are its
-baseline; during probation, after every window with enough utterances, the probation's windows
-so far (pooled, weighted by utterances) are compared with the previous model's baseline, and
-`breach_windows` breaching verdicts in a row mean rollback. Quiet windows
-do not count either way, so probation lasts `probation_windows` windows of real use.
+Each closed stats window gives a few key figures: abstain rate, estimated accuracy, compute
+latency p95, the share of abstentions asked again — and two that catch a model that accepts
+too much: the share of accepted decisions said again at once (`repeat_after_accept`, a person
+correcting the device) and the estimated precision of the accepted decisions (their mean
+calibrated confidence, each model at its own threshold: a threshold lowered below its
+calibration accepts decisions the calibration itself expects to be wrong).
+
+The running model's recent windows on this device are its baseline. Only windows decided
+entirely by the candidate count for its probation (the window it was switched in is not its
+evidence), and only with `min_utterances`. The verdict is sequential (`judge`): after every
+such window, that window and the probation so far (pooled) are compared with the baseline; a
+breach counts, `breach_windows` breaching windows in a row roll back at once, and a pass needs
+the whole probation with no breaching window at all.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -19,6 +27,8 @@ from agent.rollout.experience import ExperienceCounts
 from agent.windows import WindowSummary
 
 LATENCY_SLACK_MS = 5.0  # latency below this growth is never a breach (timer noise)
+Z_ONE_SIDED = 1.645     # estimated precision: a drop must exceed its limit by 1.645 standard
+                        # errors (one-sided 95 %), so a few confident-enough decisions are noise
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,22 @@ class WindowKpis:
     estimated_accuracy: float | None
     latency_p95_ms: float | None
     retry_after_abstain: float | None
+    repeat_after_accept: float | None = None
+    accepted_confidence: float | None = None  # estimated precision of the accepted decisions
+    accepted_n: int = 0        # accepted decisions with a confidence (local, for the noise)
+    accepted_sq: float = 0.0   # sum of their squared confidences
+
+    @property
+    def precision_se(self) -> float:
+        """Standard error of `accepted_confidence` (0 without enough values)."""
+        n, m = self.accepted_n, self.accepted_confidence
+        if m is None or n < 2:
+            return 0.0
+        return math.sqrt(max(self.accepted_sq / n - m * m, 0.0) / n)
+
+
+FIGURES = ("abstain_rate", "estimated_accuracy", "latency_p95_ms", "retry_after_abstain",
+           "repeat_after_accept", "accepted_confidence")
 
 
 def kpis_of(s: WindowSummary, exp: ExperienceCounts) -> WindowKpis:
@@ -40,14 +66,17 @@ def kpis_of(s: WindowSummary, exp: ExperienceCounts) -> WindowKpis:
         estimated_accuracy=conf.sum / conf.count if conf is not None and conf.count else None,
         latency_p95_ms=float(lat.quantiles((0.95,))[0]) if lat is not None and lat.count
         else None,
-        retry_after_abstain=exp.rates()["retry_after_abstain"])
+        retry_after_abstain=exp.rates()["retry_after_abstain"],
+        repeat_after_accept=exp.rates()["repeat_after_accept"],
+        accepted_confidence=exp.accepted_confidence(), accepted_n=exp.accepted_conf_n,
+        accepted_sq=exp.accepted_conf_sq)
 
 
 def baseline_of(windows: Iterable[WindowKpis]) -> dict[str, float]:
     """Mean of each figure over the windows that have it (weighted by utterances)."""
     out: dict[str, float] = {}
     ws = list(windows)
-    for key in ("abstain_rate", "estimated_accuracy", "latency_p95_ms", "retry_after_abstain"):
+    for key in FIGURES:
         vals = [(getattr(w, key), max(w.utterances, 1)) for w in ws if getattr(w, key) is not None]
         if vals:
             out[key] = round(sum(v * n for v, n in vals) / sum(n for _, n in vals), 6)
@@ -60,6 +89,8 @@ class Limits:
     max_accuracy_drop: float = 0.1
     max_latency_ratio: float = 3.0
     max_retry_increase: float = 0.25
+    max_repeat_increase: float = 0.25
+    max_precision_drop: float = 0.01
 
     @classmethod
     def from_config(cls, rc: Any) -> Limits:
@@ -85,6 +116,14 @@ def breaches(k: WindowKpis, base: dict[str, float], lim: Limits) -> list[str]:
     if b is not None and k.retry_after_abstain is not None and \
             k.retry_after_abstain > b + lim.max_retry_increase:
         out.append(f"asked again {k.retry_after_abstain:.2f} vs {b:.2f}")
+    b = base.get("repeat_after_accept")
+    if b is not None and k.repeat_after_accept is not None and \
+            k.repeat_after_accept > b + lim.max_repeat_increase:
+        out.append(f"repeated after accept {k.repeat_after_accept:.2f} vs {b:.2f}")
+    b = base.get("accepted_confidence")
+    if b is not None and k.accepted_confidence is not None and \
+            k.accepted_confidence < b - lim.max_precision_drop - Z_ONE_SIDED * k.precision_se:
+        out.append(f"estimated precision {k.accepted_confidence:.3f} vs {b:.3f}")
     return out
 
 
@@ -92,9 +131,43 @@ def pooled(windows: list[WindowKpis]) -> WindowKpis:
     """The probation so far as one window: figures weighted by utterances. Pooling makes the
     verdict steadier as probation goes on (a window of four utterances is mostly noise)."""
     b = baseline_of(windows)
-    return WindowKpis(sum(w.utterances for w in windows), b.get("abstain_rate"),
-                      b.get("estimated_accuracy"), b.get("latency_p95_ms"),
-                      b.get("retry_after_abstain"))
+    judged = [w for w in windows if w.accepted_confidence is not None]
+    n = sum(w.accepted_n for w in judged)
+    total = sum(w.accepted_confidence * w.accepted_n for w in judged)  # type: ignore[operator]
+    return WindowKpis(sum(w.utterances for w in windows),
+                      *(b.get(f) for f in FIGURES if f != "accepted_confidence"),
+                      accepted_confidence=round(total / n, 6) if n else None, accepted_n=n,
+                      accepted_sq=sum(w.accepted_sq for w in judged))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str            # "continue", "rollback" or "commit"
+    reasons: list[str]     # this window's breaches (empty: a clean window)
+    breach_run: int        # breaching windows in a row, this one included
+    breached: int          # breaching windows of the whole probation
+
+
+def judge(window: WindowKpis, so_far: list[WindowKpis], base: dict[str, float], lim: Limits,
+          *, breach_run: int, breached: int, done: int, total: int,
+          breach_windows: int) -> Verdict:
+    """The sequential verdict after one more eligible probation window (`so_far` includes it;
+    `done` counts it). A breach of the window itself or of the pooled probation counts; a
+    run of `breach_windows` rolls back at once; the end of probation commits only a probation
+    without any breaching window, and rolls back one that had some."""
+    reasons = breaches(window, base, lim)
+    for r in breaches(pooled(so_far), base, lim):
+        if r.split(" ")[0] not in " ".join(reasons):
+            reasons.append(f"{r} (probation so far)")
+    run = breach_run + 1 if reasons else 0
+    breached += bool(reasons)
+    if run >= breach_windows:
+        return Verdict("rollback", reasons, run, breached)
+    if done >= total:
+        if breached == 0:
+            return Verdict("commit", reasons, run, breached)
+        return Verdict("rollback", reasons, run, breached)  # breaching windows: no pass
+    return Verdict("continue", reasons, run, breached)
 
 
 class Recent:
