@@ -394,7 +394,8 @@ class RolloutController:
         prob = self.probation
         self.store.commit()
         self.probation = None
-        self._set("committed", self.command, f"{prob.ref if prob else ''} passed probation",
+        self._set("committed", self.command, f"{prob.ref if prob else ''} passed probation"
+                  + (f" ({prob.windows_done} windows of its own, none breached)" if prob else ""),
                   event="probation_passed")
 
     def _abort(self) -> None:

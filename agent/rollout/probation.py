@@ -18,12 +18,13 @@ the whole probation with no breaching window at all.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agent.rollout.experience import ExperienceCounts
+from agent.rollout.experience import MIN_EVENTS, ExperienceCounts
 from agent.windows import WindowSummary
 
 LATENCY_SLACK_MS = 5.0  # latency below this growth is never a breach (timer noise)
@@ -42,6 +43,11 @@ class WindowKpis:
     accepted_confidence: float | None = None  # estimated precision of the accepted decisions
     accepted_n: int = 0        # accepted decisions with a confidence (local, for the noise)
     accepted_sq: float = 0.0   # sum of their squared confidences
+    # the events the two experience rates are made of (pooled by counts, not by rates)
+    abstentions: int = 0
+    retried: int = 0
+    accepts: int = 0
+    repeated: int = 0
 
     @property
     def precision_se(self) -> float:
@@ -69,18 +75,50 @@ def kpis_of(s: WindowSummary, exp: ExperienceCounts) -> WindowKpis:
         retry_after_abstain=exp.rates()["retry_after_abstain"],
         repeat_after_accept=exp.rates()["repeat_after_accept"],
         accepted_confidence=exp.accepted_confidence(), accepted_n=exp.accepted_conf_n,
-        accepted_sq=exp.accepted_conf_sq)
+        accepted_sq=exp.accepted_conf_sq, abstentions=exp.abstentions, retried=exp.retried,
+        accepts=exp.accepted, repeated=exp.repeated)
+
+
+# the experience rates: (figure, events it is a share of, the events counted)
+RATES = (("retry_after_abstain", "abstentions", "retried"),
+         ("repeat_after_accept", "accepts", "repeated"))
+
+
+def _rate(num: int, den: int) -> float | None:
+    return round(num / den, 6) if den >= MIN_EVENTS else None
 
 
 def baseline_of(windows: Iterable[WindowKpis]) -> dict[str, float]:
-    """Mean of each figure over the windows that have it (weighted by utterances)."""
+    """Mean of each figure over the windows that have it (weighted by utterances); the
+    experience rates from the pooled counts (a rate of 3 events is mostly noise)."""
     out: dict[str, float] = {}
     ws = list(windows)
+    rates = {name for name, _, _ in RATES}
     for key in FIGURES:
+        if key in rates:
+            continue
         vals = [(getattr(w, key), max(w.utterances, 1)) for w in ws if getattr(w, key) is not None]
         if vals:
             out[key] = round(sum(v * n for v, n in vals) / sum(n for _, n in vals), 6)
+    for name, den, num in RATES:
+        r = _rate(sum(getattr(w, num) for w in ws), sum(getattr(w, den) for w in ws))
+        if r is None:  # windows that carry only the rate (older persisted baselines, tests)
+            vals = [(getattr(w, name), max(w.utterances, 1)) for w in ws
+                    if getattr(w, name) is not None]
+            r = round(sum(v * n for v, n in vals) / sum(n for _, n in vals), 6) if vals \
+                else None
+        if r is not None:
+            out[name] = r
     return out
+
+
+def _over(rate: float | None, b: float, limit: float, n: int) -> bool:
+    """`rate` of `n` events above baseline `b` by more than `limit` plus its sampling noise
+    (1.645 binomial standard errors at the baseline's rate: one-sided 95 %)."""
+    if rate is None:
+        return False
+    noise = Z_ONE_SIDED * math.sqrt(b * (1 - b) / n) if n > 0 else 0.0
+    return rate > b + limit + noise
 
 
 @dataclass(frozen=True)
@@ -113,12 +151,10 @@ def breaches(k: WindowKpis, base: dict[str, float], lim: Limits) -> list[str]:
             k.latency_p95_ms > max(b * lim.max_latency_ratio, b + LATENCY_SLACK_MS):
         out.append(f"latency p95 {k.latency_p95_ms:.1f} ms vs {b:.1f} ms")
     b = base.get("retry_after_abstain")
-    if b is not None and k.retry_after_abstain is not None and \
-            k.retry_after_abstain > b + lim.max_retry_increase:
+    if b is not None and _over(k.retry_after_abstain, b, lim.max_retry_increase, k.abstentions):
         out.append(f"asked again {k.retry_after_abstain:.2f} vs {b:.2f}")
     b = base.get("repeat_after_accept")
-    if b is not None and k.repeat_after_accept is not None and \
-            k.repeat_after_accept > b + lim.max_repeat_increase:
+    if b is not None and _over(k.repeat_after_accept, b, lim.max_repeat_increase, k.accepts):
         out.append(f"repeated after accept {k.repeat_after_accept:.2f} vs {b:.2f}")
     b = base.get("accepted_confidence")
     if b is not None and k.accepted_confidence is not None and \
@@ -134,10 +170,18 @@ def pooled(windows: list[WindowKpis]) -> WindowKpis:
     judged = [w for w in windows if w.accepted_confidence is not None]
     n = sum(w.accepted_n for w in judged)
     total = sum(w.accepted_confidence * w.accepted_n for w in judged)  # type: ignore[operator]
-    return WindowKpis(sum(w.utterances for w in windows),
-                      *(b.get(f) for f in FIGURES if f != "accepted_confidence"),
+    counts = {c: sum(getattr(w, c) for w in windows)
+              for c in ("abstentions", "retried", "accepts", "repeated")}
+    return WindowKpis(sum(w.utterances for w in windows), b.get("abstain_rate"),
+                      b.get("estimated_accuracy"), b.get("latency_p95_ms"),
+                      b.get("retry_after_abstain"), b.get("repeat_after_accept"),
                       accepted_confidence=round(total / n, 6) if n else None, accepted_n=n,
-                      accepted_sq=sum(w.accepted_sq for w in judged))
+                      accepted_sq=sum(w.accepted_sq for w in judged), **counts)
+
+
+def _figure(phrase: str) -> str:
+    """"abstain rate 0.50 vs 0.10" -> "abstain rate"."""
+    return re.split(r" [\d.]", phrase, maxsplit=1)[0]
 
 
 @dataclass(frozen=True)
@@ -156,9 +200,9 @@ def judge(window: WindowKpis, so_far: list[WindowKpis], base: dict[str, float], 
     run of `breach_windows` rolls back at once; the end of probation commits only a probation
     without any breaching window, and rolls back one that had some."""
     reasons = breaches(window, base, lim)
-    for r in breaches(pooled(so_far), base, lim):
-        if r.split(" ")[0] not in " ".join(reasons):
-            reasons.append(f"{r} (probation so far)")
+    seen = {_figure(r) for r in reasons}
+    reasons += [f"{r} (probation so far)" for r in breaches(pooled(so_far), base, lim)
+                if _figure(r) not in seen]
     run = breach_run + 1 if reasons else 0
     breached += bool(reasons)
     if run >= breach_windows:
