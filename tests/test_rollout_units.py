@@ -178,6 +178,15 @@ def test_fleet_rollout_status_groups_devices_by_cohort_from_their_stats():
     assert "cohort in (" in text and "shadow agree" in text and "bundled" in text
     bad = summarize({"devices": devices}, {"fleet": b"{oops"}, "eva")
     assert "invalid" in bad["fleet_rollout"] and len(bad["cohorts"]["unknown"]) == len(ids)
+    # a device that remembers a failed build says so, with the reason of its state
+    devices["d0"]["last_window"]["rollout"].update(
+        state="rolled_back", failed=["m@2"],
+        reason="m@2 failed probation on this device before (abstain rate 0.40 vs 0.06)")
+    r = summarize({"devices": devices}, {"fleet": json.dumps(cmd).encode()}, "eva")
+    (row,) = [x for c in r["cohorts"].values() for x in c if x["device"] == "d0"]
+    assert row["failed"] == ["m@2"] and "failed probation" in row["reason"]
+    text = render_text(r)
+    assert "m@2 failed probation" in text and " m@2 " in text
 
 
 class FakeMonitor:

@@ -3,17 +3,23 @@ which one runs.
 
 Layout under the state directory:
 
-    models/slots/<name>@<version>/    manifest.json, the model files, optional calibration/
-    models/pointers.json              {"active", "candidate", "previous", "probation", ...}
+    models/slots/<name>@<version>/    the bundle: manifest.json, model files, calibration/, …
+    models/pointers.json              {"active", "candidate", "previous", "probation",
+                                       "bundles", "failed"}
 
 Why one pointer file: `active`, `candidate` and `previous` change together (an activation moves
 active to previous; a rollback moves it back), and a single write-to-temp + fsync + rename makes
-that one atomic step — a power cut leaves either the old or the new pointers, never a mix.
+that one atomic step — a power cut leaves either the old or the new pointers, never a mix. The
+memory of failures (`failed`, by bundle digest) lives in the same file for the same reason: a
+rollback and the record that the build failed are one write, so no crash in between can bring
+the failed build back.
 
-Every model is verified twice: on install (copied to a temporary slot, opened with
-`agent.model.ModelRunner`, which checks each file against the manifest's sha256, checked for
-compatibility, then renamed into place) and again on every load (ModelRunner checks again), so a
-slot corrupted on disk is refused instead of run.
+Every bundle is verified on install (its digest over every file, agent.rollout.bundle, against
+the one the rollout names; with `rollout.trusted_keys`, its signature; copied to a temporary
+slot, opened with `agent.model.ModelRunner`, checked for compatibility, then renamed into place;
+the digest is recorded in `bundles`) and again on every load (the slot's digest against the
+recorded one, the signature, ModelRunner's own checks), so a slot changed on disk — an edited
+calibration file included — is refused instead of run.
 """
 
 from __future__ import annotations
