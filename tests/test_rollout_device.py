@@ -169,4 +169,7 @@ def test_agent_restarting_again_and_again_during_probation_rolls_back(tmp_path, 
     (e,) = [e for e in of(msgs, "event") if e["event"] == "rolled_back"]
     assert e["model"] == ref and "started 4 times during probation" in e["reason"]
     assert decisions[-1]["model"] == ACTIVE.ref
-    assert json.loads((state / "models" / "pointers.json").read_text())["active"] is None
+    ptr = json.loads((state / "models" / "pointers.json").read_text())
+    assert ptr["active"] is None
+    # a crash loop is a failure too: remembered by the bundle digest
+    assert ptr["failed"][ptr["bundles"][ref]]["ref"] == ref

@@ -205,6 +205,23 @@ def test_a_build_with_the_running_name_and_version_but_another_digest_is_refused
     assert "new version" in str(e.value)
 
 
+def test_a_rollout_of_another_build_under_the_running_name_and_version_is_refused(
+        tmp_path, make_stream):
+    """It used to be shadowed against the running build itself (agreement 1.00) and reported
+    committed while the old build kept running."""
+    wav = make_stream(seconds=30, seed=5).with_suffix(".wav")
+    state = tmp_path / "state"
+    c = deliver(state, derive(tmp_path / "same", version=ACTIVE.version, behaviour="abstain"),
+                "shadow")
+    msgs, decisions = run(tmp_path, wav, state)
+    (e,) = [e for e in of(msgs, "event") if e["event"] == "rollout_refused"]
+    assert "running build's name and version" in e["reason"] and "new version" in e["reason"]
+    assert c.sha256[:12] in e["reason"]
+    stats = of(msgs, "stats")
+    assert all(s["rollout"]["state"] == "refused" and s["rollout"]["shadow"] is None
+               for s in stats)
+
+
 def test_train_asks_for_a_version_and_writes_a_new_directory(tmp_path):
     from agent.cli import build_parser, train_outputs
 
