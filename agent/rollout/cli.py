@@ -91,9 +91,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"active: {p.active} (previous: {previous}); probation "
               f"{cfg.rollout.probation_windows} windows{note}; {RELOAD_HINT}")
     elif args.models_command == "rollback":
-        p = store.rollback()
-        print(f"active: {p.active or 'the bundled model'} (rolled back from {p.previous}); "
-              f"{RELOAD_HINT}")
+        # a person rolling back says the build is bad: remembered like a failed probation,
+        # so neither the stored rollout command nor a restart brings it back
+        p = store.rollback(failed_reason="rolled back on the device with 'models rollback'")
+        print(f"active: {p.active or 'the bundled model'} (rolled back from {p.previous}, "
+              f"remembered as failed: only 'models activate {p.previous} --override-failed' "
+              f"runs it again); {RELOAD_HINT}")
     return 0
 
 

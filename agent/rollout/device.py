@@ -31,13 +31,14 @@ from agent.decision import Policy, Thresholds
 from agent.drift import AlarmEvent
 from agent.errors import AgentError, one_line
 from agent.model import MANIFEST, Manifest, ModelRunner
+from agent.resources import default_model_dir
 from agent.rollout import command as cmd_mod
 from agent.rollout.bundle import bundle_digest
 from agent.rollout.cohort import in_cohort
 from agent.rollout.command import CommandError, RolloutCommand
 from agent.rollout.compat import thresholds_path
 from agent.rollout.experience import ExperienceTracker
-from agent.rollout.probation import Limits, Recent, judge, kpis_of
+from agent.rollout.probation import Limits, Paired, Recent, judge, kpis_of
 from agent.rollout.shadow import ShadowRunner
 from agent.rollout.store import ModelStore, Probation, atomic_write_json, failed_text
 from agent.windows import WindowSummary
@@ -110,6 +111,10 @@ class RolloutController:
         self._breach_run = 0
         self._last_breach = ""
         self._pool: list = []  # the probation's eligible windows so far (this boot)
+        # the previous model shadowing the candidate during probation (agent.rollout.probation
+        # Paired): (probation ref, runner or None when it could not be loaded)
+        self._paired: tuple[str, ShadowRunner | None] | None = None
+        self._paired_pool = Paired()
         self._pending: tuple[str, str] | None = None
         self._retry_at = 0.0
         self._shadow_listeners: list = []
@@ -123,6 +128,7 @@ class RolloutController:
         self.command = self._load_desired()
         if self.command is not None:
             self._apply(self.command, resumed=True)
+        self._sync_paired()
 
     # --- intake -------------------------------------------------------------------------
     @property
@@ -153,6 +159,50 @@ class RolloutController:
         if self.state in ("waiting_for_files", "waiting_for_baseline") and \
                 time.monotonic() >= self._retry_at and self.command is not None:
             self._apply(self.command, resumed=True)
+        self._sync_paired()
+
+    def _sync_paired(self) -> None:
+        """During probation the previous model shadows the candidate, so each window compares
+        both on the same utterances; outside probation nothing extra runs."""
+        p = self.probation
+        want = p.ref if p is not None and p.ref == self._running_ref() else None
+        have = self._paired[0] if self._paired is not None else None
+        if want == have:
+            return
+        if self._paired is not None and self._paired[1] is not None:
+            if self._paired[1] in self.host.pipeline.observers:
+                self.host.pipeline.observers.remove(self._paired[1])
+        self._paired, self._paired_pool = None, Paired()
+        if want is None or p is None:
+            return
+        runner = None
+        try:
+            runner = self._previous_runner(p.previous)
+        except AgentError as e:
+            log.warning("probation of %s compares with %s's recent windows only: %s", p.ref,
+                        p.previous, one_line(e))
+        if runner is not None:
+            self.host.pipeline.observers.append(runner)
+        self._paired = (want, runner)
+
+    def _previous_runner(self, ref: str | None) -> ShadowRunner | None:
+        """The previous model as a shadow of the running candidate (its head only, when they
+        share the front end); None when it is not on this device any more."""
+        if ref is None:
+            return None
+        if self.store.has(ref):
+            d = self.store.slot_dir(ref)
+            self.store.check_slot(ref)
+        elif Manifest.read(default_model_dir() / MANIFEST).ref == ref:
+            d = default_model_dir()
+        else:
+            return None
+        active = self.host.pipeline.model
+        model = ModelRunner(d, share_from=active)
+        m = model.manifest
+        t = Thresholds.read(thresholds_path(d, m))
+        return ShadowRunner(model, Policy("partial", t.threshold, m.unknown_label),
+                            self.host.pipeline.rate, active=lambda: self.host.pipeline.model)
 
     def _take_command(self) -> None:
         raw = self._raw.get(self._device_topic, b"")
@@ -182,6 +232,8 @@ class RolloutController:
         """After the active decisions of a block were written: the shadow's turn."""
         if self.shadow is not None:
             self.shadow.run_pending()
+        if self._paired is not None and self._paired[1] is not None:
+            self._paired[1].run_pending()
         if self.samples is not None:
             self.samples.flush()
 
@@ -475,6 +527,11 @@ class RolloutController:
         exp = self.experience.take()
         k = kpis_of(s, exp)
         shadow = self.shadow.take().section() if self.shadow is not None else None
+        paired = None
+        if self._paired is not None and self._paired[1] is not None:
+            c = self._paired[1].take()
+            paired = Paired(c.n, c.abstained, c.best_digit_sum, c.accepted_n,
+                            c.accepted_conf_sum)
         p = self.probation
         decided_by = set(exp.by_model)
         if p is None:
@@ -487,9 +544,14 @@ class RolloutController:
         elif k.utterances >= self.rc.min_utterances and self._pending is None and \
                 decided_by == {p.ref}:  # decided entirely by the candidate
             self._pool.append(k)
+            if paired is not None:
+                self._paired_pool = self._paired_pool + paired
+            mu = self.rc.min_utterances
             v = judge(k, self._pool, p.baseline, self.limits, breach_run=self._breach_run,
                       breached=p.breached, done=p.windows_done + 1, total=p.windows_total,
-                      breach_windows=self.rc.breach_windows)
+                      breach_windows=self.rc.breach_windows,
+                      paired=paired.figures(mu) if paired is not None else None,
+                      paired_so_far=self._paired_pool.figures(mu))
             self._breach_run = v.breach_run
             if v.reasons:
                 self._last_breach = "; ".join(v.reasons)

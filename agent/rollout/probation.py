@@ -12,7 +12,11 @@ entirely by the candidate count for its probation (the window it was switched in
 evidence), and only with `min_utterances`. The verdict is sequential (`judge`): after every
 such window, that window and the probation so far (pooled) are compared with the baseline; a
 breach counts, `breach_windows` breaching windows in a row roll back at once, and a pass needs
-the whole probation with no breaching window at all.
+the whole probation with no breaching window at all. During probation the previous model
+shadows the candidate (`Paired`): abstain rate, estimated accuracy and estimated precision are
+then compared on the very same utterances, so a change of room is neither blamed on nor
+credited to the candidate; latency (pooled only: one window's p95 is mostly the machine's load)
+and the people's reactions are compared with the previous model's recent windows.
 """
 
 from __future__ import annotations
@@ -179,6 +183,36 @@ def pooled(windows: list[WindowKpis]) -> WindowKpis:
                       accepted_sq=sum(w.accepted_sq for w in judged), **counts)
 
 
+@dataclass(frozen=True)
+class Paired:
+    """The previous model on exactly the candidate's utterances (a shadow of the previous model
+    during probation): the figures a room's drift moves for both models alike, so comparing
+    with these rather than with the previous model's earlier windows keeps a change of room
+    from passing for a worse model (or hiding one)."""
+
+    n: int = 0
+    abstained: int = 0
+    best_digit_sum: float = 0.0
+    accepted_n: int = 0
+    accepted_conf_sum: float = 0.0
+
+    def __add__(self, o: Paired) -> Paired:
+        return Paired(self.n + o.n, self.abstained + o.abstained,
+                      self.best_digit_sum + o.best_digit_sum, self.accepted_n + o.accepted_n,
+                      self.accepted_conf_sum + o.accepted_conf_sum)
+
+    def figures(self, min_n: int) -> dict[str, float]:
+        """What replaces the recent baseline's abstain rate, estimated accuracy and estimated
+        precision (nothing below `min_n` utterances)."""
+        if self.n < max(min_n, 1):
+            return {}
+        out = {"abstain_rate": round(self.abstained / self.n, 6),
+               "estimated_accuracy": round(self.best_digit_sum / self.n, 6)}
+        if self.accepted_n >= MIN_EVENTS:
+            out["accepted_confidence"] = round(self.accepted_conf_sum / self.accepted_n, 6)
+        return out
+
+
 def _figure(phrase: str) -> str:
     """"abstain rate 0.50 vs 0.10" -> "abstain rate"."""
     return re.split(r" [\d.]", phrase, maxsplit=1)[0]
@@ -193,15 +227,22 @@ class Verdict:
 
 
 def judge(window: WindowKpis, so_far: list[WindowKpis], base: dict[str, float], lim: Limits,
-          *, breach_run: int, breached: int, done: int, total: int,
-          breach_windows: int) -> Verdict:
+          *, breach_run: int, breached: int, done: int, total: int, breach_windows: int,
+          paired: dict[str, float] | None = None,
+          paired_so_far: dict[str, float] | None = None) -> Verdict:
     """The sequential verdict after one more eligible probation window (`so_far` includes it;
     `done` counts it). A breach of the window itself or of the pooled probation counts; a
     run of `breach_windows` rolls back at once; the end of probation commits only a probation
-    without any breaching window, and rolls back one that had some."""
-    reasons = breaches(window, base, lim)
+    without any breaching window, and rolls back one that had some. `paired` (and
+    `paired_so_far`): the previous model's figures on the same utterances (`Paired`), which
+    replace the recent baseline's where they exist."""
+    # latency p95 of one window is mostly the machine's load at that moment: only the
+    # probation's pooled latency is a verdict
+    reasons = [r for r in breaches(window, {**base, **(paired or {})}, lim)
+               if _figure(r) != "latency p95"]
     seen = {_figure(r) for r in reasons}
-    reasons += [f"{r} (probation so far)" for r in breaches(pooled(so_far), base, lim)
+    reasons += [f"{r} (probation so far)"
+                for r in breaches(pooled(so_far), {**base, **(paired_so_far or {})}, lim)
                 if _figure(r) not in seen]
     run = breach_run + 1 if reasons else 0
     breached += bool(reasons)
