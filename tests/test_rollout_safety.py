@@ -291,10 +291,12 @@ def test_a_good_build_is_committed_when_the_room_changes_at_the_switch(tmp_path,
     the previous model shadowing it judges both on the same utterances."""
     state = tmp_path / "state"
     good = deliver(state, derive(tmp_path / "good", version="9.0.0-room"), "activate")
+    # latency is left out (ratio 50): on a machine shared by parallel test runs its p95 is
+    # the neighbours' load, which this test is not about
     msgs, decisions = run(tmp_path, drift_stream, state, *FAST, "--window", "30",
-                          "--rollout-baseline-windows", "3")
+                          "--rollout-baseline-windows", "3", "--rollout-max-latency-ratio", "50")
     events = of(msgs, "event")
     assert [e["event"] for e in events] == ["waiting_for_baseline", "activated",
-                                            "probation_passed"], events[-1]
+                                            "probation_passed"], events[-1]["reason"]
     assert "none breached" in events[-1]["reason"]
     assert decisions[-1]["model"] == good.ref
