@@ -139,3 +139,17 @@ def test_doctor_checks_the_model_the_store_makes_active(tmp_path, good):
     (tmp_path / "models" / "pointers.json").write_text("{garbled")
     text = " ".join(str(c) for c in doctor.run_checks(cfg))
     assert "model store" in text and "pointers" in text
+
+
+def test_a_slot_installed_before_bundle_digests_is_adopted_once_then_checked(tmp_path, good):
+    store = ModelStore(tmp_path)
+    ref = store.install(good, RUNNING)
+    ptr = json.loads((tmp_path / "models" / "pointers.json").read_text())
+    ptr.pop("bundles")  # what an older agent left behind
+    (tmp_path / "models" / "pointers.json").write_text(json.dumps(ptr))
+    store.verify(ref)
+    assert store.digest(ref) == bundle_digest(good)
+    cal = store.slot_dir(ref) / "calibration" / "thresholds.json"
+    cal.write_text(cal.read_text() + " ")
+    with pytest.raises(AgentError, match="changed on disk"):
+        store.verify(ref)

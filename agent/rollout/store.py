@@ -25,6 +25,7 @@ calibration file included — is refused instead of run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -37,6 +38,8 @@ from agent.model import MANIFEST, Manifest, ModelRunner, verify_components
 from agent.rollout.bundle import bundle_digest
 from agent.rollout.compat import check_compatible, thresholds_path
 from agent.rollout.signing import check_signature
+
+log = logging.getLogger("edge-voice-agent.rollout")
 
 STORE = "models"
 SLOTS = "slots"
@@ -255,10 +258,11 @@ class ModelStore:
         d = self.slot_dir(ref)
         want = self.digest(ref)
         have = bundle_digest(d)
-        if want is None:
-            raise AgentError(f"model {ref} in {d} has no recorded bundle digest (installed by an "
-                             "older agent); reinstall it with 'edge-voice-agent models install "
-                             "PATH'")
+        if want is None:  # installed by an agent before bundle digests: adopt it, once, loudly
+            log.warning("model %s in %s was installed before bundle digests; recording its "
+                        "bundle sha256 %s… now", ref, d, have[:12])
+            self._record(ref, have)
+            want = have
         if have != want:
             raise AgentError(f"model {ref} in {d} changed on disk (bundle sha256 {have[:12]}…, "
                              f"installed {want[:12]}…); reinstall it with 'edge-voice-agent "
