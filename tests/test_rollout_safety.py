@@ -200,12 +200,16 @@ def test_an_edited_calibration_is_refused_on_install_and_on_load(tmp_path):
     with pytest.raises(AgentError, match="does not match"):
         store.install(good, ACTIVE, expect_digest=named)
     ref = store.install(good, ACTIVE)  # installed as what it now is
-    store.verify(ref)
+    store.activate(ref, ACTIVE)
     slot_cal = store.slot_dir(ref) / "calibration" / "thresholds.json"
     slot_cal.write_text(slot_cal.read_text().replace('"threshold": 0.1', '"threshold": 0.2'))
     with pytest.raises(AgentError, match="bundle sha256") as e:
         store.verify(ref)
     assert "\n" not in str(e.value) and "reinstall" in str(e.value)
+    # the daemon checks the active slot on every load: it does not start on it
+    r = eva("run", "--source", str(tmp_path / "none.wav"), "--telemetry", "none",
+            "--state-dir", str(tmp_path / "state"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "changed on disk" in r.stderr
 
 
 def test_fleet_rollout_start_refuses_a_folder_that_is_not_a_complete_bundle(tmp_path):
