@@ -158,3 +158,49 @@ def test_the_schema_and_the_parser_agree_on_finish(mode):
     assert parse(json.dumps({"schema": 1, "id": "r", "model": {"name": "a", "version": "1",
                                                                "sha256": "0" * 64},
                              "percent": 5, "mode": mode})).mode == mode
+
+
+def test_a_restart_with_the_retained_command_over_mqtt_keeps_the_failed_build_out(
+        mosquitto: BrokerFactory, tmp_path: Path, make_stream) -> None:
+    """The issue's trial: the retained `activate` is still on the broker when the device
+    restarts; the failed build must not run again."""
+    from agent.model import MANIFEST, Manifest
+    from agent.rollout.bundle import bundle_digest
+
+    broker = mosquitto()
+    wav = make_stream(seconds=100, seed=31).with_suffix(".wav")
+    state = tmp_path / "state"
+    bad = derive(state / "inbox" / "delivered", behaviour="abstain", version="9.0.0-mqtt")
+    m = Manifest.read(bad / MANIFEST)
+    c = RolloutCommand("r-mq", m.name, m.version, bundle_digest(bad), 100.0, "activate")
+    pub = Subscriber(broker, "x/none")
+    try:
+        pub.client.publish("eva/fleet/rollout", json.dumps(c.to_payload()), qos=1,
+                           retain=True).wait_for_publish(5)
+    finally:
+        pub.close()
+    sub = Subscriber(broker, "eva/dev-1/event")
+    boots: list[tuple[list[str], set[str]]] = []
+    try:
+        for n in range(2):
+            dec = tmp_path / f"d{n}.jsonl"
+            r = subprocess.run(
+                [sys.executable, "-m", "agent", "run", "--source", str(wav), "--speed", "20",
+                 "--telemetry", broker.url, "--device-id", "dev-1", "--state-dir", str(state),
+                 "--decisions", str(dec), "--window", "10", "--log-level", "WARNING", *FAST],
+                cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            names = []
+            while True:  # the agent drained its outbox before it exited: all events are here
+                try:
+                    names.append(sub.get(2.0).json()["event"])
+                except TimeoutError:
+                    break
+            boots.append((names, {json.loads(x)["model"] for x in
+                                  dec.read_text().splitlines()}))
+    finally:
+        sub.close()
+    (first, _), (second, models) = boots
+    assert "activated" in first and "rolled_back" in first, first
+    assert "activated" not in second, second
+    assert models == {Manifest.read(default_model_dir() / MANIFEST).ref}
