@@ -246,6 +246,12 @@ def test_a_rollout_of_another_build_under_the_running_name_and_version_is_refuse
     stats = of(msgs, "stats")
     assert all(s["rollout"]["state"] == "refused" and s["rollout"]["shadow"] is None
                for s in stats)
+    # the very same build delivered again under its own name and version is no conflict
+    state2 = tmp_path / "state2"
+    deliver(state2, derive(tmp_path / "again", version=ACTIVE.version), "activate")
+    (tmp_path / "b").mkdir()
+    msgs, _ = run(tmp_path / "b", wav, state2)
+    assert of(msgs, "event") == [] and of(msgs, "stats")[-1]["rollout"]["state"] == "committed"
 
 
 def test_train_asks_for_a_version_and_writes_a_new_directory(tmp_path):

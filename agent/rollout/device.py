@@ -299,12 +299,13 @@ class RolloutController:
             src = find_in_inbox(self.inbox, c)
             if src is None:
                 return ""  # nothing delivered to compare with: the running build stays
+            running = self.host.pipeline.model
             try:
                 m = Manifest.read(src / MANIFEST)
-                same = bundle_digest(src) == c.sha256 and \
-                    m.sha256 == self.host.pipeline.model.manifest.sha256 and \
-                    Thresholds.read(thresholds_path(src, m)).threshold == \
-                    self.host.pipeline.policy.threshold
+                same = running is not None and bundle_digest(src) == c.sha256 and \
+                    m.sha256 == running.manifest.sha256 and \
+                    Thresholds.read(thresholds_path(src, m)).threshold == Thresholds.read(
+                        thresholds_path(running.directory, running.manifest)).threshold
             except AgentError:
                 same = False
         if same:
