@@ -230,17 +230,17 @@ def _recipe(args: argparse.Namespace):
     return Recipe().small() if args.small else Recipe()
 
 
-def train_outputs(args: argparse.Namespace) -> tuple[Path, Path]:
-    """(model directory, calibration directory) `train` writes: a new folder by default, so a
-    build never lands on the bundled model (or any model) by accident."""
+def train_outputs(args: argparse.Namespace, root: Path = Path()) -> tuple[Path, Path]:
+    """(model directory, calibration directory) `train` writes: a new folder under `root` by
+    default, so a build never lands on the bundled model (or any model) by accident."""
     if not args.model_version:
         raise ConfigError("train needs --model-version: a new build needs a new version (the "
                           "running build's name and version with another digest is refused "
                           "by devices)")
-    out = args.out or Path("exported") / f"{args.name}@{args.model_version}"
-    if (out / "manifest.json").exists():
+    out = args.out or root / "exported" / f"{args.name}@{args.model_version}"
+    if args.out is None and (out / "manifest.json").exists():
         raise AgentError(f"{out} already holds a model; train writes a new build to a new "
-                         "directory — choose another --out or --model-version")
+                         "directory — choose another --model-version (or --out to replace it)")
     return out, args.calibration_out or out / "calibration"
 
 

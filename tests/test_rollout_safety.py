@@ -263,12 +263,15 @@ def test_train_asks_for_a_version_and_writes_a_new_directory(tmp_path):
     out, cal = train_outputs(p.parse_args(["train", "--data", "x", "--model-version", "2.1.0"]))
     assert out == Path("exported") / "fsdd-digits@2.1.0" and cal == out / "calibration"
     assert default_model_dir().resolve() not in (out.resolve(), *out.resolve().parents)
-    existing = tmp_path / "m"
-    existing.mkdir()
+    existing = tmp_path / "exported" / "fsdd-digits@2.1.0"
+    existing.mkdir(parents=True)
     (existing / MANIFEST).write_text("{}")
-    with pytest.raises(AgentError, match="already holds"):
-        train_outputs(p.parse_args(["train", "--data", "x", "--model-version", "2.1.0",
-                                    "--out", str(existing)]))
+    with pytest.raises(AgentError, match="already holds"):  # never over a build by default
+        train_outputs(p.parse_args(["train", "--data", "x", "--model-version", "2.1.0"]),
+                      root=tmp_path)
+    # an explicit --out is the developer's choice (e.g. rebuilding the bundled model)
+    assert train_outputs(p.parse_args(["train", "--data", "x", "--model-version", "2.1.0",
+                                       "--out", str(existing)]))[0] == existing
 
 
 # --- 6: a build that accepts too much ----------------------------------------------------------
