@@ -280,3 +280,37 @@ def test_shadow_reuses_the_active_head_input_when_the_front_end_is_shared(tmp_pa
     sh.run_pending()
     c = sh.take()
     assert c.n == 1 and c.abstained == 1 and c.agreed == 0  # it abstains, the active accepted
+
+
+def test_the_sequential_verdict_needs_a_clean_probation_and_weighs_the_noise():
+    from agent.rollout.probation import Paired, judge
+
+    base = {"abstain_rate": 0.05, "accepted_confidence": 0.99, "retry_after_abstain": 0.3}
+    lim = Limits()
+    ok, bad = kpis(20, 0.05), kpis(20, 0.65)
+
+    def verdict(windows, **kw):
+        run = breached = 0
+        for i, w in enumerate(windows, 1):
+            v = judge(w, windows[:i], base, lim, breach_run=run, breached=breached, done=i,
+                      total=len(windows), breach_windows=2, **kw)
+            run, breached = v.breach_run, v.breached
+            if v.action != "continue":
+                return v
+        return v
+
+    assert verdict([ok, ok, ok]).action == "commit"
+    late = verdict([ok, ok, bad])  # one breach, in the last window: no pass
+    assert late.action == "rollback" and late.breached == 1
+    assert late.reasons[0].startswith("abstain rate 0.65")
+    assert verdict([bad, bad, ok]).action == "rollback"  # two in a row: at once
+    # 2 of 3 abstentions asked again is no verdict; 40 of 60 (pooled) is
+    few = dataclasses.replace(ok, retry_after_abstain=0.67, abstentions=3, retried=2)
+    many = dataclasses.replace(ok, retry_after_abstain=0.67, abstentions=30, retried=20)
+    assert verdict([few, few, ok]).action == "commit"
+    assert verdict([many, many, ok]).action == "rollback"
+    # the previous model on the same utterances replaces the recent baseline: a room where
+    # both abstain more is not the candidate's fault
+    noisy_room = Paired(n=20, abstained=13, best_digit_sum=18.0)
+    assert verdict([bad, bad, bad], paired=noisy_room.figures(5),
+                   paired_so_far=noisy_room.figures(5)).action == "commit"

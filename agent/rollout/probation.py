@@ -32,8 +32,8 @@ from agent.rollout.experience import MIN_EVENTS, ExperienceCounts
 from agent.windows import WindowSummary
 
 LATENCY_SLACK_MS = 5.0  # latency below this growth is never a breach (timer noise)
-Z_ONE_SIDED = 1.645     # estimated precision: a drop must exceed its limit by 1.645 standard
-                        # errors (one-sided 95 %), so a few confident-enough decisions are noise
+Z_ONE_SIDED = 1.645     # estimated precision and the experience rates must pass their limit
+                        # by 1.645 standard errors too (one-sided 95 %): a few events are noise
 
 
 @dataclass(frozen=True)
