@@ -309,7 +309,7 @@ def test_invalid_json_and_schema_mismatch_are_counted_never_raised() -> None:
     assert st.ingest("eva/d1/stats", b"{not json") == "invalid_json"
     assert st.ingest("eva/d1/stats", b"\xff\xfe") == "invalid_json"
     assert st.ingest("eva/d1/stats", b'{"seq": NaN}') == "invalid_json"
-    assert st.ingest("eva/d1/stats", b" " * 70000) == "invalid_json"
+    assert st.ingest("eva/d1/stats", b" " * 70000) == "too_large"
     assert st.ingest("eva/d1/stats", b"[1, 2]") == "schema"
     assert st.ingest("eva/d1/stats", enc({**good, "device_id": "d2"})) == "schema"  # spoofing
     assert st.ingest("eva/d1/stats", enc({**good, "seq": True})) == "schema"
@@ -335,7 +335,7 @@ def test_invalid_json_and_schema_mismatch_are_counted_never_raised() -> None:
     j = st.to_json()
     json.dumps(j, allow_nan=False)
     errs = j["devices"]["d1"]["errors"]
-    assert errs["invalid_json"] == 4 and errs["schema"] >= 5
+    assert errs["invalid_json"] == 3 and errs["too_large"] == 1 and errs["schema"] >= 5
     assert j["fleet"]["errors"]["unknown_topic"] == 3
     assert set(j["devices"]) == {"d1"}  # junk topics create no devices
 

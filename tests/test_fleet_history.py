@@ -85,7 +85,7 @@ def test_served_model_feeds_the_history_exactly_what_each_window_would(tmp_path:
 
     def check(settle_every: int, read_every: int, name: str) -> FleetModel:
         served = History(tmp_path / f"{name}.sqlite")
-        model = FleetModel(history=served)
+        model = FleetModel(history=served, clock=lambda: END)
         for n, (t, b) in enumerate(msgs, 1):
             model.ingest(t, b, t.endswith("/birth"))
             if n % read_every == 0:

@@ -421,7 +421,8 @@ def test_connect_and_subscribe_packets_carry_the_session_and_credentials() -> No
                         keepalive_s=30, username="op", password="pw")
     assert v5[0] == 0x10 and v5[2:9] == b"\x00\x04MQTT\x05"
     assert v5[9] == 0x80 | 0x40  # username, password; clean start 0
-    assert v5[12:18] == b"\x05\x11\x00\x00\x0e\x10"  # session expiry 3600 s
+    # session expiry 3600 s, then Maximum Packet Size 65536 (the broker's max_packet_size)
+    assert v5[12:23] == b"\x0a\x11\x00\x00\x0e\x10\x27\x00\x01\x00\x00"
     v3 = connect_packet("c", v5=False, clean=True)
     assert v3 == b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x1e\x00\x01c"
     assert subscribe_packet("a/+", v5=False) == b"\x82\x08\x00\x01\x00\x03a/+\x01"

@@ -109,6 +109,8 @@ class FleetCollector(Collector):
                     sum(s.missing() for s in d.seqs.values()), d.duplicates,
                     d.outbox_dropped, tuple(d.errors[k] for k in ERROR_KINDS)))
             return {"groups": groups, "devices": devices, "outcomes": dict(m.outcomes),
+                    "capped": {**st.capped, "history_sums": m.history.clamped
+                               if m.history is not None else 0},
                     "unknown_topics": st.unknown_topics,
                     "broker_dropped": st.broker_dropped[1] if st.broker_dropped else None,
                     "loss": st._loss_json({d[0]: {"missing": d[9], "outbox_dropped": d[11]}
@@ -230,6 +232,21 @@ class FleetCollector(Collector):
         for i, kind in enumerate(ERROR_KINDS):  # d[12]: the counts in ERROR_KINDS order
             fam.add_metric((kind,), sum(d[12][i] for d in devs))
         fam.add_metric(("unknown_topic",), snap["unknown_topics"])
+        yield fam
+        fam = CounterMetricFamily("eva_ingest_refused", "messages refused whole, by device and "
+                                  "reason (only devices with refusals)",
+                                  labels=("device", "reason"))
+        for d in devs:
+            for kind, n in zip(ERROR_KINDS, d[12], strict=True):
+                if n:
+                    fam.add_metric((d[0], kind), n)
+        yield fam
+        fam = CounterMetricFamily("eva_fleet_capped", "times a budget was hit (groups: windows "
+                                  "counted in the model group 'other'; boots, rules, metrics: "
+                                  "the oldest or the new one not kept; history_sums: a stored "
+                                  "sum clamped at 2^62)", labels=("budget",))
+        for what, n in snap["capped"].items():
+            fam.add_metric((what,), n)
         yield fam
         fam = CounterMetricFamily("eva_fleet_messages", "messages ingested by outcome",
                                   labels=("outcome",))

@@ -95,6 +95,9 @@ class Point:
         return m.quantiles(qs) if m is not None else [None for _ in qs]
 
 
+CLAMP = 2**62  # a stored sum stops here (SQLite integers are 64-bit; Python's are not)
+
+
 class History:
     """The SQLite store; `add` from the MQTT thread, `flush`/`prune`/queries from others."""
 
@@ -122,6 +125,7 @@ class History:
                                      "NULL DEFAULT 0")
         self.rows_written = 0
         self.pruned = 0
+        self.clamped = 0  # stored sums that reached CLAMP (flagged: eva_fleet_capped_total)
 
     def close(self) -> None:
         self.flush()
@@ -221,15 +225,17 @@ class History:
         c = acc.counts
         cols = ["windows", "utterances", "accepted", "abstained", "dropped_frames", "acc_sum",
                 "acc_n"]
-        vals: list[Any] = [*(c[k] for k in COUNTS), acc.acc_sum, acc.acc_n]
+        vals: list[Any] = [*(self._clamp(c[k]) for k in COUNTS), acc.acc_sum,
+                           self._clamp(acc.acc_n)]
         for name, (dsum, dn) in acc.drift.items():
             if name in DRIFT:
                 cols += [f"d_{name}", f"n_{name}"]
-                vals += [dsum, dn]
+                vals += [dsum, self._clamp(dn)]
         db.execute(
             f"INSERT INTO windows (bucket, {', '.join(GROUP_COLUMNS)}, {', '.join(cols)}) "
             f"VALUES ({', '.join('?' * (5 + len(cols)))}) ON CONFLICT DO UPDATE SET "
-            + ", ".join(f"{col}={col}+excluded.{col}" for col in cols), (*key, *vals))
+            + ", ".join(f"{col}=MIN({col}+excluded.{col}, {CLAMP})" for col in cols),
+            (*key, *vals))
         n = 1
         for name, m in acc.metrics.items():
             if not m.counts:
@@ -242,11 +248,19 @@ class History:
             if old is not None:
                 counts = [a + b for a, b in zip(json.loads(old[0]), counts, strict=True)]
                 hsum, hmin, hmax = hsum + old[1], min(hmin, old[2]), max(hmax, old[3])
+            if hsum != hsum:  # inf - inf from two absurd windows: NULL would fail the flush
+                hsum = 0.0
             db.execute("INSERT OR REPLACE INTO hists VALUES (?,?,?,?,?,?,?,?,?,?)",
                        (*key, name, json.dumps(counts, separators=(",", ":")), hsum, hmin,
                         hmax))
             n += 1
         return n
+
+    def _clamp(self, v: int) -> int:
+        if v < CLAMP:
+            return v
+        self.clamped += 1
+        return CLAMP
 
     def prune(self, now: float) -> int:
         """Drop buckets older than `days`, then the oldest until the file fits `max_mb`."""
@@ -257,7 +271,14 @@ class History:
             for table in TABLES:
                 removed += db.execute(f"DELETE FROM {table} WHERE bucket < ?",
                                       (cutoff,)).rowcount
-            while self._size(db) > self.max_bytes:
+        # Then by size, oldest first, a slice at a time with the lock released in between (the
+        # page reads under it). Deleted pages are reused (the size counts pages in use): no
+        # VACUUM, which rewrote the whole file under the lock, once per slice.
+        while True:
+            with self._dblock:
+                db = self._db
+                if self._size(db) <= self.max_bytes:
+                    break
                 first = db.execute("SELECT MIN(bucket) FROM windows").fetchone()[0]
                 if first is None:
                     break
@@ -265,8 +286,8 @@ class History:
                 for table in TABLES:
                     removed += db.execute(f"DELETE FROM {table} WHERE bucket < ?",
                                           (upto,)).rowcount
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                db.execute("VACUUM")
+        with self._dblock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.pruned += removed
         return removed
 
@@ -310,13 +331,16 @@ class History:
         g = ", ".join(GROUP_COLUMNS) if by_group else "''"
         k = 4 if by_group else 1
         lim = (first, step, first, first + n * step)
-        dcols = "".join(f", SUM(d_{m}), SUM(n_{m})" for m in DRIFT) if drift else ""
+        # TOTAL, not SUM: SUM raises on integer overflow (and the page answered 500 for as long
+        # as the row stayed); TOTAL is a float, exact below 2^53
+        dcols = "".join(f", TOTAL(d_{m}), TOTAL(n_{m})" for m in DRIFT) if drift else ""
         names = [m for m in metrics if m in _EDGES]
         with self._dblock:
             db = self._db
             rows = db.execute(
-                f"SELECT (bucket - ?) / ?, {g}, SUM(windows), SUM(utterances), SUM(accepted), "
-                f"SUM(abstained), SUM(dropped_frames), SUM(acc_sum), SUM(acc_n){dcols} "
+                f"SELECT (bucket - ?) / ?, {g}, TOTAL(windows), TOTAL(utterances), "
+                f"TOTAL(accepted), TOTAL(abstained), TOTAL(dropped_frames), TOTAL(acc_sum), "
+                f"TOTAL(acc_n){dcols} "
                 f"FROM windows WHERE bucket >= ? AND bucket < ? GROUP BY 1, {g}",
                 lim).fetchall()
             mrows = []
@@ -330,13 +354,13 @@ class History:
             if pt is None:
                 continue
             for name, v in zip(COUNTS, r[1 + k:6 + k], strict=True):
-                pt.counts[name] += v
+                pt.counts[name] += int(v)
             pt.acc_sum += r[6 + k]
-            pt.acc_n += r[7 + k]
+            pt.acc_n += int(r[7 + k])
             if drift:
                 base = 8 + k
                 for i, name in enumerate(DRIFT):
-                    dn = r[base + 2 * i + 1]
+                    dn = int(r[base + 2 * i + 1])
                     if dn:
                         t = pt.drift.setdefault(name, [0.0, 0])
                         t[0] += r[base + 2 * i]

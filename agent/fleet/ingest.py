@@ -25,11 +25,10 @@ from array import array
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from agent.fleet.history import BUCKET_S
-from agent.fleet.schema import Invalid, decode_json, decode_stats
+from agent.fleet.schema import FUTURE_S, PAST_S, Invalid, decode_json, decode_stats, utc_epoch
 from agent.fleet.state import FleetState, _Totals
 from agent.metric_catalog import METRICS
 from agent.payloads import SinceBoot
@@ -45,14 +44,6 @@ DEVICE_METRICS = frozenset({"input_rms_dbfs"})  # metrics summed per device (see
 _NAN = math.nan
 _INT_ONLY = {int}
 _FLOAT_OR_NONE = {float, type(None)}
-
-
-def utc_epoch(iso: str) -> float:
-    """'2024-05-01T12:00:00.000Z' → epoch seconds (NaN if unreadable)."""
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except (ValueError, AttributeError):
-        return _NAN
 
 
 @dataclass(slots=True)
@@ -87,7 +78,10 @@ class BucketedState(FleetState):
 
     def _group_totals(self, key: GroupKey, p: Mapping[str, Any]) -> _Totals:
         end = self.window_end = utc_epoch(p["window"]["end_utc"])
-        bucket = int(end // self.bucket_s * self.bucket_s) if math.isfinite(end) else None
+        now = self._clock()
+        # only a plausible wall-clock end is plotted (a 1970 RTC's windows are counted only)
+        bucket = int(end // self.bucket_s * self.bucket_s) \
+            if now - PAST_S <= end <= now + FUTURE_S else None
         self.window_slot = slot = (bucket, key)
         t = self.pending.get(slot)
         if t is None:
@@ -133,8 +127,8 @@ class FleetModel:
         if kind in ("stats", "alarm"):
             try:
                 parsed = (decode_stats if kind == "stats" else decode_json)(payload)
-            except Invalid:
-                pass  # FleetState parses it again and counts it against the device
+            except Invalid as e:
+                parsed = e  # FleetState counts it against the device (without parsing again)
         with self.lock:
             st = self.state
             outcome = st.ingest(topic, payload, retained, decoded=parsed)

@@ -44,6 +44,11 @@ CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 2, 3, 4, 8, 9
 PINGREQ_PACKET, PINGRESP, DISCONNECT = b"\xc0\x00", 13, 14
 DISCONNECT_PACKET = b"\xe0\x00"  # normal disconnection (MQTT 5 allows omitting reason code 0)
 CHUNK = 262144                    # bytes per recv(): ~50 stats messages
+# The broker's max_packet_size (docs/mosquitto/mosquitto.conf): what a device can send at most.
+# Sent as MQTT 5's Maximum Packet Size so the broker never forwards a larger one, and checked
+# here (3.1.1, or a broker configured otherwise): a larger packet is a protocol error, never a
+# buffer that grows to hold it (one 260 MB packet cost 800 MiB).
+MAX_PACKET = 65536
 SHARE_HINT = "ACL? shared subscriptions need MQTT 5 or a broker that accepts $share"
 
 
@@ -86,8 +91,8 @@ def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
             raise MalformedPacket("variable byte integer longer than 4 bytes")
 
 
-def parse_packets(buf: bytes, v5: bool,
-                  start: int = 0) -> tuple[list[Publish | Control], int, MalformedPacket | None]:
+def parse_packets(buf: bytes, v5: bool, start: int = 0, max_packet: int = MAX_PACKET
+                  ) -> tuple[list[Publish | Control], int, MalformedPacket | None]:
     """Every complete packet in `buf[start:]`, in order; the offset of the first byte that is
     not part of one (an incomplete packet waits for the next recv()); and, when the bytes
     there cannot be MQTT from a broker we subscribed at QoS 1, why (the packets before it are
@@ -115,6 +120,9 @@ def parse_packets(buf: bytes, v5: bool,
                     if shift > 21:
                         raise MalformedPacket("remaining length longer than 4 bytes")
             end = i + length
+            if end - pos > max_packet:
+                raise MalformedPacket(f"a packet of {end - pos} bytes exceeds the maximum "
+                                      f"packet size {max_packet}")
             if end > n:
                 break
             if b0 >> 4 == PUBLISH:
@@ -156,6 +164,20 @@ def parse_packets(buf: bytes, v5: bool,
     return out, pos, None
 
 
+def packet_end(buf: bytes, pos: int) -> int:
+    """Where the packet starting at `pos` ends, if its fixed header is in `buf`; else a
+    lower bound (one byte more than there is)."""
+    n, i, length, shift = len(buf), pos + 1, 0, 0
+    while i < n and shift <= 21:
+        b = buf[i]
+        i += 1
+        length |= (b & 127) << shift
+        if b < 128:
+            return i + length
+        shift += 7
+    return n + 1
+
+
 def _remaining(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -183,6 +205,7 @@ def connect_packet(client_id: str, *, v5: bool, clean: bool, session_expiry_s: i
     head = _str("MQTT") + bytes([5 if v5 else 4, flags]) + struct.pack(">H", keepalive_s)
     if v5:
         props = b"\x11" + struct.pack(">I", session_expiry_s) if session_expiry_s > 0 else b""
+        props += b"\x27" + struct.pack(">I", MAX_PACKET)  # Maximum Packet Size
         head += _remaining(len(props)) + props
     body = head + _str(client_id)
     if username:
@@ -421,6 +444,7 @@ class Subscriber:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         have = 0
+        need = 0  # bytes the incomplete packet at the front needs: no parse (copy) before
         now = last_sent = last_recv = time.monotonic()
         ping_sent = 0.0
         ingest = self.ingest
@@ -443,35 +467,39 @@ class Subscriber:
                     raise _Lost("connection closed by the broker")
                 last_recv = now
                 self.reads += 1
-                data = bytes(view[:have + got])
-                packets, used, malformed = parse_packets(data, v5)
-                have = len(data) - used
-                if have:
-                    if have == len(buf):  # one packet bigger than the buffer: grow it
-                        view.release()
-                        buf.extend(bytes(len(buf)))
-                        view = memoryview(buf)
-                    elif used:
-                        view[:have] = data[used:]
-                acks = []
-                n = 0
-                for p in packets:
-                    if type(p) is Publish:
-                        n += 1
-                        try:
-                            ingest(p.topic, p.payload, p.retained)
-                        except Exception:  # one bad message must not stop the stream
-                            self._ingest_failed(p.topic)
-                        if p.packet_id:
-                            acks.append(b"\x40\x02" + p.packet_id)
-                    else:
-                        self._control(sock, p)
-                self.messages += n
-                if acks:
-                    _send(sock, b"".join(acks))
-                    last_sent = now
-                if malformed is not None:
-                    raise malformed
+                if have + got < need:  # a trickle into one packet: wait, do not copy again
+                    have += got
+                else:
+                    data = bytes(view[:have + got])
+                    packets, used, malformed = parse_packets(data, v5)
+                    have = len(data) - used
+                    need = packet_end(data, used) - used if have else 0
+                    if have:
+                        if have == len(buf):  # one packet bigger than the buffer: grow it
+                            view.release()
+                            buf.extend(bytes(len(buf)))
+                            view = memoryview(buf)
+                        elif used:
+                            view[:have] = data[used:]
+                    acks = []
+                    n = 0
+                    for p in packets:
+                        if type(p) is Publish:
+                            n += 1
+                            try:
+                                ingest(p.topic, p.payload, p.retained)
+                            except Exception:  # one bad message must not stop the stream
+                                self._ingest_failed(p.topic)
+                            if p.packet_id:
+                                acks.append(b"\x40\x02" + p.packet_id)
+                        else:
+                            self._control(sock, p)
+                    self.messages += n
+                    if acks:
+                        _send(sock, b"".join(acks))
+                        last_sent = now
+                    if malformed is not None:
+                        raise malformed
             if ping_sent and now - max(ping_sent, last_recv) > ka:
                 raise _Lost(f"no answer to a keepalive ping within {ka} s")
             if now - last_sent >= ka / 2:

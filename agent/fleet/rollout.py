@@ -330,9 +330,12 @@ def summarize(snap: dict[str, Any], rollouts: dict[str, bytes], prefix: str) -> 
 
 
 def _f(x: Any) -> str:
+    """A cell: a device's strings as inert text (agent.fleet.watch.plain)."""
+    from agent.fleet.watch import plain
+
     if isinstance(x, list):
-        return ",".join(map(str, x)) or "–"
-    return "–" if x is None else (f"{x:.2f}" if isinstance(x, float) else str(x))
+        return ",".join(plain(str(v)) for v in x) or "–"
+    return "–" if x is None else (f"{x:.2f}" if isinstance(x, float) else plain(x))
 
 
 def render_text(r: dict[str, Any]) -> str:
@@ -340,7 +343,7 @@ def render_text(r: dict[str, Any]) -> str:
     lines = [f"fleet rollout on {r['prefix']}/fleet/rollout: " +
              (json.dumps(c) if c else "none")]
     for dev, dc in r["device_rollouts"].items():
-        lines.append(f"device rollout on {r['prefix']}/{dev}/rollout: {json.dumps(dc)}")
+        lines.append(f"device rollout on {r['prefix']}/{_f(dev)}/rollout: {json.dumps(dc)}")
     cols = {"device": "device", "model": "model", "slot": "slot", "state": "state",
             "probation": "probation", "shadow_agreement": "shadow agree",
             "shadow_abstain_rate": "shadow abstain", "abstain_rate": "abstain",

@@ -4,7 +4,7 @@ history, and `/api/fleet.json`, from one process that can run as several replica
 The network edges live here: two MQTT connections feeding `FleetModel` through the lean
 subscriber of agent.fleet.mqttin, which costs a tenth of paho's CPU per message (the stats, the
 bulk; the control plane, rare and partly retained, on its own connection), an HTTP server
-(stdlib) for
+(the standard library's, bounded: `BoundedHTTPServer`) for
 `/metrics`, `/`, `/device/ID`, `/api/fleet.json`, `/healthz`, and a maintenance thread
 flushing the history. Scale-out: with `--share GROUP`, stats come through the shared
 subscription `$share/GROUP/{prefix}/+/stats` (the broker hands each message to one replica);
@@ -85,6 +85,17 @@ def _share_ok(group: str) -> bool:
 
 
 BIG_VIEWS = ("/metrics", "/api/fleet.json")  # ~20 / 15 MB at 10,000 devices
+MAX_CONNECTIONS = 32     # open HTTP connections (= handler threads) at once; more get a 503
+MAX_PER_CLIENT = 8       # of which from one address: one client cannot take every slot
+HTTP_TIMEOUT_S = 10.0    # per socket operation: an idle or trickling client is dropped
+HEADERS = (  # the page has inline CSS and SVG, no script, no external resource
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+     "img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+)
+BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 5\r\nRetry-After: 1\r\nConnection: close\r\n\r\nbusy\n")
 
 
 def _libc_trim() -> Any:
@@ -189,11 +200,84 @@ class App:
         return page.device_page(views.device_view(self.model, dev_id)).encode()
 
 
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """The standard library's threading server with what it lacks for a service (issue 20:
+    251 idle connections made every view unreachable): at most MAX_CONNECTIONS connections,
+    each with its own thread, so the threads are bounded too, and at most MAX_PER_CLIENT from
+    one address, so one client cannot hold every slot; one more gets a short 503 from the
+    accept loop, without a thread; every socket operation times out (the handler's
+    `timeout`), so an idle or trickling client frees its slot; a longer listen backlog.
+    Measured against waitress 3 (connection_limit=32, channel_timeout=10, 4 threads): with 251
+    idle connections open, waitress stopped accepting and another client timed out, where
+    this server answered it at once; a 20 MB body took 110 ms there and 20 ms here. So no
+    dependency for it (docs/fleet.md)."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: Any,
+                 max_connections: int | None = None, per_client: int | None = None) -> None:
+        self.max_connections = max_connections or MAX_CONNECTIONS
+        self.per_client = per_client or MAX_PER_CLIENT
+        self.open: dict[str, int] = {}  # client address -> connections open
+        self.slots_lock = threading.Lock()
+        self.refused = 0  # connections answered 503 (at a limit)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        host = client_address[0] if isinstance(client_address, tuple) else ""
+        with self.slots_lock:
+            mine = self.open.get(host, 0)
+            full = mine >= self.per_client or sum(self.open.values()) >= self.max_connections
+            if not full:
+                self.open[host] = mine + 1
+        if full:
+            self.refused += 1
+            try:
+                request.settimeout(1.0)
+                request.sendall(BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(host)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(client_address[0] if isinstance(client_address, tuple) else "")
+
+    def _release(self, host: str) -> None:
+        with self.slots_lock:
+            n = self.open.get(host, 0) - 1
+            if n > 0:
+                self.open[host] = n
+            else:
+                self.open.pop(host, None)
+
+
 def _handler(app: App) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "eva-fleet-serve"
+        timeout = HTTP_TIMEOUT_S  # StreamRequestHandler: a timeout on the socket
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self._respond(head=False)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._respond(head=True)
+
+        def end_headers(self) -> None:
+            for name, value in HEADERS:
+                self.send_header(name, value)
+            super().end_headers()
+
+        def _respond(self, head: bool) -> None:
             u = urlsplit(self.path)
             t0 = time.perf_counter()
             try:
@@ -228,10 +312,10 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Server-Timing",
                                  f"render;dur={(time.perf_counter() - t0) * 1000:.1f}")
                 self.end_headers()
-                for chunk in chunks:
+                for chunk in () if head else chunks:
                     self.wfile.write(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client went away
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                pass  # the client went away, or reads too slowly
             if u.path in BIG_VIEWS:
                 del body, chunks
                 release_memory()
@@ -279,11 +363,10 @@ class Server:
         self.app = App(self.model, self.history, per_device=per_device, replica=self.replica,
                        broker=self.stats.url, share=share, stats=self.stats)
         try:
-            self.http = ThreadingHTTPServer(listen, _handler(self.app))
+            self.http = BoundedHTTPServer(listen, _handler(self.app))
         except OSError as e:
             raise AgentError(f"cannot listen on {listen[0]}:{listen[1]}: {e.strerror or e}"
                              " (--listen)") from None
-        self.http.daemon_threads = True
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

@@ -34,8 +34,19 @@ import numpy as np
 
 from agent.fleet.bins import MetricSum, compact
 from agent.fleet.loss import SessionLoss
+from agent.fleet.schema import (
+    MAX_COUNT,
+    MAX_METRICS,
+    REASONS,
+    Alarm,
+    BirthInfo,
+    Event,
+    check_stats,
+    convert,
+    decode_json,
+    decode_stats,
+)
 from agent.fleet.schema import Invalid as _Invalid
-from agent.fleet.schema import check_stats, decode_json, decode_stats
 from agent.metric_catalog import METRICS, MetricSpec
 from agent.telemetry.message import DEFAULT_PREFIX
 from agent.windows import COUNTERS
@@ -46,12 +57,24 @@ BROKER_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 JSON_CHUNK_BYTES = 1 << 20   # to_json_chunks joins devices into chunks of about this size
 MAX_GAP_RANGES = 20        # gap ranges listed per boot in to_json (the total is always exact)
 MAX_EVENTS = 20            # rollout events kept per device (agent.rollout: event topic)
-ERROR_KINDS = ("invalid_json", "schema", "edges_mismatch")
+ERROR_KINDS = ("invalid_json", "schema", "edges_mismatch", *(
+    r for r in REASONS if r not in ("invalid_json", "schema")))  # refusal reasons, counted
+# Budgets (issue 20): what one device, or the fleet, can make this process remember.
+MAX_GROUPS = 64            # model groups (model, version, rollout, cohort) in the fleet ...
+MAX_DEVICE_GROUPS = 4      # ... and new ones named by one device per GROUP_PERIOD_S (a rollout
+GROUP_PERIOD_S = 86400.0   # takes days); beyond either: the OTHER group, counted
+OTHER = ("other", "other", "other", "other")
+MAX_DEVICE_BOOTS = 8       # boots remembered per device (seqs, births, alarms)
+MAX_RULES = 64             # alarm rules per boot
+MAX_SEQ_RANGES = 256       # seq ranges per boot; beyond, the lowest gaps are folded
+MAX_GAP = 1_000_000        # a seq jump larger than this is counted as a jump, not as missing
+CAPS = ("groups", "boots", "rules", "metrics")  # budgets hit, counted: eva_fleet_capped_total
 _NO_EDGES: dict[str, np.ndarray] = {}
 _NUMBER_TYPES = {int, float}
+MAX_EDGES = 64        # edges per metric in a birth (the catalogue's have <= 23)
 MAX_EDGE_SETS = 1000  # distinct edge lists remembered as checked (agent.fleet.state._birth_edges)
 _EdgeRef = tuple[np.ndarray, int | None]  # (edges, bound on a hist's first + len)
-_LEVEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_LEVEL = re.compile(r"[A-Za-z0-9._-]{1,64}")  # always .fullmatch: `$` passes a trailing \n
 _ROLLUP_REASON = re.compile(r"^(\w+) roll-up: ")
 
 
@@ -59,13 +82,20 @@ class SeqSet:
     """Distinct non-negative integers as sorted disjoint ranges: O(ranges) memory, not O(seqs).
 
     A device that is never lost anything stays one range however long it runs.
+
+    A hostile or broken device cannot make it large: beyond MAX_SEQ_RANGES ranges the lowest
+    gap is folded (its seqs count as missing, and a late arrival there is no longer told from
+    a duplicate); a gap wider than MAX_GAP is a jump, not messages missing.
     """
 
-    __slots__ = ("_lo", "_hi")
+    __slots__ = ("_lo", "_hi", "folded", "jumps", "_inside")
 
     def __init__(self) -> None:
         self._lo: list[int] = []
         self._hi: list[int] = []
+        self.folded = 0  # missing seqs inside folded gaps
+        self.jumps = 0   # gaps wider than MAX_GAP (not counted as missing)
+        self._inside = 0  # every seq inside folded gaps (not received)
 
     def add(self, s: int) -> bool:
         """Insert `s`; False if it was already present (a duplicate)."""
@@ -85,7 +115,21 @@ class SeqSet:
         else:
             lo.insert(i + 1, s)
             hi.insert(i + 1, s)
+            if len(lo) > MAX_SEQ_RANGES:
+                self._fold()
         return True
+
+    def _fold(self) -> None:
+        """Merge the two lowest ranges (the gap between them stays counted, as `folded`)."""
+        lo, hi = self._lo, self._hi
+        gap = lo[1] - hi[0] - 1
+        self._inside += gap
+        if gap > MAX_GAP:
+            self.jumps += 1
+        else:
+            self.folded += gap
+        hi[0] = hi[1]
+        del lo[1], hi[1]
 
     def __contains__(self, s: object) -> bool:
         if not isinstance(s, int):
@@ -94,7 +138,7 @@ class SeqSet:
         return i >= 0 and self._hi[i] >= s
 
     def __len__(self) -> int:
-        return sum(h - lo + 1 for lo, h in zip(self._lo, self._hi, strict=True))
+        return sum(h - lo + 1 for lo, h in zip(self._lo, self._hi, strict=True)) - self._inside
 
     @property
     def min(self) -> int | None:
@@ -109,17 +153,16 @@ class SeqSet:
         return [(self._hi[k] + 1, self._lo[k + 1] - 1) for k in range(len(self._lo) - 1)]
 
     def missing(self) -> int:
-        return sum(b - a + 1 for a, b in self.gaps())
+        """Seqs missing between the lowest and the highest, jumps (> MAX_GAP) left out."""
+        return sum(n for a, b in self.gaps() if (n := b - a + 1) <= MAX_GAP) + self.folded
+
+    def jumped(self) -> int:
+        return self.jumps + sum(1 for a, b in self.gaps() if b - a + 1 > MAX_GAP)
 
 
 # --- validation of the rarer payloads (stats are typed: agent.fleet.schema) -------------------
 def _is_int(x: Any) -> bool:
     return type(x) is int  # not bool (a subclass)
-
-
-def _is_num(x: Any) -> bool:
-    t = type(x)
-    return t is int or (t is float and math.isfinite(x))
 
 
 def _need(cond: bool, what: str) -> None:
@@ -131,20 +174,15 @@ def _check_ids(p: Any, device: str) -> None:
     _need(isinstance(p, dict), "payload is not a JSON object")
     _need(p.get("schema") == 1 and _is_int(p.get("schema")), "schema is not 1")
     _need(p.get("device_id") == device, "device_id does not match the topic")
-    _need(isinstance(p.get("boot_id"), str) and bool(_LEVEL.match(p["boot_id"])), "boot_id")
-    _need(_is_int(p.get("seq")) and p["seq"] >= 0, "seq")
+    _need(isinstance(p.get("boot_id"), str) and bool(_LEVEL.fullmatch(p["boot_id"])), "boot_id")
+    _need(_is_int(p.get("seq")) and 0 <= p["seq"] <= MAX_COUNT, "seq")
     od = p.get("outbox_dropped", 1)
-    _need(_is_int(od) and od >= 1, "outbox_dropped")
+    _need(_is_int(od) and 1 <= od <= MAX_COUNT, "outbox_dropped")
 
 
 def _check_alarm(p: Any, device: str) -> None:
     _check_ids(p, device)
-    _need(isinstance(p.get("metric"), str) and isinstance(p.get("stage"), str), "metric/stage")
-    _need(p.get("state") in ("raised", "cleared"), "state")
-    _need("value" in p and (p["value"] is None or _is_num(p["value"])), "value")
-    _need(_is_num(p.get("threshold")), "threshold")
-    _need(_is_num(p.get("window_end_s")), "window_end_s")
-    _need(isinstance(p.get("reason"), str), "reason")
+    convert(p, Alarm)  # bounded strings, finite numbers (raises Invalid)
 
 
 def _birth_edges(p: Any, known: dict[tuple, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,17 +192,17 @@ def _birth_edges(p: Any, known: dict[tuple, np.ndarray]) -> dict[str, np.ndarray
     restarts receives every device's retained birth at once)."""
     _need(isinstance(p, dict), "birth is not a JSON object")
     if "boot_id" in p:
-        _need(isinstance(p["boot_id"], str) and bool(_LEVEL.match(p["boot_id"])), "boot_id")
+        _need(isinstance(p["boot_id"], str) and bool(_LEVEL.fullmatch(p["boot_id"])), "boot_id")
     metrics = p.get("metrics", {})
-    _need(isinstance(metrics, dict), "birth metrics")
+    _need(isinstance(metrics, dict) and len(metrics) <= MAX_METRICS, "birth metrics")
     out = {}
     for name, m in metrics.items():
-        _need(isinstance(m, dict), f"birth metrics.{name}")
+        _need(isinstance(m, dict) and bool(_LEVEL.fullmatch(name)), "birth metrics (a name)")
         if "edges" not in m:
             continue
         e = m["edges"]
-        _need(type(e) is list and len(e) > 0 and set(map(type, e)) <= _NUMBER_TYPES,
-              f"birth metrics.{name}.edges")
+        _need(type(e) is list and 0 < len(e) <= MAX_EDGES and
+              set(map(type, e)) <= _NUMBER_TYPES, f"birth metrics.{name}.edges")
         key = (name, *e)
         arr = known.get(key)
         if arr is None:
@@ -247,6 +285,7 @@ class _Device:
     last_error: str | None = None
     last_seen: float | None = None
     events: list[dict[str, Any]] = field(default_factory=list)  # the last MAX_EVENTS
+    groups: dict[tuple[str, str, str, str], float] = field(default_factory=dict)  # first seen
 
     def birth_fields(self) -> dict[str, Any]:
         b = self.birth or {}
@@ -289,7 +328,7 @@ class FleetState:
             m.name: np.asarray(m.edges, dtype=np.float64) for m in catalog}
         self._clock = clock
         self._edge_sets: dict[tuple, dict[str, np.ndarray]] = {}
-        self._tables: dict[int, tuple[dict, dict[str, _EdgeRef]]] = {}
+        self._tables: dict[int, tuple[dict, dict[str, _EdgeRef]]] = {}  # cleared when large
         # checked edge lists -> their shared array, the catalogue's to begin with
         self._known_edges: dict[tuple, np.ndarray] = {(name, *e.tolist()): e
                                                       for name, e in self._edges.items()}
@@ -305,6 +344,8 @@ class FleetState:
         self.unexpected = 0  # inputs the checks let through but merging choked on (a bug)
         # Rollout commands seen (retained): topic level ("fleet" or a device id) -> raw payload
         self.rollouts: dict[str, bytes] = {}
+        self.capped = dict.fromkeys(CAPS, 0)  # budgets hit (MAX_GROUPS ...): how often
+        self.group_keys: set[tuple[str, str, str, str]] = {OTHER}  # admitted, <= MAX_GROUPS
 
     @property
     def fleet(self) -> _Totals:
@@ -321,7 +362,8 @@ class FleetState:
         duplicate | invalid_json | schema | edges_mismatch | unknown_topic. Never raises.
 
         `decoded`: the payload as `decode_stats` (stats) or `decode_json` (others) returned it,
-        when the caller parsed it already (outside its lock); else `payload` is parsed here."""
+        or the `Invalid` they raised, when the caller parsed it already (outside its lock);
+        else `payload` is parsed here."""
         if topic == BROKER_DROPPED_TOPIC:  # the broker's, not the fleet's: not in `messages`
             return self._broker_dropped(payload)
         self.messages += 1
@@ -342,25 +384,27 @@ class FleetState:
         if not retained:
             dev.last_seen = self._clock()
         try:
+            if isinstance(decoded, _Invalid):  # the caller's parse refused it already
+                raise decoded
             if kind == "status":
                 return self._status(dev, payload, retained)
             if kind == "stats":
                 p = decode_stats(payload) if decoded is None else decoded
-                check_stats(p, device_id)
+                check_stats(p, device_id, self._clock())
                 return self._stats(dev, p)
             p = decode_json(payload) if decoded is None else decoded
             if kind == "birth":
                 return self._birth(dev, p)
             if kind == "event":  # rollout steps (docs/event.schema.json): kept, not merged
                 _need(isinstance(p, dict) and isinstance(p.get("event"), str), "event")
-                dev.events = (dev.events + [p])[-MAX_EVENTS:]
+                dev.events = (dev.events + [convert(p, Event)])[-MAX_EVENTS:]
                 return "event"
             _check_alarm(p, device_id)  # kind == "alarm"
             return self._alarm(dev, p)
         except _Invalid as e:
             kind_err = e.args[1] if len(e.args) > 1 else "schema"
             dev.errors[kind_err] += 1
-            dev.last_error = f"{kind}: {e.args[0]}"
+            dev.last_error = f"{kind}: {e.args[0]}"[:200]
             return kind_err
         except Exception as e:  # noqa: BLE001 - a check missed a shape; still never crash
             dev.errors["schema"] += 1
@@ -370,8 +414,10 @@ class FleetState:
 
     def _broker_dropped(self, payload: Any) -> str:
         try:
-            n = float(bytes(payload) if not isinstance(payload, str) else payload)
+            n = float(bytes(payload)[:32] if not isinstance(payload, str) else payload[:32])
         except (TypeError, ValueError):
+            return "sys"
+        if not (math.isfinite(n) and 0 <= n <= 2**53):  # nan, inf, absurd: not a count
             return "sys"
         first = self.broker_dropped[0] if self.broker_dropped else n
         self.broker_dropped = (first, n)
@@ -395,7 +441,7 @@ class FleetState:
         if not isinstance(topic, str) or not topic.startswith(head):
             return None
         parts = topic[len(head):].split("/")
-        if len(parts) != 2 or not _LEVEL.match(parts[0]) or parts[1] not in (
+        if len(parts) != 2 or not _LEVEL.fullmatch(parts[0]) or parts[1] not in (
                 "stats", "alarm", "status", "birth", "event", "rollout"):
             return None
         return parts[0], parts[1]
@@ -412,35 +458,55 @@ class FleetState:
 
     def _birth(self, dev: _Device, p: Any) -> str:
         edges = _birth_edges(p, self._known_edges)
-        for name, e in edges.items():
+        info = convert({k: p[k] for k in ("agent_version", "config_digest", "window_s",
+                                          "drift_method", "model") if k in p}, BirthInfo)
+        for name, e in list(edges.items()):
             if name not in self._edges:
+                if len(self._edges) >= MAX_METRICS:  # a fleet-wide budget of metric names
+                    del edges[name]
+                    self.capped["metrics"] += 1
+                    continue
                 self._tables.clear()  # a metric the fleet did not know: tables are stale
             ref = self._edges.setdefault(name, e)
             if ref is not e and np.array_equal(ref, e):
                 edges[name] = ref  # one shared array: memory per device, `is` check per message
         boot = p.get("boot_id")
+        self._remember_boot(dev, dev.births, boot)
         # devices of one agent version declare the same edges: share one dict (memory per device)
         key = tuple((name, id(e)) for name, e in edges.items())
-        dev.births[boot] = self._edge_sets.setdefault(key, edges)
-        dev.birth = {k: p[k] for k in ("agent_version", "config_digest", "window_s",
-                                       "drift_method") if k in p}
-        if isinstance(p.get("model"), dict):
-            dev.model = p["model"]
+        shared = self._edge_sets.get(key)
+        if shared is None and len(self._edge_sets) < MAX_EDGE_SETS:
+            shared = self._edge_sets[key] = edges
+        dev.births[boot] = shared if shared is not None else edges
+        dev.birth = {k: v for k, v in info.items() if k != "model"}
+        if "model" in info:
+            dev.model = info["model"]
         if boot is not None:
             dev.boot_id = boot
         return "birth"
+
+    def _remember_boot(self, dev: _Device, per_boot: dict, boot: Any) -> None:
+        """Make room for one more boot in `per_boot` (a device's seqs, births or alarms):
+        beyond MAX_DEVICE_BOOTS the boot seen longest ago that is not the current one goes."""
+        if boot in per_boot or len(per_boot) < MAX_DEVICE_BOOTS:
+            return
+        old = next((b for b in per_boot if b != dev.boot_id), None)
+        if old is not None or per_boot:
+            del per_boot[old if old is not None else next(iter(per_boot))]
+            self.capped["boots"] += 1
 
     def _first_time(self, dev: _Device, p: Mapping[str, Any]) -> bool:
         """Record (boot, seq); False for a duplicate."""
         seqs = dev.seqs.get(p["boot_id"])
         if seqs is None:
+            self._remember_boot(dev, dev.seqs, p["boot_id"])
             seqs = dev.seqs[p["boot_id"]] = SeqSet()
         top = seqs.max
         if not seqs.add(p["seq"]):
             dev.duplicates += 1
             return False
-        self.session_loss.seen(self._clock(), dev.device_id,
-                               p["seq"] - top - 1 if top is not None else 0)
+        jump = p["seq"] - top - 1 if top is not None else 0
+        self.session_loss.seen(self._clock(), dev.device_id, jump if jump <= MAX_GAP else 0)
         dev.outbox_dropped += int(p.get("outbox_dropped", 0))
         if dev.boot_id is None or not p.get("historical", False):
             dev.boot_id = p["boot_id"]
@@ -450,9 +516,15 @@ class FleetState:
         if not self._first_time(dev, p):
             return "duplicate"
         dev.alarm_events += 1
-        rules = dev.alarms.setdefault(p["boot_id"], {})
+        rules = dev.alarms.get(p["boot_id"])
+        if rules is None:
+            self._remember_boot(dev, dev.alarms, p["boot_id"])
+            rules = dev.alarms[p["boot_id"]] = {}
         key = _alarm_key(p)
         prev = rules.get(key)
+        if prev is None and len(rules) >= MAX_RULES:
+            self.capped["rules"] += 1
+            return "alarm"
         if prev is None or prev["seq"] < p["seq"]:  # a late replay must not undo a newer event
             rules[key] = {"metric": p["metric"], "stage": p["stage"], "state": p["state"],
                           "scope": key[2], "value": p["value"], "threshold": p["threshold"],
@@ -466,6 +538,25 @@ class FleetState:
         if group is None:
             group = self.groups[key] = _Totals()
         return group
+
+    def _capped_group(self, dev: _Device, key: tuple[str, str, str, str]
+                      ) -> tuple[str, str, str, str]:
+        """`key`, or OTHER once the device named MAX_DEVICE_GROUPS groups or the fleet
+        MAX_GROUPS: a device naming a new model in every window cannot grow the series."""
+        if key in dev.groups:
+            return key
+        now = self._clock()
+        recent = [k for k, t in dev.groups.items() if now - t < GROUP_PERIOD_S]
+        if len(recent) >= MAX_DEVICE_GROUPS or (
+                key not in self.group_keys and len(self.group_keys) >= MAX_GROUPS):
+            self.capped["groups"] += 1
+            return OTHER
+        if len(dev.groups) >= MAX_DEVICE_GROUPS:  # remember the device's recent groups only
+            for k in [k for k in dev.groups if k not in recent][:len(dev.groups)]:
+                del dev.groups[k]
+        dev.groups[key] = now
+        self.group_keys.add(key)
+        return key
 
     def _edge_table(self, declared: dict[str, np.ndarray]) -> dict[str, _EdgeRef]:
         """name -> (reference edges, bound on a hist's first + len), or None for the bound
@@ -482,6 +573,8 @@ class FleetState:
             mine = declared.get(name)
             same = mine is None or mine is ref or np.array_equal(mine, ref)
             table[name] = (ref, len(ref) + 2 if same else None)
+        if len(self._tables) >= MAX_EDGE_SETS:
+            self._tables.clear()
         self._tables[id(declared)] = (declared, table)
         return table
 
@@ -501,7 +594,7 @@ class FleetState:
                 raise _Invalid(f"metric {name}: hist does not fit the edges", "edges_mismatch")
         metrics = p["metrics"]
         only = self.device_metrics
-        self.group_key = key = group_key(p)
+        self.group_key = key = self._capped_group(dev, group_key(p))
         _add_window(self._group_totals(key, p), p, metrics.items(), table)
         _add_window(dev.totals, p, metrics.items() if only is None else
                     [(n, metrics[n]) for n in only if n in metrics], table)

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import ssl
@@ -307,6 +308,17 @@ def _dashboard(stop: threading.Event, watcher: Watcher, duration: float | None,
 
 
 # --- rendering (pure: a snapshot in, a rich renderable out) ---------------------------------
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def plain(s: Any) -> str:
+    """A device's string as inert terminal text: control characters (escape sequences that
+    clear the screen, set the title, write the clipboard) and bidi overrides shown escaped.
+    Rich markup is left as it is: callers put the result in a `Text`, never in markup."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                        else f"\\u{ord(m.group()):04x}", str(s))
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -336,21 +348,23 @@ def render(snap: dict[str, Any]) -> Any:
                          ("active alarms", "left"), ("gaps", "right"), ("errors", "right")):
         t.add_column(col, justify=justify)  # type: ignore[arg-type]
     for dev_id, d in snap["devices"].items():
-        state = {True: "[green]online[/]", False: "[red]offline[/]"}.get(d["online"], "?")
+        state = {True: Text("online", "green"), False: Text("offline", "red")}.get(
+            d["online"], Text("?"))
         model = (d.get("last_window") or {}).get("model") or d["model"] or {}
         state_ = ((d.get("last_window") or {}).get("rollout") or {}).get("state")
         alarms = ", ".join(a["metric"] + ("" if a["scope"] == "window" else f" ({a['scope']})")
                            for a in d["active_alarms"])
         n_err = sum(d["errors"].values())
-        t.add_row(dev_id, state, (d["boot_id"] or "–")[:8],
-                  " ".join(str(model.get(k, "")) for k in ("name", "version", "slot")
-                           ).strip() + (f" ({state_})" if state_ and state_ != "idle" else "")
-                  or "–",
+        # every string a device chose is a Text: shown as it is, never read as markup
+        t.add_row(Text(plain(dev_id)), state, Text(plain((d["boot_id"] or "–")[:8])),
+                  Text(plain(" ".join(str(model.get(k, "")) for k in ("name", "version", "slot")
+                                      ).strip() + (f" ({state_})" if state_ and state_ != "idle"
+                                                   else "") or "–")),
                   str(d["windows"]), _fmt(d["utterances_per_min"]), _pct(d["abstain_rate"]),
                   _pct(d["estimated_accuracy"]["value"]), _fmt(d["input_rms_dbfs"]),
-                  f"[red]{alarms}[/]" if alarms else "–",
-                  f"[yellow]{d['missing']}[/]" if d["missing"] else "0",
-                  f"[red]{n_err}[/]" if n_err else "0")
+                  Text(plain(alarms), "red") if alarms else "–",
+                  Text(str(d["missing"]), "yellow") if d["missing"] else "0",
+                  Text(str(n_err), "red") if n_err else "0")
     t.add_section()
     t.add_row("[bold]fleet[/]", f"{f['online']}/{f['devices']}", "", "", str(f["windows"]),
               _fmt(f["utterances_per_min"]), _pct(f["abstain_rate"]),
@@ -361,6 +375,7 @@ def render(snap: dict[str, Any]) -> Any:
         q.add_column(col, justify="left" if col in ("metric", "stage", "unit") else "right")
     for name, m in f["metrics"].items():
         if m["count"]:
-            q.add_row(name, m.get("stage") or "", m.get("unit") or "", str(m["count"]),
+            q.add_row(Text(plain(name)), Text(plain(m.get("stage") or "")),
+                      Text(plain(m.get("unit") or "")), str(m["count"]),
                       _fmt(m["mean"], 4), _fmt(m["p50"], 4), _fmt(m["p95"], 4))
     return Group(head, t, q)

@@ -15,10 +15,13 @@ from typing import Any
 SCHEMA = 1
 MODES = ("shadow", "activate", "finish")  # finish: the rollout is over, nothing rolls back
 MAX_BYTES = 4096
+MAX_DEPTH = 4  # {"model": {...}} is 2 deep; JSON nested 1,500 deep crashed json.loads
 FLEET_LEVEL = "fleet"
-_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_VERSION = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+# always .fullmatch: with re.match, `$` also matched before a trailing newline ("1.0.0\n")
+_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_VERSION = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+_SHA = re.compile(r"[0-9a-f]{64}")
+_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # strings (skipped) and brackets
 
 
 class CommandError(ValueError):
@@ -55,9 +58,9 @@ def _keys(d: dict, required: set[str], where: str) -> None:
 
 def _str(d: dict, key: str, pattern: re.Pattern[str], where: str) -> str:
     v = d[key]
-    if not isinstance(v, str) or not pattern.match(v):
+    if not isinstance(v, str) or not pattern.fullmatch(v):
         raise CommandError(f"{where}.{key} = {str(v)[:40]!r} is not valid "
-                           f"(pattern {pattern.pattern})")
+                           f"(pattern ^{pattern.pattern}$)")
     return v
 
 
@@ -69,9 +72,11 @@ def parse(payload: bytes | str) -> RolloutCommand | None:
         return None
     if len(payload) > MAX_BYTES:
         raise CommandError(f"rollout message of {len(payload)} bytes exceeds {MAX_BYTES}")
+    if depth(payload) > MAX_DEPTH:
+        raise CommandError(f"rollout message nested deeper than {MAX_DEPTH} levels")
     try:
         d = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CommandError(f"rollout message is not JSON ({' '.join(str(e).split())[:80]})") \
             from None
     if not isinstance(d, dict):
@@ -95,6 +100,20 @@ def parse(payload: bytes | str) -> RolloutCommand | None:
                           version=_str(m, "version", _VERSION, "rollout.model"),
                           sha256=_str(m, "sha256", _SHA, "rollout.model"),
                           percent=float(pct), mode=d["mode"])
+
+
+def depth(payload: bytes) -> int:
+    """How deep the brackets of a JSON text nest, strings skipped: checked before decoding,
+    which recurses once per level (bounded work: the text is at most MAX_BYTES)."""
+    level = top = 0
+    for m in _STRUCTURE.finditer(payload):
+        c = m.group()
+        if c in (b"[", b"{"):
+            level += 1
+            top = max(top, level)
+        elif c in (b"]", b"}"):
+            level -= 1
+    return top
 
 
 def topics(prefix: str, device_id: str) -> tuple[str, str]:

@@ -66,7 +66,7 @@ class Message:
 
 def check_level(value: str, what: str = "device id") -> str:
     """Return `value` if it is safe as one topic level (and as an MQTT username/client id)."""
-    if not _LEVEL.match(value or ""):
+    if not _LEVEL.fullmatch(value or ""):  # fullmatch: `$` also matches before a "\n"
         raise ValueError(f"invalid {what} {value!r}: use 1-64 of A-Z a-z 0-9 . _ -")
     return value
 
@@ -74,7 +74,7 @@ def check_level(value: str, what: str = "device id") -> str:
 def topic(prefix: str | None, device_id: str, kind: str) -> str:
     """`{prefix}/{device_id}/{kind}`; prefix None or "" means the default "eva"."""
     prefix = prefix or DEFAULT_PREFIX
-    if not _PREFIX.match(prefix):
+    if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"invalid topic prefix {prefix!r}: levels of A-Z a-z 0-9 . _ - "
                          "separated by /")
     if kind not in KINDS:
