@@ -19,7 +19,8 @@ PROG = "edge-voice-agent"
 # Settings a subcommand has no use for get no flag there, so argparse refuses them (with that
 # subcommand's usage) instead of the command silently ignoring them.
 DEMO_FIXED = frozenset({"audio.source", "audio.mic_rate", "audio.mic_channels"})
-CLASSIFY_SECTIONS = frozenset({"model", "decision"})
+CLASSIFY_SECTIONS = frozenset({"model", "decision", "personal"})
+ENROLL_SECTIONS = frozenset({"agent", "model", "audio", "vad"})
 
 
 def _add_settings(p: argparse.ArgumentParser, *, skip: frozenset[str] = frozenset(),
@@ -79,7 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("classify", help="classify each audio file as one utterance")
     cl.add_argument("files", nargs="+", type=Path)
+    cl.add_argument("--state-dir", dest="set:agent.state_dir", default=argparse.SUPPRESS,
+                    metavar="DIR", help="use this device's enrollment (read only; the "
+                    "adaptation learned at the device's microphone is not applied to files); "
+                    "without it, the model alone decides")
     _add_settings(cl, sections=CLASSIFY_SECTIONS)
+
+    en = sub.add_parser("enroll", help="teach the device a voice: one recording per class "
+                        "({label}_{anything}.wav), or prompts at the microphone without files; "
+                        "keeps head inputs only (0600), never audio, never published")
+    en.add_argument("files", nargs="*", type=Path)
+    en.add_argument("--forget", action="store_true",
+                    help="remove the enrollment from the state directory")
+    _add_settings(en, sections=ENROLL_SECTIONS)
 
     def data_args(q: argparse.ArgumentParser) -> None:
         from agent.samples import DataFolders
@@ -129,10 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--calibration-out", type=Path, default=None,
                     help="[calibration/<model name>]")
     ca.add_argument("--seed", type=int, default=0)
+    ca.add_argument("--speech-commands", type=Path, default=None,
+                    help="also take the real digits of this Speech Commands folder into the "
+                    "head-input reference (more voices)")
+    ca.add_argument("--reference-only", action="store_true",
+                    help="write only the head-input reference (head_input_reference.npz) that "
+                    "device adaptation and enrollment need, not baseline.json")
 
     rl = sub.add_parser("reload", help="make a running agent re-read its config (SIGHUP to "
                         "PID); what `systemctl reload` runs, so no /bin/kill is needed")
     rl.add_argument("pid", type=int, metavar="PID", help="the agent's main PID ($MAINPID)")
+
+    li = sub.add_parser("listen", help="print the running agent's decisions as JSON lines, "
+                        "from its local decision socket, until stopped")
+    where = li.add_mutually_exclusive_group()
+    where.add_argument("--state-dir", default=None, metavar="DIR",
+                       help="the agent's state directory (its socket is DIR/decisions.sock) "
+                       "[/run/edge-voice-agent under systemd, else the default state dir]")
+    where.add_argument("--socket", default=None, metavar="PATH",
+                       help="the decision socket itself (the agent's output.socket)")
+    li.add_argument("--accepted", action="store_true",
+                    help="only accepted decisions (what actions run for), not abstentions")
 
     doc = sub.add_parser("doctor", help="check audio devices, model, calibration, state "
                          "directory, broker and clock; exit 0 only when no check fails")
@@ -173,7 +203,10 @@ def cmd_run(args: argparse.Namespace, **forced) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.resources import demo_audio
 
-    forced = {"audio.source": str(demo_audio())}
+    # a showcase of the shipped model: it neither learns from nor is changed by this device's
+    # personal state (a demo file must not teach the device's adaptation six synthetic voices)
+    forced = {"audio.source": str(demo_audio()), "personal.adaptation": False,
+              "personal.enrollment": False}
     if not any(k == "set:output.decisions" for k in vars(args)):
         forced["output.decisions"] = "-"
     return cmd_run(args, **forced)
@@ -188,6 +221,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model, policy = pipeline.model, pipeline.policy
     assert model is not None
     m = model.manifest
+    personal = None
+    if cfg.agent.state_dir:  # the enrollment; adaptation belongs to the device's microphone
+        cfg.personal.adaptation = False
+        personal = service.personalize(cfg, model, learn=False)
     status = 0
     for path in args.files:
         try:
@@ -198,13 +235,30 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             status = 1
             continue
-        probs = model.predict(model.features(audio)[None, :])[0]
+        feats = model.features(audio)
+        probs = model.predict(feats[None, :])[0] if personal is None else \
+            personal.predict(model, feats)
         label, conf, _, accepted = policy.decide(probs, m.classes) if policy.runs_model else \
             (None, None, None, False)
         print(json.dumps({"file": str(path), "label": label,
                           "confidence": None if conf is None else round(conf, 4),
                           "accepted": accepted}), flush=True)
     return status
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from agent.personal import enroll
+
+    cfg = _config(args)
+    if args.forget:
+        if args.files:
+            raise AgentError("enroll --forget takes no files; run it alone")
+        print(enroll.forget(cfg), flush=True)
+        return 0
+    from agent import service
+
+    print(enroll.enroll(cfg, args.files, service.load_model(cfg)), flush=True)
+    return 0
 
 
 def _training():
@@ -274,14 +328,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _training()
     from agent.model import Manifest
     from agent.resources import default_model_dir
-    from agent.training.calibrate import calibrate
+    from agent.training.calibrate import calibrate, write_reference
     from agent.training.dataset import discover
 
     model_dir = args.model or default_model_dir()
     name = Manifest.read(model_dir / "manifest.json").name
     speakers = {s for s in args.speakers.split(",") if s} or None
-    calibrate(model_dir, discover(args.data, speakers),
-              args.calibration_out or Path("calibration") / name, seed=args.seed, log=_log)
+    clips = discover(args.data, speakers)
+    ref_clips = clips
+    if args.speech_commands is not None:
+        from agent.training.dataset import discover_speech_commands
+
+        ref_clips = clips + [c for c in discover_speech_commands(args.speech_commands)
+                             if not c.label.startswith("neg:")]
+    out = args.calibration_out or Path("calibration") / name
+    if args.reference_only:
+        write_reference(model_dir, ref_clips, out, log=_log)
+    else:
+        calibrate(model_dir, clips, out, seed=args.seed, log=_log, reference_clips=ref_clips)
     return 0
 
 
@@ -292,15 +356,22 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    from agent.actions import listen
+
+    return listen.listen(listen.candidates(args.state_dir, args.socket), args.accepted)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from agent import doctor
 
     return doctor.main(lambda: _config(args), as_json=args.json)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "train": cmd_train,
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "classify": cmd_classify, "enroll": cmd_enroll,
+            "train": cmd_train,
             "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "doctor": cmd_doctor,
-            "reload": cmd_reload, "fleet": lambda args: args.fleet_func(args),
+            "reload": cmd_reload, "listen": cmd_listen, "fleet": lambda args: args.fleet_func(args),
             "models": lambda args: args.models_func(args),
             "samples": lambda args: args.samples_func(args)}
 

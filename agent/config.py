@@ -77,6 +77,9 @@ class DecisionConfig:
 class OutputConfig:
     decisions: str = _f("", "decisions JSON Lines path, '-' for stdout; empty = STATE_DIR/"
                         "decisions.jsonl", alias="decisions")
+    socket: str = _f("", "local decision socket (Unix domain, same lines as the decisions file); "
+                     "empty = $RUNTIME_DIRECTORY/decisions.sock under systemd, else STATE_DIR/"
+                     "decisions.sock; none = no socket")
 
 
 @dataclass
@@ -189,6 +192,38 @@ class SamplesConfig:
 
 
 @dataclass
+class PersonalConfig:
+    adaptation: bool = _f(True, "adapt the head input to this device's own utterances (label-"
+                          "free, kept in STATE_DIR/personal, never published)")
+    adaptation_min_utterances: int = _f(20, "utterances heard before adaptation changes a "
+                                        "decision", lo=1, hi=100000)
+    adaptation_prior: float = _f(20.0, "shrinkage: the shift is weighted n / (n + prior)",
+                                 lo=0.0, hi=100000.0)
+    adaptation_horizon: int = _f(500, "utterances the running mean remembers", lo=10,
+                                 hi=1000000)
+    adaptation_max_shift: float = _f(0.5, "largest shift (RMS, in training standard "
+                                     "deviations)", lo=0.0, hi=10.0)
+    enrollment: bool = _f(True, "use the enrollment in STATE_DIR/personal when there is one "
+                          "('edge-voice-agent enroll')")
+    enrollment_weight: float = _f(0.25, "weight of the similarity to the enrolled examples "
+                                  "(0.25: the largest that kept every held-out FSDD speaker's "
+                                  "precision >= 0.99, benchmarks/bench_personal.py --sweep)",
+                                  lo=0.0, hi=100.0)
+
+
+@dataclass
+class ActionsConfig:
+    """`[actions]`: these two settings, and `"label" = [argv...]` lines (agent/actions/table.py),
+    which the loader collects into `labels` (a table, so it has no flag)."""
+
+    timeout_s: float = _f(5.0, "an action still running after this is killed (its process "
+                          "group) and counted", lo=0.1, hi=3600.0)
+    queue_max: int = _f(16, "decisions waiting per action while it runs; more are dropped and "
+                        "counted", lo=1, hi=10000)
+    labels: dict = field(default_factory=dict, metadata={"table": True, "help": "label → argv"})
+
+
+@dataclass
 class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -200,6 +235,8 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
+    actions: ActionsConfig = field(default_factory=ActionsConfig)
     # Alarm rules are tables keyed by metric ([alarms.snr_db] ...); validated by agent.drift.
     alarms: dict = field(default_factory=dict)
     rollup_alarms: dict = field(default_factory=dict)
@@ -236,8 +273,10 @@ def sections() -> list[tuple[str, type]]:
 
 
 def settings() -> list[tuple[str, dataclasses.Field]]:
-    """All (section, field) pairs in declaration order."""
-    return [(name, f) for name, cls in sections() for f in dataclasses.fields(cls)]
+    """All scalar (section, field) pairs in declaration order (tables like actions.labels have
+    no flag)."""
+    return [(name, f) for name, cls in sections() for f in dataclasses.fields(cls)
+            if not f.metadata.get("table")]
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -378,13 +417,24 @@ def _apply_mapping(cfg: Config, data: dict, origin: str) -> None:
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: {section} must be a table [{section}]")
         for key, value in values.items():
+            if section == "actions" and key not in _scalar_names(cfg.actions):
+                from agent.actions.table import parse_entry
+
+                parse_entry(key, value, origin)  # raises ConfigError naming the key
+                cfg.actions.labels[key] = value
+                continue
             _set(cfg, section, key, value, origin, typed=True)
+
+
+def _scalar_names(sec: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(sec) if not f.metadata.get("table")}
 
 
 def _set(cfg: Config, section: str, key: str, value: Any, origin: str,
          typed: bool = False) -> None:
     sec = getattr(cfg, section, None)
-    fields = {f.name: f for f in dataclasses.fields(sec)} if sec is not None else {}
+    fields = {f.name: f for f in dataclasses.fields(sec) if not f.metadata.get("table")} \
+        if sec is not None and dataclasses.is_dataclass(sec) else {}
     if key not in fields:
         allowed = ", ".join(fields) if fields else ", ".join(n for n, _ in sections())
         raise ConfigError(f"{origin}: unknown setting {section}.{key}; allowed: {allowed}")

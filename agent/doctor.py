@@ -128,6 +128,26 @@ def check_model(cfg: Config) -> Check:
                  f"verified (build sha256 {m.sha256[:12]}…)")
 
 
+def check_actions(cfg: Config) -> Check:
+    """The `[actions]` table as the service loads it: every program found and executable, every
+    label one the model has (noted otherwise: the table may be written for the next model)."""
+    from agent.actions.table import check, parse
+
+    table = parse(cfg.actions.labels, cfg.actions.timeout_s, cfg.actions.queue_max)
+    if not table:
+        return Check("actions", OK, "none configured (see docs/actions.md)")
+    try:
+        classes = _manifest(cfg).classes
+    except Exception:  # noqa: BLE001 - reported by the model check
+        classes = None
+    try:
+        warnings = check(table, classes)
+    except Exception as e:  # noqa: BLE001
+        return Check("actions", FAIL, _msg(e))
+    note = f"; note: {'; '.join(warnings)}" if warnings else ""
+    return Check("actions", OK, f"{len(table.actions)} entries: {table.describe()}{note}")
+
+
 def _manifest(cfg: Config):
     from agent.model import MANIFEST, Manifest
     from agent.resources import default_model_dir
@@ -182,6 +202,44 @@ def check_baseline(cfg: Config) -> Check:
 
 
 # --- state directory ------------------------------------------------------------------------
+def check_personal(cfg: Config, state_cfg: Config) -> Check:
+    """Device adaptation and enrollment can work: the model's head-input reference, and the
+    personal state files read back (doctor never moves or changes them)."""
+    import json as json_
+
+    from agent.personal.device import reference_for
+    from agent.personal.store import Corrupt, PersonalStore, read_npz
+    from agent.service import load_model
+
+    p = cfg.personal
+    if cfg.decision.mode == "off" or not (p.adaptation or p.enrollment):
+        return Check("personal", SKIP, "personalisation is off (decision.mode off, or "
+                     "personal.adaptation and personal.enrollment false)")
+    try:
+        model = load_model(cfg)
+    except Exception as e:  # noqa: BLE001 - the model check says why
+        return Check("personal", SKIP, f"no model to personalise: {_msg(e)}")
+    ref, why = reference_for(model)
+    if ref is None:
+        return Check("personal", SKIP, f"adaptation and enrollment are off: {why}")
+    store = PersonalStore(state_cfg.state_path())
+    parts = [f"reference for {model.manifest.ref}"]
+    for name, path in (("enrollment", store.enrollment_path),
+                       ("adaptation", store.adaptation_path)):
+        if not path.exists():
+            parts.append(f"no {name} yet")
+            continue
+        try:
+            z = read_npz(path)
+            meta = json_.loads(str(z["meta"]))
+        except (Corrupt, KeyError, ValueError, OSError) as e:
+            return Check("personal", FAIL, f"{path} is unreadable ({_msg(e)}); the agent moves "
+                         f"it aside at start{' (enroll again)' if name == 'enrollment' else ''}")
+        parts.append(f"enrolled ({len(z['labels'])} recordings)" if name == "enrollment"
+                     else f"adaptation learned from {meta.get('n', 0)} utterances")
+    return Check("personal", OK, "; ".join(parts))
+
+
 def check_state_dir(cfg: Config) -> Check:
     """Exists (or can be created), is writable, and only its owner can read or change it: it
     holds decisions (per-utterance content), baselines and the telemetry outbox."""
@@ -377,7 +435,8 @@ def run_checks(cfg: Config) -> list[Check]:
     except AgentError as e:
         mcfg, store = cfg, [Check("model store", FAIL, _msg(e))]
     return [check_audio_devices(cfg), check_audio_source(cfg), *store, check_model(mcfg),
-            check_thresholds(mcfg), check_baseline(mcfg), check_state_dir(cfg),
+            check_thresholds(mcfg), check_baseline(mcfg), check_personal(mcfg, cfg),
+            check_actions(mcfg), check_state_dir(cfg),
             check_state_space(cfg), check_outbox(cfg),
             check_broker(cfg), check_clock()]
 

@@ -466,6 +466,15 @@ DEFAULT_ALARMS: dict[str, Any] = {
                    "min_count": 8, "baseline": "device"},
     "queue_depth": {"on": "value_high", "stat": "p95", "threshold": 64, "raise_after": 2,
                     "clear_after": 2, "min_count": 1},
+    # Acting on decisions (agent/actions): an action that failed, timed out or was dropped in
+    # a window raises at once and clears after two windows of clean runs; a slow start (the
+    # target is 20 ms) or a reader losing decisions says the device is not doing its job.
+    "action_outcome": {"on": "value_high", "stat": "max", "threshold": 1, "raise_after": 1,
+                       "clear_after": 2, "min_count": 1},
+    "action_latency_ms": {"on": "value_high", "stat": "p95", "threshold": 100, "raise_after": 2,
+                          "clear_after": 2, "min_count": 3},
+    "socket_dropped": {"on": "value_high", "stat": "mean", "threshold": 0.01, "raise_after": 1,
+                       "clear_after": 2, "min_count": 1},
 }
 
 

@@ -122,6 +122,19 @@ METRICS: tuple[MetricSpec, ...] = (
                "1 each time the MQTT client's network thread was found dead and restarted "
                "(telemetry was silently stopped until then); its count per window is the number "
                "of restarts"),
+    # --- system: acting on decisions (agent/actions) -----------------------------------------
+    MetricSpec("action_latency_ms", "system", "ms",
+               (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0),
+               "decision to the start of its action's program, one value per run; queueing "
+               "behind a slow run of the same action shows here"),
+    MetricSpec("action_outcome", "system", "code", (0.5, 1.5, 2.5),
+               "one value per decision handed to an action: 0 ran and exited 0, 1 failed (exit "
+               "status not 0, or could not start), 2 killed at actions.timeout_s, 3 dropped on "
+               "a full queue; the histogram counts each"),
+    MetricSpec("socket_dropped", "system", "ratio", (0.5, 1.5),
+               "one value per decision and connected decision-socket reader: 1 when the reader "
+               "was not reading and the decision was dropped for it, else 0; the mean is the "
+               "share dropped"),
 )
 
 # Alarms the service raises on events rather than on a window statistic, so they have no

@@ -44,6 +44,15 @@ class Observer(Protocol):
     def on_outcome(self, outcome: Outcome) -> None: ...
 
 
+class Scorer(Protocol):
+    """Personalised scoring (agent.personal.device.Personalizer): probabilities for a head
+    input instead of the model's own, then what the decision teaches it."""
+
+    def predict(self, model: ModelRunner, x: np.ndarray) -> np.ndarray: ...
+
+    def observe(self, x: np.ndarray, probs: np.ndarray) -> None: ...
+
+
 class Pipeline:
     def __init__(self, vad_cfg: VadConfig, model: ModelRunner | None, policy: Policy,
                  rate: int | None = None, speculate: bool = True) -> None:
@@ -55,6 +64,7 @@ class Pipeline:
         self.segmenter = Segmenter(vad_cfg, self.rate,
                                    speculate=self._speculate if speculate else None)
         self.observers: list[Observer] = []
+        self.personal: Scorer | None = None  # device adaptation and enrollment, when on
         self.dropped_frames = 0
         self._resampler: Resampler | None = None
         # (audio_start, end, samples) → (model, head input) of speculations not yet released;
@@ -150,10 +160,15 @@ class Pipeline:
         runs = self.model is not None and self.policy.runs_model
         if runs:
             feats = self._features(u)
-            probs = self.model.predict(feats[None, :])[0]
+            probs = self.model.predict(feats[None, :])[0] if self.personal is None else \
+                self.personal.predict(self.model, feats)
             label, confidence, margin, accepted = self.policy.decide(
                 probs, self.model.manifest.classes)
         latency_ms = (time.perf_counter() - t0) * 1000.0
+        if runs and self.personal is not None and not u.forced_cut:
+            # learning (and its saves) after the decision; a force-cut segment is running
+            # speech, not a command, and teaches the adaptation nothing
+            self.personal.observe(feats, probs)
         d = Decision(start=u.start / self.rate, end=u.end / self.rate,
                      decided_at=u.emitted_at / self.rate, label=label, confidence=confidence,
                      accepted=accepted,

@@ -12,10 +12,10 @@ Lifecycle, all driven from the pipeline thread (signal handlers only set flags):
   DRAIN_ON_STOP_S; the utterance in progress is *decided* if it already holds vad.min_speech_ms
   of speech (the same rule as for any utterance, so a word cut by the stop is still answered)
   and dropped otherwise; the current partial window is published; exit within STOP_BUDGET_S.
-* SIGHUP: the config file is read again and the model, policy, alarm rules and training baseline
-  are built completely before one swap between two blocks; anything that fails leaves the old
-  parts running, logs one line and raises a `config_reload_ok` system alarm. Settings that
-  cannot change live are named as needing a restart.
+* SIGHUP: the config file is read again and the model, policy, alarm rules, training baseline
+  and action table are built completely before one swap between two blocks; anything that
+  fails leaves the old parts running, logs one line and raises a `config_reload_ok` system
+  alarm. Settings that cannot change live are named as needing a restart.
 * Device loss (live sources): capture keeps retrying with bounded exponential back-off and
   finds the device again by name; the pipeline logs once, raises an `audio_outage_s` audio alarm
   and clears it on return. The audio clock keeps counting through the outage (the time away
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import __version__
+from agent.actions.outlets import Outlets, load_table
+from agent.actions.table import ActionTable
 from agent.audio.sources import (
     AudioBlock,
     DeviceNotFound,
@@ -54,6 +56,13 @@ from agent.errors import AgentError, one_line
 from agent.metric_catalog import METRICS
 from agent.model import ModelRunner
 from agent.monitor import Monitor
+from agent.personal.adaptation import AdaptationParams
+from agent.personal.device import (
+    FILE_MICROPHONE,
+    Personalizer,
+    build_personalizer,
+    microphone_identity,
+)
 from agent.pipeline import Pipeline
 from agent.resources import calibration_dir, default_model_dir
 from agent.rollout.hooks import attach_rollout
@@ -93,6 +102,31 @@ def build_pipeline(cfg: Config) -> Pipeline:
         return Pipeline(cfg.vad, model, Policy("off", 1.0, model.manifest.unknown_label))
     model = load_model(cfg)
     return Pipeline(cfg.vad, model, load_policy(cfg, model))
+
+
+def personalize(cfg: Config, model: ModelRunner | None, *, microphone: str = FILE_MICROPHONE,
+                health: StateHealth | None = None, learn: bool = True) -> Personalizer | None:
+    """Device adaptation and enrollment for `model` from the state directory (None when off,
+    when the model runs no decisions, or when the model has no head-input reference). A file
+    source (`microphone` FILE_MICROPHONE) adapts in memory only: replays stay exact."""
+    if model is None or cfg.decision.mode == "off":
+        return None
+    p = cfg.personal
+    return build_personalizer(
+        model=model, state_dir=cfg.state_path(), microphone=microphone,
+        adaptation=p.adaptation, enrollment=p.enrollment,
+        params=AdaptationParams(p.adaptation_min_utterances, p.adaptation_prior,
+                                p.adaptation_horizon, p.adaptation_max_shift),
+        enrollment_weight=p.enrollment_weight, health=health, learn=learn,
+        persist=microphone != FILE_MICROPHONE)
+
+
+def personal_section(pipeline: Pipeline) -> dict:
+    """The stats payload's `personal` section: aggregates only (docs/stats.schema.json)."""
+    personal = pipeline.personal
+    if isinstance(personal, Personalizer):
+        return personal.section()
+    return {"personal": {"enrolled": False, "adaptation": {"active": False, "utterances": 0}}}
 
 
 def config_digest(cfg: Config) -> str:
@@ -190,9 +224,10 @@ TICK_S = 0.25             # longest the loop waits for audio before pinging, pol
 STALL_S = 10.0
 # Settings a SIGHUP applies; every other difference is reported as needing a restart (the
 # source, rates, VAD state and windows are tied to the running clock, sinks to open files).
-LIVE_SECTIONS = ("model", "decision", *RULE_SECTIONS)
+LIVE_SECTIONS = ("model", "decision", "personal", "actions", *RULE_SECTIONS)
 LIVE_KEYS = frozenset({"monitoring.baseline", "monitoring.k"})
 REASON_MAX = 200          # alarm.schema.json: reason maxLength
+ACTIONS_AT_END_S = 10.0   # at the end of a file source, queued actions may finish for this long
 UNPACED_FILE_QUEUE = 4    # blocks queued ahead for a file read as fast as possible
 
 
@@ -422,6 +457,7 @@ class LiveParts:
     rules: list[AlarmRule]
     rollup_rules: list[AlarmRule]
     training: Baseline | None
+    actions: ActionTable
 
 
 def build_live_parts(cfg: Config, rate: int | None) -> LiveParts:
@@ -435,7 +471,7 @@ def build_live_parts(cfg: Config, rate: int | None) -> LiveParts:
     policy = Policy("off", 1.0, m.unknown_label) if cfg.decision.mode == "off" else \
         load_policy(cfg, model)
     return LiveParts(cfg, model, policy, cfg.alarm_rules(), cfg.rollup_alarm_rules(),
-                     load_training_baseline(cfg, model))
+                     load_training_baseline(cfg, model), load_table(cfg, m.classes))
 
 
 def restart_needed(running: Config, new: Config) -> list[str]:
@@ -455,7 +491,8 @@ def restart_needed(running: Config, new: Config) -> list[str]:
 def merge_live(running: Config, new: Config) -> Config:
     """The configuration actually running after a reload: live settings from `new`."""
     return dataclasses.replace(
-        running, model=new.model, decision=new.decision, alarms=new.alarms,
+        running, model=new.model, decision=new.decision, personal=new.personal,
+        actions=new.actions, alarms=new.alarms,
         rollup_alarms=new.rollup_alarms,
         monitoring=dataclasses.replace(running.monitoring, baseline=new.monitoring.baseline,
                                        k=new.monitoring.k))
@@ -506,8 +543,19 @@ class Service:
                                      lambda msg: self.sink.publish(msg), health=self.health,
                                      live=live)
         self.sink = build_sink(cfg, self.device_id, self._birth(), self.health)
+        self.microphone = microphone_identity(self.source_desc) if live else FILE_MICROPHONE
+        self.pipeline.personal = personalize(cfg, self.pipeline.model,
+                                             microphone=self.microphone, health=self.health)
+        self.monitor.sections.append(lambda s: personal_section(self.pipeline))
         self.pipeline.observers.append(self.monitor)
         self.writer = DecisionWriter(cfg.decisions_target(), self.health)
+        m = self.pipeline.model.manifest if self.pipeline.model else None
+        self.outlets = Outlets.build(cfg, load_table(cfg, m.classes if m else None),
+                                     self.pipeline.policy.unknown_label)
+        if self.outlets.socket_error:  # held for the boot: no reader can get decisions
+            self.monitor.service_alarm(AlarmEvent(
+                "socket_dropped", "system", "raised", 1.0, 0.0, 0.0,
+                self.outlets.socket_error[:REASON_MAX]))
         # An unpaced file waits for the pipeline anyway (nothing to drop): a short queue of its
         # large blocks is enough, and 100 of them held ~6 MiB of audio for nothing.
         depth = cfg.audio.queue_blocks if live or cfg.audio.speed > 0 else \
@@ -558,6 +606,7 @@ class Service:
         log.info("listening to %s; model %s; mode %s (threshold %.3f); decisions → %s",
                  self.source_desc, p.model.manifest.ref if p.model else "none", p.policy.mode,
                  p.policy.threshold, self.writer.target)
+        log.info("%s", self.outlets.describe())
         self.capture.start()
         self._status_sent = self.status_text()
         self._status_at = time.monotonic()
@@ -574,6 +623,7 @@ class Service:
                 self.notifier.maybe_ping(now)
             self._status(now)
             self._count_sink_restarts()
+            self.outlets.report(self.monitor, self.pipeline.clock_s)
             if self.signals.reloads_requested != self._reloads_seen:
                 self._reloads_seen = self.signals.reloads_requested
                 self.reload()
@@ -586,6 +636,11 @@ class Service:
                 self.ended = True
                 return
             self.handle(item)
+
+    def decided(self, decisions: list) -> None:
+        """Decisions out: the decisions file first, then the socket and the actions."""
+        self.writer.write(decisions)
+        self.outlets.publish(decisions)
 
     def _count_sink_restarts(self) -> None:
         """The sink restarts its own dead network thread; the count goes into the system
@@ -623,14 +678,14 @@ class Service:
                 item = AudioBlock(item.samples, item.rate, item.dropped + lost)
             if self.live or self.cfg.audio.speed > 0:  # an unpaced file fills the queue
                 self.monitor.queue_depth = self.q.qsize()
-            self.writer.write(self.pipeline.feed(item))
+            self.decided(self.pipeline.feed(item))
             self.rollout.after_decisions()  # shadow and samples: after the active decisions
         elif isinstance(item, Gap):
             self._gap_carry += item.seconds * self.pipeline.rate
             n = int(self._gap_carry)
             self._gap_carry -= n
             self.outage_s += n / self.pipeline.rate
-            self.writer.write(self.pipeline.skip(n))
+            self.decided(self.pipeline.skip(n))
         elif isinstance(item, SourceLost):
             self._on_lost(item)
         elif isinstance(item, SourceBack):
@@ -644,7 +699,7 @@ class Service:
         self.audio_down = True
         # What was heard before the loss is complete: run the resampler's tail through now, so
         # the alarm carries the audio clock of the loss itself (not minus the filter delay).
-        self.writer.write(self.pipeline.skip(0))
+        self.decided(self.pipeline.skip(0))
         log.warning("audio source %s lost (%s); retrying with back-off up to %g s, resuming "
                     "when it returns (logged once per outage)", self.source_desc, ev.reason,
                     self.retry.max_s)
@@ -657,6 +712,11 @@ class Service:
         self.audio_down = False
         self._last_audio = time.monotonic()
         self.source_desc = ev.description
+        mic = microphone_identity(ev.description)
+        if mic != self.microphone and mic != FILE_MICROPHONE:
+            self.microphone = mic
+            if isinstance(self.pipeline.personal, Personalizer):
+                self.pipeline.personal.new_microphone(mic)
         log.info("audio source back after %.1f s: %s", ev.outage_s, ev.description)
         clock = self.pipeline.clock_s
         self.monitor.observe("audio_outage_s", ev.outage_s, clock)
@@ -691,6 +751,7 @@ class Service:
             return
         pending = restart_needed(self.cfg, new)
         self._swap(parts)
+        self.outlets.replace(parts.actions, parts.policy.unknown_label)
         p, mon = self.pipeline, self.monitor
         mon.replace_rules(parts.rules, parts.rollup_rules)
         mon.k = parts.cfg.monitoring.k
@@ -705,9 +766,9 @@ class Service:
             update_birth(self._birth())
         self.rollout.on_reload()
         log.info("reloaded at audio %.3f s in %.0f ms: model %s, mode %s (threshold %.3f), %d "
-                 "alarm rules", clock, (time.monotonic() - t0) * 1000,
+                 "alarm rules, actions: %s", clock, (time.monotonic() - t0) * 1000,
                  p.model.manifest.ref if p.model else "none", p.policy.mode, p.policy.threshold,
-                 len(parts.rules))
+                 len(parts.rules), parts.actions.describe())
         if pending:
             log.warning("changed settings need a restart and were not applied: %s",
                         ", ".join(pending))
@@ -716,8 +777,13 @@ class Service:
     def _swap(self, parts: LiveParts) -> None:
         """Put a new model and policy in, between two blocks; another rate rebuilds the
         segmenter on the same audio clock (agent.rollout.switch)."""
+        old = self.pipeline.personal
         self.pipeline, decisions = retarget(self.pipeline, parts.model, parts.policy)
-        self.writer.write(decisions)
+        self.decided(decisions)
+        if isinstance(old, Personalizer):
+            old.close()  # its state is saved; another model starts adaptation afresh
+        self.pipeline.personal = personalize(parts.cfg, self.pipeline.model,
+                                             microphone=self.microphone, health=self.health)
         mon = self.monitor
         mon.rate = self.pipeline.rate
         mon.model_info = model_info(self.pipeline)
@@ -731,6 +797,7 @@ class Service:
         new = store_config(self.base_cfg)
         parts = build_live_parts(new, None)
         self._swap(parts)
+        self.outlets.replace(parts.actions, parts.policy.unknown_label)
         self.cfg = merge_live(self.cfg, new)
         update_birth = getattr(self.sink, "update_birth", None)
         if update_birth is not None:
@@ -759,7 +826,13 @@ class Service:
 
     def close(self, stopped: bool, t_stop: float) -> bool:
         """Decide the utterance in progress, publish the last window, close files and sinks."""
-        self.writer.write(self.pipeline.finish())
+        self.decided(self.pipeline.finish())
+        if isinstance(self.pipeline.personal, Personalizer):
+            self.pipeline.personal.close()
+        # a stop leaves queued actions a short grace; the end of a file lets them run
+        self.outlets.close(min(1.0, self.cfg.actions.timeout_s) if stopped else
+                           ACTIONS_AT_END_S)
+        self.outlets.report(self.monitor, self.pipeline.clock_s)
         self.monitor.finish(self.pipeline.clock_s)
         self.writer.close()
         self.capture.join(timeout=0.5)

@@ -18,7 +18,7 @@ from tests.conftest import eva
 from tests.mqtt_fixtures import BrokerFactory, Pki, free_port, mosquitto, pki  # noqa: F401
 
 CHECKS = ["config", "audio_devices", "audio_source", "model", "thresholds", "baseline",
-          "state_dir", "state_space", "outbox", "broker", "clock"]
+          "personal", "actions", "state_dir", "state_space", "outbox", "broker", "clock"]
 
 
 @pytest.fixture
@@ -35,6 +35,7 @@ def test_good_setup_passes(state: Path) -> None:
     assert [line.split()[1] for line in lines] == CHECKS  # one line per check, in order
     status = {line.split()[1]: line.split()[0] for line in lines}
     assert status["model"] == status["thresholds"] == status["baseline"] == "OK"
+    assert status["personal"] == "OK" and "no enrollment yet" in r.stdout
     assert status["state_dir"] == status["clock"] == status["audio_source"] == "OK"
     assert status["broker"] == "SKIP" and "telemetry is none" in r.stdout
     assert "FAIL" not in r.stdout

@@ -692,3 +692,36 @@ def test_serve_state_sums_groups_exactly_and_only_the_input_level_per_device() -
         assert set(d["metrics"]) == set(DEVICE_METRICS)
         assert d["input_rms_dbfs"] == a["devices"][dev]["input_rms_dbfs"] is not None
         assert d["metrics"]["input_rms_dbfs"] == a["devices"][dev]["metrics"]["input_rms_dbfs"]
+
+
+def test_metrics_per_device_bytes_fit_10000_devices_in_20_mb() -> None:
+    """Issue 20's target: /metrics <= 20 MB (decimal) at 10,000 honest devices plus a hostile
+    one. The per-device series are most of it: no zero-valued gauge or counter an absent series
+    says as well (missing, duplicates, outbox drops), and the drift score's stage, which the
+    metric name fixes, is given once per metric by `eva_metric_info` (join on `metric`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.fleet.exporter import exposition
+    from agent.fleet.ingest import FleetModel
+    from tests.fleet_sim import SimFleet
+
+    n = 100
+    model = FleetModel()
+    msgs = SimFleet(devices=n, windows=3).messages()
+    for t, b in msgs:
+        model.ingest(t, b, t.endswith("/birth"))
+    body = exposition(model)
+    device_bytes = sum(len(ln) + 1 for ln in body.splitlines() if ln.startswith(b"eva_device_"))
+    # 10,000 of these and the fleet families (~0.3 MB with the hostile device's groups)
+    assert device_bytes / n * 10_000 <= 19_000_000, device_bytes / n
+    fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    stage = {s.labels["metric"]: s.labels["stage"] for s in fams["eva_metric_info"].samples}
+    assert stage == {m.name: m.stage for m in METRICS}
+    drift = fams["eva_device_drift_score"].samples
+    assert drift and all(set(s.labels) == {"device", "metric"} for s in drift)
+    for name in ("eva_device_missing_messages", "eva_device_duplicates",
+                 "eva_device_outbox_dropped"):
+        assert name not in fams or all(s.value for s in fams[name].samples), name
+    # a device with something to report still shows it
+    assert model.ingest(*next(m for m in msgs if m[0] == "eva/sim-00003/stats")) == "duplicate"
+    assert b'eva_device_duplicates_total{device="sim-00003"} 1' in exposition(model)

@@ -24,7 +24,7 @@ END = 1_800_000_000.0
 def _fill(h: History, sim: SimFleet, flush_every: int = 7) -> list[dict]:
     payloads = [p for i in range(sim.devices) for p in sim.stats_payloads(i)]
     for n, p in enumerate(payloads, 1):
-        h.add(utc_epoch_of(p), group_key(p), p)
+        h.add(utc_epoch_of(p), group_key(p), p, received=utc_epoch_of(p))  # on time
         if n % flush_every == 0:  # partial flushes: rows are upserted (added to) repeatedly
             h.flush()
     h.flush()
@@ -169,3 +169,64 @@ def test_serve_refuses_bad_options_and_a_busy_port_in_one_line(tmp_path: Path) -
                str(tmp_path / "no" / "such" / "dir" / "h.sqlite"))
     assert r.returncode == 1 and "--history" in r.stderr, r.stderr
     assert json.dumps(r.stderr)  # printable
+
+
+OLD_SCHEMA = """
+CREATE TABLE windows (
+  bucket INTEGER NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
+  rollout TEXT NOT NULL, cohort TEXT NOT NULL,
+  windows INTEGER NOT NULL, utterances INTEGER NOT NULL, accepted INTEGER NOT NULL,
+  abstained INTEGER NOT NULL, dropped_frames INTEGER NOT NULL,
+  acc_sum REAL NOT NULL, acc_n INTEGER NOT NULL,
+  PRIMARY KEY (bucket, model, model_version, rollout, cohort)) WITHOUT ROWID;
+CREATE TABLE hists (
+  bucket INTEGER NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
+  rollout TEXT NOT NULL, cohort TEXT NOT NULL, metric TEXT NOT NULL,
+  counts TEXT NOT NULL, hsum REAL NOT NULL, hmin REAL NOT NULL, hmax REAL NOT NULL,
+  PRIMARY KEY (metric, bucket, model, model_version, rollout, cohort)) WITHOUT ROWID;
+"""
+
+
+def test_a_history_of_the_previous_version_is_kept_and_its_future_buckets_age_out(
+        tmp_path: Path) -> None:
+    """The file of a version that bucketed and pruned by the devices' clocks only (and had no
+    plausibility window: a bucket 3 days ahead could be in it): opened, nothing is lost, new
+    windows add to its rows, and its future bucket goes `days` after the upgrade."""
+    import sqlite3
+    import time
+
+    now = float(int(time.time()))
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    group = ("fsdd-digits", "1.0.0", "", "")
+    counts = json.dumps([1] * (len(BY_NAME["snr_db"].edges) + 1))
+    for bucket, n in ((now - 2 * 86400, 5), (now - 300, 7), (now + 3 * 86400, 11)):
+        db.execute("INSERT INTO windows VALUES (?,?,?,?,?,?,?,0,0,0,0.0,0)",
+                   (int(bucket) // 300 * 300, *group, n, 10 * n))
+        db.execute("INSERT INTO hists VALUES (?,?,?,?,?,'snr_db',?,3.0,1.0,2.0)",
+                   (int(bucket) // 300 * 300, *group, counts))
+    db.commit()
+    db.close()
+
+    h = History(path, days=14.0)
+    assert h.prune(now) == 0  # nothing is old yet
+    sim = SimFleet(devices=1, windows=2, window_s=120.0, end_epoch=now)
+    payloads = list(sim.stats_payloads(0))
+    for p in payloads:
+        h.add(utc_epoch_of(p), group, p)
+    h.flush()
+    (pts,) = h.series(now - 3 * 86400, now + 4 * 86400, 1, metrics=["snr_db"]).values()
+    assert sum(pt.counts["windows"] for pt in pts) == 5 + 7 + 11 + len(payloads)
+    merged = sum(np.asarray(pt.metrics["snr_db"].counts) for pt in pts if "snr_db" in pt.metrics)
+    assert np.array_equal(merged, 3 + _hist_sum(payloads, "snr_db"))  # the old rows' [1, 1, ...]
+    h.close()
+
+    h = History(path, days=14.0)  # opened again: no second migration
+    later = now + 14 * 86400 + 3600  # 14 days after the upgrade, by the server's clock
+    assert h.prune(later) > 0
+    with h._dblock:
+        left = h._db.execute("SELECT bucket, windows FROM windows").fetchall()
+        hists = h._db.execute("SELECT COUNT(*) FROM hists").fetchone()[0]
+    assert left == [] and hists == 0  # the future bucket went with the rest, 14 days on
+    h.close()

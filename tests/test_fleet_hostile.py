@@ -558,16 +558,46 @@ def test_row10_far_future_windows_are_refused_and_never_reach_the_history(
     honest_totals_exact(model, sim)
 
 
-def test_row10_a_prune_by_size_never_vacuums_under_the_lock(tmp_path: Path) -> None:
+def test_row10_history_is_pruned_by_the_servers_receive_time(tmp_path: Path) -> None:
+    """A device whose clock runs ahead (here 20 h: inside the plausibility window) writes
+    buckets in the future; they go when they are `days` old by the server's clock, like every
+    other window received then, not when the server's clock reaches the device's."""
+    t0 = 1_800_000_000.0
+    now = [t0]
+    h = History(tmp_path / "h.sqlite", days=1.0)
+    model = FleetModel(history=h, clock=lambda: now[0])
+    for dev, end in (("skewed", t0 + 20 * 3600), ("honest", t0)):
+        for p in SimFleet(devices=1, windows=3, end_epoch=end).stats_payloads(0):
+            p["device_id"] = dev
+            assert send(model, dev, p) == "stats"
+    model.settle()
+    h.flush()
+    now[0] = t0 + 86400 + 3600  # a day and an hour later by the server's clock
+    for p in SimFleet(devices=1, windows=2, end_epoch=now[0]).stats_payloads(0):
+        p.update(device_id="honest", boot_id="b1")
+        assert send(model, "honest", p) == "stats"
+    model.settle()
+    h.flush()
+    assert h.prune(now[0]) > 0
+    (pts,) = h.series(t0 - 86400, t0 + 3 * 86400, 1).values()
+    assert sum(pt.counts["windows"] for pt in pts) == 2  # only what arrived within the day
+
+
+@pytest.mark.parametrize("by", ["size", "age"])
+def test_row10_a_prune_never_vacuums_and_holds_the_lock_a_slice_at_a_time(
+        tmp_path: Path, by: str) -> None:
+    from agent.fleet import history
     from agent.fleet.state import _Totals
 
-    h = History(tmp_path / "h.sqlite", max_mb=0.05)
+    h = History(tmp_path / "h.sqlite", max_mb=0.05 if by == "size" else 512.0)
     now = time.time()
-    for i in range(600):
+    rows = 600 if by == "size" else 3 * history.SLICE_ROWS + 10
+    for i in range(rows):  # by age: all received 20 days ago, buckets from then until now
         h.add_totals(int(now - i * 300) // 300 * 300, (f"m{i % 7}", "1", "", ""),
-                     _Totals(windows=1), [[], []])
+                     _Totals(windows=1), [[], []],
+                     received=now if by == "size" else now - 20 * 86400)
     h.flush()
-    assert h.size_bytes() > h.max_bytes
+    assert by == "age" or h.size_bytes() > h.max_bytes
     statements: list[str] = []
     h._db.set_trace_callback(statements.append)
     held: list[float] = []
@@ -583,11 +613,16 @@ def test_row10_a_prune_by_size_never_vacuums_under_the_lock(tmp_path: Path) -> N
             real.release()
 
     h._dblock = Timed()  # type: ignore[assignment]
-    assert h.prune(now) > 0
+    removed = h.prune(now)
     h._dblock = real
     assert h.size_bytes() <= h.max_bytes
     assert not [s for s in statements if "VACUUM" in s.upper()]
     assert len(held) > 2  # released between slices
+    if by == "age":
+        assert removed == rows and not h.series(now - 30 * 86400, now + 1, 1)
+        assert len(held) >= rows // history.SLICE_ROWS + 1  # a slice per hold
+    else:
+        assert 0 < removed < rows
 
 
 # --- row 11: unbounded per-device state -------------------------------------------------------

@@ -150,9 +150,10 @@ def test_full_stats_payload_validates_and_fits_in_8_kb():
     size = len(payload_bytes(p))
     print(f"full stats payload: {size} bytes")
     assert size <= MAX_PAYLOAD_BYTES
-    # "well under": at least 15 % headroom in this worst case (every bin of every metric
-    # filled, a year-long boot's since_boot totals: ~170 B of it); real windows are ~4.9 KB
-    assert size <= 0.85 * MAX_PAYLOAD_BYTES
+    # "well under": at least 10 % headroom in this worst case (every bin of every metric
+    # filled, a year-long boot's since_boot totals: ~170 B of it); real windows are ~5.3 KB.
+    # (15 % until the three action/socket metrics of agent/actions took ~650 B of it.)
+    assert size <= 0.9 * MAX_PAYLOAD_BYTES
 
 
 def test_stats_payload_content():

@@ -5,8 +5,10 @@ What the offline checks (tests/test_systemd_unit.py, a fake notify socket) canno
 `systemctl start` returns on the agent's READY=1, that `systemctl reload` works on a minimal
 Debian (no /bin/kill there: the unit used to fail with status=203/EXEC) and applies a changed
 threshold, that the watchdog kills and restarts a frozen process, that `systemctl stop` ends
-with exit 0, and that a file source's decisions land in the state directory, 0600, owned by the
-service user.
+with exit 0, that a file source's decisions land in the state directory, 0600, owned by the
+service user, that the decision socket lives in the runtime directory (0660, the service's
+group) where `listen` reads it and a user outside the group is refused, and that an action runs
+inside the sandbox (it writes the state directory, not /etc).
 
 The root (debootstrap, slow, network) is built once by .ci/systemd-root.sh into
 $EVA_SYSTEMD_CACHE (default /var/cache/eva-systemd); the test boots it on a throw-away overlay.
@@ -15,6 +17,7 @@ $EVA_SYSTEMD_CACHE (default /var/cache/eva-systemd); the test boots it on a thro
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -177,10 +180,17 @@ def _install(c: Container) -> None:
     assert "install: done" in r.stdout
 
 
+STATE = f"/var/lib/{UNIT}"
+# An action that records its decision where the sandbox lets it write, then tries /etc.
+ACTION = (f"cat > {STATE}/last-action.json; touch /etc/eva-action-probe "
+          f"2> {STATE}/action-denied.txt; exit 0")
+
+
 def _config(c: Container, threshold: float) -> None:
     (c.root / "etc" / UNIT / "config.toml").write_text(
         f'[audio]\nsource = "/opt/src/digits.wav"\nspeed = 1.0\n'
-        f"[decision]\nthreshold = {threshold}\n")
+        f"[decision]\nthreshold = {threshold}\n"
+        f'[actions]\n"*" = ["/bin/sh", "-c", "{ACTION}"]\n')
 
 
 def test_unit_starts_reloads_survives_a_freeze_and_stops_under_a_real_systemd(
@@ -220,6 +230,29 @@ def test_unit_starts_reloads_survives_a_freeze_and_stops_under_a_real_systemd(
                if line.startswith(f"{UNIT}:"))
     st = decisions.stat()
     assert (st.st_mode & 0o777, st.st_uid) == (0o600, uid)
+
+    # the decision socket in the runtime directory, 0660 for the service's group; `listen`
+    # reads from it (root here), a user outside the group is told in one line
+    sock = f"/run/{UNIT}/decisions.sock"
+    assert c.run("stat", "-c", "%a %U %G %F", sock).stdout.split() == \
+        ["660", UNIT, UNIT, "socket"]
+    venv = f"/opt/{UNIT}/venv/bin/edge-voice-agent"
+    r = c.run("sh", "-c", f"timeout 30 {venv} listen | head -n 1", timeout=60)
+    line = json.loads(r.stdout)
+    assert line["model"].startswith("fsdd-digits@") and "accepted" in line
+    r = c.run("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", venv, "listen",
+              check=False)
+    assert r.returncode == 2 and "permission denied" in r.stderr, r.stderr
+
+    # an action ran inside the sandbox: it could write the state directory, not /etc
+    action = c.root / "var" / "lib" / UNIT / "last-action.json"
+    deadline = time.monotonic() + 20
+    while not action.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert json.loads(action.read_text())["accepted"] is True, c.journal()
+    assert action.stat().st_uid == uid
+    assert "Read-only file system" in (action.parent / "action-denied.txt").read_text()
+    assert not (c.root / "etc" / "eva-action-probe").exists()
 
     # a frozen process stops pinging: the watchdog kills it and systemd starts a new one
     c.run("systemctl", "kill", "--kill-whom=main", "--signal=SIGSTOP", UNIT)

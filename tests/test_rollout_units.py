@@ -241,7 +241,8 @@ def test_local_activation_starts_probation_against_the_models_recent_values(tmp_
     assert ctl.probation.baseline["abstain_rate"] == 0.2
     assert store.pointers().probation.baseline["abstain_rate"] == 0.2  # persisted
     assert host.monitor.events[-1]["event"] == "activated"
-    assert ctl.section()["probation"] == {"windows_done": 0, "windows_total": 4}
+    assert ctl.section()["probation"] == {"windows_done": 0, "windows_total": 4,
+                                          "like_for_like": True}
     store.rollback()
     host.pipeline.model = bundled
     ctl.on_reload()
@@ -314,3 +315,59 @@ def test_the_sequential_verdict_needs_a_clean_probation_and_weighs_the_noise():
     noisy_room = Paired(n=20, abstained=13, best_digit_sum=18.0)
     assert verdict([bad, bad, bad], paired=noisy_room.figures(5),
                    paired_so_far=noisy_room.figures(5)).action == "commit"
+
+
+def test_probation_compares_like_with_like_on_a_personalised_device(tmp_path):
+    """The previous model decided with device adaptation: the new model's windows wait until
+    its own adaptation (reset with the model) is active; a new model that cannot be
+    personalised like the old one counts its windows but says it is not like for like."""
+    from agent.config import Config
+    from agent.model import ModelRunner
+    from agent.rollout.device import RolloutController
+    from agent.rollout.store import ModelStore, Probation
+    from agent.windows import WindowAggregator
+    from tests.rollout_models import derive
+
+    class Personal:
+        def __init__(self, adapting):
+            self.adapter, self.adapting = object(), adapting
+
+        def signature(self):
+            return "adapted" if self.adapting else "plain"
+
+    cfg = Config()
+    cfg.agent.state_dir = str(tmp_path / "state")
+    cfg.rollout.min_utterances = 1
+    bundled = ModelRunner(default_model_dir())
+    host = FakeHost(Pipeline(VadConfig(), bundled, Policy("partial", 0.5, "unknown")))
+    host.pipeline.personal = Personal(adapting=True)
+    ctl = RolloutController(cfg, host, pinned=False)
+    for ab in (0.1, 0.3, 0.2):
+        ctl.recent.add(kpis(10, ab))
+    store = ModelStore(cfg.state_path())
+    ref = store.install(derive(tmp_path / "m", version="9.0.0-local"), bundled.manifest)
+    store.activate(ref, bundled.manifest, Probation(ref=ref, previous=bundled.manifest.ref,
+                                                    windows_total=4))
+    host.pipeline.model = store.verify(ref)
+    ctl.on_reload()
+    assert ctl.probation.baseline["personal"] == "adapted"
+
+    def window():
+        agg = WindowAggregator(10.0)
+        for i in range(5):
+            agg.count("utterances", 1, float(i))
+            agg.record_decision("3", True, float(i), confidence=0.9, margin=0.8)
+        (w,) = agg.advance(10.0)
+        return ctl.window_sections(w)
+
+    host.pipeline.personal = Personal(adapting=False)  # reset with the model, learning
+    out = window()
+    assert ctl.probation.windows_done == 0  # waits: not like with like yet
+    assert out["rollout"]["probation"]["like_for_like"] is False
+    host.pipeline.personal = Personal(adapting=True)
+    out = window()
+    assert ctl.probation.windows_done == 1 and out["rollout"]["probation"]["like_for_like"]
+    host.pipeline.personal = None  # the new model cannot be personalised at all: no stall
+    out = window()
+    assert ctl.probation.windows_done == 2
+    assert out["rollout"]["probation"]["like_for_like"] is False

@@ -29,7 +29,7 @@ def test_catalogue_is_complete_and_small():
         "confidence", "margin", "digit_confidence", "unknown_ratio",
         "compute_latency_ms", "eou_latency_ms", "queue_depth", "config_reload_ok",
         "state_write_errors", "state_files_quarantined",
-        "telemetry_restarts"]
+        "telemetry_restarts", "action_latency_ms", "action_outcome", "socket_dropped"]
     assert {m.stage for m in METRICS} == set(STAGES)
     for m in METRICS:
         assert m.bins <= MAX_BINS, m.name

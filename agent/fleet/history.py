@@ -7,9 +7,14 @@ the metrics in `hist_metrics`. All of it adds, so any time range merges exactly 
 re-buckets 14 days into plot points by adding rows, counters and drift in SQL).
 
 Windows are bucketed by their own end time (the device's clock), so late or replayed windows
-land where they belong. Writes are batched: `add` (MQTT thread) only sums in memory, `flush`
-(a maintenance thread) upserts the pending sums in one transaction. Bounded by age (`--history-
-days`, default 14) and size (`--history-mb`; the oldest buckets go first).
+land where they belong; every counters row also keeps the server's clock when it last received
+a window for it (`received`; its histogram rows go with it). Writes are batched: `add` (MQTT
+thread) only sums in memory, `flush` (a maintenance thread) upserts the pending sums in one
+transaction. Bounded by age (`--history-days`, default 14) and size (`--history-mb`), both on
+a row's age, the older of its two times, MIN(bucket, received): a device whose clock runs
+ahead cannot keep its buckets past `days` of the server's time (nor make the size bound evict
+the real history first), and a late window is not kept past the range it is plotted in. A
+prune deletes a slice at a time, the lock (which the page reads under) released in between.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import add
 from pathlib import Path
@@ -45,7 +51,7 @@ CREATE TABLE IF NOT EXISTS windows (
   rollout TEXT NOT NULL, cohort TEXT NOT NULL,
   windows INTEGER NOT NULL, utterances INTEGER NOT NULL, accepted INTEGER NOT NULL,
   abstained INTEGER NOT NULL, dropped_frames INTEGER NOT NULL,
-  acc_sum REAL NOT NULL, acc_n INTEGER NOT NULL,
+  acc_sum REAL NOT NULL, acc_n INTEGER NOT NULL, received INTEGER NOT NULL,
   PRIMARY KEY (bucket, model, model_version, rollout, cohort)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hists (
   bucket INTEGER NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
@@ -54,6 +60,11 @@ CREATE TABLE IF NOT EXISTS hists (
   PRIMARY KEY (metric, bucket, model, model_version, rollout, cohort)) WITHOUT ROWID;
 """
 TABLES = ("windows", "hists")
+AGE = "MIN(bucket, received)"  # a row's age: the older of its plotted and its received time
+INDEX = f"CREATE INDEX IF NOT EXISTS windows_age ON windows ({AGE})"
+SLICE_ROWS = 500  # a prune deletes at most this many counters rows (and their histograms) a
+# hold of the lock: <= ~50 ms at load 12 here (14 days of history pruned: 20 holds)
+_KEY = " AND ".join(f"{c}=?" for c in ("bucket", *GROUP_COLUMNS))
 
 
 @dataclass
@@ -63,6 +74,7 @@ class _Pending:
     acc_n: int = 0
     metrics: dict[str, MetricSum] = field(default_factory=dict)
     drift: dict[str, list[float]] = field(default_factory=dict)
+    received: float = 0.0  # the server's clock at the latest window (max)
 
 
 @dataclass
@@ -102,12 +114,14 @@ class History:
     """The SQLite store; `add` from the MQTT thread, `flush`/`prune`/queries from others."""
 
     def __init__(self, path: str | Path, *, days: float = 14.0, max_mb: float = 512.0,
-                 bucket_s: int = BUCKET_S, hist_metrics: Sequence[str] = HIST_METRICS) -> None:
+                 bucket_s: int = BUCKET_S, hist_metrics: Sequence[str] = HIST_METRICS,
+                 clock: Callable[[], float] = time.time) -> None:
         self.hist_metrics = tuple(m for m in hist_metrics if m in _EDGES)
         self.path = str(path)
         self.days = days
         self.max_bytes = int(max_mb * 1024 * 1024)
         self.bucket_s = bucket_s
+        self.clock = clock  # the server's clock: a window's receive time unless given
         self._pending: dict[tuple, _Pending] = {}
         self._plock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -116,6 +130,8 @@ class History:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._migrate()
+            self._db.execute(INDEX)
             have = {r[1] for r in self._db.execute("PRAGMA table_info(windows)")}
             for name in DRIFT:  # per-metric drift sums; a newer catalogue adds columns
                 if f"d_{name}" not in have:
@@ -127,6 +143,15 @@ class History:
         self.pruned = 0
         self.clamped = 0  # stored sums that reached CLAMP (flagged: eva_fleet_capped_total)
 
+    def _migrate(self) -> None:
+        """A file of the version before `received`: its rows take the time of the upgrade (a
+        column default, no rewrite), so they age by their buckets as they did, and a bucket
+        from a clock that ran ahead goes `days` after the upgrade."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(windows)")}
+        if "received" not in have:
+            self._db.execute("ALTER TABLE windows ADD COLUMN received INTEGER NOT NULL "
+                             f"DEFAULT {int(self.clock())}")
+
     def close(self) -> None:
         self.flush()
         with self._dblock:
@@ -134,15 +159,18 @@ class History:
 
     # --- input (MQTT thread) ---------------------------------------------------------------
     def add(self, end_epoch: float, group: tuple[str, str, str, str],
-            p: Mapping[str, Any]) -> None:
+            p: Mapping[str, Any], *, received: float | None = None) -> None:
+        """One window, bucketed by its end; `received`: the server's clock when it came."""
         if not math.isfinite(end_epoch):
             return
         bucket = int(end_epoch // self.bucket_s * self.bucket_s)
+        received = self.clock() if received is None else received
         with self._plock:
             key = (bucket, *group)
             acc = self._pending.get(key)
             if acc is None:
                 acc = self._pending[key] = _Pending()
+            acc.received = max(acc.received, received)
             c = p["counts"]
             acc.counts["windows"] += 1
             for k in COUNTS[1:]:
@@ -170,15 +198,18 @@ class History:
                         t[1] += 1
 
     def add_totals(self, bucket: int, group: tuple[str, str, str, str], totals: Any,
-                   drift: Sequence[Sequence[float]]) -> None:
+                   drift: Sequence[Sequence[float]], *, received: float | None = None) -> None:
         """Add sums already merged by the caller (agent.fleet.ingest: one bucket and group's
         windows, with `windows`, `counts`, `acc_sum`, `acc_n`, `metrics` like FleetState's
-        totals) and the drift score [sums, counts] in DRIFT order."""
+        totals) and the drift score [sums, counts] in DRIFT order; `received`: the server's
+        clock at the latest of those windows (now unless given)."""
+        received = self.clock() if received is None else received
         with self._plock:
             key = (bucket, *group)
             acc = self._pending.get(key)
             if acc is None:
                 acc = self._pending[key] = _Pending()
+            acc.received = max(acc.received, received)
             c = totals.counts
             acc.counts["windows"] += totals.windows
             for k in COUNTS[1:]:
@@ -231,11 +262,13 @@ class History:
             if name in DRIFT:
                 cols += [f"d_{name}", f"n_{name}"]
                 vals += [dsum, self._clamp(dn)]
+        received = int(acc.received)
         db.execute(
-            f"INSERT INTO windows (bucket, {', '.join(GROUP_COLUMNS)}, {', '.join(cols)}) "
-            f"VALUES ({', '.join('?' * (5 + len(cols)))}) ON CONFLICT DO UPDATE SET "
-            + ", ".join(f"{col}=MIN({col}+excluded.{col}, {CLAMP})" for col in cols),
-            (*key, *vals))
+            f"INSERT INTO windows (bucket, {', '.join(GROUP_COLUMNS)}, {', '.join(cols)}, "
+            f"received) VALUES ({', '.join('?' * (6 + len(cols)))}) ON CONFLICT DO UPDATE SET "
+            + ", ".join(f"{col}=MIN({col}+excluded.{col}, {CLAMP})" for col in cols)
+            + ", received=MAX(received, excluded.received)",
+            (*key, *vals, received))
         n = 1
         for name, m in acc.metrics.items():
             if not m.counts:
@@ -263,33 +296,52 @@ class History:
         return CLAMP
 
     def prune(self, now: float) -> int:
-        """Drop buckets older than `days`, then the oldest until the file fits `max_mb`."""
+        """Drop the rows older than `days` by the server's clock `now`, then the oldest until
+        the file fits `max_mb`; a row's age is MIN(bucket, received) (module docstring), its
+        histograms go with it. SLICE_ROWS counters rows at a time, with the lock released in
+        between (the page reads under it). Deleted pages are reused (the size counts pages in
+        use): no VACUUM, which rewrote the whole file under the lock, once per slice."""
         cutoff = int(now - self.days * 86400)
+        step = max(self.bucket_s, int(self.days * 86.4))  # a size slice: 0.1 % of `days`
         removed = 0
         with self._dblock:
-            db = self._db
-            for table in TABLES:
-                removed += db.execute(f"DELETE FROM {table} WHERE bucket < ?",
-                                      (cutoff,)).rowcount
-        # Then by size, oldest first, a slice at a time with the lock released in between (the
-        # page reads under it). Deleted pages are reused (the size counts pages in use): no
-        # VACUUM, which rewrote the whole file under the lock, once per slice.
+            names = self._hist_names(self._db)
         while True:
             with self._dblock:
                 db = self._db
-                if self._size(db) <= self.max_bytes:
-                    break
-                first = db.execute("SELECT MIN(bucket) FROM windows").fetchone()[0]
+                first = db.execute(f"SELECT MIN({AGE}) FROM windows").fetchone()[0]
                 if first is None:
                     break
-                upto = first + max(self.bucket_s, int(self.days * 86400 / 100))
-                for table in TABLES:
-                    removed += db.execute(f"DELETE FROM {table} WHERE bucket < ?",
-                                          (upto,)).rowcount
+                old = first < cutoff
+                if not old and self._size(db) <= self.max_bytes:
+                    break
+                keys = db.execute(
+                    f"SELECT bucket, {', '.join(GROUP_COLUMNS)} FROM windows WHERE {AGE} < ? "
+                    f"ORDER BY {AGE} LIMIT {SLICE_ROWS}",
+                    (cutoff if old else first + step,)).fetchall()
+                db.execute("BEGIN")
+                try:
+                    removed += db.executemany(f"DELETE FROM windows WHERE {_KEY}", keys).rowcount
+                    removed += db.executemany(  # by primary key: the metrics in the file
+                        f"DELETE FROM hists WHERE metric=? AND {_KEY}",
+                        [(m, *k) for k in keys for m in names]).rowcount
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
         with self._dblock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.pruned += removed
         return removed
+
+    @staticmethod
+    def _hist_names(db: sqlite3.Connection) -> list[str]:
+        """The metrics with histogram rows (the primary key's first column: a seek each)."""
+        names: list[str] = []
+        while row := db.execute("SELECT metric FROM hists WHERE metric > ? ORDER BY metric "
+                                "LIMIT 1", (names[-1] if names else "",)).fetchone():
+            names.append(row[0])
+        return names
 
     @staticmethod
     def _size(db: sqlite3.Connection) -> int:

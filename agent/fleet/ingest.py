@@ -73,6 +73,7 @@ class BucketedState(FleetState):
         self.bucket_s = bucket_s
         self.pending: dict[tuple[int | None, GroupKey], _Totals] = {}
         self.drift: dict[tuple[int | None, GroupKey], list[list[float]]] = {}
+        self.received: dict[tuple[int | None, GroupKey], float] = {}  # server clock, latest
         self.window_end = _NAN  # epoch of the last merged window's end
         self.window_slot: tuple[int | None, GroupKey] = (None, ("", "", "", ""))  # and its slot
 
@@ -83,15 +84,17 @@ class BucketedState(FleetState):
         bucket = int(end // self.bucket_s * self.bucket_s) \
             if now - PAST_S <= end <= now + FUTURE_S else None
         self.window_slot = slot = (bucket, key)
+        self.received[slot] = now  # the history ages rows by the server's clock too
         t = self.pending.get(slot)
         if t is None:
             t = self.pending[slot] = _Totals()
             self.drift[slot] = [[0.0] * len(METRIC_NAMES), [0] * len(METRIC_NAMES)]
         return t
 
-    def settle(self) -> list[tuple[int, GroupKey, _Totals, list[list[float]]]]:
+    def settle(self) -> list[tuple[int, GroupKey, _Totals, list[list[float]], float]]:
         """Fold the pending sums into `groups`; returns (bucket, group, sums, [drift score sums,
-        drift score counts]) of those with a readable window end, for the history."""
+        drift score counts], received) of those with a readable window end, for the history
+        (received: the server's clock at the latest of their windows)."""
         out = []
         for (bucket, key), t in self.pending.items():
             g = self.groups.get(key)
@@ -99,9 +102,11 @@ class BucketedState(FleetState):
                 g = self.groups[key] = _Totals()
             g.merge_in(t)
             if bucket is not None:
-                out.append((bucket, key, t, self.drift.pop((bucket, key), [[], []])))
+                out.append((bucket, key, t, self.drift.pop((bucket, key), [[], []]),
+                            self.received[bucket, key]))
         self.pending.clear()
         self.drift.clear()
+        self.received.clear()
         return out
 
 
@@ -151,10 +156,11 @@ class FleetModel:
             self._to_history(self.state.settle())
             yield
 
-    def _to_history(self, done: list[tuple[int, GroupKey, _Totals, list[list[float]]]]) -> None:
+    def _to_history(self, done: list[tuple[int, GroupKey, _Totals, list[list[float]], float]]
+                    ) -> None:
         if self.history is not None:
-            for bucket, key, totals, drift in done:
-                self.history.add_totals(bucket, key, totals, drift)
+            for bucket, key, totals, drift, received in done:
+                self.history.add_totals(bucket, key, totals, drift, received=received)
 
     def _stats(self, p: Mapping[str, Any], end: float, group: GroupKey,
                drift_sums: list[list[float]]) -> None:

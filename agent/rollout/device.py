@@ -118,6 +118,7 @@ class RolloutController:
         self._pending: tuple[str, str] | None = None
         self._retry_at = 0.0
         self._shadow_listeners: list = []
+        self._warm_logged = False
         self.samples: Any = None  # agent.samples.SampleRecorder when samples.enabled
         host.pipeline.observers.append(self.experience)
         host.monitor.sections.append(self.window_sections)
@@ -202,7 +203,9 @@ class RolloutController:
         m = model.manifest
         t = Thresholds.read(thresholds_path(d, m))
         return ShadowRunner(model, Policy("partial", t.threshold, m.unknown_label),
-                            self.host.pipeline.rate, active=lambda: self.host.pipeline.model)
+                            self.host.pipeline.rate, active=lambda: self.host.pipeline.model,
+                            personal=lambda: self.host.pipeline.personal,
+                            active_policy=lambda: self.host.pipeline.policy)
 
     def _take_command(self) -> None:
         raw = self._raw.get(self._device_topic, b"")
@@ -340,7 +343,9 @@ class RolloutController:
         t = Thresholds.read(thresholds_path(model.directory, m))
         self.shadow = ShadowRunner(model, Policy("partial", t.threshold, m.unknown_label),
                                    self.host.pipeline.rate,
-                                   active=lambda: self.host.pipeline.model)
+                                   active=lambda: self.host.pipeline.model,
+                                   personal=lambda: self.host.pipeline.personal,
+                                   active_policy=lambda: self.host.pipeline.policy)
         self.shadow.on_result.extend(self._shadow_listeners)
         self.host.pipeline.observers.append(self.shadow)
         self.store.set_candidate(c.ref)
@@ -378,7 +383,7 @@ class RolloutController:
         self._stop_shadow()
         previous = self._running_ref()
         prob = Probation(ref=c.ref, previous=previous, windows_total=self.rc.probation_windows,
-                         rollout_id=c.id, baseline=self.recent.baseline())
+                         rollout_id=c.id, baseline=self._baseline())
         before = self.store.pointers()
         self.store.activate(c.ref, self._running_manifest(), prob, load=False)  # switch loads
         try:
@@ -507,8 +512,9 @@ class RolloutController:
         if p is not None and p.ref == running and (self.probation is None
                                                    or self.probation.ref != p.ref):
             if not p.baseline:
-                p = replace(p, baseline=self.recent.baseline() or
-                            self._saved_baseline(p.previous))
+                p = replace(p, baseline={**(self.recent.baseline() or
+                                            self._saved_baseline(p.previous)),
+                                         "personal": self._personal()})
                 self.store.set_pointers(replace(self.store.pointers(), probation=p))
             self.probation, self._breach_run, self._pool = p, 0, []
             self.recent.clear()
@@ -543,7 +549,8 @@ class RolloutController:
             if self.state == "waiting_for_baseline":
                 self._retry_at = 0.0  # look again at the next poll, not after RETRY_S
         elif k.utterances >= self.rc.min_utterances and self._pending is None and \
-                decided_by == {p.ref}:  # decided entirely by the candidate
+                decided_by <= {p.ref} and \
+                not self._warming_up(p.baseline):  # no decision by another model in it
             self._pool.append(k)
             if paired is not None:
                 self._paired_pool = self._paired_pool + paired
@@ -577,10 +584,43 @@ class RolloutController:
                 "state": self.state,
                 "candidate": (self.shadow.ref if self.shadow else (p.ref if p else None)),
                 "previous": ptr.previous,
-                "probation": {"windows_done": p.windows_done, "windows_total": p.windows_total}
+                "probation": {"windows_done": p.windows_done, "windows_total": p.windows_total,
+                              "like_for_like": self._like_for_like(p.baseline)}
                 if p else None,
                 "shadow": shadow, "reason": self.reason[:REASON_MAX] or None,
                 "failed": self.store.failed_refs()[-MAX_FAILED_SHOWN:]}
+
+    # --- personalisation: compare like with like ----------------------------------------
+    def _personal(self) -> str:
+        """How decisions are personalised now (agent.personal.device.Personalizer.signature):
+        recorded with a probation's baseline, compared during it."""
+        sig = getattr(self.host.pipeline.personal, "signature", None)
+        return sig() if sig is not None else "plain"
+
+    def _baseline(self) -> dict[str, Any]:
+        return {**self.recent.baseline(), "personal": self._personal()}
+
+    def _warming_up(self, baseline: dict[str, Any]) -> bool:
+        """The previous model decided with device adaptation, the new one's adaptation (reset
+        with the model) is not active yet: its windows would not compare like with like, so
+        they wait, like quiet windows (it comes back after personal.adaptation_min_utterances).
+        A new model that cannot adapt at all (no head-input reference) does not wait: its
+        windows count and `like_for_like` says false."""
+        then = str(baseline.get("personal", ""))
+        personal = self.host.pipeline.personal
+        learning = getattr(personal, "adapter", None) is not None and \
+            not getattr(personal, "adapting", False)  # it will adapt, it does not yet
+        if "adapted" in then.split("+") and learning:
+            if not self._warm_logged:
+                self._warm_logged = True
+                log.info("probation windows wait for the new model's device adaptation (the "
+                         "previous model decided with it)")
+            return True
+        return False
+
+    def _like_for_like(self, baseline: dict[str, Any]) -> bool:
+        then = baseline.get("personal")
+        return then is None or then == self._personal()
 
     # --- helpers ------------------------------------------------------------------------
     def _running_ref(self) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -68,11 +68,21 @@ class ShadowCounts:
     skipped: int = 0
     accepted_conf_sum: float = 0.0  # local (probation's paired comparison), never published
     accepted_n: int = 0
+    personalised: int = 0  # comparisons with both models personalised alike (else both plain)
+
+    def scored(self) -> str | None:
+        """How the window's comparisons were made: both models with the device's
+        personalisation, both without it (it could not be applied to the candidate, or
+        there was none), or some of each."""
+        if self.n == 0:
+            return None
+        return "personalised" if self.personalised == self.n else \
+            "plain" if self.personalised == 0 else "mixed"
 
     def section(self) -> dict[str, Any]:
         ok = self.n >= MIN_VALUES
         lat = np.asarray(self.latencies) if ok else None
-        return {"n": self.n, "skipped": self.skipped,
+        return {"n": self.n, "skipped": self.skipped, "scored": self.scored(),
                 "agreement": round(self.agreed / self.n, 4) if ok else None,
                 "abstain_rate": round(self.abstained / self.n, 4) if ok else None,
                 "estimated_accuracy": round(self.best_digit_sum / self.n, 4) if ok else None,
@@ -85,9 +95,18 @@ class ShadowRunner:
     """Pipeline observer that queues utterances and runs the candidate on them later."""
 
     def __init__(self, model: ModelRunner, policy: Policy, rate: int,
-                 active: Callable[[], ModelRunner | None] = lambda: None) -> None:
+                 active: Callable[[], ModelRunner | None] = lambda: None,
+                 personal: Callable[[], Any] = lambda: None,
+                 active_policy: Callable[[], Policy | None] = lambda: None) -> None:
+        """`personal`: the running pipeline's personalisation (agent.personal.device), asked
+        each time; the candidate is scored with the same state, or — when that cannot be done
+        like for like — both models are compared without it (`active_policy` re-decides the
+        running model's side then)."""
         self.model, self.policy, self.rate = model, policy, rate
         self.active = active  # the running model, asked each time (a reload may swap it)
+        self.personal = personal
+        self.active_policy = active_policy
+        self._scorers: dict[int, Any] = {}  # id(personalizer) → scorer for the candidate
         self.counts = ShadowCounts()
         self._pending: deque[Outcome] = deque()
         self.on_result: list[Callable[[Outcome, ShadowResult], None]] = []
@@ -115,10 +134,18 @@ class ShadowRunner:
         t0 = time.perf_counter()
         feats = getattr(o, "features", None)
         active = self.active()
+        personal = self.personal()
+        personalised = personal is not None and getattr(personal, "active", False)
+        reference = o.decision
+        score = self._scorer(personal) if personalised else None
+        if personalised and (score is None or feats is None):
+            # the candidate cannot get this device's personalisation: compare both plain
+            personalised = False
+            reference = self._plain_active(o, active, feats)
         # the active model's head input is the candidate's too when they share the front end
         if feats is not None and active is not None and \
                 getattr(self.model, "embedder", None) is getattr(active, "embedder", False):
-            probs = self.model.predict(feats[None, :])[0]
+            probs = score(feats) if personalised else self.model.predict(feats[None, :])[0]
             label, conf, margin, accepted = self.policy.decide(probs, self.model.manifest.classes)
         else:
             audio = o.utterance.audio
@@ -130,10 +157,11 @@ class ShadowRunner:
         latency = (time.perf_counter() - t0) * 1000.0
         unknown = self.policy.unknown_label
         best = conf - margin if label == unknown else conf
-        r = ShadowResult(label, conf, accepted, agree(o.decision, label, accepted), best,
+        r = ShadowResult(label, conf, accepted, agree(reference, label, accepted), best,
                          latency)
         c = self.counts
         c.n += 1
+        c.personalised += personalised
         c.agreed += r.agrees
         c.abstained += not accepted
         c.best_digit_sum += best
@@ -143,6 +171,23 @@ class ShadowRunner:
         c.latencies.append(latency)
         for f in self.on_result:
             f(o, r)
+
+    def _scorer(self, personal: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+        key = id(personal)
+        if key not in self._scorers:
+            self._scorers = {key: personal.scorer_for(self.model)}  # one personalizer at a time
+        return self._scorers[key]
+
+    def _plain_active(self, o: Outcome, active: ModelRunner | None,
+                      feats: np.ndarray | None) -> Decision:
+        """The running model's decision on this utterance without personalisation."""
+        policy = self.active_policy()
+        if active is None or policy is None or feats is None:
+            return o.decision
+        probs = active.predict(feats[None, :])[0]
+        label, conf, margin, accepted = policy.decide(probs, active.manifest.classes)
+        return replace(o.decision, label=label, confidence=conf, margin=margin,
+                       accepted=accepted)
 
     def take(self) -> ShadowCounts:
         c, self.counts = self.counts, ShadowCounts()

@@ -86,9 +86,34 @@ def model_stage_hists(oof_probs: np.ndarray) -> dict[str, Histogram]:
     return {"confidence": conf, "margin": margin, "digit_confidence": digit}
 
 
+def write_reference(model_dir: Path, clips: list[Clip], calibration_dir: Path, *,
+                    log=print) -> Path:
+    """Write calibration_dir/head_input_reference.npz (agent.personal.reference): the head
+    inputs of the labelled training recordings `clips`, through the daemon's own front end."""
+    from agent.personal.reference import REFERENCE_FILE, fit_reference
+
+    model = ModelRunner(model_dir)
+    m = model.manifest
+    known = tuple(c for c in m.classes if c != m.unknown_label)
+    use = [c for c in clips if c.label in known]
+    x = np.stack([model.features(load_audio(c.path, m.sample_rate)) for c in use])
+    speakers = sorted({c.speaker for c in use})
+    ref = fit_reference(x, np.array([c.label for c in use]), known, model=m.ref, sha256=m.sha256,
+                        source=f"{len(use)} training recordings of {len(speakers)} speakers")
+    calibration_dir.mkdir(parents=True, exist_ok=True)
+    out = calibration_dir / REFERENCE_FILE
+    ref.save(out)
+    log(f"calibrate: wrote {out} (head-input reference from {ref.source})")
+    return out
+
+
 def calibrate(model_dir: Path, clips: list[Clip], calibration_dir: Path, *, seed: int = 0,
-              vad: VadConfig | None = None, log=print) -> Path:
-    """Write calibration_dir/baseline.json for the model in model_dir."""
+              vad: VadConfig | None = None, log=print,
+              reference_clips: list[Clip] | None = None) -> Path:
+    """Write calibration_dir/baseline.json and the head-input reference for the model in
+    model_dir (the reference from `reference_clips`, default `clips`)."""
+    write_reference(model_dir, reference_clips if reference_clips is not None else clips,
+                    calibration_dir, log=log)
     model = ModelRunner(model_dir)
     m = model.manifest
     thresholds = json.loads((calibration_dir / "thresholds.json").read_text())

@@ -1,0 +1,3 @@
+"""Acting on decisions, locally: the decision socket (`socket_server`), the `listen` client
+(`listen`), the `[actions]` table (`table`) and its runner (`runner`); `outlets` is what the
+service wires. Decisions never leave the device this way: a Unix socket and local programs."""

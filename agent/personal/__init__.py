@@ -1,0 +1,1 @@
+"""Personalisation on the device: label-free adaptation and enrollment (issue 16)."""
