@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent import config as config_mod
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 
 PROG = "edge-voice-agent"
 
@@ -121,13 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train, evaluate (leave-one-speaker-out), calibrate and "
                         "export a model with its card (needs the 'train' extra)")
     data_args(tr)
-    tr.add_argument("--out", type=Path, default=Path("models/fsdd-digits"),
-                    help="model directory to write [models/fsdd-digits]")
+    tr.add_argument("--out", type=Path, default=None,
+                    help="a new model directory to write (never an existing model) "
+                    "[exported/<name>@<version>]")
     tr.add_argument("--calibration-out", type=Path, default=None,
                     help="thresholds, baseline and out-of-fold predictions "
-                    "[calibration/<model name>]")
+                    "[OUT/calibration: the model directory is then a deliverable bundle]")
     tr.add_argument("--name", default="fsdd-digits")
-    tr.add_argument("--model-version", default="3.0.0")
+    tr.add_argument("--model-version", default=None,
+                    help="the new build's version, required (a new build needs a new version)")
 
     ev = sub.add_parser("evaluate", help="leave-one-speaker-out evaluation of the training "
                         "recipe: accuracy by speaker, accent, class and condition, confusion, "
@@ -286,11 +288,25 @@ def _recipe(args: argparse.Namespace):
     return Recipe().small() if args.small else Recipe()
 
 
+def train_outputs(args: argparse.Namespace, root: Path = Path()) -> tuple[Path, Path]:
+    """(model directory, calibration directory) `train` writes: a new folder under `root` by
+    default, so a build never lands on the bundled model (or any model) by accident."""
+    if not args.model_version:
+        raise ConfigError("train needs --model-version: a new build needs a new version (the "
+                          "running build's name and version with another digest is refused "
+                          "by devices)")
+    out = args.out or root / "exported" / f"{args.name}@{args.model_version}"
+    if args.out is None and (out / "manifest.json").exists():
+        raise AgentError(f"{out} already holds a model; train writes a new build to a new "
+                         "directory — choose another --model-version (or --out to replace it)")
+    return out, args.calibration_out or out / "calibration"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     train, _ = _training()
-    calib = args.calibration_out or Path("calibration") / args.name
+    out, calib = train_outputs(args)
     speakers = {s for s in args.speakers.split(",") if s} or None
-    train.train(args.data, args.out, calib, name=args.name, version=args.model_version,
+    train.train(args.data, out, calib, name=args.name, version=args.model_version,
                 seed=args.seed, speakers=speakers, limit_per_class=args.limit_per_class,
                 recipe=_recipe(args), cache=args.cache, workers=args.workers,
                 speech_commands=args.speech_commands, talk=args.talk, log=_log)

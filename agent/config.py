@@ -176,6 +176,22 @@ class RolloutConfig:
                                    "rises more than this", lo=0.0, hi=1.0)
     retry_s: float = _f(4.0, "a new utterance within this many seconds after a decision counts "
                         "as asking again (abstained) or repeating (accepted)", lo=0.5, hi=60.0)
+    max_repeat_increase: float = _f(0.25, "rollback when the share of accepted decisions said "
+                                    "again at once (a likely correction) rises more than this",
+                                    lo=0.0, hi=1.0)
+    max_precision_drop: float = _f(0.01, "rollback when the estimated precision of accepted "
+                                   "decisions (their mean calibrated confidence, each model at "
+                                   "its own threshold) falls more than this", lo=0.0, hi=1.0)
+    trusted_keys: str = _f("", "public keys ('ed25519:…' from 'models keygen', separated by "
+                           "spaces or commas) whose signature a model bundle needs; empty = "
+                           "unsigned bundles are accepted")
+
+    def trusted(self) -> list[str]:
+        return trusted_list(self.trusted_keys)
+
+
+def trusted_list(text: str) -> list[str]:
+    return [k for k in text.replace(",", " ").split() if k]
 
 
 @dataclass
@@ -360,7 +376,14 @@ def _check_sink(spec: str) -> None:
 
 # Checks beyond type, choices and range, run where the value is set, so the error names the
 # file (or the command line) it came from.
-_CHECKS = {"telemetry.sink": _check_sink}
+def _check_keys(text: str) -> None:
+    from agent.rollout.signing import parse_public
+
+    for k in trusted_list(text):
+        parse_public(k, "a key")
+
+
+_CHECKS = {"telemetry.sink": _check_sink, "rollout.trusted_keys": _check_keys}
 
 
 def _allowed(f: dataclasses.Field) -> str:

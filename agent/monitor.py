@@ -146,6 +146,7 @@ class Monitor:
         self.agg = WindowAggregator(window_s, unknown_label=unknown_label or "unknown")
         self.trailing = Trailing(max(1, math.ceil(drift_span_s / window_s)))
         self.seq = 0
+        self.event_seq = 0  # events: their own sequence (emit_event)
         self.queue_depth: int | None = None  # set by the service for live sources only
         self.noise_floor_db = float("nan")
         self.windows_emitted = 0
@@ -295,9 +296,12 @@ class Monitor:
 
     def emit_event(self, event: Mapping[str, Any]) -> None:
         """Publish one `{prefix}/{device_id}/event` (docs/event.schema.json), e.g. a rollout
-        step; stamped with this boot's identity and sequence like stats and alarms."""
+        step; stamped with this boot's identity and its own event sequence: the stats/alarm
+        `seq` the fleet counts gaps in stays contiguous (an event drawn from it was counted as
+        a missing message)."""
         p = {"schema": 1, "device_id": self.device_id, "boot_id": self.boot_id,
-             "seq": self._next(), **event}
+             "seq": self.event_seq, **event}
+        self.event_seq += 1
         self.emit(Message(topic(self.prefix, self.device_id, "event"), p))
 
     def _emit_alarm(self, e: AlarmEvent) -> None:

@@ -31,13 +31,13 @@ from benchmarks.bench_pipeline import make_bench_stream, timed  # noqa: E402
 
 def deliver(state: Path, src: Path, rollout_id: str) -> None:
     from agent.model import MANIFEST, Manifest
+    from agent.rollout.bundle import bundle_digest
     from agent.rollout.command import RolloutCommand
-    from agent.rollout.store import manifest_digest
 
     m = Manifest.read(src / MANIFEST)
     (state / "inbox").mkdir(parents=True, exist_ok=True)
     shutil.copytree(src, state / "inbox" / m.ref)
-    c = RolloutCommand(rollout_id, m.name, m.version, manifest_digest(src), 100.0, "shadow")
+    c = RolloutCommand(rollout_id, m.name, m.version, bundle_digest(src), 100.0, "shadow")
     (state / "models").mkdir(parents=True, exist_ok=True)
     (state / "models" / "rollout.json").write_text(json.dumps(c.to_payload()))
 

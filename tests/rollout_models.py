@@ -56,8 +56,10 @@ def _head(model_dir: Path, m: Manifest) -> tuple[Path, str]:
 
 
 def derive(dst: Path, *, version: str = "9.0.0-test", behaviour: str = "same",
-           src: Path | None = None) -> Path:
-    """A complete, installable model directory at `dst`; returns `dst`."""
+           src: Path | None = None, threshold: float | None = None) -> Path:
+    """A complete, installable model directory at `dst`; returns `dst`. `threshold` replaces
+    the calibrated threshold in calibration/thresholds.json (a build that accepts more or
+    less than its calibration says it should)."""
     src = src or default_model_dir()
     shutil.copytree(src, dst)
     m = Manifest.read(src / MANIFEST)
@@ -100,4 +102,8 @@ def derive(dst: Path, *, version: str = "9.0.0-test", behaviour: str = "same",
         for old, new in swaps.items():
             t = t.replace(old, new)
         p.write_text(t)
+    if threshold is not None:
+        t = json.loads((cal / "thresholds.json").read_text())
+        t["threshold"] = threshold
+        (cal / "thresholds.json").write_text(json.dumps(t, indent=1))
     return dst

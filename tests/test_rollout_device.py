@@ -13,8 +13,8 @@ import pytest
 from agent.model import MANIFEST, Manifest
 from agent.privacy import find_violations
 from agent.resources import default_model_dir
+from agent.rollout.bundle import bundle_digest
 from agent.rollout.command import RolloutCommand
-from agent.rollout.store import manifest_digest
 from tests.conftest import ROOT, eva
 from tests.rollout_models import derive
 
@@ -51,7 +51,7 @@ def deliver(state: Path, model_dir: Path, mode: str, rollout_id: str = "r-1") ->
     m = Manifest.read(model_dir / MANIFEST)
     target = inbox / m.ref
     model_dir.rename(target)
-    c = RolloutCommand(rollout_id, m.name, m.version, manifest_digest(target), 100.0, mode)
+    c = RolloutCommand(rollout_id, m.name, m.version, bundle_digest(target), 100.0, mode)
     (state / "models").mkdir(parents=True, exist_ok=True)
     (state / "models" / "rollout.json").write_text(json.dumps(c.to_payload()))
     return c
@@ -169,4 +169,7 @@ def test_agent_restarting_again_and_again_during_probation_rolls_back(tmp_path, 
     (e,) = [e for e in of(msgs, "event") if e["event"] == "rolled_back"]
     assert e["model"] == ref and "started 4 times during probation" in e["reason"]
     assert decisions[-1]["model"] == ACTIVE.ref
-    assert json.loads((state / "models" / "pointers.json").read_text())["active"] is None
+    ptr = json.loads((state / "models" / "pointers.json").read_text())
+    assert ptr["active"] is None
+    # a crash loop is a failure too: remembered by the bundle digest
+    assert ptr["failed"][ptr["bundles"][ref]]["ref"] == ref

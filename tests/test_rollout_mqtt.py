@@ -14,7 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.model import MANIFEST, Manifest
-from agent.rollout.store import manifest_digest
+from agent.rollout.bundle import bundle_digest
 from tests.conftest import ROOT
 from tests.mqtt_fixtures import BrokerFactory, Subscriber, free_port, mosquitto  # noqa: F401
 from tests.rollout_models import derive
@@ -55,7 +55,7 @@ def test_malformed_unknown_and_mismatching_commands_refused_and_reported(
     state = tmp_path / "state"
     cand = derive(state / "inbox" / "candidate", version="9.0.0-mqtt")
     m = Manifest.read(cand / MANIFEST)
-    sha = manifest_digest(cand)
+    sha = bundle_digest(cand)
     fleet_topic, dev_topic = "eva/fleet/rollout", f"eva/{DEV}/rollout"
     # a malformed fleet-wide command is waiting (retained) before the device starts
     publish(broker, fleet_topic, json.dumps(

@@ -10,8 +10,9 @@ import pytest
 from agent.errors import AgentError
 from agent.model import MANIFEST, Manifest
 from agent.resources import default_model_dir
+from agent.rollout.bundle import bundle_digest
 from agent.rollout.cohort import bucket, in_cohort
-from agent.rollout.store import ModelStore, Probation, manifest_digest
+from agent.rollout.store import ModelStore, Probation
 from tests.rollout_models import derive
 
 RUNNING = Manifest.read(default_model_dir() / MANIFEST)
@@ -24,7 +25,7 @@ def good(tmp_path_factory) -> Path:
 
 def test_install_verifies_and_lists_then_activate_and_rollback_move_pointers(tmp_path, good):
     store = ModelStore(tmp_path)
-    ref = store.install(good, RUNNING, expect_digest=manifest_digest(good))
+    ref = store.install(good, RUNNING, expect_digest=bundle_digest(good))
     assert ref == f"{RUNNING.name}@9.0.0-test"
     assert [s.ref for s in store.installed()] == [ref]
     assert store.install(good, RUNNING) == ref  # the same build again: a no-op
@@ -138,3 +139,17 @@ def test_doctor_checks_the_model_the_store_makes_active(tmp_path, good):
     (tmp_path / "models" / "pointers.json").write_text("{garbled")
     text = " ".join(str(c) for c in doctor.run_checks(cfg))
     assert "model store" in text and "pointers" in text
+
+
+def test_a_slot_installed_before_bundle_digests_is_adopted_once_then_checked(tmp_path, good):
+    store = ModelStore(tmp_path)
+    ref = store.install(good, RUNNING)
+    ptr = json.loads((tmp_path / "models" / "pointers.json").read_text())
+    ptr.pop("bundles")  # what an older agent left behind
+    (tmp_path / "models" / "pointers.json").write_text(json.dumps(ptr))
+    store.verify(ref)
+    assert store.digest(ref) == bundle_digest(good)
+    cal = store.slot_dir(ref) / "calibration" / "thresholds.json"
+    cal.write_text(cal.read_text() + " ")
+    with pytest.raises(AgentError, match="changed on disk"):
+        store.verify(ref)

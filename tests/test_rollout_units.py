@@ -178,6 +178,15 @@ def test_fleet_rollout_status_groups_devices_by_cohort_from_their_stats():
     assert "cohort in (" in text and "shadow agree" in text and "bundled" in text
     bad = summarize({"devices": devices}, {"fleet": b"{oops"}, "eva")
     assert "invalid" in bad["fleet_rollout"] and len(bad["cohorts"]["unknown"]) == len(ids)
+    # a device that remembers a failed build says so, with the reason of its state
+    devices["d0"]["last_window"]["rollout"].update(
+        state="rolled_back", failed=["m@2"],
+        reason="m@2 failed probation on this device before (abstain rate 0.40 vs 0.06)")
+    r = summarize({"devices": devices}, {"fleet": json.dumps(cmd).encode()}, "eva")
+    (row,) = [x for c in r["cohorts"].values() for x in c if x["device"] == "d0"]
+    assert row["failed"] == ["m@2"] and "failed probation" in row["reason"]
+    text = render_text(r)
+    assert "m@2 failed probation" in text and " m@2 " in text
 
 
 class FakeMonitor:
@@ -272,6 +281,40 @@ def test_shadow_reuses_the_active_head_input_when_the_front_end_is_shared(tmp_pa
     sh.run_pending()
     c = sh.take()
     assert c.n == 1 and c.abstained == 1 and c.agreed == 0  # it abstains, the active accepted
+
+
+def test_the_sequential_verdict_needs_a_clean_probation_and_weighs_the_noise():
+    from agent.rollout.probation import Paired, judge
+
+    base = {"abstain_rate": 0.05, "accepted_confidence": 0.99, "retry_after_abstain": 0.3}
+    lim = Limits()
+    ok, bad = kpis(20, 0.05), kpis(20, 0.65)
+
+    def verdict(windows, **kw):
+        run = breached = 0
+        for i, w in enumerate(windows, 1):
+            v = judge(w, windows[:i], base, lim, breach_run=run, breached=breached, done=i,
+                      total=len(windows), breach_windows=2, **kw)
+            run, breached = v.breach_run, v.breached
+            if v.action != "continue":
+                return v
+        return v
+
+    assert verdict([ok, ok, ok]).action == "commit"
+    late = verdict([ok, ok, bad])  # one breach, in the last window: no pass
+    assert late.action == "rollback" and late.breached == 1
+    assert late.reasons[0].startswith("abstain rate 0.65")
+    assert verdict([bad, bad, ok]).action == "rollback"  # two in a row: at once
+    # 2 of 3 abstentions asked again is no verdict; 40 of 60 (pooled) is
+    few = dataclasses.replace(ok, retry_after_abstain=0.67, abstentions=3, retried=2)
+    many = dataclasses.replace(ok, retry_after_abstain=0.67, abstentions=30, retried=20)
+    assert verdict([few, few, ok]).action == "commit"
+    assert verdict([many, many, ok]).action == "rollback"
+    # the previous model on the same utterances replaces the recent baseline: a room where
+    # both abstain more is not the candidate's fault
+    noisy_room = Paired(n=20, abstained=13, best_digit_sum=18.0)
+    assert verdict([bad, bad, bad], paired=noisy_room.figures(5),
+                   paired_so_far=noisy_room.figures(5)).action == "commit"
 
 
 def test_probation_compares_like_with_like_on_a_personalised_device(tmp_path):

@@ -25,7 +25,7 @@ def trained(tmp_path_factory, fsdd, speech_commands, talk):
             "--talk", str(talk),
             "--limit-per-class", "3", "--speakers", "theo,lucas,jackson", "--out",
             str(root / "model"), "--calibration-out", str(root / "calib"), "--cache",
-            str(root / "cache"), "--name", "tiny", timeout=600)
+            str(root / "cache"), "--name", "tiny", "--model-version", "3.0.0", timeout=600)
     assert r.returncode == 0, r.stderr
     return root, r.stderr
 

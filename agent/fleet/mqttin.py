@@ -266,6 +266,23 @@ class _Refused(Exception):
     """CONNACK or SUBACK refused us; str() is the one-line reason."""
 
 
+SEND_TIMEOUT_S = 10.0
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    """sendall with a 10 s bound also under TLS, where the socket's Python timeout is the
+    short receive tick (see Subscriber._session)."""
+    if isinstance(sock, ssl.SSLSocket):
+        tick = sock.gettimeout()
+        sock.settimeout(SEND_TIMEOUT_S)
+        try:
+            sock.sendall(data)
+        finally:
+            sock.settimeout(tick)
+    else:
+        sock.sendall(data)
+
+
 class Subscriber:
     """One MQTT connection, its subscriptions (`topic_filter` at QoS 1 plus `extra_filters`),
     `ingest(topic, payload, retained)` for every message from one thread. `start()` connects
@@ -412,10 +429,16 @@ class Subscriber:
         # Blocking with a kernel receive timeout rather than Python's timeout: the latter
         # poll()s before every recv(), one more system call per read.
         tick = min(1.0, ka / 4)
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        struct.pack("ll", int(tick), int(tick % 1 * 1e6)))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
+        if isinstance(sock, ssl.SSLSocket):
+            # Under TLS the kernel timeout never surfaces: the SSL read takes the EAGAIN as
+            # "want read" and blocks again, so an idle connection sent no keepalive and the
+            # broker dropped it after 1.5 keepalives. Python's own timeout does end that read.
+            sock.settimeout(tick)
+        else:
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            struct.pack("ll", int(tick), int(tick % 1 * 1e6)))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
         # One buffer for the connection: recv_into() it (a fresh 256 KB bytes object per
         # recv() costs more than the copy below), an incomplete packet kept at its front.
         buf = bytearray(CHUNK)
@@ -428,7 +451,7 @@ class Subscriber:
         while True:
             if self._stop.is_set():
                 try:
-                    sock.sendall(DISCONNECT_PACKET)
+                    _send(sock, DISCONNECT_PACKET)
                 except OSError:
                     pass
                 return
@@ -473,14 +496,14 @@ class Subscriber:
                             self._control(sock, p)
                     self.messages += n
                     if acks:
-                        sock.sendall(b"".join(acks))
+                        _send(sock, b"".join(acks))
                         last_sent = now
                     if malformed is not None:
                         raise malformed
             if ping_sent and now - max(ping_sent, last_recv) > ka:
                 raise _Lost(f"no answer to a keepalive ping within {ka} s")
             if now - last_sent >= ka / 2:
-                sock.sendall(PINGREQ_PACKET)
+                _send(sock, PINGREQ_PACKET)
                 last_sent = ping_sent = now
 
     def _ingest_failed(self, topic: str) -> None:
@@ -500,7 +523,7 @@ class Subscriber:
             if code:
                 raise _Refused("refused the connection: "
                                + reason_name("CONNACK", code, self.v5))
-            sock.sendall(self._subscribe)
+            _send(sock, self._subscribe)
         elif p.kind == SUBACK:
             filters = [self.topic_filter, *(f for f, _ in self.extra_filters)]
             refused = [(f, c) for f, c in zip(filters, suback_codes(p.body, self.v5),

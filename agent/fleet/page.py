@@ -205,9 +205,10 @@ def fleet_page(v: Mapping[str, Any]) -> str:
     if v.get("note"):
         parts.append(f'<p class="muted">{escape(v["note"])}</p>')
     parts.append(f"<h2>Alarms now ({v['alarms_total']})</h2>")
-    parts.append(_table(("device", "metric", "stage", "scope", "value", "threshold"),
+    parts.append(_table(("device", "metric", "stage", "scope", "value", "threshold", "reason"),
                         [(_dev_link(a["device"]), escape(a["metric"]), escape(a["stage"]),
-                          escape(a["scope"]), _fmt(a["value"]), _fmt(a["threshold"]))
+                          escape(a["scope"]), _fmt(a["value"]), _fmt(a["threshold"]),
+                          escape(a.get("reason") or ""))
                          for a in v["alarms"]], "alarms"))
     parts.append("<h2>Over time</h2><div class=grid>")
     parts.extend(v["charts"])
@@ -226,11 +227,26 @@ def fleet_page(v: Mapping[str, Any]) -> str:
 
 def _device_rows(rows: Sequence[Mapping[str, Any]], table_id: str) -> str:
     return _table(("device", "state", "model", "windows", "abstain", "est. acc", "missing",
-                   "alarms"),
+                   "alarms", "rollout"),
                   [(_dev_link(r["device"]), {True: "online", False: "offline"}.get(
                       r["online"], "?"), escape(r["model"]), str(r["windows"]),
                     _pct(r["abstain_rate"]), _pct(r["accuracy"]), str(r["missing"]),
-                    str(r["alarms"])) for r in rows], table_id)
+                    str(r["alarms"]), escape(r.get("rollout") or "–")) for r in rows], table_id)
+
+
+def _rollout_section(ro: Any) -> str:
+    """The device's rollout as its last window reported it (agent.rollout: state, reason,
+    candidate, probation, builds remembered as failed)."""
+    if not isinstance(ro, dict) or not ro.get("state"):
+        return "<h2>Rollout</h2><p class='muted'>none reported</p>"
+    prob = ro.get("probation") or {}
+    rows = [("state", ro.get("state")), ("rollout", ro.get("id")),
+            ("candidate", ro.get("candidate")), ("previous", ro.get("previous")),
+            ("probation", f"{prob.get('windows_done')}/{prob.get('windows_total')} windows"
+             if prob else None), ("reason", ro.get("reason")),
+            ("failed builds (never re-activated)", ", ".join(ro.get("failed") or []) or None)]
+    return "<h2>Rollout</h2>" + _table(("", ""), [(escape(k), escape(str(x))) for k, x in rows
+                                                   if x is not None], "device-rollout")
 
 
 def device_page(v: Mapping[str, Any]) -> str:
@@ -251,6 +267,7 @@ def device_page(v: Mapping[str, Any]) -> str:
                  + _kpi("est. accuracy", _pct(d["estimated_accuracy"]["value"]))
                  + _kpi("missing", d["missing"], "bad" if d["missing"] else "")
                  + _kpi("duplicates", d["duplicates"]) + "</div>")
+    parts.append(_rollout_section((d.get("last_window") or {}).get("rollout")))
     parts.append("<h2>Active alarms</h2>")
     parts.append(_table(("metric", "stage", "scope", "value", "threshold", "reason"),
                         [(escape(a["metric"]), escape(a["stage"]), escape(a["scope"]),

@@ -1,9 +1,13 @@
-"""`edge-voice-agent fleet rollout start | status | abort`: the operator's end of a rollout.
+"""`edge-voice-agent fleet rollout start | status | finish | abort`: the operator's end of a
+rollout.
 
 `start` builds the command, validates it with the device's own parser (agent.rollout.command)
 and publishes it retained at QoS 1 on `{prefix}/fleet/rollout` (or `{prefix}/{device}/rollout`
-with --device), so devices that connect later still get it. `abort` publishes an empty retained
-message, which withdraws it: devices stop the shadow or roll back. `status` listens for a while
+with --device), so devices that connect later still get it; with --model-dir the folder must be
+a complete bundle (agent.rollout.bundle), and the command names its digest. `abort` publishes
+an empty retained message, which withdraws it: devices stop the shadow or roll back. `finish`
+republishes the retained command with mode "finish": devices keep what they run (a committed
+model stays) and the rollout is over. `status` listens for a while
 (retained births and commands arrive at once, stats every window) and shows, per cohort, which
 model each device runs, from which slot, its rollout state, probation and shadow figures.
 
@@ -42,13 +46,19 @@ def add_parser(fsub: Any, connection: Any) -> None:
                    "from it")
     s.add_argument("--model", default=None, metavar="NAME@VERSION",
                    help="instead of --model-dir (then --sha256 is needed)")
-    s.add_argument("--sha256", default=None, help="sha256 of the model's manifest.json")
+    s.add_argument("--sha256", default=None, help="the bundle digest (printed by 'models "
+                   "sign' and 'models install')")
     s.add_argument("--percent", type=float, required=True, help="share of devices, 0-100")
-    s.add_argument("--mode", choices=cmd_mod.MODES, required=True)
+    s.add_argument("--mode", choices=[m for m in cmd_mod.MODES if m != "finish"],
+                   required=True)
     s.add_argument("--device", default=None, help="one device only ({prefix}/{device}/rollout)")
     a = connection(rsub.add_parser("abort", help="withdraw the rollout message (devices stop "
                                    "the shadow or roll back)"))
     a.add_argument("--device", default=None)
+    f = connection(rsub.add_parser("finish", help="end a rollout without rolling back: devices "
+                                   "keep the model they run (publishes the retained command "
+                                   "again with mode 'finish')"))
+    f.add_argument("--device", default=None)
     st = connection(rsub.add_parser("status", help="per cohort: model, slot, probation, shadow "
                                     "agreement and abstain rate of every device"))
     st.add_argument("--duration", type=float, default=10.0, metavar="S",
@@ -61,13 +71,17 @@ def command_from_args(args: argparse.Namespace) -> RolloutCommand:
     """The command `start` publishes, validated exactly as a device will validate it."""
     if args.model_dir is not None:
         from agent.model import MANIFEST, Manifest
-        from agent.rollout.store import manifest_digest
+        from agent.rollout.bundle import bundle_digest, bundle_problem
 
+        why = bundle_problem(args.model_dir)
+        if why is not None:
+            raise ConfigError(f"rollout not sent: {args.model_dir} is not a complete model "
+                              f"bundle: {' '.join(why.split())}")
         m = Manifest.read(args.model_dir / MANIFEST)
-        name, version, sha = m.name, m.version, manifest_digest(args.model_dir)
+        name, version, sha = m.name, m.version, bundle_digest(args.model_dir)
         if args.sha256 and args.sha256 != sha:
             raise ConfigError(f"--sha256 {args.sha256[:12]}… differs from {args.model_dir}'s "
-                              f"manifest sha256 {sha[:12]}…")
+                              f"bundle sha256 {sha[:12]}…")
     elif args.model and args.sha256:
         name, _, version = args.model.partition("@")
         sha = args.sha256
@@ -157,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"published (retained) on {topic}: {body}")
         print(f"devices in the {c.percent:g} % cohort install {c.ref} from their inbox "
               f"and start '{c.mode}'; follow with: edge-voice-agent fleet rollout status")
+    elif args.rollout_command == "finish":
+        return finish(args)
     elif args.rollout_command == "abort":
         topic = _topic(args)
         publish(args, topic, b"")
@@ -164,6 +180,85 @@ def run(args: argparse.Namespace) -> int:
               "back to their previous model")
     else:
         return status(args)
+    return 0
+
+
+def retained(args: argparse.Namespace, topic: str, timeout_s: float = 5.0) -> bytes:
+    """The retained message on `topic` (b"" when there is none), read over one connection."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.fleet.watch import _broker, _check_args
+
+    tls, host, port = _broker(args.broker)
+    args.until_idle = getattr(args, "until_idle", None)
+    args.duration = getattr(args, "duration", None)
+    password = _check_args(args, tls)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2,
+                    client_id=f"eva-rollout-{os.getpid()}-{secrets.token_hex(3)}",
+                    protocol=mqtt.MQTTv311)
+    if args.username:
+        c.username_pw_set(args.username, password)
+    if tls:
+        c.tls_set(ca_certs=str(args.ca_file) if args.ca_file else None,
+                  certfile=str(args.cert_file) if args.cert_file else None,
+                  keyfile=str(args.key_file) if args.key_file else None,
+                  cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            done.set()
+            return
+        client.subscribe(topic, qos=1)
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        if msg.topic == topic and msg.retain:
+            got.append(bytes(msg.payload))
+            done.set()
+
+    def on_subscribe(client: Any, userdata: Any, mid: Any, codes: Any, props: Any) -> None:
+        # the broker sends a retained message right after the SUBACK: no message within a
+        # second of it means there is none
+        t = threading.Timer(1.0, done.set)
+        t.daemon = True
+        t.start()
+
+    c.on_connect, c.on_message, c.on_subscribe = on_connect, on_message, on_subscribe
+    url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
+    try:
+        c.connect(host, port, keepalive=30)
+    except (OSError, ValueError) as e:
+        raise AgentError(f"cannot connect to broker {url}: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
+    c.loop_start()
+    try:
+        done.wait(timeout_s)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return got[0] if got else b""
+
+
+def finish(args: argparse.Namespace) -> int:
+    """The retained command again, with mode "finish": devices keep what they run."""
+    topic = _topic(args)
+    try:
+        c = cmd_mod.parse(retained(args, topic))
+    except CommandError as e:
+        raise ConfigError(f"the retained message on {topic} is not a valid rollout ({e}); "
+                          "nothing to finish") from None
+    if c is None:
+        raise ConfigError(f"no rollout is published on {topic}; nothing to finish")
+    if c.mode == "finish":
+        print(f"rollout {c.id} on {topic} is already finished")
+        return 0
+    done = RolloutCommand(c.id, c.name, c.version, c.sha256, c.percent, "finish")
+    body = json.dumps(done.to_payload(), separators=(",", ":"))
+    publish(args, topic, body.encode())
+    print(f"finished: published (retained) on {topic}: {body}; devices keep the model they "
+          f"run ({c.ref} where it was committed) and nothing rolls back")
     return 0
 
 
@@ -226,7 +321,8 @@ def summarize(snap: dict[str, Any], rollouts: dict[str, bytes], prefix: str) -> 
             "abstain_rate": d.get("abstain_rate"),
             "estimated_accuracy": (d.get("estimated_accuracy") or {}).get("value"),
             "device_command": own is not None,
-            "last_event": (d.get("events") or [{}])[-1].get("event")})
+            "last_event": (d.get("events") or [{}])[-1].get("event"),
+            "reason": ro.get("reason"), "failed": ro.get("failed") or []})
     return {"prefix": prefix, "fleet_rollout": fleet_cmd,
             "device_rollouts": {k: _command(v) for k, v in rollouts.items()
                                 if k != cmd_mod.FLEET_LEVEL},
@@ -237,6 +333,8 @@ def _f(x: Any) -> str:
     """A cell: a device's strings as inert text (agent.fleet.watch.plain)."""
     from agent.fleet.watch import plain
 
+    if isinstance(x, list):
+        return ",".join(plain(str(v)) for v in x) or "–"
     return "–" if x is None else (f"{x:.2f}" if isinstance(x, float) else plain(x))
 
 
@@ -249,7 +347,8 @@ def render_text(r: dict[str, Any]) -> str:
     cols = {"device": "device", "model": "model", "slot": "slot", "state": "state",
             "probation": "probation", "shadow_agreement": "shadow agree",
             "shadow_abstain_rate": "shadow abstain", "abstain_rate": "abstain",
-            "estimated_accuracy": "est. acc", "last_event": "last event"}
+            "estimated_accuracy": "est. acc", "last_event": "last event", "failed": "failed",
+            "reason": "reason"}
     for name, devs in r["cohorts"].items():
         if not devs:
             continue

@@ -156,12 +156,14 @@ class Rollout(TypedDict):
     id: Level | None
     cohort: Literal["in", "out"] | None
     percent: Annotated[float, Meta(ge=0, le=100)] | None
-    mode: Literal["shadow", "activate"] | None
+    mode: Literal["shadow", "activate", "finish"] | None
     state: Word
     candidate: Ref | None
     previous: Ref | None
     probation: Probation | None
     shadow: Shadow | None
+    reason: NotRequired[Annotated[str, Meta(max_length=200)] | None]  # why, in that state
+    failed: NotRequired[Annotated[list[Ref], Meta(max_length=8)]]     # builds never re-run
 
 
 class Stats(TypedDict):

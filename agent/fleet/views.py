@@ -41,7 +41,16 @@ def _device_row(dev_id: str, d: Any) -> dict[str, Any]:
     return {"device": dev_id, "online": d.online,
             "model": f"{model.get('name', '?')} {model.get('version', '')}".strip(),
             "windows": t.windows, "abstain_rate": t.abstain_rate(), "accuracy": t.accuracy(),
-            "missing": sum(s.missing() for s in d.seqs.values()), "alarms": raised}
+            "missing": sum(s.missing() for s in d.seqs.values()), "alarms": raised,
+            "rollout": rollout_text((d.last or {}).get("rollout"))}
+
+
+def rollout_text(ro: Any) -> str:
+    """A device's rollout state as the page shows it: "state: reason" (or "–")."""
+    if not isinstance(ro, dict) or not ro.get("state"):
+        return "–"
+    reason = ro.get("reason")
+    return f"{ro['state']}: {reason}" if reason else str(ro["state"])
 
 
 def _keys(dev_id: str, d: Any) -> tuple[str, bool | None, float | None, float | None, int]:

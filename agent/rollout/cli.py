@@ -1,4 +1,5 @@
-"""`edge-voice-agent models list | install PATH | activate NAME@VERSION | rollback`.
+"""`edge-voice-agent models list | install PATH | activate NAME@VERSION | rollback | keygen |
+sign`.
 
 The device-local face of the model store, for a person at the device (or an update tool). A
 running agent picks the new pointers up on reload (`systemctl reload edge-voice-agent`); the
@@ -15,7 +16,7 @@ from agent import config as config_mod
 from agent.errors import AgentError, one_line
 from agent.model import MANIFEST, Manifest
 from agent.resources import default_model_dir
-from agent.rollout.store import ModelStore, Probation, manifest_digest
+from agent.rollout.store import ModelStore, Probation
 
 RELOAD_HINT = "a running agent applies it on reload: systemctl reload edge-voice-agent"
 
@@ -37,7 +38,18 @@ def add_parser(sub: Any) -> None:
     a = common(msub.add_parser("activate", help="make an installed model active (blue-green; "
                                "the previous one stays for rollback; starts probation)"))
     a.add_argument("ref", metavar="NAME@VERSION")
-    common(msub.add_parser("rollback", help="back to the previous model"))
+    a.add_argument("--override-failed", action="store_true",
+                   help="activate a build this device remembers as failed (the operator's "
+                   "explicit decision; the device reports it)")
+    common(msub.add_parser("rollback", help="back to the previous model (never to a build "
+                           "that failed probation)"))
+    k = msub.add_parser("keygen", help="make an ed25519 signing key pair (offline; the .pub "
+                        "line goes into the devices' rollout.trusted_keys)")
+    k.add_argument("key", type=Path, metavar="FILE", help="private key file to create (0600)")
+    sg = msub.add_parser("sign", help="sign a model bundle (writes DIR/bundle.sig over the "
+                         "digest of every file in it)")
+    sg.add_argument("dir", type=Path, metavar="DIR")
+    sg.add_argument("--key", type=Path, required=True, metavar="FILE")
     models.set_defaults(models_func=run)
 
 
@@ -56,8 +68,10 @@ def _running(cfg: config_mod.Config, store: ModelStore) -> Manifest:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.models_command in ("keygen", "sign"):
+        return _signing(args)
     cfg = _cfg(args)
-    store = ModelStore(cfg.state_path())
+    store = ModelStore(cfg.state_path(), cfg.rollout.trusted())
     if args.models_command == "list":
         return _list(cfg, store)
     if cfg.model.path and args.models_command in ("activate", "rollback"):
@@ -65,18 +79,37 @@ def run(args: argparse.Namespace) -> int:
                          "empty it to run models from the store")
     if args.models_command == "install":
         ref = store.install(args.path, _running(cfg, store))
-        print(f"installed {ref} (manifest sha256 {manifest_digest(store.slot_dir(ref))}) in "
-              f"{store.slot_dir(ref)}")
+        print(f"installed {ref} (bundle sha256 {store.digest(ref)}) in {store.slot_dir(ref)}")
     elif args.models_command == "activate":
         previous = _running(cfg, store).ref
+        failed = store.failure(args.ref)
         p = store.activate(args.ref, _running(cfg, store), Probation(
-            ref=args.ref, previous=previous, windows_total=cfg.rollout.probation_windows))
+            ref=args.ref, previous=previous, windows_total=cfg.rollout.probation_windows),
+            override=args.override_failed)
+        note = (f"; OVERRIDE: it failed probation before ({failed.get('reason', '')}), the "
+                "device reports this override") if failed is not None else ""
         print(f"active: {p.active} (previous: {previous}); probation "
-              f"{cfg.rollout.probation_windows} windows; {RELOAD_HINT}")
+              f"{cfg.rollout.probation_windows} windows{note}; {RELOAD_HINT}")
     elif args.models_command == "rollback":
-        p = store.rollback()
-        print(f"active: {p.active or 'the bundled model'} (rolled back from {p.previous}); "
-              f"{RELOAD_HINT}")
+        # a person rolling back says the build is bad: remembered like a failed probation,
+        # so neither the stored rollout command nor a restart brings it back
+        p = store.rollback(failed_reason="rolled back on the device with 'models rollback'")
+        print(f"active: {p.active or 'the bundled model'} (rolled back from {p.previous}, "
+              f"remembered as failed: only 'models activate {p.previous} --override-failed' "
+              f"runs it again); {RELOAD_HINT}")
+    return 0
+
+
+def _signing(args: argparse.Namespace) -> int:
+    from agent.rollout import signing
+
+    if args.models_command == "keygen":
+        pub = signing.keygen(args.key)
+        print(f"private key: {args.key} (keep it offline); public key ({args.key}.pub), for "
+              f"the devices' rollout.trusted_keys:\n{pub}")
+        return 0
+    digest, pub = signing.sign(args.dir, args.key)
+    print(f"signed {args.dir} (bundle sha256 {digest}) with {pub}")
     return 0
 
 
@@ -94,7 +127,11 @@ def _list(cfg: config_mod.Config, store: ModelStore) -> int:
         except AgentError as e:
             ok, status = f"REFUSED: {one_line(e)}", 1
         role = roles.get(s.ref, "")
-        print(f"{s.ref:32s} {role:9s} manifest sha256 {s.digest[:16]}…  {ok}")
+        f = p.failure(s.ref)
+        if f is not None:
+            ok += f"; FAILED probation: {f.get('reason', '')}" + \
+                (" (overridden)" if f.get("override") else "")
+        print(f"{s.ref:32s} {role:9s} bundle sha256 {s.digest[:16]}…  {ok}")
     if p.probation is not None:
         print(f"probation: {p.probation.ref}, {p.probation.windows_done}/"
               f"{p.probation.windows_total} windows")

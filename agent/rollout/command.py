@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCHEMA = 1
-MODES = ("shadow", "activate")
+MODES = ("shadow", "activate", "finish")  # finish: the rollout is over, nothing rolls back
 MAX_BYTES = 4096
 MAX_DEPTH = 4  # {"model": {...}} is 2 deep; JSON nested 1,500 deep crashed json.loads
 FLEET_LEVEL = "fleet"

@@ -7,11 +7,19 @@ the store (`models/rollout.json`) so a restart without a broker continues the sa
 
 States (`rollout.state` in stats and birth): idle, out_of_cohort, waiting_for_files (the model
 is not in the inbox yet), waiting_for_baseline (the running model has too few recent windows to
-compare a successor with), shadow, probation, committed, rolled_back, refused.
+compare a successor with), shadow, probation, committed, rolled_back, refused, finished (the
+operator ended the rollout; what runs stays).
+
+The memory of failures: a build rolled back (probation breached, or a crash loop) is remembered
+in the store by its bundle digest, in the same atomic write as the pointer move, so neither the
+stored command nor a restart nor `models rollback` activates it again; a command naming it
+leaves the device `rolled_back`, saying why. Only `models activate --override-failed` runs it
+again, and the device reports that override (`failure_overridden`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import time
@@ -23,14 +31,16 @@ from agent.decision import Policy, Thresholds
 from agent.drift import AlarmEvent
 from agent.errors import AgentError, one_line
 from agent.model import MANIFEST, Manifest, ModelRunner
+from agent.resources import default_model_dir
 from agent.rollout import command as cmd_mod
+from agent.rollout.bundle import bundle_digest
 from agent.rollout.cohort import in_cohort
 from agent.rollout.command import CommandError, RolloutCommand
 from agent.rollout.compat import thresholds_path
 from agent.rollout.experience import ExperienceTracker
-from agent.rollout.probation import Limits, Recent, breaches, kpis_of, pooled
+from agent.rollout.probation import Limits, Paired, Recent, judge, kpis_of
 from agent.rollout.shadow import ShadowRunner
-from agent.rollout.store import ModelStore, Probation, atomic_write_json, manifest_digest
+from agent.rollout.store import ModelStore, Probation, atomic_write_json, failed_text
 from agent.windows import WindowSummary
 
 if TYPE_CHECKING:
@@ -41,10 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge-voice-agent.rollout")
 
 DESIRED = "rollout.json"
+RECENT = "recent.json"  # the running model's recent values, for a probation started offline
 RETRY_S = 2.0          # how often a waiting rollout looks at the inbox again
 MAX_PROBATION_STARTS = 3  # starts during one probation before it counts as a crash loop
 ALARM = "model_probation"
 REASON_MAX = 200
+MAX_FAILED_SHOWN = 8  # failed builds listed in the stats' rollout section
 
 
 class Host(Protocol):
@@ -82,7 +94,7 @@ class RolloutController:
         rc = cfg.rollout
         self.rc = rc
         self.limits = Limits.from_config(rc)
-        self.store = ModelStore(cfg.state_path())
+        self.store = ModelStore(cfg.state_path(), rc.trusted())
         self.inbox = Path(rc.inbox) if rc.inbox else cfg.state_path() / "inbox"
         self.device_id = host.device_id
         self.experience = ExperienceTracker(rc.retry_s)
@@ -97,7 +109,12 @@ class RolloutController:
         self._fleet_topic, self._device_topic = cmd_mod.topics(
             host.monitor.prefix, host.device_id)
         self._breach_run = 0
+        self._last_breach = ""
         self._pool: list = []  # the probation's eligible windows so far (this boot)
+        # the previous model shadowing the candidate during probation (agent.rollout.probation
+        # Paired): (probation ref, runner or None when it could not be loaded)
+        self._paired: tuple[str, ShadowRunner | None] | None = None
+        self._paired_pool = Paired()
         self._pending: tuple[str, str] | None = None
         self._retry_at = 0.0
         self._shadow_listeners: list = []
@@ -108,9 +125,11 @@ class RolloutController:
         self.probation = self.store.pointers().probation
         if self.probation is not None:
             self._resume_probation()
+            self._report_override(self.probation.ref)
         self.command = self._load_desired()
         if self.command is not None:
             self._apply(self.command, resumed=True)
+        self._sync_paired()
 
     # --- intake -------------------------------------------------------------------------
     @property
@@ -141,6 +160,52 @@ class RolloutController:
         if self.state in ("waiting_for_files", "waiting_for_baseline") and \
                 time.monotonic() >= self._retry_at and self.command is not None:
             self._apply(self.command, resumed=True)
+        self._sync_paired()
+
+    def _sync_paired(self) -> None:
+        """During probation the previous model shadows the candidate, so each window compares
+        both on the same utterances; outside probation nothing extra runs."""
+        p = self.probation
+        want = p.ref if p is not None and p.ref == self._running_ref() else None
+        have = self._paired[0] if self._paired is not None else None
+        if want == have:
+            return
+        if self._paired is not None and self._paired[1] is not None:
+            if self._paired[1] in self.host.pipeline.observers:
+                self.host.pipeline.observers.remove(self._paired[1])
+        self._paired, self._paired_pool = None, Paired()
+        if want is None or p is None:
+            return
+        runner = None
+        try:
+            runner = self._previous_runner(p.previous)
+        except AgentError as e:
+            log.warning("probation of %s compares with %s's recent windows only: %s", p.ref,
+                        p.previous, one_line(e))
+        if runner is not None:
+            self.host.pipeline.observers.append(runner)
+        self._paired = (want, runner)
+
+    def _previous_runner(self, ref: str | None) -> ShadowRunner | None:
+        """The previous model as a shadow of the running candidate (its head only, when they
+        share the front end); None when it is not on this device any more."""
+        if ref is None:
+            return None
+        if self.store.has(ref):
+            d = self.store.slot_dir(ref)
+            self.store.check_slot(ref)
+        elif Manifest.read(default_model_dir() / MANIFEST).ref == ref:
+            d = default_model_dir()
+        else:
+            return None
+        active = self.host.pipeline.model
+        model = ModelRunner(d, share_from=active)
+        m = model.manifest
+        t = Thresholds.read(thresholds_path(d, m))
+        return ShadowRunner(model, Policy("partial", t.threshold, m.unknown_label),
+                            self.host.pipeline.rate, active=lambda: self.host.pipeline.model,
+                            personal=lambda: self.host.pipeline.personal,
+                            active_policy=lambda: self.host.pipeline.policy)
 
     def _take_command(self) -> None:
         raw = self._raw.get(self._device_topic, b"")
@@ -158,6 +223,9 @@ class RolloutController:
             return
         if c == self.command and self.state not in ("refused",):
             return
+        if c.mode == "finish":
+            self._finish(c)
+            return
         self._event("rollout_received", c, f"{c.mode} {c.ref} at {c.percent:g} % from {source}")
         self._save_desired(c)
         self.command = c
@@ -167,12 +235,17 @@ class RolloutController:
         """After the active decisions of a block were written: the shadow's turn."""
         if self.shadow is not None:
             self.shadow.run_pending()
+        if self._paired is not None and self._paired[1] is not None:
+            self._paired[1].run_pending()
         if self.samples is not None:
             self.samples.flush()
 
     # --- applying -----------------------------------------------------------------------
     def _apply(self, c: RolloutCommand, resumed: bool = False) -> None:
         self._retry_at = time.monotonic() + RETRY_S
+        if c.mode == "finish":
+            self._finish(c, resumed=resumed)
+            return
         self.cohort = "in" if in_cohort(c.id, self.device_id, c.percent) else "out"
         if self.cohort == "out":
             if self.state != "out_of_cohort":
@@ -185,6 +258,20 @@ class RolloutController:
                          "empty it to let rollouts manage the model")
             return
         running = self._running_ref()
+        failed = self.store.pointers().failed.get(c.sha256)
+        if c.mode == "activate" and failed is not None and not failed.get("override") and \
+                not (running == c.ref and self.probation is not None):
+            self._stop_shadow()
+            if self.state != "rolled_back" or not resumed:
+                self._set("rolled_back", c, failed_text(c.ref, failed) + "; not activated "
+                          "again (models activate --override-failed on the device would)",
+                          event="" if resumed else "rollout_refused")
+            return
+        if running == c.ref:
+            why = self._other_build(c)
+            if why:
+                self._refuse(c, why)
+                return
         if c.mode == "activate" and running == c.ref:
             state = "probation" if self.probation is not None else "committed"
             if self.state != state:
@@ -204,11 +291,37 @@ class RolloutController:
         except AgentError as e:
             self._refuse(c, one_line(e))
 
+    def _other_build(self, c: RolloutCommand) -> str:
+        """Why a command naming the running build's NAME@VERSION is another build, or "".
+        A store slot is known by its bundle digest; the bundled or configured model by its
+        build digest and calibration, compared with the delivered bundle's."""
+        have = self.store.digest(c.ref) if self.store.pointers().active == c.ref else None
+        if have is not None:
+            same = have == c.sha256
+        else:
+            src = find_in_inbox(self.inbox, c)
+            if src is None:
+                return ""  # nothing delivered to compare with: the running build stays
+            running = self.host.pipeline.model
+            try:
+                m = Manifest.read(src / MANIFEST)
+                same = running is not None and bundle_digest(src) == c.sha256 and \
+                    m.sha256 == running.manifest.sha256 and \
+                    Thresholds.read(thresholds_path(src, m)).threshold == Thresholds.read(
+                        thresholds_path(running.directory, running.manifest)).threshold
+            except AgentError:
+                same = False
+        if same:
+            return ""
+        return (f"{c.ref} is the running build's name and version, but the rollout names "
+                f"another build (bundle sha256 {c.sha256[:12]}…); a new build needs a new "
+                "version")
+
     def _ensure_installed(self, c: RolloutCommand) -> bool:
         if self.store.has(c.ref):
-            have = manifest_digest(self.store.slot_dir(c.ref))
+            have = self.store.digest(c.ref) or bundle_digest(self.store.slot_dir(c.ref))
             if have != c.sha256:
-                raise AgentError(f"installed {c.ref} has manifest sha256 {have[:12]}…, the "
+                raise AgentError(f"installed {c.ref} has bundle sha256 {have[:12]}…, the "
                                  f"rollout names {c.sha256[:12]}…; publish the right sha256 or "
                                  "a new version")
             return True
@@ -291,7 +404,14 @@ class RolloutController:
     def _rollback(self, reason: str) -> None:
         prob = self.probation
         bad = prob.ref if prob else self._running_ref()
-        self.store.rollback()
+        try:
+            self.store.rollback(failed_reason=reason)
+        except AgentError as e:
+            log.error("rollback of %s refused: %s", bad, one_line(e))
+            self._set("refused", self.command, f"{bad} breached probation ({reason}) but "
+                      f"cannot be rolled back: {one_line(e)}"[:REASON_MAX],
+                      event="rollout_refused")
+            return
         self.probation = None
         try:
             self.host.switch_model()
@@ -307,11 +427,34 @@ class RolloutController:
         self._set("rolled_back", self.command, text, event="rolled_back", model=bad,
                   previous=back)
 
+    def _finish(self, c: RolloutCommand, resumed: bool = False) -> None:
+        """The operator ended the rollout: nothing is rolled back. A shadow stops; a probation
+        in progress runs to its verdict; the command stays stored so a restart stays finished."""
+        self._stop_shadow()
+        if not resumed:
+            self._save_desired(c)
+        self.command = c
+        runs = self._running_ref()
+        if self.probation is not None:
+            self._set("probation", c, f"rollout {c.id} finished; {runs} stays on probation "
+                      "until its verdict", event="" if resumed else "rollout_finished")
+            return
+        self._set("finished", c, f"rollout {c.id} finished by the operator; {runs} stays",
+                  event="" if resumed else "rollout_finished")
+
+    def _report_override(self, ref: str) -> None:
+        f = self.store.failure(ref)
+        if f is not None and f.get("override"):
+            self._event("failure_overridden", self.command, failed_text(ref, f) + "; run again "
+                        "by an operator override (models activate --override-failed)",
+                        model=ref)
+
     def _commit(self) -> None:
         prob = self.probation
         self.store.commit()
         self.probation = None
-        self._set("committed", self.command, f"{prob.ref if prob else ''} passed probation",
+        self._set("committed", self.command, f"{prob.ref if prob else ''} passed probation"
+                  + (f" ({prob.windows_done} windows of its own, none breached)" if prob else ""),
                   event="probation_passed")
 
     def _abort(self) -> None:
@@ -325,17 +468,37 @@ class RolloutController:
     def _leave(self, c: RolloutCommand | None) -> None:
         """Undo what a rollout did on this device (withdrawn, or the device left the cohort)."""
         self._stop_shadow()
-        if c is not None and c.mode == "activate" and self._running_ref() == c.ref and \
+        if c is not None and c.mode == "activate" and self.state != "finished" and \
+                self._running_ref() == c.ref and \
                 self.store.pointers().active == c.ref:
             self.probation = None
             self.store.rollback()
             self.host.switch_model()
             self.recent.clear()
 
+    def _save_recent(self) -> None:
+        try:
+            atomic_write_json(self.store.root / RECENT, {"ref": self._running_ref(),
+                                                         "baseline": self.recent.baseline()})
+        except OSError as e:
+            log.debug("recent values not saved: %s", e)
+
+    def _saved_baseline(self, ref: str | None) -> dict[str, Any]:
+        """The recent values saved while `ref` ran (a probation begun with the agent stopped,
+        e.g. `models activate` then a restart, is compared with them)."""
+        try:
+            d = json.loads((self.store.root / RECENT).read_text())
+        except (OSError, ValueError):
+            return {}
+        return dict(d.get("baseline") or {}) if isinstance(d, dict) and d.get("ref") == ref \
+            else {}
+
     def _resume_probation(self) -> None:
         p = self.probation
         assert p is not None
         p = replace(p, starts=p.starts + 1)
+        if not p.baseline:
+            p = replace(p, baseline=self._saved_baseline(p.previous))
         self.probation = p
         self.store.set_pointers(replace(self.store.pointers(), probation=p))
         if p.starts > MAX_PROBATION_STARTS:
@@ -350,11 +513,14 @@ class RolloutController:
         if p is not None and p.ref == running and (self.probation is None
                                                    or self.probation.ref != p.ref):
             if not p.baseline:
-                p = replace(p, baseline=self._baseline())
+                p = replace(p, baseline={**(self.recent.baseline() or
+                                            self._saved_baseline(p.previous)),
+                                         "personal": self._personal()})
                 self.store.set_pointers(replace(self.store.pointers(), probation=p))
             self.probation, self._breach_run, self._pool = p, 0, []
             self.recent.clear()
             self._clear_alarm(f"{p.ref} activated")
+            self._report_override(p.ref)
             self._set("probation", self.command, f"{p.ref} activated locally, replacing "
                       f"{p.previous}", event="activated", model=p.ref, previous=p.previous)
         elif p is None and self.probation is not None:
@@ -369,22 +535,45 @@ class RolloutController:
         exp = self.experience.take()
         k = kpis_of(s, exp)
         shadow = self.shadow.take().section() if self.shadow is not None else None
+        paired = None
+        if self._paired is not None and self._paired[1] is not None:
+            c = self._paired[1].take()
+            paired = Paired(c.n, c.abstained, c.best_digit_sum, c.accepted_n,
+                            c.accepted_conf_sum)
         p = self.probation
+        decided_by = set(exp.by_model)
         if p is None:
-            self.recent.add(k)
+            if decided_by <= {self._running_ref()}:  # only the running model's own windows
+                self.recent.add(k)
+                if self.recent.full and k.utterances >= self.rc.min_utterances:
+                    self._save_recent()
             if self.state == "waiting_for_baseline":
                 self._retry_at = 0.0  # look again at the next poll, not after RETRY_S
         elif k.utterances >= self.rc.min_utterances and self._pending is None and \
-                not self._warming_up(p.baseline):
+                decided_by <= {p.ref} and \
+                not self._warming_up(p.baseline):  # no decision by another model in it
             self._pool.append(k)
-            reasons = breaches(pooled(self._pool), p.baseline, self.limits)
-            self._breach_run = self._breach_run + 1 if reasons else 0
-            p = replace(p, windows_done=p.windows_done + 1)
+            if paired is not None:
+                self._paired_pool = self._paired_pool + paired
+            mu = self.rc.min_utterances
+            v = judge(k, self._pool, p.baseline, self.limits, breach_run=self._breach_run,
+                      breached=p.breached, done=p.windows_done + 1, total=p.windows_total,
+                      breach_windows=self.rc.breach_windows,
+                      paired=paired.figures(mu) if paired is not None else None,
+                      paired_so_far=self._paired_pool.figures(mu))
+            self._breach_run = v.breach_run
+            if v.reasons:
+                self._last_breach = "; ".join(v.reasons)
+            p = replace(p, windows_done=p.windows_done + 1, breached=v.breached)
             self.probation = p
             self.store.set_pointers(replace(self.store.pointers(), probation=p))
-            if self._breach_run >= self.rc.breach_windows:
-                self._pending = ("rollback", "; ".join(reasons))
-            elif p.windows_done >= p.windows_total:
+            if v.action == "rollback":
+                why = "; ".join(v.reasons)
+                if v.breach_run < self.rc.breach_windows:  # the end of an unclean probation
+                    why = (f"{v.breached} of its {p.windows_done} probation windows breached "
+                           f"the limits (last: {self._last_breach}); a pass needs none")
+                self._pending = ("rollback", why)
+            elif v.action == "commit":
                 self._pending = ("commit", "")
         return {"rollout": self.section(shadow), "experience": exp.section()}
 
@@ -399,7 +588,8 @@ class RolloutController:
                 "probation": {"windows_done": p.windows_done, "windows_total": p.windows_total,
                               "like_for_like": self._like_for_like(p.baseline)}
                 if p else None,
-                "shadow": shadow}
+                "shadow": shadow, "reason": self.reason[:REASON_MAX] or None,
+                "failed": self.store.failed_refs()[-MAX_FAILED_SHOWN:]}
 
     # --- personalisation: compare like with like ----------------------------------------
     def _personal(self) -> str:

@@ -16,7 +16,7 @@ Only per-window counts and rates leave the device, and a rate is published only 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.metric_catalog import MEAN_MIN_VALUES
@@ -34,6 +34,17 @@ class ExperienceCounts:
     repeated: int = 0           # ... followed by a new utterance within retry_s
     runs_accepted: int = 0      # runs that ended in an accepted decision
     tries: int = 0              # utterances in those runs
+    # local only (probation reads them, never published): decisions per model in the window,
+    # and the sum and number of accepted decisions' confidences (their estimated precision)
+    by_model: dict[str, int] = field(default_factory=dict)
+    accepted_conf_sum: float = 0.0
+    accepted_conf_sq: float = 0.0
+    accepted_conf_n: int = 0
+
+    def accepted_confidence(self) -> float | None:
+        if self.accepted_conf_n < MIN_EVENTS:
+            return None
+        return round(self.accepted_conf_sum / self.accepted_conf_n, 6)
 
     def rates(self) -> dict[str, float | None]:
         def r(num: int, den: int) -> float | None:
@@ -65,6 +76,12 @@ class ExperienceTracker:
         d = o.decision
         if d.label is None:  # the model did not run (mode off): nothing was offered
             return
+        c = self.counts
+        c.by_model[str(d.model)] = c.by_model.get(str(d.model), 0) + 1
+        if d.accepted and d.confidence is not None:
+            c.accepted_conf_sum += d.confidence
+            c.accepted_conf_sq += d.confidence * d.confidence
+            c.accepted_conf_n += 1
         followed = self._last_end is not None and d.start - self._last_end <= self.retry_s
         if self._last_end is not None:
             self._resolve(followed)

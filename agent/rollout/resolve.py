@@ -19,13 +19,17 @@ from agent.rollout.store import SLOTS, STORE, ModelStore
 
 def store_config(cfg: Config) -> Config:
     """`cfg` with model.path, model.thresholds and monitoring.baseline pointing at the store's
-    active model, when the configuration does not pin one and the store has one."""
+    active model, when the configuration does not pin one and the store has one. The slot is
+    checked against the bundle digest it was installed with (and its signature, with trusted
+    keys) on every load: raises AgentError when it changed."""
     if cfg.model.path:
         return cfg
-    active = ModelStore(cfg.state_path()).pointers().active
+    store = ModelStore(cfg.state_path(), cfg.rollout.trusted())
+    active = store.pointers().active
     if active is None:
         return cfg
-    d = ModelStore(cfg.state_path()).slot_dir(active)
+    store.check_slot(active)
+    d = store.slot_dir(active)
     model = dataclasses.replace(cfg.model, path=str(d))
     if not cfg.model.thresholds and (d / MANIFEST).is_file():
         model = dataclasses.replace(model, thresholds=str(

@@ -66,6 +66,8 @@ class ShadowCounts:
     best_digit_sum: float = 0.0
     latencies: list[float] = field(default_factory=list)
     skipped: int = 0
+    accepted_conf_sum: float = 0.0  # local (probation's paired comparison), never published
+    accepted_n: int = 0
     personalised: int = 0  # comparisons with both models personalised alike (else both plain)
 
     def scored(self) -> str | None:
@@ -165,6 +167,9 @@ class ShadowRunner:
         c.agreed += r.agrees
         c.abstained += not accepted
         c.best_digit_sum += best
+        if accepted:
+            c.accepted_n += 1
+            c.accepted_conf_sum += conf
         c.latencies.append(latency)
         for f in self.on_result:
             f(o, r)
