@@ -111,8 +111,8 @@ def _topic(args: argparse.Namespace) -> str:
         raise ConfigError(str(e)) from None
 
 
-def publish(args: argparse.Namespace, topic: str, payload: bytes) -> None:
-    """One retained QoS 1 publish, acknowledged by the broker, or a one-line error."""
+def _client(args: argparse.Namespace) -> tuple[Any, str, str, int]:
+    """A paho client for the operator's broker options, not yet connected; its URL for errors."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -132,6 +132,12 @@ def publish(args: argparse.Namespace, topic: str, payload: bytes) -> None:
                   certfile=str(args.cert_file) if args.cert_file else None,
                   keyfile=str(args.key_file) if args.key_file else None,
                   cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    return c, f"{'mqtts' if tls else 'mqtt'}://{host}:{port}", host, port
+
+
+def publish(args: argparse.Namespace, topic: str, payload: bytes) -> None:
+    """One retained QoS 1 publish, acknowledged by the broker, or a one-line error."""
+    c, url, host, port = _client(args)
     connected = threading.Event()
     refused: list[str] = []
 
@@ -141,7 +147,6 @@ def publish(args: argparse.Namespace, topic: str, payload: bytes) -> None:
         connected.set()
 
     c.on_connect = on_connect
-    url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
     try:
         c.connect(host, port, keepalive=30)
     except (OSError, ValueError) as e:
@@ -185,25 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
 def retained(args: argparse.Namespace, topic: str, timeout_s: float = 5.0) -> bytes:
     """The retained message on `topic` (b"" when there is none), read over one connection."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from agent.fleet.watch import _broker, _check_args
-
-    tls, host, port = _broker(args.broker)
-    args.until_idle = getattr(args, "until_idle", None)
-    args.duration = getattr(args, "duration", None)
-    password = _check_args(args, tls)
-    c = mqtt.Client(CallbackAPIVersion.VERSION2,
-                    client_id=f"eva-rollout-{os.getpid()}-{secrets.token_hex(3)}",
-                    protocol=mqtt.MQTTv311)
-    if args.username:
-        c.username_pw_set(args.username, password)
-    if tls:
-        c.tls_set(ca_certs=str(args.ca_file) if args.ca_file else None,
-                  certfile=str(args.cert_file) if args.cert_file else None,
-                  keyfile=str(args.key_file) if args.key_file else None,
-                  cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    c, url, host, port = _client(args)
     got: list[bytes] = []
     done = threading.Event()
 
@@ -226,7 +213,6 @@ def retained(args: argparse.Namespace, topic: str, timeout_s: float = 5.0) -> by
         t.start()
 
     c.on_connect, c.on_message, c.on_subscribe = on_connect, on_message, on_subscribe
-    url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
     try:
         c.connect(host, port, keepalive=30)
     except (OSError, ValueError) as e:
