@@ -535,7 +535,10 @@ def test_socket_drops_reach_the_monitor_as_socket_dropped(tmp_path: Path) -> Non
     ((metric, values),) = seen
     assert metric == "socket_dropped" and len(values) == 3000
     assert sum(values) == server.dropped > 0 and set(values) == {0.0, 1.0}
-    assert values == sorted(values)  # delivered first, then dropped: the buffer filled up
+    # the first decision is delivered and the last is dropped (the kernel buffer of a reader
+    # that never reads fills up); in between, drops can interleave with deliveries while the
+    # socket thread still moves the reader's buffer into the kernel
+    assert values[0] == 0.0 and values[-1] == 1.0
 
 
 def test_a_socket_that_cannot_be_served_is_one_line_and_an_alarm_not_a_stop(
