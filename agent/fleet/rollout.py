@@ -135,6 +135,16 @@ def _client(args: argparse.Namespace) -> tuple[Any, str, str, int]:
     return c, f"{'mqtts' if tls else 'mqtt'}://{host}:{port}", host, port
 
 
+def _start(c: Any, url: str, host: str, port: int) -> None:
+    """Connect and start the network loop, or one line naming the broker."""
+    try:
+        c.connect(host, port, keepalive=30)
+    except (OSError, ValueError) as e:
+        raise AgentError(f"cannot connect to broker {url}: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
+    c.loop_start()
+
+
 def publish(args: argparse.Namespace, topic: str, payload: bytes) -> None:
     """One retained QoS 1 publish, acknowledged by the broker, or a one-line error."""
     c, url, host, port = _client(args)
@@ -147,12 +157,7 @@ def publish(args: argparse.Namespace, topic: str, payload: bytes) -> None:
         connected.set()
 
     c.on_connect = on_connect
-    try:
-        c.connect(host, port, keepalive=30)
-    except (OSError, ValueError) as e:
-        raise AgentError(f"cannot connect to broker {url}: "
-                         f"{getattr(e, 'strerror', None) or e}") from None
-    c.loop_start()
+    _start(c, url, host, port)
     try:
         if not connected.wait(PUBLISH_TIMEOUT_S) or refused:
             raise AgentError(f"broker {url} " + (f"refused the connection: {refused[0]}"
@@ -213,12 +218,7 @@ def retained(args: argparse.Namespace, topic: str, timeout_s: float = 5.0) -> by
         t.start()
 
     c.on_connect, c.on_message, c.on_subscribe = on_connect, on_message, on_subscribe
-    try:
-        c.connect(host, port, keepalive=30)
-    except (OSError, ValueError) as e:
-        raise AgentError(f"cannot connect to broker {url}: "
-                         f"{getattr(e, 'strerror', None) or e}") from None
-    c.loop_start()
+    _start(c, url, host, port)
     try:
         done.wait(timeout_s)
     finally:
