@@ -220,6 +220,7 @@ class Subscriber:
                  ca: Path | None = None, cert: tuple[Path, Path] | None = None,
                  timeout_s: float = 5.0) -> None:
         self.messages: queue.Queue[Received] = queue.Queue()
+        self._seen: set[tuple[str, str, int]] = set()
         self._subscribed = threading.Event()
         self.topic = topic
         # A persistent (clean_session=False) 3.1.1 session lets the broker queue QoS 1
@@ -261,6 +262,20 @@ class Subscriber:
         while True:
             m = self.get(max(0.0, deadline - time.monotonic()))
             if pred(m):
+                return m
+
+    def next_new(self, pred: Callable[[Received], bool], timeout_s: float = 5.0) -> Received:
+        """The first matching message not seen before: delivery is at least once, and a consumer
+        drops a repeat by (topic, boot, seq), as the telemetry contract says."""
+        while True:
+            m = self.wait_for(pred, timeout_s)
+            try:
+                body = m.json()
+                key = (m.topic, str(body["boot_id"]), int(body["seq"]))
+            except (ValueError, KeyError, TypeError):
+                return m
+            if key not in self._seen:
+                self._seen.add(key)
                 return m
 
     def close(self) -> None:

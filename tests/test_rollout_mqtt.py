@@ -45,7 +45,7 @@ def fleet(broker, *args: str) -> subprocess.CompletedProcess:
 
 
 def next_event(sub: Subscriber, timeout_s: float = 20.0) -> dict:
-    return sub.wait_for(lambda m: m.topic.endswith("/event"), timeout_s).json()
+    return sub.next_new(lambda m: m.topic.endswith("/event"), timeout_s).json()
 
 
 def test_malformed_unknown_and_mismatching_commands_refused_and_reported(

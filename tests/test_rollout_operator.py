@@ -193,7 +193,7 @@ def test_a_restart_with_the_retained_command_over_mqtt_keeps_the_failed_build_ou
             names = []
             while True:  # the agent drained its outbox before it exited: all events are here
                 try:
-                    names.append(sub.get(2.0).json()["event"])
+                    names.append(sub.next_new(lambda m: True, 2.0).json()["event"])
                 except TimeoutError:
                     break
             boots.append((names, {json.loads(x)["model"] for x in
