@@ -181,3 +181,79 @@ def test_classify_prints_words(words_model: Path, tmp_path: Path) -> None:
     right = [o for o, u in zip(out, truth, strict=False) if o["accepted"]]
     assert right and all(o["label"] == TO_WORD[u["digit"]]
                          for o, u in zip(out, truth, strict=False) if o["accepted"])
+
+
+def test_review_samples_are_labelled_with_words(tmp_path: Path) -> None:
+    import numpy as np
+
+    from agent.samples import EXPORT_README, SampleStore, training_folder
+
+    main = tmp_path / "main"
+    main.mkdir()
+    sf.write(main / "yes_jackson_0.wav", np.zeros(1600, np.float32), 16000)
+    store = SampleStore(tmp_path / "state")
+    for _ in range(3):
+        store.save(np.zeros(1600, np.float32), 16000, {"reason": "abstained",
+                                                       "device_label": "up"})
+    out = tmp_path / "export"
+    store.export(out, "kitchen")
+    assert "up_kitchen_0.wav" in (out / EXPORT_README).read_text()
+    (out / "kitchen-0.wav").rename(out / "turn on_kitchen_0.wav")
+    (out / "kitchen-1.wav").rename(out / "Up_kitchen_1.wav")  # not a vocabulary word: skipped
+    folder = training_folder([main, out], root=tmp_path / "cache")
+    assert sorted(p.name for p in folder.iterdir()) == ["turn on_field_0.wav",
+                                                       "yes_jackson_0.wav"]
+
+
+def test_enrollment_takes_word_files_for_a_word_model(words_model: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    """`{word}_{anything}.wav` for each word of the model; a digit name is refused in one
+    line naming the model's words; enrollment changes classify, forget restores it."""
+    from agent import cli
+
+    x, sr = sf.read(str(demo_audio()), dtype="float32")
+    first, rest, seen = [], [], set()
+    for i, u in enumerate(json.loads(demo_truth().read_text())["utterances"]):
+        a = x[max(0, int((u["start"] - 0.25) * sr)):int((u["end"] + 0.25) * sr)]
+        word = TO_WORD[u["digit"]]
+        path = tmp_path / f"{word}_{'enroll' if word not in seen else 'again'}_{i}.wav"
+        (first if word not in seen else rest).append(path)
+        seen.add(word)
+        sf.write(str(path), a, sr, subtype="PCM_16")
+    state = tmp_path / "state"
+    model = ["--model", str(words_model), "--model-thresholds",
+             str(words_model / "calibration" / "thresholds.json")]
+
+    def classify() -> list[dict]:
+        assert cli.main(["classify", "--log-level", "WARNING", "--state-dir", str(state),
+                         *model, *map(str, first + rest)]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    plain = classify()
+    digit_named = tmp_path / "7_enroll_0.wav"
+    digit_named.write_bytes(first[0].read_bytes())
+    assert cli.main(["enroll", "--state-dir", str(state), *model, str(digit_named),
+                     *map(str, first[1:])]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "7_enroll_0.wav" in err and "yes, no, up" in err
+    assert cli.main(["enroll", "--log-level", "WARNING", "--state-dir", str(state), *model,
+                     *map(str, first)]) == 0
+    assert "enrolled 10 recordings of 10 classes for commands@1.0.0" in capsys.readouterr().out
+    enrolled = classify()
+    assert enrolled != plain and {d["label"] for d in enrolled} <= {*WORDS, "unknown"}
+    assert cli.main(["enroll", "--forget", "--state-dir", str(state)]) == 0
+    capsys.readouterr()
+    assert classify() == plain
+
+
+def test_the_actions_table_is_checked_against_the_model_words() -> None:
+    from agent.actions.table import check, parse
+    from agent.errors import ConfigError
+
+    table = parse({"up": ["/bin/true"], "lights": ["/bin/true"], "*": ["/bin/true"]})
+    warnings = check(table, (*WORDS, "unknown"))
+    assert len(warnings) == 1 and "'lights'" in warnings[0] and "no such class" in warnings[0]
+    assert table.match("up").key == "up" and table.match("down").key == "*"
+    with pytest.raises(ConfigError) as e:
+        parse({"Lights": ["/bin/true"]})
+    assert "'Lights' is not a vocabulary word" in str(e.value) and "\n" not in str(e.value)
