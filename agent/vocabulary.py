@@ -4,7 +4,7 @@ A model's classes are its vocabulary: words plus its `unknown` class. A class na
 further than anything else the model has: into the decisions file, the `[actions]` table, the
 stats payload's `outputs.classes` (docs/stats.schema.json, agent.fleet.schema), the fleet's
 views, review-sample and enrollment file names (`{word}_{speaker}_{take}.wav`). So a word
-is 1 to 32 characters of lower-case ASCII letters and digits, with single inner spaces, hyphens
+is 1 to 24 characters of lower-case ASCII letters and digits, with single inner spaces, hyphens
 or dots ("lights", "turn on", "wi-fi", "7"): no `_` (it separates the parts of a file name), no
 upper case (the same word twice, spelled differently), no other characters (a topic, a shell
 or a file system would read them). Checked when a vocabulary is given to training and whenever
@@ -16,8 +16,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-MAX_WORD = 32
-MAX_CLASSES = 64   # words plus unknown; the fleet's bounded contract (agent.fleet.schema)
+# A stats payload with every bin of every metric filled is ~7.4 KB; 24 words of 24 characters
+# plus unknown keep it within its 8 KB (8,021 bytes, tests/test_vocabulary.py). The fleet's
+# contract (agent.fleet.schema: 64 classes of 32 characters) is looser, never stricter.
+MAX_WORD = 24
+MAX_WORDS = 24
+MAX_CLASSES = MAX_WORDS + 1   # the words plus unknown
 # always .fullmatch (`$` also matches before a trailing newline)
 WORD = re.compile(r"[a-z0-9](?:[a-z0-9.-]| [a-z0-9.-])*")
 RULE = (f"1-{MAX_WORD} characters of a-z 0-9, single inner spaces, '-' or '.', starting with "
@@ -40,7 +44,8 @@ def vocabulary_problem(classes: Iterable[object], unknown_label: object = None) 
     if not cs:
         return "it has no classes"
     if len(cs) > MAX_CLASSES:
-        return f"it has {len(cs)} classes, at most {MAX_CLASSES} (words plus unknown) are allowed"
+        return (f"it has {len(cs)} classes, at most {MAX_CLASSES} ({MAX_WORDS} words plus "
+                "unknown) fit a stats payload")
     for c in cs:
         why = word_problem(c)
         if why:
@@ -57,6 +62,8 @@ def parse_words(text: str) -> list[str]:
     """`--vocabulary yes,no,turn on` → ["yes", "no", "turn on"] (spaces around commas
     dropped); ValueError names the first word that breaks the rule."""
     words = [w.strip() for w in text.split(",")]
+    if len(words) > MAX_WORDS:
+        raise ValueError(f"{len(words)} words, at most {MAX_WORDS} fit a stats payload")
     for w in words:
         why = word_problem(w)
         if why:

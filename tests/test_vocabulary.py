@@ -70,9 +70,9 @@ def words_run(words_model: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_the_word_rule() -> None:
-    for ok in ("yes", "turn on", "wi-fi", "7", "unknown", "a" * 32, "v1.2"):
+    for ok in ("yes", "turn on", "wi-fi", "7", "unknown", "a" * 24, "v1.2"):
         assert word_problem(ok) is None, ok
-    for bad in ("", "Yes", "turn_on", "turn  on", " on", "on ", "-on", "caf\u00e9", "a" * 33,
+    for bad in ("", "Yes", "turn_on", "turn  on", " on", "on ", "-on", "caf\u00e9", "a" * 25,
                 "on\n", "a/b", 7):
         assert word_problem(bad) is not None, bad
     assert parse_words("yes, no,turn on") == ["yes", "no", "turn on"]
@@ -257,3 +257,21 @@ def test_the_actions_table_is_checked_against_the_model_words() -> None:
     with pytest.raises(ConfigError) as e:
         parse({"Lights": ["/bin/true"]})
     assert "'Lights' is not a vocabulary word" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_largest_vocabulary_keeps_the_worst_stats_payload_within_8_kb() -> None:
+    from agent.payloads import MAX_PAYLOAD_BYTES, SinceBoot, payload_bytes, stats_payload
+    from agent.vocabulary import MAX_WORD, MAX_WORDS
+    from tests.test_privacy_payloads import ANCHOR, MODEL, PROCESS, _drift_all, _full_summary
+
+    s = _full_summary(classes=MAX_WORDS + 1, utterances=400)
+    words = [f"w{i:02d}".ljust(MAX_WORD, "x") for i in range(MAX_WORDS)]
+    assert vocabulary_problem([*words, "unknown"], "unknown") is None
+    s.classes = {w: 16 for w in [*words, "unknown"]}
+    year = dict(zip(SinceBoot.FIELDS, (525_600, 3_153_600_000, 1_500_000_000, 9_999_999,
+                                       9_000_000, 999_999, 99_999_999), strict=True))
+    p = stats_payload(s, _drift_all(), utc_anchor=ANCHOR, model=MODEL, process=PROCESS,
+                      historical=True, active_alarms={"snr_db"}, device_id="d" * 64,
+                      boot_id="b" * 64, seq=123456789, since_boot=year)
+    STATS.validate(p)
+    assert len(payload_bytes(p)) <= MAX_PAYLOAD_BYTES

@@ -58,7 +58,7 @@ Word = Annotated[str, Meta(pattern=WORD)]     # a mode, a state
 Utc = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
                                   r"(\.[0-9]{1,6})?Z\Z")]
 MAX_METRICS = 64           # metric entries per window (the catalogue has ~20)
-MAX_CLASSES = 64           # words plus unknown (agent.vocabulary.MAX_CLASSES)
+MAX_CLASSES = 64           # a device sends at most agent.vocabulary.MAX_CLASSES (25)
 MAX_HIST = 25              # [first bin, up to 24 counts]
 REASONS = ("invalid_json", "too_large", "too_deep", "schema", "implausible_time")
 
