@@ -107,8 +107,11 @@ def check(table: ActionTable, classes: Iterable[str] | None = None) -> list[str]
             raise ConfigError(f"action for label {key!r}: program {a.argv[0]!r} does not exist "
                              "or is not executable (as the service sees the file system: see "
                              "docs/actions.md); install it or fix [actions] in the config")
-    if classes is None:
-        return []
+    return [] if classes is None else label_warnings(table, classes)
+
+
+def label_warnings(table: ActionTable, classes: Iterable[str]) -> list[str]:
+    """One line per action key the model has no class for (`"*"` always has one)."""
     known = set(classes)
     shown = ", ".join(sorted(known)[:20]) + (", …" if len(known) > 20 else "")
     return [f"action for label {k!r}: the model has no such class (its classes: {shown}); "
