@@ -161,6 +161,29 @@ def test_an_allowed_vocabulary_change_is_activated_warned_and_judged(tmp_path, m
     assert of(msgs, "stats")[-1]["rollout"]["state"] == "committed"
 
 
+def test_a_new_vocabulary_that_abstains_is_rolled_back_to_the_old_words(tmp_path, make_stream):
+    """What can be compared still decides: a word model that abstains on everything breaches
+    the abstain rate and the device goes back to the digits (rollback needs no flag)."""
+    stream = make_stream(seconds=100, seed=31).with_suffix(".wav")
+    state = tmp_path / "state"
+    bad = derive(tmp_path / "bad", classes=WORDS, name="commands", version="1.0.1-bad",
+                 behaviour="abstain")
+    c = deliver(state, bad, "activate", vocabulary_change=True)
+    msgs, decisions, _ = run(tmp_path, stream, state, "--rollout-baseline-windows", "2",
+                             "--rollout-probation-windows", "5", "--rollout-min-utterances",
+                             "2", "--rollout-breach-windows", "2")
+    events = of(msgs, "event")
+    assert [e["event"] for e in events][:3] == ["waiting_for_baseline", "activated",
+                                                "rolled_back"], events
+    rolled = events[2]
+    assert rolled["model"] == c.ref and rolled["previous"] == ACTIVE.ref
+    breach, note = rolled["reason"].split(" (vocabulary changed: ")
+    assert "abstain rate 1.00" in breach and "accuracy" not in breach
+    assert note.startswith("accuracy and precision estimates not compared")
+    assert decisions[-1]["model"] == ACTIVE.ref and decisions[-1]["label"] in \
+        {*(str(i) for i in range(10)), "unknown"}
+
+
 def test_probation_leaves_out_the_word_bound_figures_but_still_judges_the_rest() -> None:
     base = {"abstain_rate": 0.1, "estimated_accuracy": 0.95, "latency_p95_ms": 2.0,
             "accepted_confidence": 0.99}
