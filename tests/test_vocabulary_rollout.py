@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 
 from agent.model import MANIFEST, Manifest
@@ -222,3 +223,26 @@ def test_models_install_and_activate_need_the_flag_and_warn_about_actions(tmp_pa
     assert len(warned) == 1 and "'7'" in warned[0]
     ptr = json.loads((state / "models" / "pointers.json").read_text())
     assert ptr["active"] == "commands@1.0.0" and ptr["probation"]["vocabulary_change"] is True
+
+
+def test_a_digit_enrollment_is_not_applied_to_a_candidate_with_other_words(tmp_path: Path):
+    """The shadow compares both models plain rather than rescoring words with digit
+    recordings (their prototypes would not exist)."""
+    from agent.model import ModelRunner
+    from agent.personal.adaptation import AdaptationParams
+    from agent.personal.device import FILE_MICROPHONE, build_personalizer
+    from agent.personal.enrollment import Enrollment
+    from agent.personal.store import PersonalStore, frontend_id
+
+    digits = ModelRunner(default_model_dir())
+    x = digits.features(np.zeros(8000, np.float32))
+    labels = tuple(str(i) for i in range(10))
+    PersonalStore(tmp_path).save_enrollment(Enrollment(
+        np.stack([x] * 10), labels, frontend_id(digits.manifest),
+        digits.manifest.ref))
+    personal = build_personalizer(model=digits, state_dir=tmp_path, microphone=FILE_MICROPHONE,
+                                  adaptation=False, params=AdaptationParams(), enrollment=True,
+                                  enrollment_weight=1.0, persist=False)
+    assert personal is not None and personal.enrolled
+    assert personal.scorer_for(digits) is not None
+    assert personal.scorer_for(ModelRunner(words(tmp_path))) is None
