@@ -22,6 +22,7 @@ from collections.abc import Iterable
 MAX_WORD = 24
 MAX_WORDS = 24
 MAX_CLASSES = MAX_WORDS + 1   # the words plus unknown
+UNKNOWN = "unknown"           # the open-set class training gives every model
 # always .fullmatch (`$` also matches before a trailing newline)
 WORD = re.compile(r"[a-z0-9](?:[a-z0-9.-]| [a-z0-9.-])*")
 RULE = (f"1-{MAX_WORD} characters of a-z 0-9, single inner spaces, '-' or '.', starting with "
@@ -60,12 +61,14 @@ def vocabulary_problem(classes: Iterable[object], unknown_label: object = None) 
 
 def parse_words(text: str) -> list[str]:
     """`--vocabulary yes,no,turn on` → ["yes", "no", "turn on"] (spaces around commas
-    dropped); ValueError names the first word that breaks the rule."""
+    dropped); ValueError names the first word that breaks the rule (`unknown` is the
+    open-set class every model has, never a word of its vocabulary)."""
     words = [w.strip() for w in text.split(",")]
     if len(words) > MAX_WORDS:
         raise ValueError(f"{len(words)} words, at most {MAX_WORDS} fit a stats payload")
     for w in words:
-        why = word_problem(w)
+        why = word_problem(w) or (f"{w!r} is the open-set class, not a word"
+                                  if w == UNKNOWN else None)
         if why:
             raise ValueError(why)
     twice = sorted({w for w in words if words.count(w) > 1})

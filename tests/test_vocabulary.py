@@ -80,6 +80,8 @@ def test_the_word_rule() -> None:
         parse_words("go,Stop")
     with pytest.raises(ValueError, match="listed twice"):
         parse_words("go,stop,go")
+    with pytest.raises(ValueError, match="open-set class"):
+        parse_words("go,unknown")
     assert "at most" in vocabulary_problem([f"w{i}" for i in range(MAX_CLASSES + 1)])
     assert "not one of its classes" in vocabulary_problem(["yes", "no"], "unknown")
 
