@@ -233,7 +233,7 @@ def _metric_json(m: MetricSum, unit: str | None = None,
 
 
 @dataclass
-class _Totals:
+class Totals:
     """What sums over windows: counters, metrics, the accuracy estimate's weights."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
@@ -248,7 +248,7 @@ class _Totals:
             m = self.metrics[name] = MetricSum(edges)
         return m
 
-    def merge_in(self, other: _Totals) -> None:
+    def merge_in(self, other: Totals) -> None:
         self.windows += other.windows
         self.acc_sum += other.acc_sum
         self.acc_n += other.acc_n
@@ -276,7 +276,7 @@ class _Device:
     model: dict[str, Any] | None = None
     seqs: dict[str, SeqSet] = field(default_factory=dict)
     last: dict[str, Any] | None = None   # the stats payload with the latest window end
-    totals: _Totals = field(default_factory=_Totals)
+    totals: Totals = field(default_factory=Totals)
     alarms: dict[str, dict[tuple, dict[str, Any]]] = field(default_factory=dict)  # boot -> key
     alarm_events: int = 0
     duplicates: int = 0
@@ -335,7 +335,7 @@ class FleetState:
         self.devices: dict[str, _Device] = {}
         # Sums per (model, version, rollout, cohort) -- the per-model view operators compare --
         # and, merged, the fleet's totals. Keyed by what each window says it ran.
-        self.groups: dict[tuple[str, str, str, str], _Totals] = {}
+        self.groups: dict[tuple[str, str, str, str], Totals] = {}
         self.messages = 0
         self.group_key: tuple[str, str, str, str] = ("", "", "", "")  # of the last stats merged
         self.unknown_topics = 0
@@ -348,9 +348,9 @@ class FleetState:
         self.group_keys: set[tuple[str, str, str, str]] = {OTHER}  # admitted, <= MAX_GROUPS
 
     @property
-    def fleet(self) -> _Totals:
+    def fleet(self) -> Totals:
         """Every group's sums merged (exact: counts and histograms add)."""
-        out = _Totals()
+        out = Totals()
         for g in self.groups.values():
             out.merge_in(g)
         return out
@@ -532,11 +532,11 @@ class FleetState:
                           "seq": p["seq"]}
         return "alarm"
 
-    def _group_totals(self, key: tuple[str, str, str, str], p: Mapping[str, Any]) -> _Totals:
+    def _group_totals(self, key: tuple[str, str, str, str], p: Mapping[str, Any]) -> Totals:
         """Where a window's group sums go (`fleet serve` first sums them per time bucket)."""
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = _Totals()
+            group = self.groups[key] = Totals()
         return group
 
     def _capped_group(self, dev: _Device, key: tuple[str, str, str, str]
@@ -717,7 +717,7 @@ def _summary(device: Mapping[str, Any]) -> dict[str, Any]:
             "outbox_dropped": device["outbox_dropped"]}
 
 
-def _add_window(totals: _Totals, p: Mapping[str, Any],
+def _add_window(totals: Totals, p: Mapping[str, Any],
                 entries: Iterable[tuple[str, Mapping[str, Any]]],
                 table: Mapping[str, tuple[np.ndarray, int | None]]) -> None:
     """Sum one checked stats window (its counters and these metric entries) into `totals`."""

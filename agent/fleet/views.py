@@ -109,7 +109,7 @@ def fleet_view(model: FleetModel, history: History | None, *, range_name: str = 
     alarms.sort(key=lambda a: (a["device"], a["metric"], a["scope"]))
     t_now = now()
     charts = fleet_charts(history, t_now - RANGES[rng], t_now) if history is not None else []
-    return {"prefix": model.prefix, "replica": replica, "generated": page._utc(t_now),
+    return {"prefix": model.prefix, "replica": replica, "generated": page.short_utc(t_now),
             "ranges": list(RANGES), "range": rng, "kpis": kpis, "alarms": alarms[:ALARMS_N],
             "alarms_total": len(alarms), "tops": tops, "q": q, "search": search,
             "search_total": total, "charts": charts,
