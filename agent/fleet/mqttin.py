@@ -483,18 +483,20 @@ class Subscriber:
                             view[:have] = data[used:]
                     acks = []
                     n = 0
-                    for p in packets:
-                        if type(p) is Publish:
-                            n += 1
-                            try:
-                                ingest(p.topic, p.payload, p.retained)
-                            except Exception:  # one bad message must not stop the stream
-                                self._ingest_failed(p.topic)
-                            if p.packet_id:
-                                acks.append(b"\x40\x02" + p.packet_id)
-                        else:
-                            self._control(sock, p)
-                    self.messages += n
+                    try:
+                        for p in packets:
+                            if type(p) is Publish:
+                                n += 1
+                                try:
+                                    ingest(p.topic, p.payload, p.retained)
+                                except Exception:  # one bad message must not stop the stream
+                                    self._ingest_failed(p.topic)
+                                if p.packet_id:
+                                    acks.append(b"\x40\x02" + p.packet_id)
+                            else:
+                                self._control(sock, p)
+                    finally:  # also those before a control packet that ends the session
+                        self.messages += n
                     if acks:
                         _send(sock, b"".join(acks))
                         last_sent = now
