@@ -21,26 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import select
-import ssl
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.fleet.mqttin import client_tls
+
 CHUNK = 262144
-
-
-def _ssl_context(ca_file: Path | None, cert_file: Path | None,
-                 key_file: Path | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if ca_file:
-        ctx.load_verify_locations(cafile=str(ca_file))
-    else:
-        ctx.load_default_certs()
-    if cert_file:
-        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
-    return ctx
 
 
 class _Base:
@@ -60,7 +49,7 @@ class _Base:
         self.v5 = version == "5"
         self.persistent, self.session_expiry_s = persistent, int(session_expiry_s)
         self.username, self.password = username, password
-        self.ssl = _ssl_context(ca_file, cert_file, key_file) if tls else None
+        self.ssl = client_tls(ca_file, cert_file, key_file) if tls else None
         self.keepalive_s = keepalive_s
         self.ready = threading.Event()
         self.live = False

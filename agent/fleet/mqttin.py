@@ -258,6 +258,20 @@ def reason_name(packet: str, code: int, v5: bool) -> str:
 
 
 # --- the network edge ------------------------------------------------------------------------
+def client_tls(ca_file: Path | None, cert_file: Path | None,
+               key_file: Path | None) -> ssl.SSLContext:
+    """The TLS context of an operator-side connection: verifies the chain and the host name
+    (against `ca_file`, or the system trust store), with an optional client certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    else:
+        ctx.load_default_certs()
+    if cert_file:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return ctx
+
+
 class _Lost(Exception):
     """The connection ended; str() says why (one log line)."""
 
@@ -311,16 +325,7 @@ class Subscriber:
             session_expiry_s=int(session_expiry_s) if persistent else 0,
             keepalive_s=keepalive_s, username=username, password=password)
         self._subscribe = subscribe_packet(topic_filter, v5=self.v5, extra=self.extra_filters)
-        self._ssl: ssl.SSLContext | None = None
-        if tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host
-            if ca_file:
-                ctx.load_verify_locations(cafile=str(ca_file))
-            else:
-                ctx.load_default_certs()
-            if cert_file:
-                ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
-            self._ssl = ctx
+        self._ssl = client_tls(ca_file, cert_file, key_file) if tls else None
         self._stop = threading.Event()
         self._ready = threading.Event()      # subscribed, or refused/failed at start
         self._failed: str | None = None      # why start() fails
