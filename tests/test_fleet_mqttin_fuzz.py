@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
 
 import pytest
 
@@ -25,6 +24,7 @@ from agent.fleet.mqttin import (
     parse_packets,
     suback_codes,
 )
+from tests.test_fleet_hostile import _TrickleSocket
 from tests.test_fleet_mqttin import _stream, publish
 
 SEED = 2112
@@ -123,28 +123,6 @@ def test_the_body_readers_raise_only_malformed_packet() -> None:
                 pass
 
 
-class _Socket:
-    """A socket whose recv_into() hands out `data` in random pieces, then EOF."""
-
-    def __init__(self, data: bytes, rng: random.Random) -> None:
-        self.data, self.rng, self.pos, self.sent = data, rng, 0, b""
-
-    def recv_into(self, view: Any) -> int:
-        n = min(self.rng.randint(1, 4096), len(self.data) - self.pos, len(view))
-        view[:n] = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-    def sendall(self, b: bytes) -> None:
-        self.sent += b
-
-    def settimeout(self, t: Any) -> None:
-        pass
-
-    def setsockopt(self, *a: Any) -> None:
-        pass
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5"])
 def test_the_session_fed_random_bytes_ends_only_with_its_own_errors(v5: bool) -> None:
@@ -158,7 +136,7 @@ def test_the_session_fed_random_bytes_ends_only_with_its_own_errors(v5: bool) ->
                                 host="127.0.0.1", port=1, tls=False, topic_filter="eva/+/stats",
                                 client_id="fuzz", version="5" if v5 else "3.1.1")
         try:
-            sub._session(_Socket(buf, rng))  # type: ignore[arg-type]
+            sub._session(_TrickleSocket(buf, rng.randint(1, 4096)))  # type: ignore[arg-type]
         except (mqttin._Lost, mqttin._Refused, MalformedPacket) as e:
             ends.add(type(e).__name__)
         packets, _, _ = parse_packets(buf, v5)
