@@ -96,7 +96,11 @@ class FileSource:
                 done += len(data)
                 yield AudioBlock(data, self.rate)
         finally:
-            self._file.close()
+            self.close()
+
+    def close(self) -> None:
+        """Release the file (iterating to the end does it too)."""
+        self._file.close()
 
     def describe(self) -> str:
         return f"file {self.path} ({self.rate} Hz, {self.channels} ch)"

@@ -259,7 +259,7 @@ def status(args: argparse.Namespace) -> int:
     w.start()
     try:
         threading.Event().wait(args.duration)
-        with w._lock:
+        with w.lock:
             snap = w.state.to_json()
             rollouts = dict(w.state.rollouts)
     finally:

@@ -141,6 +141,11 @@ class SeqSet:
         return sum(h - lo + 1 for lo, h in zip(self._lo, self._hi, strict=True)) - self._inside
 
     @property
+    def runs(self) -> int:
+        """Runs of consecutive seqs held (more than one: something is missing or folded)."""
+        return len(self._lo)
+
+    @property
     def min(self) -> int | None:
         return self._lo[0] if self._lo else None
 
@@ -423,7 +428,7 @@ class FleetState:
         self.broker_dropped = (first, n)
         return "sys"
 
-    def _loss_json(self, devices: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    def loss_json(self, devices: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """Missing seq numbers split by where they were lost (agent.fleet.loss)."""
         missing = sum(v["missing"] for v in devices.values())
         device = sum(min(v["missing"], v["outbox_dropped"]) for v in devices.values())
@@ -608,7 +613,7 @@ class FleetState:
         return "stats"
 
     # --- output ----------------------------------------------------------------------------
-    def _device_json(self, d: _Device) -> dict[str, Any]:
+    def device_json(self, d: _Device) -> dict[str, Any]:
         boots = {}
         missing = 0
         for boot, s in d.seqs.items():
@@ -644,7 +649,7 @@ class FleetState:
 
     def to_json(self) -> dict[str, Any]:
         """The merged state as a JSON-serialisable dict (the `fleet watch --json` output)."""
-        devices = {dev_id: self._device_json(d) for dev_id, d in sorted(self.devices.items())}
+        devices = {dev_id: self.device_json(d) for dev_id, d in sorted(self.devices.items())}
         return self._document({k: _summary(v) for k, v in devices.items()}, devices)
 
     def to_json_chunks(self, encode: Callable[[Any], bytes], **extra: Any) -> list[bytes]:
@@ -656,7 +661,7 @@ class FleetState:
         size = 0
         summaries = {}
         for dev_id, d in sorted(self.devices.items()):
-            v = self._device_json(d)
+            v = self.device_json(d)
             summaries[dev_id] = _summary(v)
             batch.append(encode(dev_id) + b":" + encode(v))
             size += len(batch[-1])
@@ -703,7 +708,7 @@ class FleetState:
             "input_rms_dbfs": _round(f.metrics["input_rms_dbfs"].mean)
             if "input_rms_dbfs" in f.metrics else None,
             "errors": errors,
-            "loss": self._loss_json(summaries),
+            "loss": self.loss_json(summaries),
             "metrics": {name: metrics[name] for name in order},
         }
         return {"schema": FLEET_SCHEMA, "prefix": self.prefix, "generated_utc": _utc(self._clock()),

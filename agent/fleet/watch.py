@@ -93,7 +93,7 @@ class Watcher:
         self.url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
         self.subscription = f"{prefix}/+/#"
         self.state = FleetState(prefix)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held to read `state` (the network thread writes it)
         self._connack = threading.Event()
         self._subscribed = threading.Event()
         self._refused: str | None = None
@@ -129,7 +129,7 @@ class Watcher:
         self.client.loop_stop()
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
+        with self.lock:
             snap = self.state.to_json()
         snap["broker"] = self.url
         return snap
@@ -155,7 +155,7 @@ class Watcher:
         self._subscribed.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        with self._lock:
+        with self.lock:
             self.state.ingest(msg.topic, bytes(msg.payload), bool(msg.retain))
         self.last_activity = time.monotonic()
 
