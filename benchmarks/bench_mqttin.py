@@ -19,6 +19,7 @@ persistent session: full reads, as for a replica at its limit).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pickle
 import shutil
@@ -221,6 +222,9 @@ def main() -> int:
                   else "live (subscribed while the publisher sends; its rate bounds the wall "
                   "rate):")
             for impl in impls:
+                if impl == "gmqtt" and importlib.util.find_spec("gmqtt") is None:
+                    print("  gmqtt: not installed, skipped (pip install gmqtt)")
+                    continue
                 for version in versions:
                     us, sys_us, rate, note = run(impl, version, port, d / "msgs.pickle",
                                                  len(msgs), backlog)

@@ -8,7 +8,7 @@ the layer alone. Plain subscriptions and $share; TLS and credentials are passed 
 benchmarked.
 
 * `GmqttSubscriber`: gmqtt 0.8 (MQTT 5 and 3.1.1, asyncio) on an event loop in its own thread;
-  PUBACKs as gmqtt sends them.
+  PUBACKs as gmqtt sends them. Not a dependency of the project: `pip install gmqtt` to run it.
 * `PahoTunedSubscriber`: paho 2.2 with its receive loop tuned as far as it goes: a manual loop
   (select, then `loop_read()` until the buffered bytes are used up, ONE `loop_write()` for all
   the PUBACKs of a read, `loop_misc()` once per pass), reads of 256 KB served to paho's
