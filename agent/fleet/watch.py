@@ -57,8 +57,9 @@ def _load_rich() -> None:
 # --- the subscriber -------------------------------------------------------------------------
 def prepare_client(c: Any, handler: Any, *, username: str | None, password: str | None,
                    tls: bool, ca_file: Any, cert_file: Any, key_file: Any) -> Any:
-    """Credentials, TLS, reconnect back-off and callbacks, the same for every operator-side
-    subscriber (`fleet watch`, `fleet serve`): `handler` has the four `_on_*` methods."""
+    """Credentials, TLS, reconnect back-off and callbacks of the paho subscriber of `fleet watch`
+    and `fleet rollout status` (a Watcher: `handler` has the four `_on_*` methods; `fleet
+    serve` reads through agent.fleet.mqttin)."""
     if username:
         c.username_pw_set(username, password)
     if tls:
