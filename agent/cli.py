@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print a JSON list of {check, status, detail}")
     _add_settings(doc)
 
-    from agent.fleet import watch as fleet_watch  # argparse only; paho/rich load on use
-    fleet_watch.add_parser(sub)
+    from agent.fleet import cli as fleet_cli  # argparse only; paho/rich load on use
+    fleet_cli.add_parser(sub)
     from agent.rollout import cli as models_cli
     models_cli.add_parser(sub)
     from agent import samples

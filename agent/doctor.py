@@ -84,7 +84,7 @@ def check_audio_source(cfg: Config) -> Check:
             f = FileSource(a.source, a.block_ms)
         except Exception as e:  # noqa: BLE001 - every failure is a FAIL line
             return Check("audio_source", FAIL, _msg(e))
-        f._file.close()
+        f.close()
         return Check("audio_source", OK, f.describe())
     result: list[Check] = []
 

@@ -23,7 +23,6 @@ pipeline, and what a reader that never reads does to it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_pipeline import make_bench_stream  # noqa: E402
+from benchmarks.bench_pipeline import make_bench_stream, stream_bench_args  # noqa: E402
 
 # The action: stamps CLOCK_REALTIME first thing after exec, then appends "ns <stdin>" to argv[1].
 STAMP_C = r"""
@@ -224,14 +223,7 @@ def publish_flood(tmp: Path, n: int = 1000) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=3)
-    ap.add_argument("--speed", type=float, default=10)
-    ap.add_argument("--flood-minutes", type=float, default=45)
-    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = stream_bench_args(__doc__, 3, speed=10, flood_minutes=45)
     tmp = Path(tempfile.mkdtemp(prefix="eva-bench-actions-"))
     try:
         for d in ("paced", "flood"):

@@ -25,6 +25,12 @@ benchmark checks the targets: peak RSS <= 300 MiB, every view 200 within its bud
 `/metrics` valid and <= 20 MB, the honest devices' totals exact.
 
     python benchmarks/bench_fleet.py --devices 10000 --windows 3 --hostile 1000
+
+With `--client gmqtt` or `--client paho` the replica is the same `fleet serve` with its MQTT
+layer (agent.fleet.mqttin) replaced by a well-kept library (benchmarks/mqtt_alternatives.py;
+issue 21's comparison, docs/fleet.md).
+
+    python benchmarks/bench_fleet.py --devices 2000 --windows 5 --history-days 1 --client gmqtt
 """
 
 from __future__ import annotations
@@ -232,6 +238,9 @@ def main() -> int:
     ap.add_argument("--history-days", type=float, default=14.0)
     ap.add_argument("--fleet-only", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--client", choices=("lean", "gmqtt", "paho"), default="lean",
+                    help="the replica's MQTT layer: agent.fleet.mqttin (lean), or a library "
+                    "(benchmarks/mqtt_alternatives.py)")
     ap.add_argument("--hostile", type=int, default=0, metavar="N",
                     help="add one hostile device: N windows per flooding attack (issue 20)")
     args = ap.parse_args()
@@ -280,6 +289,9 @@ def main() -> int:
            "--log-level", "WARNING"]
     if args.fleet_only:
         cmd.append("--fleet-only")
+    if args.client != "lean":
+        i = cmd.index("fleet")
+        cmd[i - 2:i] = [str(ROOT / "benchmarks" / "mqtt_alternatives.py"), args.client]
     if shutil.which("taskset") is None:
         cmd = cmd[3:]
     serve = subprocess.Popen(cmd, cwd=d, stderr=open(d / "serve.log", "wb"))
@@ -340,7 +352,8 @@ def main() -> int:
         for p in pubs:
             p.wait(60)
         wall = t_end - (first or t_start)
-        print(f"ingest ({args.mqtt_version=}): {done} stats messages in {wall:.2f} s = "
+        print(f"ingest ({args.mqtt_version=}, {args.client=}): {done} stats messages in "
+              f"{wall:.2f} s = "
               f"{done / wall:,.0f} msg/s wall; replica CPU {cpu:.2f} s = "
               f"{done / cpu:,.0f} msg per CPU-second")
         r = json.loads(_get(base + "/api/ingest.json")).get("stats_reader")

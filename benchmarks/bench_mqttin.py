@@ -13,11 +13,13 @@ persistent session: full reads, as for a replica at its limit).
 
     python benchmarks/bench_mqttin.py                               # every implementation
     python benchmarks/bench_mqttin.py --impl lean --version 5 --messages 40000
+    python benchmarks/bench_mqttin.py --impl gmqtt       # or paho-tuned (issue 21)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pickle
 import shutil
@@ -104,6 +106,37 @@ class LeanSubscriber:
         self.r.stop()
 
 
+class LibrarySubscriber:
+    """A well-kept library through benchmarks/mqtt_alternatives.py (issue 21)."""
+
+    impl = "gmqtt"
+
+    def __init__(self, model: Counter, port: int, version: str, topic_filter: str,
+                 client_id: str, persistent: bool) -> None:
+        from mqtt_alternatives import CLIENTS
+
+        self.r = CLIENTS[self.impl](model.ingest, host="127.0.0.1", port=port, tls=False,
+                                    topic_filter=topic_filter, client_id=client_id,
+                                    version=version, persistent=persistent,
+                                    session_expiry_s=3600)
+        self.r.start(30)
+
+    def stop(self) -> None:
+        self.r.stop()
+
+
+class GmqttSubscriber(LibrarySubscriber):
+    impl = "gmqtt"
+
+
+class PahoTunedSubscriber(LibrarySubscriber):
+    impl = "paho"
+
+
+KINDS: dict[str, Any] = {"paho": PahoSubscriber, "lean": LeanSubscriber,
+                         "gmqtt": GmqttSubscriber, "paho-tuned": PahoTunedSubscriber}
+
+
 def run(impl: str, version: str, port: int, msgs_path: Path, n: int,
         backlog: bool) -> tuple[float, float, float, str]:
     """(µs CPU per message, of which in the kernel, messages per wall second, note).
@@ -112,7 +145,7 @@ def run(impl: str, version: str, port: int, msgs_path: Path, n: int,
     per read). Backlog: the broker queued everything for our offline persistent session and
     we drain it, as a replica at its limit always is behind (full reads)."""
     model = Counter(n)
-    kind = LeanSubscriber if impl == "lean" else PahoSubscriber
+    kind = KINDS[impl]
     # a backlog goes to a plain subscription: a broker need not queue shared ones offline
     topic_filter = "eva/+/stats" if backlog else SHARED_FILTER
     client_id = f"bench-{impl}-{version}-{'backlog' if backlog else 'live'}"
@@ -141,7 +174,7 @@ def run(impl: str, version: str, port: int, msgs_path: Path, n: int,
         t1, wall = os.times(), time.perf_counter() - wall0
         cpu, system = t1.user + t1.system - t0.user - t0.system, t1.system - t0.system
         note = ""
-        if impl == "lean":
+        if impl != "paho":
             note = f"; {sub.r.messages / max(1, sub.r.reads):.1f} messages per recv()"
         pub.stdin.write("go\n")
         pub.stdin.flush()
@@ -156,7 +189,7 @@ def run(impl: str, version: str, port: int, msgs_path: Path, n: int,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=20_000)
-    ap.add_argument("--impl", choices=("all", "paho", "lean"), default="all")
+    ap.add_argument("--impl", choices=("all", *KINDS), default="all")
     ap.add_argument("--version", choices=("all", "5", "3.1.1"), default="all")
     ap.add_argument("--core", type=int, default=0, help="CPU the subscriber is pinned to")
     args = ap.parse_args()
@@ -182,17 +215,20 @@ def main() -> int:
         print(f"{len(msgs)} stats messages, mean {size:.0f} B; this process on CPUs {affinity}; "
               f"load average {os.getloadavg()}; CPU calibration: sum(range(10**7)) took "
               f"{_calibration():.3f} CPU-s")
-        impls = ("paho", "lean") if args.impl == "all" else (args.impl,)
+        impls = tuple(KINDS) if args.impl == "all" else (args.impl,)
         versions = ("5", "3.1.1") if args.version == "all" else (args.version,)
         for backlog in (False, True):
             print("backlog (the broker queued everything; the subscriber drains it):" if backlog
                   else "live (subscribed while the publisher sends; its rate bounds the wall "
                   "rate):")
             for impl in impls:
+                if impl == "gmqtt" and importlib.util.find_spec("gmqtt") is None:
+                    print("  gmqtt: not installed, skipped (pip install gmqtt)")
+                    continue
                 for version in versions:
                     us, sys_us, rate, note = run(impl, version, port, d / "msgs.pickle",
                                                  len(msgs), backlog)
-                    print(f"  {impl:4} MQTT {version:5}: {us:6.1f} µs CPU per message "
+                    print(f"  {impl:10} MQTT {version:5}: {us:6.1f} µs CPU per message "
                           f"({sys_us:.1f} in the kernel; {rate:,.0f} msg/s wall{note})",
                           flush=True)
     finally:

@@ -112,13 +112,21 @@ def make_bench_stream(shared: Path, minutes: float, tmp: Path) -> Path:
     return stream.with_suffix(".wav")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+def stream_bench_args(doc: str, minutes: float, **extra: float) -> argparse.Namespace:
+    """The options of a benchmark on the FSDD stream: --minutes, the `extra` numbers
+    (flood_minutes=45 is --flood-minutes 45), --shared and --json."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=30)
+    ap.add_argument("--minutes", type=float, default=minutes)
+    for name, default in extra.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=float, default=default)
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = stream_bench_args(__doc__, 30)
     tmp = Path(tempfile.mkdtemp(prefix="eva-bench-"))
     wav = make_bench_stream(a.shared, a.minutes, tmp)
     audio_s = a.minutes * 60

@@ -17,7 +17,6 @@ restart each). Every telemetry message of every boot goes through the fleet's ow
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -68,15 +67,10 @@ def boot(wav: Path, state: Path, out: Path) -> tuple[list[dict], list[dict]]:
 
 def main() -> None:
     from agent.fleet.state import FleetState
+    from benchmarks.bench_pipeline import stream_bench_args
     from tests.rollout_models import derive
 
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=15)
-    ap.add_argument("--drift-at", type=float, default=120)
-    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = stream_bench_args(__doc__, 15, drift_at=120)
     tmp = Path(tempfile.mkdtemp(prefix="eva-bench-rollout-"))
     wav = make_stream(a.shared, a.minutes, a.drift_at, tmp)
     builds = {"good": {}, "abstainer": {"behaviour": "abstain"}, "strict": {"threshold": 0.999},

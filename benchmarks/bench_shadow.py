@@ -16,7 +16,6 @@ shadow's own latency from the stats payloads.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_pipeline import make_bench_stream, timed  # noqa: E402
+from benchmarks.bench_pipeline import make_bench_stream, stream_bench_args, timed  # noqa: E402
 
 
 def deliver(state: Path, src: Path, rollout_id: str) -> None:
@@ -45,12 +44,7 @@ def deliver(state: Path, src: Path, rollout_id: str) -> None:
 def main() -> None:
     from tests.rollout_models import derive
 
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = stream_bench_args(__doc__, 10)
     tmp = Path(tempfile.mkdtemp(prefix="eva-bench-shadow-"))
     wav = make_bench_stream(a.shared, a.minutes, tmp)
     audio_s = a.minutes * 60

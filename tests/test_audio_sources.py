@@ -112,3 +112,21 @@ def test_speed_paces_a_file_like_a_live_source(tmp_path):
 def test_speed_is_refused_for_the_microphone():
     with pytest.raises(AgentError, match="file sources only"):
         open_source("mic", speed=1.0)
+
+
+def test_rescanning_portaudio_keeps_sounddevice_usable_and_its_exit_clean():
+    """rescan_devices() re-initialises PortAudio through its C API on sounddevice's library: the
+    device list is read again afterwards, and sounddevice's own count of initialisations still
+    matches PortAudio's at exit (a mismatch prints an error from its atexit handler)."""
+    import subprocess
+    import sys
+
+    code = ("import sounddevice as sd\n"
+            "from agent.audio.sources import rescan_devices\n"
+            "before = len(sd.query_devices())\n"
+            "rescan_devices(); rescan_devices()\n"
+            "assert len(sd.query_devices()) == before\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    assert "Error" not in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -331,7 +331,7 @@ def test_row3_counters_beyond_2_to_53_are_refused_and_every_view_survives() -> N
 
 # --- row 4: 2^62 utterances and the history's sums ---------------------------------------------
 def test_row4_the_history_never_overflows_and_no_flush_is_lost(tmp_path: Path) -> None:
-    from agent.fleet.state import _Totals
+    from agent.fleet.state import Totals
 
     h = History(tmp_path / "h.sqlite")
     model, app, sim = served(h)
@@ -346,12 +346,12 @@ def test_row4_the_history_never_overflows_and_no_flush_is_lost(tmp_path: Path) -
     now = time.time()
     bucket = int(now // h.bucket_s * h.bucket_s)
     for _ in range(3):
-        big = _Totals()
+        big = Totals()
         big.windows = 2**62
         big.counts = {k: 2**62 + 5 for k in big.counts}
         big.acc_n = 2**63
         h.add_totals(bucket, ("evil", "1", "", ""), big, [[], []])
-        h.add_totals(bucket, ("m", "1", "", ""), _Totals(windows=1), [[], []])
+        h.add_totals(bucket, ("m", "1", "", ""), Totals(windows=1), [[], []])
         h.flush()
     series = h.series(now - 3600, now + 3600, 10, by_group=True)
     pts = [pt for key, pts in series.items() if key[0] == "m" for pt in pts]
@@ -587,14 +587,14 @@ def test_row10_history_is_pruned_by_the_servers_receive_time(tmp_path: Path) -> 
 def test_row10_a_prune_never_vacuums_and_holds_the_lock_a_slice_at_a_time(
         tmp_path: Path, by: str) -> None:
     from agent.fleet import history
-    from agent.fleet.state import _Totals
+    from agent.fleet.state import Totals
 
     h = History(tmp_path / "h.sqlite", max_mb=0.05 if by == "size" else 512.0)
     now = time.time()
     rows = 600 if by == "size" else 3 * history.SLICE_ROWS + 10
     for i in range(rows):  # by age: all received 20 days ago, buckets from then until now
         h.add_totals(int(now - i * 300) // 300 * 300, (f"m{i % 7}", "1", "", ""),
-                     _Totals(windows=1), [[], []],
+                     Totals(windows=1), [[], []],
                      received=now if by == "size" else now - 20 * 86400)
     h.flush()
     assert by == "age" or h.size_bytes() > h.max_bytes

@@ -193,3 +193,21 @@ def test_a_thread_that_keeps_dying_is_restarted_with_back_off(
         assert sink.wait_connected(5)
     finally:
         sink.close(0)
+
+
+def test_a_watched_threads_death_is_kept_and_other_threads_still_reach_the_previous_hook(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+
+    def die(why: str) -> None:
+        raise OSError(errno.EINVAL, why)
+
+    watched = threading.Thread(target=die, args=("watched",))
+    kept = mqtt_mod.keep_death(watched)
+    other = threading.Thread(target=die, args=("other",))
+    for t in (watched, other):
+        t.start()
+        t.join(5)
+    assert [e.strerror for e in kept] == ["watched"]  # type: ignore[attr-defined]
+    assert [e.strerror for e in seen] == ["other"]  # type: ignore[attr-defined]

@@ -61,6 +61,18 @@ def demo_clips(tmp_path_factory) -> tuple[list[Path], list[Path]]:
     return enroll, rest
 
 
+def observe_digits(p, model: ModelRunner, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` confident decisions for the first class, then close (the state is saved); the
+    embedding and probabilities observed."""
+    x = np.ones(model.manifest.frontend.dim, np.float32)
+    digit = np.zeros(len(model.manifest.classes), np.float32)
+    digit[0] = 1.0
+    for _ in range(n):
+        p.observe(x, digit)
+    p.close()
+    return x, digit
+
+
 def classify(capsys, files: list[Path], state: Path) -> list[dict]:
     assert cli.main(["classify", "--log-level", "WARNING", "--state-dir", str(state),
                      *map(str, files)]) == 0
@@ -272,13 +284,7 @@ def test_a_live_microphone_persists_what_it_learns_and_a_new_one_starts_afresh(t
                                   adaptation=True, params=AdaptationParams(min_utterances=3),
                                   enrollment=False, enrollment_weight=0.5)
 
-    p = build()
-    x = np.ones(model.manifest.frontend.dim, np.float32)
-    probs = np.zeros(len(model.manifest.classes), np.float32)
-    probs[0] = 1.0
-    for _ in range(25):
-        p.observe(x, probs)
-    p.close()
+    x, probs = observe_digits(build(), model, 25)
     again = build()
     assert again.adapter.utterances == 25 and again.adapting
     unknown = np.zeros_like(probs)
@@ -478,12 +484,7 @@ def test_another_model_starts_adaptation_afresh_and_is_shadowed_like_for_like(tm
     cfg = config_mod.load(None, {"agent.state_dir": str(tmp_path / "state"),
                                  "personal.adaptation_min_utterances": 3})
     a = service.personalize(cfg, model, microphone="mic:USB")
-    x = np.ones(model.manifest.frontend.dim, np.float32)
-    digit = np.zeros(len(model.manifest.classes), np.float32)
-    digit[0] = 1.0
-    for _ in range(30):
-        a.observe(x, digit)
-    a.close()
+    observe_digits(a, model, 30)
     assert service.personalize(cfg, model, microphone="mic:USB").adapter.utterances == 30
     with caplog.at_level(logging.INFO, logger="edge-voice-agent"):
         b = service.personalize(cfg, other, microphone="mic:USB")

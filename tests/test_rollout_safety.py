@@ -23,7 +23,7 @@ from agent.rollout.store import ModelStore, Probation
 from agent.windows import WindowSummary
 from tests.conftest import eva
 from tests.rollout_models import derive
-from tests.test_rollout_device import of
+from tests.test_rollout_device import deliver, of
 from tests.test_rollout_device import run as run_in
 
 
@@ -33,22 +33,10 @@ def run(tmp: Path, wav: Path, state: Path, *extra: str) -> tuple[list[dict], lis
     boot.mkdir()
     return run_in(boot, wav, state, *extra)
 
+
 ACTIVE = Manifest.read(default_model_dir() / MANIFEST)
 FAST = ("--rollout-baseline-windows", "2", "--rollout-probation-windows", "5",
         "--rollout-min-utterances", "2", "--rollout-breach-windows", "2")
-
-
-def deliver(state: Path, model_dir: Path, mode: str, rollout_id: str = "r-1") -> RolloutCommand:
-    """The model in the inbox and the command the agent saved when it received it."""
-    inbox = state / "inbox"
-    inbox.mkdir(parents=True, exist_ok=True)
-    m = Manifest.read(model_dir / MANIFEST)
-    target = inbox / m.ref
-    model_dir.rename(target)
-    c = RolloutCommand(rollout_id, m.name, m.version, bundle_digest(target), 100.0, mode)
-    (state / "models").mkdir(parents=True, exist_ok=True)
-    (state / "models" / "rollout.json").write_text(json.dumps(c.to_payload()))
-    return c
 
 
 @pytest.fixture(scope="module")

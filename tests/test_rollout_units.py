@@ -212,14 +212,28 @@ class FakeHost:
         self.switches += 1
 
 
+def activate_local(cfg, ctl, host, bundled, tmp_path):
+    """Three windows of recent values, then `models activate` of a local build (probation of 4
+    windows) and the model the reload swaps in; (store, ref)."""
+    from agent.rollout.store import ModelStore, Probation
+    from tests.rollout_models import derive
+
+    for ab in (0.1, 0.3, 0.2):
+        ctl.recent.add(kpis(10, ab))
+    store = ModelStore(cfg.state_path())
+    ref = store.install(derive(tmp_path / "m", version="9.0.0-local"), bundled.manifest)
+    store.activate(ref, bundled.manifest, Probation(ref=ref, previous=bundled.manifest.ref,
+                                                    windows_total=4))
+    host.pipeline.model = store.verify(ref)  # what the reload swapped in
+    return store, ref
+
+
 def test_local_activation_starts_probation_against_the_models_recent_values(tmp_path):
     """`models activate` + reload: the daemon picks the probation up with a baseline from
     what ran before; `models rollback` + reload ends it."""
     from agent.config import Config
     from agent.model import ModelRunner
     from agent.rollout.device import RolloutController
-    from agent.rollout.store import ModelStore, Probation
-    from tests.rollout_models import derive
 
     cfg = Config()
     cfg.agent.state_dir = str(tmp_path / "state")
@@ -229,13 +243,7 @@ def test_local_activation_starts_probation_against_the_models_recent_values(tmp_
     ctl = RolloutController(cfg, host, pinned=False)
     assert ctl.window_sections in host.monitor.sections and ctl.experience in \
         host.pipeline.observers
-    for ab in (0.1, 0.3, 0.2):
-        ctl.recent.add(kpis(10, ab))
-    store = ModelStore(cfg.state_path())
-    ref = store.install(derive(tmp_path / "m", version="9.0.0-local"), bundled.manifest)
-    store.activate(ref, bundled.manifest, Probation(ref=ref, previous=bundled.manifest.ref,
-                                                    windows_total=4))
-    host.pipeline.model = store.verify(ref)  # what the reload swapped in
+    store, ref = activate_local(cfg, ctl, host, bundled, tmp_path)
     ctl.on_reload()
     assert ctl.state == "probation" and ctl.probation.ref == ref
     assert ctl.probation.baseline["abstain_rate"] == 0.2
@@ -324,9 +332,7 @@ def test_probation_compares_like_with_like_on_a_personalised_device(tmp_path):
     from agent.config import Config
     from agent.model import ModelRunner
     from agent.rollout.device import RolloutController
-    from agent.rollout.store import ModelStore, Probation
     from agent.windows import WindowAggregator
-    from tests.rollout_models import derive
 
     class Personal:
         def __init__(self, adapting):
@@ -342,13 +348,7 @@ def test_probation_compares_like_with_like_on_a_personalised_device(tmp_path):
     host = FakeHost(Pipeline(VadConfig(), bundled, Policy("partial", 0.5, "unknown")))
     host.pipeline.personal = Personal(adapting=True)
     ctl = RolloutController(cfg, host, pinned=False)
-    for ab in (0.1, 0.3, 0.2):
-        ctl.recent.add(kpis(10, ab))
-    store = ModelStore(cfg.state_path())
-    ref = store.install(derive(tmp_path / "m", version="9.0.0-local"), bundled.manifest)
-    store.activate(ref, bundled.manifest, Probation(ref=ref, previous=bundled.manifest.ref,
-                                                    windows_total=4))
-    host.pipeline.model = store.verify(ref)
+    activate_local(cfg, ctl, host, bundled, tmp_path)
     ctl.on_reload()
     assert ctl.probation.baseline["personal"] == "adapted"
 

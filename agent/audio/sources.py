@@ -7,6 +7,9 @@ pipeline can count losses without knowing which device produced them.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import re
 import time
@@ -93,7 +96,11 @@ class FileSource:
                 done += len(data)
                 yield AudioBlock(data, self.rate)
         finally:
-            self._file.close()
+            self.close()
+
+    def close(self) -> None:
+        """Release the file (iterating to the end does it too)."""
+        self._file.close()
 
     def describe(self) -> str:
         return f"file {self.path} ({self.rate} Hz, {self.channels} ch)"
@@ -206,10 +213,50 @@ def stable_device_name(name: str) -> str:
 
 def rescan_devices() -> None:
     """Make PortAudio list devices afresh: it enumerates them once, when initialised, so a
-    re-plugged microphone stays invisible until it is re-initialised. Call with no stream open."""
+    re-plugged microphone stays invisible until it is re-initialised. Call with no stream open.
+
+    sounddevice has no public call for this, so PortAudio's own API does it: Pa_Terminate(),
+    then Pa_Initialize(), on the library sounddevice loaded (dlopen() of the same name returns
+    the same instance). PortAudio counts initialisations, so one of each leaves sounddevice's
+    own count as it was. As sounddevice's initialisation does, what ALSA prints while it
+    enumerates goes to /dev/null, not into the journal or the next "PortAudio:" line."""
     sd = _sounddevice()
-    sd._terminate()  # the documented way to re-enumerate in sounddevice (no public API)
-    sd._initialize()
+    lib = _portaudio()
+    err = lib.Pa_Terminate()
+    if not err:
+        with _fd2_to_devnull():
+            err = lib.Pa_Initialize()
+    if err:
+        raise sd.PortAudioError("Error re-initializing PortAudio: "
+                                f"{lib.Pa_GetErrorText(err).decode(errors='replace')}", err)
+
+
+def _portaudio() -> ctypes.CDLL:
+    """The PortAudio library sounddevice uses (it loads `find_library("portaudio")`)."""
+    name = ctypes.util.find_library("portaudio")
+    if name is None:
+        raise AgentError("the PortAudio library cannot be found to rescan the microphones; "
+                         "install the system package libportaudio2")
+    lib = ctypes.CDLL(name)
+    lib.Pa_GetErrorText.restype = ctypes.c_char_p
+    return lib
+
+
+@contextlib.contextmanager
+def _fd2_to_devnull() -> Iterator[None]:
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class MicOpener:

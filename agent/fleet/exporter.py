@@ -113,7 +113,7 @@ class FleetCollector(Collector):
                                if m.history is not None else 0},
                     "unknown_topics": st.unknown_topics,
                     "broker_dropped": st.broker_dropped[1] if st.broker_dropped else None,
-                    "loss": st._loss_json({d[0]: {"missing": d[9], "outbox_dropped": d[11]}
+                    "loss": st.loss_json({d[0]: {"missing": d[9], "outbox_dropped": d[11]}
                                            for d in devices})}
 
     # --- fleet level -----------------------------------------------------------------------

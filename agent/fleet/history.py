@@ -164,17 +164,8 @@ class History:
         if not math.isfinite(end_epoch):
             return
         bucket = int(end_epoch // self.bucket_s * self.bucket_s)
-        received = self.clock() if received is None else received
         with self._plock:
-            key = (bucket, *group)
-            acc = self._pending.get(key)
-            if acc is None:
-                acc = self._pending[key] = _Pending()
-            acc.received = max(acc.received, received)
-            c = p["counts"]
-            acc.counts["windows"] += 1
-            for k in COUNTS[1:]:
-                acc.counts[k] += c.get(k, 0)
+            acc = self._pending_at(bucket, group, received, 1, p["counts"])
             a = p["estimated_accuracy"]
             if a.get("value") is not None and a["n"] > 0:
                 acc.acc_sum += a["value"] * a["n"]
@@ -203,17 +194,8 @@ class History:
         windows, with `windows`, `counts`, `acc_sum`, `acc_n`, `metrics` like FleetState's
         totals) and the drift score [sums, counts] in DRIFT order; `received`: the server's
         clock at the latest of those windows (now unless given)."""
-        received = self.clock() if received is None else received
         with self._plock:
-            key = (bucket, *group)
-            acc = self._pending.get(key)
-            if acc is None:
-                acc = self._pending[key] = _Pending()
-            acc.received = max(acc.received, received)
-            c = totals.counts
-            acc.counts["windows"] += totals.windows
-            for k in COUNTS[1:]:
-                acc.counts[k] += c.get(k, 0)
+            acc = self._pending_at(bucket, group, received, totals.windows, totals.counts)
             acc.acc_sum += totals.acc_sum
             acc.acc_n += totals.acc_n
             for name in self.hist_metrics:
@@ -230,6 +212,22 @@ class History:
                         t = acc.drift.setdefault(name, [0.0, 0])
                         t[0] += dsum
                         t[1] += dn
+
+    def _pending_at(self, bucket: int, group: tuple[str, str, str, str],
+                    received: float | None, windows: int, counts: Mapping[str, int]
+                    ) -> _Pending:
+        """The pending sums of (bucket, group), with `windows` windows and their `counts`
+        added and the receive time moved on; under `_plock`."""
+        received = self.clock() if received is None else received
+        key = (bucket, *group)
+        acc = self._pending.get(key)
+        if acc is None:
+            acc = self._pending[key] = _Pending()
+        acc.received = max(acc.received, received)
+        acc.counts["windows"] += windows
+        for k in COUNTS[1:]:
+            acc.counts[k] += counts.get(k, 0)
+        return acc
 
     # --- writing -----------------------------------------------------------------------------
     def flush(self) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 from agent.fleet.history import BUCKET_S
 from agent.fleet.schema import FUTURE_S, PAST_S, Invalid, decode_json, decode_stats, utc_epoch
-from agent.fleet.state import FleetState, _Totals
+from agent.fleet.state import FleetState, Totals
 from agent.metric_catalog import METRICS
 from agent.payloads import SinceBoot
 from agent.telemetry.message import DEFAULT_PREFIX
@@ -71,13 +71,13 @@ class BucketedState(FleetState):
         # per model group, where the exporter, the page's plots and the history read them
         super().__init__(prefix, clock=clock, device_metrics=DEVICE_METRICS)
         self.bucket_s = bucket_s
-        self.pending: dict[tuple[int | None, GroupKey], _Totals] = {}
+        self.pending: dict[tuple[int | None, GroupKey], Totals] = {}
         self.drift: dict[tuple[int | None, GroupKey], list[list[float]]] = {}
         self.received: dict[tuple[int | None, GroupKey], float] = {}  # server clock, latest
         self.window_end = _NAN  # epoch of the last merged window's end
         self.window_slot: tuple[int | None, GroupKey] = (None, ("", "", "", ""))  # and its slot
 
-    def _group_totals(self, key: GroupKey, p: Mapping[str, Any]) -> _Totals:
+    def _group_totals(self, key: GroupKey, p: Mapping[str, Any]) -> Totals:
         end = self.window_end = utc_epoch(p["window"]["end_utc"])
         now = self._clock()
         # only a plausible wall-clock end is plotted (a 1970 RTC's windows are counted only)
@@ -87,11 +87,11 @@ class BucketedState(FleetState):
         self.received[slot] = now  # the history ages rows by the server's clock too
         t = self.pending.get(slot)
         if t is None:
-            t = self.pending[slot] = _Totals()
+            t = self.pending[slot] = Totals()
             self.drift[slot] = [[0.0] * len(METRIC_NAMES), [0] * len(METRIC_NAMES)]
         return t
 
-    def settle(self) -> list[tuple[int, GroupKey, _Totals, list[list[float]], float]]:
+    def settle(self) -> list[tuple[int, GroupKey, Totals, list[list[float]], float]]:
         """Fold the pending sums into `groups`; returns (bucket, group, sums, [drift score sums,
         drift score counts], received) of those with a readable window end, for the history
         (received: the server's clock at the latest of their windows)."""
@@ -99,7 +99,7 @@ class BucketedState(FleetState):
         for (bucket, key), t in self.pending.items():
             g = self.groups.get(key)
             if g is None:  # a copy: `t` goes to the history as it is now
-                g = self.groups[key] = _Totals()
+                g = self.groups[key] = Totals()
             g.merge_in(t)
             if bucket is not None:
                 out.append((bucket, key, t, self.drift.pop((bucket, key), [[], []]),
@@ -156,7 +156,7 @@ class FleetModel:
             self._to_history(self.state.settle())
             yield
 
-    def _to_history(self, done: list[tuple[int, GroupKey, _Totals, list[list[float]], float]]
+    def _to_history(self, done: list[tuple[int, GroupKey, Totals, list[list[float]], float]]
                     ) -> None:
         if self.history is not None:
             for bucket, key, totals, drift, received in done:

@@ -9,7 +9,10 @@ property objects, MQTTMessage, callbacks, one PUBACK send per message). This rea
 recv() of up to 256 KB, parses every complete PUBLISH in it with a pure function
 (`parse_packets`), hands each to the model and sends all the chunk's PUBACKs in ONE sendall,
 after the model has the messages (at-least-once: a crash before the ack means a redelivery,
-which the model counts as a duplicate). benchmarks/bench_mqttin.py measures both.
+which the model counts as a duplicate). benchmarks/bench_mqttin.py measures both; measured again
+against gmqtt and a tuned paho (docs/fleet.md, "A well-kept MQTT library instead"), it stays:
+gmqtt costs ~1.5 times its CPU per message in `fleet serve` and reads without a bound.
+tests/test_fleet_mqttin_fuzz.py fuzzes the parser.
 
 What it implements: CONNECT (MQTT 5 and 3.1.1; clean start, or a persistent session with a
 session expiry; username/password; TLS with a CA file or the system trust store and an optional
@@ -258,6 +261,20 @@ def reason_name(packet: str, code: int, v5: bool) -> str:
 
 
 # --- the network edge ------------------------------------------------------------------------
+def client_tls(ca_file: Path | None, cert_file: Path | None,
+               key_file: Path | None) -> ssl.SSLContext:
+    """The TLS context of an operator-side connection: verifies the chain and the host name
+    (against `ca_file`, or the system trust store), with an optional client certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    else:
+        ctx.load_default_certs()
+    if cert_file:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return ctx
+
+
 class _Lost(Exception):
     """The connection ended; str() says why (one log line)."""
 
@@ -311,16 +328,7 @@ class Subscriber:
             session_expiry_s=int(session_expiry_s) if persistent else 0,
             keepalive_s=keepalive_s, username=username, password=password)
         self._subscribe = subscribe_packet(topic_filter, v5=self.v5, extra=self.extra_filters)
-        self._ssl: ssl.SSLContext | None = None
-        if tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host
-            if ca_file:
-                ctx.load_verify_locations(cafile=str(ca_file))
-            else:
-                ctx.load_default_certs()
-            if cert_file:
-                ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
-            self._ssl = ctx
+        self._ssl = client_tls(ca_file, cert_file, key_file) if tls else None
         self._stop = threading.Event()
         self._ready = threading.Event()      # subscribed, or refused/failed at start
         self._failed: str | None = None      # why start() fails
@@ -483,18 +491,20 @@ class Subscriber:
                             view[:have] = data[used:]
                     acks = []
                     n = 0
-                    for p in packets:
-                        if type(p) is Publish:
-                            n += 1
-                            try:
-                                ingest(p.topic, p.payload, p.retained)
-                            except Exception:  # one bad message must not stop the stream
-                                self._ingest_failed(p.topic)
-                            if p.packet_id:
-                                acks.append(b"\x40\x02" + p.packet_id)
-                        else:
-                            self._control(sock, p)
-                    self.messages += n
+                    try:
+                        for p in packets:
+                            if type(p) is Publish:
+                                n += 1
+                                try:
+                                    ingest(p.topic, p.payload, p.retained)
+                                except Exception:  # one bad message must not stop the stream
+                                    self._ingest_failed(p.topic)
+                                if p.packet_id:
+                                    acks.append(b"\x40\x02" + p.packet_id)
+                            else:
+                                self._control(sock, p)
+                    finally:  # also those before a control packet that ends the session
+                        self.messages += n
                     if acks:
                         _send(sock, b"".join(acks))
                         last_sent = now

@@ -45,7 +45,7 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def _utc(t: float) -> str:
+def short_utc(t: float) -> str:
     return datetime.fromtimestamp(t, tz=UTC).strftime("%m-%d %H:%M")
 
 
@@ -88,8 +88,8 @@ def line_chart(chart_id: str, title: str, xs: Sequence[float],
                    f'stroke="#eee"/><text x="{PAD_L - 4}" y="{py(y) + 4:.1f}" '
                    f'text-anchor="end">{label}</text>')
     if xs:
-        out.append(f'<text x="{PAD_L}" y="{H - 8}">{_utc(xs[0])}</text>'
-                   f'<text x="{W - PAD_R}" y="{H - 8}" text-anchor="end">{_utc(xs[-1])} UTC'
+        out.append(f'<text x="{PAD_L}" y="{H - 8}">{short_utc(xs[0])}</text>'
+                   f'<text x="{W - PAD_R}" y="{H - 8}" text-anchor="end">{short_utc(xs[-1])} UTC'
                    '</text>')
     for i, (name, ys) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
@@ -105,7 +105,7 @@ def line_chart(chart_id: str, title: str, xs: Sequence[float],
             shown = _pct(y) if percent else _fmt(y, 4)
             out.append(f'<circle class="pt" r="2" cx="{px(x):.1f}" cy="{py(y):.1f}" '
                        f'data-series="{escape(name)}" data-x="{x:.0f}" data-y="{y:.6g}">'
-                       f'<title>{escape(name)} {_utc(x)}: {shown}</title></circle>')
+                       f'<title>{escape(name)} {short_utc(x)}: {shown}</title></circle>')
         out.append(f'<text x="{W - PAD_R - 4}" y="{PAD_T + 12 * (i + 1)}" text-anchor="end" '
                    f'stroke="none">{escape(name)}</text></g>')
     if not vals:
@@ -140,8 +140,8 @@ def band_chart(chart_id: str, title: str, xs: Sequence[float],
                    f'stroke="#eee"/><text x="{PAD_L - 4}" y="{py(y) + 4:.1f}" '
                    f'text-anchor="end">{_fmt(y)}</text>')
     if xs:
-        out.append(f'<text x="{PAD_L}" y="{H - 8}">{_utc(xs[0])}</text>'
-                   f'<text x="{W - PAD_R}" y="{H - 8}" text-anchor="end">{_utc(xs[-1])} UTC'
+        out.append(f'<text x="{PAD_L}" y="{H - 8}">{short_utc(xs[0])}</text>'
+                   f'<text x="{W - PAD_R}" y="{H - 8}" text-anchor="end">{short_utc(xs[-1])} UTC'
                    '</text>')
     full = [(x, b) for x, b in zip(xs, bands, strict=True) if None not in b]
     if len(full) > 1:
@@ -155,7 +155,7 @@ def band_chart(chart_id: str, title: str, xs: Sequence[float],
     for x, (lo, mid, hi) in full:
         out.append(f'<circle class="pt" r="2" fill="#0d47a1" cx="{px(x):.1f}" '
                    f'cy="{py(mid):.1f}" data-x="{x:.0f}" data-p10="{lo:.6g}" '  # type: ignore
-                   f'data-p50="{mid:.6g}" data-p90="{hi:.6g}"><title>{_utc(x)}: p10 '
+                   f'data-p50="{mid:.6g}" data-p90="{hi:.6g}"><title>{short_utc(x)}: p10 '
                    f'{_fmt(lo)}, p50 {_fmt(mid)}, p90 {_fmt(hi)}</title></circle>')
     if not full:
         out.append(f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle">no data yet</text>')

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, ConfigError
+from agent.fleet.options import broker_options, check_args, parse_broker
 from agent.rollout import command as cmd_mod
 from agent.rollout.cohort import in_cohort
 from agent.rollout.command import CommandError, RolloutCommand
@@ -34,11 +35,11 @@ from agent.rollout.command import CommandError, RolloutCommand
 PUBLISH_TIMEOUT_S = 10.0
 
 
-def add_parser(fsub: Any, connection: Any) -> None:
-    """`fleet rollout ...`; `connection(parser)` adds the broker options `fleet watch` has."""
+def add_parser(fsub: Any) -> None:
+    """`fleet rollout ...` (agent.fleet.cli puts it under `fleet`)."""
     r = fsub.add_parser("rollout", help="start, watch or abort a model rollout")
     rsub = r.add_subparsers(dest="rollout_command", required=True, metavar="ROLLOUT_COMMAND")
-    s = connection(rsub.add_parser("start", help="publish (retained) a validated rollout"))
+    s = broker_options(rsub.add_parser("start", help="publish (retained) a validated rollout"))
     s.add_argument("--id", required=True, help="rollout id (with the device id it draws the "
                    "canary cohort; keep it when raising --percent)")
     s.add_argument("--model-dir", type=Path, default=None,
@@ -55,14 +56,14 @@ def add_parser(fsub: Any, connection: Any) -> None:
     s.add_argument("--allow-vocabulary-change", action="store_true",
                    help="the model's classes may differ from what the devices run (a new "
                    "vocabulary, on purpose); without it devices refuse such a model")
-    a = connection(rsub.add_parser("abort", help="withdraw the rollout message (devices stop "
+    a = broker_options(rsub.add_parser("abort", help="withdraw the rollout message (devices stop "
                                    "the shadow or roll back)"))
     a.add_argument("--device", default=None)
-    f = connection(rsub.add_parser("finish", help="end a rollout without rolling back: devices "
+    f = broker_options(rsub.add_parser("finish", help="end a rollout without rolling back: devices "
                                    "keep the model they run (publishes the retained command "
                                    "again with mode 'finish')"))
     f.add_argument("--device", default=None)
-    st = connection(rsub.add_parser("status", help="per cohort: model, slot, probation, shadow "
+    st = broker_options(rsub.add_parser("status", help="per cohort: model, slot, probation, shadow "
                                     "agreement and abstain rate of every device"))
     st.add_argument("--duration", type=float, default=10.0, metavar="S",
                     help="listen this long (stats come once per device window) [10]")
@@ -121,12 +122,10 @@ def _client(args: argparse.Namespace) -> tuple[Any, str, str, int]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from agent.fleet.watch import _broker, _check_args
-
-    tls, host, port = _broker(args.broker)
+    tls, host, port = parse_broker(args.broker)
     args.until_idle = getattr(args, "until_idle", None)
     args.duration = getattr(args, "duration", None)
-    password = _check_args(args, tls)
+    password = check_args(args, tls)
     c = mqtt.Client(CallbackAPIVersion.VERSION2,
                     client_id=f"eva-rollout-{os.getpid()}-{secrets.token_hex(3)}",
                     protocol=mqtt.MQTTv311)
@@ -255,18 +254,18 @@ def finish(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from agent.fleet.watch import Watcher, _broker, _check_args
+    from agent.fleet.watch import Watcher
 
-    tls, host, port = _broker(args.broker)
+    tls, host, port = parse_broker(args.broker)
     args.until_idle = None
-    password = _check_args(args, tls)
+    password = check_args(args, tls)
     w = Watcher(host=host, port=port, tls=tls, prefix=args.prefix, username=args.username,
                 password=password, ca_file=args.ca_file, cert_file=args.cert_file,
                 key_file=args.key_file)
     w.start()
     try:
         threading.Event().wait(args.duration)
-        with w._lock:
+        with w.lock:
             snap = w.state.to_json()
             rollouts = dict(w.state.rollouts)
     finally:

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.errors import AgentError, ConfigError
 from agent.fleet.mqttin import Subscriber
+from agent.fleet.options import broker_options, check_args, parse_broker
 from agent.telemetry.message import DEFAULT_PREFIX
 
 log = logging.getLogger("edge-voice-agent.fleet")
@@ -41,9 +42,9 @@ PRUNE_S = 600.0
 PROM_HINT = "pip install 'edge-voice-agent[fleet]'"
 
 
-def add_parser(fsub: Any, connection: Any) -> None:
-    """`connection` adds the broker options every `fleet` command takes (agent.fleet.watch)."""
-    s = connection(fsub.add_parser("serve", help="Prometheus /metrics, a web page with history "
+def add_parser(fsub: Any) -> None:
+    """`fleet serve` (agent.fleet.cli puts it under `fleet`)."""
+    s = broker_options(fsub.add_parser("serve", help="Prometheus /metrics, a web page with history "
                                    "and /api/fleet.json; run several with --share to scale out"))
     s.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"HTTP address for /metrics, / and /api/fleet.json [{DEFAULT_LISTEN}]")
@@ -337,9 +338,8 @@ class Server:
                  credentials: dict[str, Any] | None = None) -> None:
         from agent.fleet.history import History
         from agent.fleet.ingest import FleetModel
-        from agent.fleet.watch import _broker
 
-        tls, host, port = _broker(broker_url)
+        tls, host, port = parse_broker(broker_url)
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"
         try:
             self.history = (History(history_path, days=history_days, max_mb=history_mb)
@@ -420,9 +420,7 @@ class Server:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from agent.fleet.watch import _broker, _check_args
-
-    tls, _, _ = _broker(args.broker)
+    tls, _, _ = parse_broker(args.broker)
     listen = _listen(args.listen)
     if not _share_ok(args.share):
         raise ConfigError(f"invalid --share {args.share!r}: a group name without / + #")
@@ -432,7 +430,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
     args.duration = args.until_idle = None
-    password = _check_args(args, tls)
+    password = check_args(args, tls)
     try:
         import msgspec  # noqa: F401
         import prometheus_client  # noqa: F401

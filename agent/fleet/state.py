@@ -141,6 +141,11 @@ class SeqSet:
         return sum(h - lo + 1 for lo, h in zip(self._lo, self._hi, strict=True)) - self._inside
 
     @property
+    def runs(self) -> int:
+        """Runs of consecutive seqs held (more than one: something is missing or folded)."""
+        return len(self._lo)
+
+    @property
     def min(self) -> int | None:
         return self._lo[0] if self._lo else None
 
@@ -233,7 +238,7 @@ def _metric_json(m: MetricSum, unit: str | None = None,
 
 
 @dataclass
-class _Totals:
+class Totals:
     """What sums over windows: counters, metrics, the accuracy estimate's weights."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
@@ -248,7 +253,7 @@ class _Totals:
             m = self.metrics[name] = MetricSum(edges)
         return m
 
-    def merge_in(self, other: _Totals) -> None:
+    def merge_in(self, other: Totals) -> None:
         self.windows += other.windows
         self.acc_sum += other.acc_sum
         self.acc_n += other.acc_n
@@ -276,7 +281,7 @@ class _Device:
     model: dict[str, Any] | None = None
     seqs: dict[str, SeqSet] = field(default_factory=dict)
     last: dict[str, Any] | None = None   # the stats payload with the latest window end
-    totals: _Totals = field(default_factory=_Totals)
+    totals: Totals = field(default_factory=Totals)
     alarms: dict[str, dict[tuple, dict[str, Any]]] = field(default_factory=dict)  # boot -> key
     alarm_events: int = 0
     duplicates: int = 0
@@ -335,7 +340,7 @@ class FleetState:
         self.devices: dict[str, _Device] = {}
         # Sums per (model, version, rollout, cohort) -- the per-model view operators compare --
         # and, merged, the fleet's totals. Keyed by what each window says it ran.
-        self.groups: dict[tuple[str, str, str, str], _Totals] = {}
+        self.groups: dict[tuple[str, str, str, str], Totals] = {}
         self.messages = 0
         self.group_key: tuple[str, str, str, str] = ("", "", "", "")  # of the last stats merged
         self.unknown_topics = 0
@@ -348,9 +353,9 @@ class FleetState:
         self.group_keys: set[tuple[str, str, str, str]] = {OTHER}  # admitted, <= MAX_GROUPS
 
     @property
-    def fleet(self) -> _Totals:
+    def fleet(self) -> Totals:
         """Every group's sums merged (exact: counts and histograms add)."""
-        out = _Totals()
+        out = Totals()
         for g in self.groups.values():
             out.merge_in(g)
         return out
@@ -423,7 +428,7 @@ class FleetState:
         self.broker_dropped = (first, n)
         return "sys"
 
-    def _loss_json(self, devices: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    def loss_json(self, devices: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """Missing seq numbers split by where they were lost (agent.fleet.loss)."""
         missing = sum(v["missing"] for v in devices.values())
         device = sum(min(v["missing"], v["outbox_dropped"]) for v in devices.values())
@@ -532,11 +537,11 @@ class FleetState:
                           "seq": p["seq"]}
         return "alarm"
 
-    def _group_totals(self, key: tuple[str, str, str, str], p: Mapping[str, Any]) -> _Totals:
+    def _group_totals(self, key: tuple[str, str, str, str], p: Mapping[str, Any]) -> Totals:
         """Where a window's group sums go (`fleet serve` first sums them per time bucket)."""
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = _Totals()
+            group = self.groups[key] = Totals()
         return group
 
     def _capped_group(self, dev: _Device, key: tuple[str, str, str, str]
@@ -608,7 +613,7 @@ class FleetState:
         return "stats"
 
     # --- output ----------------------------------------------------------------------------
-    def _device_json(self, d: _Device) -> dict[str, Any]:
+    def device_json(self, d: _Device) -> dict[str, Any]:
         boots = {}
         missing = 0
         for boot, s in d.seqs.items():
@@ -644,7 +649,7 @@ class FleetState:
 
     def to_json(self) -> dict[str, Any]:
         """The merged state as a JSON-serialisable dict (the `fleet watch --json` output)."""
-        devices = {dev_id: self._device_json(d) for dev_id, d in sorted(self.devices.items())}
+        devices = {dev_id: self.device_json(d) for dev_id, d in sorted(self.devices.items())}
         return self._document({k: _summary(v) for k, v in devices.items()}, devices)
 
     def to_json_chunks(self, encode: Callable[[Any], bytes], **extra: Any) -> list[bytes]:
@@ -656,7 +661,7 @@ class FleetState:
         size = 0
         summaries = {}
         for dev_id, d in sorted(self.devices.items()):
-            v = self._device_json(d)
+            v = self.device_json(d)
             summaries[dev_id] = _summary(v)
             batch.append(encode(dev_id) + b":" + encode(v))
             size += len(batch[-1])
@@ -703,7 +708,7 @@ class FleetState:
             "input_rms_dbfs": _round(f.metrics["input_rms_dbfs"].mean)
             if "input_rms_dbfs" in f.metrics else None,
             "errors": errors,
-            "loss": self._loss_json(summaries),
+            "loss": self.loss_json(summaries),
             "metrics": {name: metrics[name] for name in order},
         }
         return {"schema": FLEET_SCHEMA, "prefix": self.prefix, "generated_utc": _utc(self._clock()),
@@ -717,7 +722,7 @@ def _summary(device: Mapping[str, Any]) -> dict[str, Any]:
             "outbox_dropped": device["outbox_dropped"]}
 
 
-def _add_window(totals: _Totals, p: Mapping[str, Any],
+def _add_window(totals: Totals, p: Mapping[str, Any],
                 entries: Iterable[tuple[str, Mapping[str, Any]]],
                 table: Mapping[str, tuple[np.ndarray, int | None]]) -> None:
     """Sum one checked stats window (its counters and these metric entries) into `totals`."""

@@ -61,7 +61,7 @@ def _keys(dev_id: str, d: Any) -> tuple[str, bool | None, float | None, float | 
     return (dev_id, d.online, c["abstained"] / decided if decided else None,
             t.acc_sum / t.acc_n if t.acc_n else None,
             sum(s.missing() for s in d.seqs.values()) if len(d.seqs) > 1 or any(
-                len(s._lo) > 1 for s in d.seqs.values()) else 0)
+                s.runs > 1 for s in d.seqs.values()) else 0)
 
 
 def fleet_view(model: FleetModel, history: History | None, *, range_name: str = DEFAULT_RANGE,
@@ -109,7 +109,7 @@ def fleet_view(model: FleetModel, history: History | None, *, range_name: str = 
     alarms.sort(key=lambda a: (a["device"], a["metric"], a["scope"]))
     t_now = now()
     charts = fleet_charts(history, t_now - RANGES[rng], t_now) if history is not None else []
-    return {"prefix": model.prefix, "replica": replica, "generated": page._utc(t_now),
+    return {"prefix": model.prefix, "replica": replica, "generated": page.short_utc(t_now),
             "ranges": list(RANGES), "range": rng, "kpis": kpis, "alarms": alarms[:ALARMS_N],
             "alarms_total": len(alarms), "tops": tops, "q": q, "search": search,
             "search_total": total, "charts": charts,
@@ -159,7 +159,7 @@ def fleet_charts(history: History, start: float, end: float) -> list[str]:
 def device_view(model: FleetModel, dev_id: str) -> dict[str, Any]:
     with model.reading():
         d = model.state.devices.get(dev_id)
-        dj = model.state._device_json(d) if d is not None else None
+        dj = model.state.device_json(d) if d is not None else None
         recent = model.recent_windows(dev_id)
     charts: list[str] = []
     if recent:

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentError, ConfigError
-from agent.telemetry.message import DEFAULT_PREFIX, topic
+from agent.errors import AgentError
+from agent.fleet.options import broker_options, check_args, parse_broker
 
 log = logging.getLogger("edge-voice-agent.fleet")
 
@@ -33,13 +33,10 @@ CONNECT_TIMEOUT_S = 10.0
 RICH_HINT = "pip install 'edge-voice-agent[fleet]'"
 
 
-def add_parser(sub: Any) -> None:
-    """Add `fleet` (with nested `watch`) to the CLI's subcommands (whose `add_parser` already
-    gives `fleet` the common options)."""
-    fleet = sub.add_parser("fleet", help="operator side: watch the fleet's telemetry on a broker")
-    fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
-    w = connection(fsub.add_parser("watch", help="live dashboard (or --json) of every device "
-                                   "under a prefix"))
+def add_parser(fsub: Any) -> None:
+    """`fleet watch` (agent.fleet.cli puts it under `fleet`)."""
+    w = broker_options(fsub.add_parser("watch", help="live dashboard (or --json) of every "
+                                       "device under a prefix"))
     w.add_argument("--json", action="store_true",
                    help="print the merged state as one JSON object when the run ends")
     w.add_argument("--duration", type=float, default=None, metavar="S",
@@ -47,73 +44,6 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--until-idle", type=float, default=None, metavar="S",
                    help="stop after S seconds without a new message")
     w.set_defaults(fleet_func=cmd_watch)
-    from agent.fleet import rollout, serve  # argparse only; paho etc. load on use
-
-    rollout.add_parser(fsub, connection)
-    serve.add_parser(fsub, connection)
-
-
-def connection(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The broker options every `fleet` command takes."""
-    # Also accepted after the subcommand; SUPPRESS keeps `fleet --log-level X watch` intact.
-    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   default=argparse.SUPPRESS, help="stderr log level [INFO]")
-    p.add_argument("--broker", required=True, metavar="URL",
-                   help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix [{DEFAULT_PREFIX}]")
-    p.add_argument("--username", default="", help="broker username (operator account)")
-    p.add_argument("--password-file", type=Path, default=None,
-                   help="file whose first line is the password")
-    p.add_argument("--ca-file", type=Path, default=None,
-                   help="CA bundle for mqtts (default: the system trust store)")
-    p.add_argument("--cert-file", type=Path, default=None, help="client certificate (mqtts)")
-    p.add_argument("--key-file", type=Path, default=None, help="client key (mqtts)")
-    return p
-
-
-# --- options --------------------------------------------------------------------------------
-def _broker(url: str) -> tuple[bool, str, int]:
-    """(tls, host, port) from mqtt:// or mqtts://; ConfigError otherwise."""
-    from agent.telemetry.sinks import parse_sink_spec
-
-    try:
-        kind, host, port = parse_sink_spec(url)
-    except ConfigError:
-        kind, host, port = "", "", 0
-    if kind not in ("mqtt", "mqtts"):
-        raise ConfigError(f"invalid --broker {url!r}: expected mqtt://HOST[:PORT] or "
-                          "mqtts://HOST[:PORT]")
-    return kind == "mqtts", host, port
-
-
-def _check_args(args: argparse.Namespace, tls: bool) -> str | None:
-    """Validate everything before touching the network; returns the password, if any."""
-    try:
-        topic(args.prefix, "x", "stats")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for name in ("duration", "until_idle"):
-        v = getattr(args, name)
-        if v is not None and not v > 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 seconds")
-    files = {"--ca-file": args.ca_file, "--cert-file": args.cert_file,
-             "--key-file": args.key_file}
-    if not tls and any(files.values()):
-        raise ConfigError("--ca-file/--cert-file/--key-file need an mqtts:// broker")
-    if bool(args.cert_file) != bool(args.key_file):
-        raise ConfigError("a client certificate needs both --cert-file and --key-file")
-    for flag, path in files.items():
-        if path is not None and not path.is_file():
-            raise ConfigError(f"{flag} {str(path)!r} does not exist")
-    if args.password_file is None:
-        return None
-    if not args.username:
-        raise ConfigError("--password-file needs --username")
-    try:
-        return args.password_file.read_text().splitlines()[0]
-    except (OSError, IndexError):
-        raise ConfigError(f"--password-file {str(args.password_file)!r} cannot be read or is "
-                          "empty") from None
 
 
 def _load_rich() -> None:
@@ -127,8 +57,9 @@ def _load_rich() -> None:
 # --- the subscriber -------------------------------------------------------------------------
 def prepare_client(c: Any, handler: Any, *, username: str | None, password: str | None,
                    tls: bool, ca_file: Any, cert_file: Any, key_file: Any) -> Any:
-    """Credentials, TLS, reconnect back-off and callbacks, the same for every operator-side
-    subscriber (`fleet watch`, `fleet serve`): `handler` has the four `_on_*` methods."""
+    """Credentials, TLS, reconnect back-off and callbacks of the paho subscriber of `fleet watch`
+    and `fleet rollout status` (a Watcher: `handler` has the four `_on_*` methods; `fleet
+    serve` reads through agent.fleet.mqttin)."""
     if username:
         c.username_pw_set(username, password)
     if tls:
@@ -163,7 +94,7 @@ class Watcher:
         self.url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
         self.subscription = f"{prefix}/+/#"
         self.state = FleetState(prefix)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held to read `state` (the network thread writes it)
         self._connack = threading.Event()
         self._subscribed = threading.Event()
         self._refused: str | None = None
@@ -199,7 +130,7 @@ class Watcher:
         self.client.loop_stop()
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
+        with self.lock:
             snap = self.state.to_json()
         snap["broker"] = self.url
         return snap
@@ -225,7 +156,7 @@ class Watcher:
         self._subscribed.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        with self._lock:
+        with self.lock:
             self.state.ingest(msg.topic, bytes(msg.payload), bool(msg.retain))
         self.last_activity = time.monotonic()
 
@@ -259,8 +190,8 @@ def _wait(stop: threading.Event, watcher: Watcher, duration: float | None,
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    tls, host, port = _broker(args.broker)
-    password = _check_args(args, tls)
+    tls, host, port = parse_broker(args.broker)
+    password = check_args(args, tls)
     if not args.json:
         _load_rich()  # fail before connecting when the extra is missing
     watcher = Watcher(host=host, port=port, tls=tls, prefix=args.prefix,

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.atomic import atomic_write
 from agent.model import Manifest
 from agent.personal.adaptation import AdaptationState
 from agent.personal.enrollment import Enrollment
@@ -73,27 +73,7 @@ class Corrupt(Exception):
 
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    atomic_write(path, lambda f: np.savez(f, **arrays), mode=0o600)
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.atomic import atomic_write, fsync_dir
 from agent.errors import AgentError, one_line
 from agent.model import MANIFEST, Manifest, ModelRunner, verify_components
 from agent.rollout.bundle import bundle_digest
@@ -102,33 +103,9 @@ class SlotInfo:
 
 
 def atomic_write_json(path: Path, data: Any, mode: int = 0o644) -> None:
-    """Write-to-temp, fsync, rename, fsync the directory: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Readers see the old JSON or the new, never half (agent.atomic)."""
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), mode)
 
 
 class ModelStore:
@@ -240,7 +217,7 @@ class ModelStore:
             except AgentError as e:  # name the delivered directory, not our temporary copy
                 raise AgentError(str(e).replace(str(tmp), str(src))) from None
             os.replace(tmp, dest)
-            _fsync_dir(self.slots)
+            fsync_dir(self.slots)
             self._record(m.ref, digest)
         except OSError as e:
             raise AgentError(f"model {m.ref} cannot be installed into {self.slots} "

@@ -22,6 +22,7 @@ import ssl
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,20 +49,35 @@ STATUS_OFFLINE = b"offline"
 _UNSUPPORTED_PROTOCOL = 132  # MQTT 5 CONNACK reason; paho maps a 3.1.1 broker's "1" to it
 
 
-class _Client(mqtt.Client):
-    """paho's client whose network thread keeps the exception that killed it.
+_deaths_lock = threading.Lock()
+_deaths: weakref.WeakKeyDictionary[threading.Thread, list[BaseException]] = \
+    weakref.WeakKeyDictionary()
 
-    An exception escaping paho's loop (seen: an OSError from time.sleep) ends the thread with a
-    multi-line traceback on stderr and telemetry silently dead. Kept here instead, the sink's
-    supervisor names it in one log line and restarts the client."""
 
-    death: BaseException | None = None
+def keep_death(thread: threading.Thread) -> list[BaseException]:
+    """A list that receives the exception that ends `thread`, instead of a traceback on stderr.
 
-    def _thread_main(self) -> None:
-        try:
-            super()._thread_main()
-        except Exception as e:  # noqa: BLE001 - reported and handled by MqttSink._supervise
-            self.death = e
+    An exception escaping paho's network loop (seen: an OSError from time.sleep) ends its thread
+    with a multi-line traceback and telemetry silently dead. Through `threading.excepthook`
+    (chained: every other thread's exception goes to the hook that was there before) the
+    sink's supervisor gets it and names it in one log line when it restarts the client. The hook
+    is put back if something replaced it since."""
+    box: list[BaseException] = []
+    with _deaths_lock:
+        _deaths[thread] = box
+        if not getattr(threading.excepthook, "keeps_deaths", False):
+            previous = threading.excepthook
+
+            def hook(args: Any) -> None:
+                kept = _deaths.get(args.thread) if args.thread is not None else None
+                if kept is not None and isinstance(args.exc_value, Exception):
+                    kept.append(args.exc_value)
+                    return
+                previous(args)
+
+            hook.keeps_deaths = True  # type: ignore[attr-defined]
+            threading.excepthook = hook
+    return box
 
 
 @dataclass(frozen=True)
@@ -149,7 +165,8 @@ class MqttSink:
         self.restarts = 0  # paho network threads found dead and replaced
         self._causes = CauseLog(log)
         self._pre_connect_at: float | None = None  # an attempt without CONNACK or failure yet
-        self._net_thread: threading.Thread | None = None
+        self._net_thread: threading.Thread | None = None  # paho's, seen from its callbacks
+        self._net_death: list[BaseException] = []
         self._restarted_at = -1e9
         self._restart_delay = 0.5
         self._restart_not_before = 0.0
@@ -241,8 +258,8 @@ class MqttSink:
         opts = self.options
         self._gen += 1
         gen = self._gen
-        c = _Client(CallbackAPIVersion.VERSION2, client_id=self.device_id,
-                    protocol=self._protocol)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id,
+                        protocol=self._protocol)
         c.max_inflight_messages_set(0)  # our own window bounds what is in flight
         c.will_set(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
         username = opts.username or (self.device_id if self._password is not None else "")
@@ -260,8 +277,8 @@ class MqttSink:
         c.on_connect_fail = lambda cl, ud: self._on_connect_fail(gen)
         c.reconnect_delay_set(opts.reconnect_min_s, opts.reconnect_min_s)  # type: ignore[arg-type]
         c.connect_async(self.host, self.port, keepalive=opts.keepalive_s)
+        self._net_thread, self._net_death = None, []
         c.loop_start()
-        self._net_thread = getattr(c, "_thread", None)  # paho keeps no public handle on it
         return c
 
     def _on_pre_connect(self, gen: int, client: mqtt.Client) -> None:
@@ -269,6 +286,9 @@ class MqttSink:
         # first and then min(2 × previous, max), so min = max = our jittered delay.
         if gen != self._gen:
             return
+        if self._net_thread is None:  # paho keeps no public handle on its thread: it runs us
+            self._net_thread = threading.current_thread()
+            self._net_death = keep_death(self._net_thread)
         self._pre_connect_at = time.monotonic()
         d = backoff_delay(self._attempt, self.options.reconnect_min_s,
                           self.options.reconnect_max_s, self._rng)
@@ -379,7 +399,7 @@ class MqttSink:
 
     def _restart_network_thread(self) -> None:
         old = self._client
-        death = getattr(old, "death", None)
+        death = self._net_death[0] if self._net_death else None
         self.restarts += 1
         log.error("telemetry network thread died (%s); restarting the MQTT client (%d restart(s) "
                   "so far, counted in the telemetry_restarts system metric)",
