@@ -105,10 +105,15 @@ def head_scores(model, x: np.ndarray) -> np.ndarray:
     return np.log(np.clip(model.predict_proba(x), 1e-30, None))
 
 
+# p_in's clip, as float32 (the exported graph computes in float32: 1 - 1e-7 is 1 - 1.19e-7
+# there, and a saturated p_in must give the same logit in training and on the device)
+P_LO, P_HI = float(np.float32(1e-7)), float(np.float32(1 - 1e-7))
+
+
 def rejector_logit(model, x: np.ndarray, n_known: int = 10) -> np.ndarray:
     """log(p_in / (1 - p_in)), p_in = the known classes' share of the rejector's output (the
     digits' share of the 12-way output; the first `n_known` columns)."""
-    p = np.clip(model.predict_proba(x)[:, :n_known].sum(1), 1e-7, 1 - 1e-7)
+    p = np.clip(model.predict_proba(x)[:, :n_known].sum(1), P_LO, P_HI)
     return np.log(p) - np.log1p(-p)
 
 

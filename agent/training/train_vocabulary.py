@@ -41,7 +41,7 @@ def train_vocabulary(vocabulary: tuple[str, ...], data_dir: Path | None, out_dir
                 talk)
     report = V.evaluate(d, r, seed, workers, log)
     temp, platt = report["calibration"]["temperature"], tuple(report["calibration"]["platt"])
-    m = V.train_mask(d, None)
+    m = V.train_mask(d, None, r)
     log(f"train: final fit on {int(m.sum())} examples "
         f"({int((m & (d.table.y < d.k)).sum())} of the words)")
     head, rejector = V.fit(d, m, r, seed)

@@ -72,14 +72,17 @@ class VocabRecipe:
     near_per_word: int = 40      # distinct near-words of each word (half never trained on)
     near_clips: int = 160        # their clips (espeak-ng voices) per word
     n_sounds: int = 200          # babble, music, noise each, when there are no recordings
+    small_open_set: bool = False  # the digit recipe's small synthetic sets (tests)
     synth_aug_copies: int = 1    # augmented copies of each synthetic positive
+    real_enough: int = 100       # a word with this many real recordings trains on them alone
     folds: int = 3               # seeded groups of real speakers
-    head_c: float = 0.05
+    head_c: float = 0.01         # commands, 3 speaker groups: 0.01 0.925, 0.05 0.912, 0.5 0.882
     rejector_hidden: tuple[int, ...] = (128,)
     rejector_alpha: float = 0.01
     rejector_max_iter: int = 25
     target_precision: float = 0.99   # in every held-out group
     max_other_rate: float = 0.005    # other speech acted on, at most, in every group
+    max_synthetic_other_rate: float = 0.02  # the held-out synthetic open set (near-words...)
     per_class_thresholds: bool = True
 
     def to_dict(self) -> dict:
@@ -88,7 +91,8 @@ class VocabRecipe:
     def small(self) -> VocabRecipe:
         """For tests: tens of synthetic clips, a small rejector."""
         return replace(self, n_espeak=40, n_flite=12, n_festival=0, near_per_word=12,
-                       near_clips=30, n_sounds=30, rejector_hidden=(32,), rejector_max_iter=30)
+                       near_clips=30, n_sounds=30, small_open_set=True,
+                       rejector_hidden=(32,), rejector_max_iter=30)
 
 
 @dataclass
@@ -154,7 +158,7 @@ def build(vocabulary: tuple[str, ...], data_dir: Path | None, cache: Path, r: Vo
     text_only = tuple(w for w in text_only if w in vocabulary)
     banned = {W.recording_label(w) for w in text_only}
     spoken = {W.spoken(w) for w in vocabulary}
-    base = base or Recipe()
+    base = base or (Recipe().small() if r.small_open_set else Recipe())
     parts: list[Table] = []
     ds: DataSet | None = None
     if data_dir is not None:
@@ -297,12 +301,15 @@ def build(vocabulary: tuple[str, ...], data_dir: Path | None, cache: Path, r: Vo
                   banned))).sum()),
                   "real_held_back": int((clean & real & (table.y == i) & np.isin(
                       table.said, list(banned))).sum()),
-                  "synthetic": int((clean & (table.role == TRAIN_SYNTH) & (table.y == i)).sum()),
+                  "synthetic_made": int((clean & (table.role == TRAIN_SYNTH) &
+                                         (table.y == i)).sum()),
                   "synthetic_heldout_voices": int((clean & (table.role == HELDOUT_SYNTH) &
                                                    (table.y == i)).sum()),
                   "near_words": len(near.get(w, [])),
                   "text_only": w in text_only or not (clean & real & (table.y == i)).any()}
               for i, w in enumerate(vocabulary)}
+    for v in counts.values():   # trained on: see synthetic_only_for
+        v["synthetic"] = v["synthetic_made"] if v["real"] < r.real_enough else 0
     log(f"data: {int((clean & real).sum())} real clips of {len(fold_of)} speakers, "
         f"{int((clean & (table.role != REAL)).sum())} synthetic clips and sounds for "
         f"{', '.join(vocabulary)} in {time.perf_counter() - t0:.0f} s")
@@ -316,13 +323,25 @@ def build(vocabulary: tuple[str, ...], data_dir: Path | None, cache: Path, r: Vo
 
 
 # --- fit and evaluate ---------------------------------------------------------------------------
-def train_mask(d: VocabData, held_fold: int | None) -> np.ndarray:
+def synthetic_only_for(d: VocabData, r: VocabRecipe) -> tuple[str, ...]:
+    """The words that train on synthetic voices: fewer than `real_enough` real recordings.
+    (Commands with ~190 real clips each: the head's closed-set accuracy on held-out speakers
+    was 0.925 with their synthetic clips and 0.952 without.)"""
+    return tuple(w for w in d.vocabulary
+                 if d.counts["per_word"][w]["real"] < r.real_enough)
+
+
+def train_mask(d: VocabData, held_fold: int | None, r: VocabRecipe | None = None
+               ) -> np.ndarray:
     t = d.table
     real = t.role == REAL
     banned = np.isin(t.said, [W.recording_label(w) for w in d.text_only]) & real
+    rich = [i for i, w in enumerate(d.vocabulary)
+            if w not in synthetic_only_for(d, r or VocabRecipe())]
+    banned |= (t.role == TRAIN_SYNTH) & np.isin(t.y, rich)
     fold = np.array([d.fold_of.get(str(g), -1) for g in t.group]) if held_fold is not None \
         else None
-    keep = (t.role == TRAIN_SYNTH) | (real & ~banned)
+    keep = ((t.role == TRAIN_SYNTH) | real) & ~banned
     if fold is not None:
         keep &= ~(real & (fold == held_fold))
     return keep
@@ -354,7 +373,7 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
     t0 = time.perf_counter()
     t, K = d.table, d.k
     folds = sorted(set(d.fold_of.values())) or [0]
-    jobs = [(d, train_mask(d, f if d.fold_of else None), r, seed) for f in folds]
+    jobs = [(d, train_mask(d, f if d.fold_of else None, r), r, seed) for f in folds]
     with Pool(max(1, min(workers, len(jobs)))) as p:
         models = p.map(_fit_job, jobs)
     fold = np.array([d.fold_of.get(str(g), -1) for g in t.group])
@@ -382,10 +401,11 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
         return combine(ph, sigmoid(platt[0] * lg_ + platt[1]))
 
     p = prob(z, lg).astype(np.float32)
+    caps = {"synthetic open set": r.max_synthetic_other_rate}
     glob, th = choose_thresholds(p, y_u, g, r.target_precision, r.per_class_thresholds,
-                                 max_words=r.max_other_rate)
+                                 max_words=r.max_other_rate, group_max_words=caps)
     nested = nested_thresholds(p, y_u, g, r.target_precision, r.per_class_thresholds,
-                               r.max_other_rate)
+                               r.max_other_rate, caps)
     acc = accepted_at(p, th)
     pred = p.argmax(1)
     real = np.isin(g, [f"fold{f}" for f in folds])
