@@ -22,11 +22,12 @@ def targets(report: dict[str, Any], seconds: float) -> list[tuple[str, str, str]
              "≥ 0.99 commands / ≥ 0.98 few recordings", _f(real["precision"], 4)),
             ("precision of all accepted decisions, other speech included", "",
              _f(real["precision_all"], 4)),
-            ("precision, worst group at thresholds chosen without it", "",
+            ("precision, worst real speaker group at thresholds chosen without it", "",
              _f(th["nested_worst_precision"], 4)),
             ("other real words and digits accepted as a word", "≤ 1 % (≤ 0.5 % text only)",
              _pct(real["other_accepted"])),
-            ("other speech accepted, worst group at thresholds chosen without it", "",
+            ("other real speech accepted, worst real speaker group at thresholds chosen "
+             "without it", "",
              _pct(th["nested_worst_other"]))]
     to = report.get("text_only_words")
     if to:

@@ -385,7 +385,7 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
         if m.any():
             z, lg = scores(mdl, t.x[m], K)
             zs.append(z), ls.append(lg), ys.append(t.y[m]), idx.append(np.flatnonzero(m))
-            gs.append(np.full(m.sum(), f"fold{f}"))
+            gs.append(np.char.add(f"fold{f}-", t.source[m].astype(str)))
         z, lg = scores(mdl, t.x[held_syn], K)
         zs.append(z), ls.append(lg), ys.append(t.y[held_syn]), idx.append(np.flatnonzero(held_syn))
         gs.append(np.where(t.y[held_syn] < K, "synthetic voices", "synthetic open set"))
@@ -408,7 +408,7 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
                                r.max_other_rate, caps)
     acc = accepted_at(p, th)
     pred = p.argmax(1)
-    real = np.isin(g, [f"fold{f}" for f in folds])
+    real = np.char.startswith(g.astype(str), "fold")
     text_only_rows = np.isin(t.said[row], [W.recording_label(w) for w in d.text_only])
 
     def summary(m: np.ndarray) -> dict[str, Any]:
@@ -477,10 +477,12 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
                                                 "other_accepted"), v, strict=True))
                                    for k, v in group_precision(p, y_u, g, th).items()},
                       "nested": nested,
-                      "nested_worst_precision": min((v["precision"] for v in nested.values()
+                      "nested_worst_precision": min((v["precision"] for v in
+                                                     nested_real.values()
                                                      if v["precision"] is not None),
                                                     default=None),
-                      "nested_worst_other": max((v["words_accepted"] for v in nested.values()
+                      "nested_worst_other": max((v["words_accepted"] for v in
+                                                 nested_real.values()
                                                  if v["words_accepted"] is not None),
                                                 default=None),
                       "nested_mean_coverage": _mean(n_cov) if n_cov else None},
