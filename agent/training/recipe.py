@@ -105,10 +105,18 @@ def head_scores(model, x: np.ndarray) -> np.ndarray:
     return np.log(np.clip(model.predict_proba(x), 1e-30, None))
 
 
-def rejector_logit(model, x: np.ndarray) -> np.ndarray:
-    """log(p_in / (1 - p_in)), p_in = the digits' share of the 12-way output."""
-    p = np.clip(model.predict_proba(x)[:, :10].sum(1), 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
+P_LO = 1e-7  # the smallest share either side of the rejector's logit is given
+
+
+def rejector_logit(model, x: np.ndarray, n_known: int = 10) -> np.ndarray:
+    """log(p_in / (1 - p_in)), p_in = the known classes' share of the rejector's output (the
+    digits' share of the 12-way output; the first `n_known` columns). 1 - p_in is the sum of
+    the other columns, not a difference: near p_in = 1 a float32 difference (what the
+    exported graph would compute) loses the logit (2e-3 apart from scikit-learn here)."""
+    p = model.predict_proba(x)
+    p_in = np.maximum(p[:, :n_known].sum(1), P_LO)
+    p_out = np.maximum(p[:, n_known:].sum(1), P_LO)
+    return np.log(p_in) - np.log(p_out)
 
 
 def softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:

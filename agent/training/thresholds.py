@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.training.recipe import UNKNOWN_INDEX
-
 GRID = np.r_[np.linspace(0.30, 0.90, 61), np.linspace(0.905, 0.995, 19),
              [0.996, 0.997, 0.998, 0.999, 0.9995, 0.9999]]
 
 
 def accepted(p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Rows acted on: the top class is a digit and reaches its class's threshold."""
+    """Rows acted on: the top class is a known class (not the last column, unknown) and
+    reaches its class's threshold."""
     pred = p.argmax(1)
-    digit = pred != UNKNOWN_INDEX
+    digit = pred != p.shape[1] - 1
     return digit & (p.max(1) >= thresholds[np.minimum(pred, len(thresholds) - 1)])
 
 
@@ -36,7 +35,7 @@ def group_precision(p: np.ndarray, y: np.ndarray, groups: np.ndarray, thresholds
     of its digits (acted on and right), share of its non-digit words acted on (None: none))."""
     a = accepted(p, thresholds)
     ok = a & (p.argmax(1) == y)
-    word = y == UNKNOWN_INDEX
+    word = y == p.shape[1] - 1
     out = {}
     for g in np.unique(groups):
         m = groups == g
@@ -50,7 +49,7 @@ def group_precision(p: np.ndarray, y: np.ndarray, groups: np.ndarray, thresholds
 
 def _worst_ok(p_ok: np.ndarray, acc: np.ndarray, gi: np.ndarray, n_groups: int,
               target: float, is_word: np.ndarray | None = None,
-              max_words: float | None = None) -> bool:
+              max_words: float | np.ndarray | None = None) -> bool:
     """Every group reaches the target precision; with `max_words`, precision is over the
     group's digits and its non-digit words may be accepted at most at that rate."""
     if max_words is None:
@@ -68,22 +67,28 @@ def _worst_ok(p_ok: np.ndarray, acc: np.ndarray, gi: np.ndarray, n_groups: int,
 
 def choose_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: float,
                       per_class: bool = True, passes: int = 2,
-                      max_words: float | None = None) -> tuple[float, np.ndarray]:
-    """(global threshold, per-class thresholds (10,)) so that every group's accepted
+                      max_words: float | None = None,
+                      group_max_words: dict[str, float] | None = None
+                      ) -> tuple[float, np.ndarray]:
+    """(global threshold, per-class thresholds (classes,)) so that every group's accepted
     decisions reach `target` precision, with as much coverage as the grid allows.
 
-    p: (n, 11) probabilities (last column unknown), y: true class (UNKNOWN_INDEX for a
-    non-digit), groups: held-out group of each row."""
+    p: (n, classes + 1) probabilities (last column unknown), y: true class (the last column's
+    index for anything not in the vocabulary), groups: held-out group of each row;
+    `group_max_words` replaces `max_words` for the groups it names."""
     n_cls = p.shape[1] - 1
-    _, gi = np.unique(groups, return_inverse=True)
+    names, gi = np.unique(groups, return_inverse=True)
     n_groups = int(gi.max()) + 1
+    cap: float | np.ndarray | None = max_words
+    if max_words is not None and group_max_words:
+        cap = np.array([group_max_words.get(str(g), max_words) for g in names])
     pred, conf = p.argmax(1), p.max(1)
-    digit = pred != UNKNOWN_INDEX
+    digit = pred != n_cls
     correct = pred == y
 
     def ok(th: np.ndarray) -> bool:
         acc = digit & (conf >= th[np.minimum(pred, n_cls - 1)])
-        return _worst_ok(correct, acc, gi, n_groups, target, y == UNKNOWN_INDEX, max_words)
+        return _worst_ok(correct, acc, gi, n_groups, target, y == n_cls, cap)
 
     def lowest(trial_of, start: float = 1.0) -> float:
         """Walk the grid down from `start` (a value that holds); the last value before a group
@@ -112,7 +117,8 @@ def choose_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: 
 
 
 def nested_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: float,
-                      per_class: bool = True, max_words: float | None = None
+                      per_class: bool = True, max_words: float | None = None,
+                      group_max_words: dict[str, float] | None = None
                       ) -> dict[str, dict[str, float | int | None]]:
     """The honest figure: each group's precision, coverage and words accepted at thresholds
     chosen without it (what a new voice gets)."""
@@ -120,7 +126,7 @@ def nested_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: 
     for g in np.unique(groups):
         o = groups != g
         _, th = choose_thresholds(p[o], y[o], groups[o], target, per_class,
-                                  max_words=max_words)
+                                  max_words=max_words, group_max_words=group_max_words)
         prec, n, cov, words = group_precision(p[~o], y[~o], groups[~o], th)[str(g)]
         out[str(g)] = {"precision": prec, "accepted": n, "coverage": cov,
                        "words_accepted": words}
