@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STAGES: tuple[str, ...] = ("audio", "vad", "model", "system")
+STAGES: tuple[str, ...] = ("audio", "vad", "wake", "model", "system")
 MAX_BINS = 24
 
 
@@ -80,6 +80,16 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("utterance_rate_per_min", "vad", "1/min",
                (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0),
                "utterances per minute, one value per window (derived when the window closes)"),
+    # --- wake: the wake phrase (addressing.mode = "wake", agent/wake.py) -------------------
+    MetricSpec("wake_score", "wake", "probability",
+               _steps(0.1, 0.95, 0.05) + (0.97, 0.99, 0.995),
+               "wake mode: the wake head's best score at the start of each segment; a shift "
+               "shows the wake phrase heard worse (or everything heard as it)"),
+    MetricSpec("wake_latency_ms", "wake", "ms",
+               (50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 400.0, 500.0, 600.0, 800.0, 1000.0,
+                1500.0, 2000.0, 3000.0),
+               "wake mode: end of the wake phrase (audio clock) to the moment it was detected, "
+               "per detection; includes the VAD hangover"),
     # --- model: how sure the recogniser is ---------------------------------------------------
     MetricSpec("confidence", "model", "probability",
                _steps(0.1, 0.95, 0.05) + (0.97, 0.99, 0.995),
@@ -152,7 +162,8 @@ WINDOW_DERIVED: frozenset[str] = frozenset(
 # payload keeps only count and mean there, and only count below MEAN_MIN_VALUES.
 PER_UTTERANCE: frozenset[str] = frozenset(
     {"input_rms_dbfs", "input_peak_dbfs", "clipping_ratio", "snr_db", "utterance_length_s",
-     "confidence", "margin", "digit_confidence", "compute_latency_ms", "eou_latency_ms"})
+     "confidence", "margin", "digit_confidence", "compute_latency_ms", "eou_latency_ms",
+     "wake_score", "wake_latency_ms"})
 MEAN_MIN_VALUES = 3
 
 

@@ -215,11 +215,24 @@ class Monitor:
         if d.label is not None:
             self.agg.record_decision(d.label, d.accepted, t, confidence=d.confidence,
                                      margin=d.margin)
+        if o.wake is not None:
+            self.agg.observe("wake_score", o.wake.score, t)
+            if o.wake.heard:
+                self.agg.count("wakes", 1, t)
+                self.agg.observe("wake_latency_ms",
+                                 (o.utterance.emitted_at - o.wake.wake_end) * 1000.0 / self.rate,
+                                 t)
+            if o.wake.awake and d.accepted:
+                self.agg.count("wake_commands", 1, t)
         if d.confidence is not None and d.margin is not None:
             # best digit: the top class, or the runner-up when the top class is "unknown"
             best_digit = d.confidence - d.margin if d.label == self.unknown_label else \
                 d.confidence
             self.agg.observe("digit_confidence", best_digit, t)
+
+    def on_wakes_unused(self, n: int, clock_s: float) -> None:
+        """Wake windows that closed with no command acted on (agent/wake.py)."""
+        self.agg.count("wakes_unused", n, clock_s)
 
     # --- windows → drift → alarms → messages ---------------------------------------------
     def finish(self, clock_s: float) -> None:

@@ -31,7 +31,7 @@ MAX_PAYLOAD_BYTES = 8192
 ACCURACY_METHOD = "mean_calibrated_top_probability"
 ACCURACY_VALID_IF = "calibration_holds"
 COUNTS = ("frames", "speech_frames", "utterances", "accepted", "abstained", "dropped_frames",
-          "state_write_errors")
+          "state_write_errors", "wakes", "wake_commands", "wakes_unused")
 
 
 def payload_bytes(payload: Any) -> bytes:

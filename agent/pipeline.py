@@ -2,8 +2,8 @@
 
 source block → mono → resample to the model's rate (16 kHz) → VAD segmenter → front end
 (agent/frontend.py, the same code training uses) → head → policy (threshold and
-addressing: what the VAD knows about the segment, agent/decision.py). No threads, no files, no
-network here: the service feeds blocks and drains decisions, tests and benchmarks call the
+addressing: what the VAD knows about the segment, agent/decision.py; in wake mode the wake
+stage, agent/wake.py, on the same head input). No threads, no files, no network here: the service feeds blocks and drains decisions, tests and benchmarks call the
 same object directly. Observers get every measurement the
 monitoring layer needs without the pipeline knowing what they do with it.
 
@@ -27,6 +27,7 @@ from agent.config import VadConfig
 from agent.decision import Decision, Policy
 from agent.model import ModelRunner
 from agent.vad import Segmenter, Utterance, VadBlockStats
+from agent.wake import WakeResult, WakeStage
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Outcome:
     decision: Decision
     probabilities: np.ndarray | None
     features: np.ndarray | None = None  # the head input, for a shadow sharing the front end
+    wake: WakeResult | None = None      # what the wake stage made of it (wake mode only)
 
 
 class Observer(Protocol):
@@ -66,6 +68,7 @@ class Pipeline:
                                    speculate=self._speculate if speculate else None)
         self.observers: list[Observer] = []
         self.personal: Scorer | None = None  # device adaptation and enrollment, when on
+        self.wake: WakeStage | None = None    # addressing.mode = "wake"
         self.dropped_frames = 0
         self._resampler: Resampler | None = None
         # (audio_start, end, samples) → (model, head input) of speculations not yet released;
@@ -98,7 +101,10 @@ class Pipeline:
     def finish(self) -> list[Decision]:
         """End of stream: drain the resampler and close the utterance in progress."""
         out = self._consume(self.flush_conditioning(), 0)
-        return out + [self._decide(u) for u in self.segmenter.flush()]
+        out += [self._decide(u) for u in self.segmenter.flush()]
+        if self.wake is not None:
+            self._wakes_unused(self.wake.finish())
+        return out
 
     def skip(self, samples: int) -> list[Decision]:
         """The source was away for `samples` (at the pipeline's rate): decide the utterance in
@@ -127,7 +133,16 @@ class Pipeline:
             decisions.append(self._decide(u))
             i = k
         self._observe(stats.slice(i, len(stats.frame_db)), dropped)
+        if self.wake is not None:
+            self._wakes_unused(self.wake.expire(self.segmenter.clock, self.segmenter.busy))
         return decisions
+
+    def _wakes_unused(self, n: int) -> None:
+        """Wake windows that closed with no command: observers that count them hear it."""
+        for o in self.observers if n else ():
+            hook = getattr(o, "on_wakes_unused", None)
+            if hook is not None:
+                hook(n, self.clock_s)
 
     def _observe(self, stats: VadBlockStats, dropped: int) -> None:
         for o in self.observers:
@@ -155,29 +170,44 @@ class Pipeline:
 
     def _decide(self, u: Utterance) -> Decision:
         t0 = time.perf_counter()
-        probs = feats = None
+        probs = feats = wake = None
         label = confidence = margin = None
         accepted = False
         runs = self.model is not None and self.policy.runs_model
         addressed = self.policy.addressing.allows_utterance(u)
+        start = u.start
         if runs:
             feats = self._features(u)
+            if self.wake is not None:
+                wake = self.wake.judge(u, feats)
+                if wake.command_from is not None:  # wake phrase and command in one breath
+                    start = u.audio_start + wake.command_from
+                    feats = self.model.features(u.audio[wake.command_from:])
+                # the speech just before a command here is the wake phrase: no quiet-before
+                addressed = self.policy.addressing.allows((u.end - start) / self.rate,
+                                                          u.forced_cut, None, u.speech_after)
             probs = self.model.predict(feats[None, :])[0] if self.personal is None else \
                 self.personal.predict(self.model, feats)
             label, confidence, margin, accepted = self.policy.decide(
                 probs, self.model.manifest.classes, addressed)
+            if wake is not None:
+                accepted = accepted and wake.awake
+                self.wake.settle(wake, accepted)
+                self._wakes_unused(wake.unused)
         latency_ms = (time.perf_counter() - t0) * 1000.0
         if runs and self.personal is not None and not u.forced_cut:
             # learning (and its saves) after the decision; a force-cut segment is running
             # speech, not a command, and teaches the adaptation nothing
             self.personal.observe(feats, probs)
-        d = Decision(start=u.start / self.rate, end=u.end / self.rate,
+        d = Decision(start=start / self.rate, end=u.end / self.rate,
                      decided_at=u.emitted_at / self.rate, label=label, confidence=confidence,
                      accepted=accepted,
                      model=self.model.manifest.ref if runs else None,
                      latency_ms=latency_ms, margin=margin, mode=self.policy.mode,
-                     forced_cut=u.forced_cut, addressed=addressed)
-        outcome = Outcome(u, d, probs, feats)
+                     forced_cut=u.forced_cut, addressed=addressed,
+                     wake=wake is not None and wake.heard,
+                     awake=None if wake is None else wake.awake)
+        outcome = Outcome(u, d, probs, feats, wake)
         for o in self.observers:
             o.on_outcome(outcome)
         return d

@@ -1,0 +1,180 @@
+"""The wake phrase: in `addressing.mode = "wake"` the device takes a command only after it.
+
+A wake model is a model directory like any other (made by `edge-voice-agent train --vocabulary
+WORD`, from text alone if need be) whose classes are [WORD, unknown], with its `calibration/`
+inside. It must share the command model's front end: it is only another head on the same 96-d
+speech embedding, as in the open wake-word engines. The check on a VAD segment costs one head
+call on the features the command model computes anyway, plus one embedding pass over the
+segment with the head slid over it in 80 ms steps (agent/frontend.py, `sliding_head_inputs`),
+which finds a wake phrase said in one breath with its command.
+
+Per segment (`WakeStage.judge`, then `settle` with the decision):
+* the wake phrase at the start, with speech after it ("WORD seven" in one breath): the rest
+  of the segment, from the quietest point after the wake phrase, is the command, classified by
+  the same front end;
+* the wake phrase alone: a window of `window_s` opens from its end;
+* within the window, segments are commands until one is acted on (an abstention lets the
+  person say it again), which closes the window; a window that passes with none is a wake
+  with no command (`unused`);
+* anything else is not addressed to the device and never acts.
+
+The addressing rule's quiet-before requirement does not apply here (the speech just before the
+command is the wake phrase); the rest does: a force-cut piece of long speech, speech right
+after, a segment longer than a command never act (agent/pipeline.py applies it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.decision import Thresholds
+from agent.errors import AgentError
+from agent.frontend import sliding_head_inputs
+from agent.model import ModelRunner
+
+TRAIN_ONE = "make one with 'edge-voice-agent train --vocabulary WORD'"
+MAX_LEAD_S = 1.0        # the wake phrase's centre lies this close to the segment's first speech
+MIN_GAP_S = 0.2         # one breath: the command starts at least this long after that centre
+MIN_COMMAND_S = 0.15    # ... and holds at least this much of the segment's speech
+DIP_DB = 6.0            # the split point is this far below the command's loudest frame
+
+
+class WakeModel:
+    """A verified two-class wake model on the command model's front end, with its threshold."""
+
+    def __init__(self, directory: str | Path, command: ModelRunner, threads: int = 1,
+                 threshold: float = -1.0) -> None:
+        d = Path(directory)
+        if not d.is_dir():
+            raise AgentError(f"wake model {d} does not exist; set addressing.wake_model to a "
+                             f"wake model directory ({TRAIN_ONE})")
+        try:
+            self.runner = ModelRunner(d, threads, share_from=command)
+        except AgentError as e:
+            raise AgentError(f"wake model {d}: {e}") from None
+        m = self.runner.manifest
+        words = [c for c in m.classes if c != m.unknown_label]
+        if len(m.classes) != 2 or len(words) != 1:
+            raise AgentError(f"wake model {d} ({m.ref}) has classes [{', '.join(m.classes)}]; "
+                             f"a wake model has two, [WORD, {m.unknown_label or 'unknown'}]: "
+                             f"{TRAIN_ONE}")
+        if self.runner.embedder is not command.embedder:
+            raise AgentError(f"wake model {d} ({m.ref}) has another front end than the command "
+                             f"model {command.manifest.ref}; the wake head must run on the same "
+                             f"speech embedding: retrain it with this agent ({TRAIN_ONE})")
+        self.word = words[0]
+        self.index = m.classes.index(self.word)
+        if threshold < 0:
+            path = d / "calibration" / "thresholds.json"
+            t = Thresholds.read(path)
+            if t.sha256 != m.sha256:
+                raise AgentError(f"thresholds file {path} was calibrated for {t.model}, not for "
+                                 f"the wake model {m.ref}; reinstall the wake model directory or "
+                                 "set addressing.wake_threshold")
+            threshold = dict(t.per_class).get(self.word, t.threshold)
+        self.threshold = float(threshold)
+        self.directory = d
+
+    @property
+    def ref(self) -> str:
+        return self.runner.manifest.ref
+
+    def score(self, head_inputs: np.ndarray) -> np.ndarray:
+        """(n, dim) head inputs → (n,) probability of the wake phrase."""
+        return self.runner.predict(head_inputs)[:, self.index]
+
+    def scan(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, window centres as sample indices into `audio`) over a whole segment."""
+        x, centres = sliding_head_inputs(audio, self.runner.embedder)
+        return self.score(x), centres
+
+
+@dataclass(frozen=True)
+class WakeResult:
+    """What the wake stage made of one segment. Local only (aggregates reach monitoring)."""
+
+    heard: bool                  # the wake phrase was in this segment
+    score: float                 # best wake score at the segment's start
+    awake: bool                  # this segment (or its rest) is a command after a wake
+    command_from: int | None     # one breath: where the command starts in the segment's audio
+    wake_end: int | None         # clock sample at which the wake phrase ended, when heard
+    unused: int = 0              # earlier wakes this segment closed with no command
+
+
+def split_after(audio: np.ndarray, centre: int, speech_end: int, rate: int) -> int | None:
+    """Where the command starts after a wake phrase centred at `centre` (sample indices into
+    `audio`): the quietest 50 ms after it, when enough louder speech follows; else None."""
+    frame = rate // 100
+    lo = (centre + int(MIN_GAP_S * rate)) // frame
+    hi = (speech_end - int(MIN_COMMAND_S * rate)) // frame
+    n = len(audio) // frame
+    if hi <= lo or hi > n:
+        return None
+    f = audio[: n * frame].astype(np.float64).reshape(n, frame)
+    db = 10.0 * np.log10(np.mean(f * f, axis=1) + 1e-12)
+    smooth = np.convolve(db, np.ones(5) / 5.0, mode="same")
+    k = lo + int(np.argmin(smooth[lo:hi]))
+    if smooth[k] > db[k:speech_end // frame].max() - DIP_DB:
+        return None   # no pause worth the name: one word, not a wake phrase and a command
+    return k * frame
+
+
+class WakeStage:
+    """The wake gate over a stream of segments (pure: no I/O, the audio clock only)."""
+
+    def __init__(self, model: WakeModel, window_s: float) -> None:
+        self.model = model
+        self.window_s = window_s
+        self.deadline: int | None = None   # clock sample by which the command must start
+        self.heard = self.commands = self.unused = 0
+
+    def expire(self, clock: int, busy: bool) -> int:
+        """Close a window that passed with no command (nothing in progress started in it)."""
+        if self.deadline is not None and clock >= self.deadline and not busy:
+            self.deadline = None
+            self.unused += 1
+            return 1
+        return 0
+
+    def finish(self) -> int:
+        """End of stream: an open window gets no command any more."""
+        return self.expire(2**62, False)
+
+    def judge(self, u, feats: np.ndarray) -> WakeResult:
+        """`u`: an agent.vad.Utterance; `feats`: its head input (the command model's)."""
+        rate = u.rate
+        unused = 0
+        if self.deadline is not None and u.start > self.deadline:
+            unused += self.expire(u.start, False)
+        lead = u.start - u.audio_start
+        speech_end = u.end - u.audio_start
+        best = float(self.model.score(feats[None, :])[0])
+        scores, centres = self.model.scan(u.audio)
+        start = centres <= lead + int(MAX_LEAD_S * rate)
+        command_from = None
+        if start.any():
+            i = int(np.argmax(np.where(start, scores, -1.0)))
+            if scores[i] >= self.model.threshold:
+                command_from = split_after(u.audio, int(centres[i]), speech_end, rate)
+            best = max(best, float(scores[i]))
+        heard = best >= self.model.threshold
+        if heard:
+            if self.deadline is not None:
+                self.deadline = None     # a new wake phrase: the earlier one went unused
+                self.unused += 1
+                unused += 1
+            self.heard += 1
+            wake_end = u.audio_start + command_from if command_from is not None else u.end
+            self.deadline = wake_end + int(self.window_s * rate)
+            return WakeResult(True, best, command_from is not None, command_from, wake_end,
+                              unused)
+        return WakeResult(False, best, self.deadline is not None, None, None, unused)
+
+    def settle(self, result: WakeResult, accepted: bool) -> None:
+        """The decision on the command: acting on it closes the window."""
+        if result.awake and accepted:
+            self.deadline = None
+            self.commands += 1

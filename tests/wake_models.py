@@ -1,0 +1,126 @@
+"""Wake models learned from text alone, for tests and benchmarks/bench_wake.py.
+
+`make_wake_model(dst, word)` synthesises the wake word and other words with espeak-ng and
+flite (agent/training/synth.py, held-out voices excluded), trains a logistic-regression head on
+the same head inputs the daemon computes — the centred window of a clip (`features`) and the
+80 ms sliding windows over "WORD, pause, digit" said in one breath (`sliding_head_inputs`) —
+and writes a model directory with classes [WORD, unknown] and `calibration/thresholds.json`
+inside, the front end copied from the bundled model (so it shares its embedding). It stands
+in for `edge-voice-agent train --vocabulary WORD` (issue 18b) where that is not available.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from agent.frontend import sliding_head_inputs
+from agent.model import MANIFEST, Component, Manifest, ModelRunner, build_digest, sha256_file
+from agent.resources import default_model_dir
+from agent.training import synth as S
+
+WAKE_WORD = "jarvis"
+# words one or two sounds away from the wake word, and everyday words
+NEAR = ("jar", "service", "nervous", "harvest", "marvel", "travis", "carcass", "jealous",
+        "chances", "garbage", "java", "curious", "jarring", "harness", "jervis", "davis")
+
+
+def synth(words: list[str], n_espeak: int, n_flite: int, seed: int
+          ) -> tuple[list[np.ndarray], list[str]]:
+    """Clips of `words` from the training voices (never HELDOUT_VOICES)."""
+    jobs = [j for j in S.make_jobs(words, n_espeak, n_flite, 0, seed)
+            if S.voice_id(j) not in S.HELDOUT_VOICES]
+    out, labels = [], []
+    for j in jobs:
+        a = S.run_job(j)
+        if a is not None:
+            out.append(a)
+            labels.append(j[4])
+    return out, labels
+
+
+def one_breath(wake: np.ndarray, command: np.ndarray, gap_s: float) -> np.ndarray:
+    gap = np.zeros(int(gap_s * S.SR), np.float32)
+    return np.concatenate([wake, gap, command]).astype(np.float32)
+
+
+def training_set(runner: ModelRunner, word: str, n_pos: int, n_neg: int, seed: int,
+                 extra_negatives: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(head inputs, 1 for the wake word) from synthetic voices (+ real negative clips)."""
+    rng = np.random.default_rng(seed)
+    pos, _ = synth([word], n_pos, max(4, n_pos // 6), seed)
+    neg_words = sorted(set(S.DIGIT_WORDS) | set(NEAR) | set(S.NEG_WORDS))
+    neg, _ = synth(neg_words, n_neg, max(10, n_neg // 6), seed + 1)
+    digits, _ = synth(S.DIGIT_WORDS, 40, 10, seed + 2)
+    neg = neg + list(extra_negatives)
+    x, y = [], []
+    for a in pos:
+        x.append(runner.features(a))
+        y.append(1)
+    for a in neg:
+        x.append(runner.features(a))
+        y.append(0)
+    for a in pos:  # one breath: the windows at the wake word are positives, those at the
+        d = digits[int(rng.integers(len(digits)))]   # digit negatives
+        seg = one_breath(a, d, float(rng.uniform(0.05, 0.25)))
+        h, centres = sliding_head_inputs(seg, runner.embedder)
+        wake_c, cmd_c = len(a) // 2, len(seg) - len(d) // 2
+        for hi, c in zip(h, centres, strict=True):
+            if abs(c - wake_c) <= 1280:
+                x.append(hi)
+                y.append(1)
+            elif abs(c - cmd_c) <= 2560:
+                x.append(hi)
+                y.append(0)
+    return np.stack(x), np.array(y)
+
+
+def write_wake_model(dst: Path, word: str, head_blob: bytes, threshold: float,
+                     training: dict) -> Path:
+    """A model directory with the bundled model's front end, `head_blob` as its head,
+    classes [word, unknown] and calibration/thresholds.json inside."""
+    src = default_model_dir()
+    m = Manifest.read(src / MANIFEST)
+    dst.mkdir(parents=True)
+    comps = []
+    for c in m.components:
+        if c.role in ("melspectrogram", "embedding", "embedding_source"):
+            shutil.copy(src / c.file, dst / c.file)
+            comps.append(c)
+    (dst / "head.onnx").write_bytes(head_blob)
+    comps.append(Component(name="head", file="head.onnx", role="head", version="1.0.0",
+                           licence="same as the project", sha256=sha256_file(dst / "head.onnx"),
+                           source=f"tests/wake_models.py, text only: {word}"))
+    wm = Manifest(name=f"wake-{word}", version="1.0.0", classes=(word, "unknown"),
+                  sample_rate=m.sample_rate, frontend=m.frontend, components=tuple(comps),
+                  unknown_label="unknown", training=training)
+    (dst / MANIFEST).write_text(json.dumps(wm.to_dict(), indent=2) + "\n")
+    (dst / "calibration").mkdir()
+    (dst / "calibration" / "thresholds.json").write_text(json.dumps(
+        {"model": wm.ref, "sha256": build_digest(comps), "threshold": threshold,
+         "target_precision": 0.99}, indent=1) + "\n")
+    return dst
+
+
+def make_wake_model(dst: Path, word: str = WAKE_WORD, *, n_pos: int = 60, n_neg: int = 160,
+                    seed: int = 0, threshold: float = 0.5, c: float = 0.05,
+                    extra_negatives: list[np.ndarray] = (),
+                    runner: ModelRunner | None = None) -> Path:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from agent.training.export import head_to_onnx
+
+    runner = runner or ModelRunner(default_model_dir())
+    x, y = training_set(runner, word, n_pos, n_neg, seed, extra_negatives)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(
+        C=c, max_iter=500, class_weight="balanced", random_state=seed)).fit(x, 1 - y)
+    # classes_ of the fit are [0 = word, 1 = unknown]: the graph's columns in manifest order
+    blob = head_to_onnx(clf, 1.0, x.shape[1])
+    return write_wake_model(dst, word, blob, threshold,
+                            {"text_only": True, "positives": int(y.sum()),
+                             "negatives": int(len(y) - y.sum()), "seed": seed})
