@@ -124,3 +124,23 @@ def make_wake_model(dst: Path, word: str = WAKE_WORD, *, n_pos: int = 60, n_neg:
     return write_wake_model(dst, word, blob, threshold,
                             {"text_only": True, "positives": int(y.sum()),
                              "negatives": int(len(y) - y.sum()), "seed": seed})
+
+
+def lay_out(parts: list[tuple[str, np.ndarray | float]], seed: int = 0, floor_dbfs: float = -60.0
+            ) -> tuple[np.ndarray, list[dict]]:
+    """A 16 kHz stream from ("name", clip) and ("pause", seconds) parts over a low noise floor;
+    returns (audio, truth: one {"name", "start", "end"} per clip, seconds)."""
+    rng = np.random.default_rng(seed)
+    chunks, truth, t = [], [], 0
+    for name, part in parts:
+        if isinstance(part, float | int):
+            chunks.append(np.zeros(int(part * S.SR), np.float32))
+        else:
+            a = np.asarray(part, np.float32)
+            a = a * np.float32(0.3 / max(1e-6, float(np.abs(a).max())))
+            truth.append({"name": name, "start": t / S.SR, "end": (t + len(a)) / S.SR})
+            chunks.append(a)
+        t += len(chunks[-1])
+    x = np.concatenate(chunks)
+    x = x + rng.standard_normal(len(x)).astype(np.float32) * np.float32(10 ** (floor_dbfs / 20))
+    return x.astype(np.float32), truth
