@@ -71,9 +71,9 @@ class Pipeline:
         self.wake: WakeStage | None = None    # addressing.mode = "wake"
         self.dropped_frames = 0
         self._resampler: Resampler | None = None
-        # (audio_start, end, samples) → (model, head input) of speculations not yet released;
-        # several can be pending when one pushed block holds more than one word
-        self._speculated: dict[tuple[int, int, int], tuple[ModelRunner, np.ndarray]] = {}
+        # (audio_start, end, samples) → (model, head input, wake scan) of speculations not yet
+        # released; several can be pending when one pushed block holds more than one word
+        self._speculated: dict[tuple[int, int, int], tuple] = {}
         self.speculations = 0       # front-end runs during a hangover
         self.speculation_hits = 0   # ... reused by the released utterance
         self.speculative_ms = 0.0   # their compute time
@@ -152,21 +152,23 @@ class Pipeline:
         if self.model is None or not self.policy.runs_model:
             return
         t0 = time.perf_counter()
-        self._speculated[(u.audio_start, u.end, len(u.audio))] = (self.model,
-                                                                  self.model.features(u.audio))
+        scan = self.wake.model.scan(u.audio) if self.wake is not None else None
+        self._speculated[(u.audio_start, u.end, len(u.audio))] = (
+            self.model, self.model.features(u.audio), self.wake, scan)
         self.speculations += 1
         self.speculative_ms += (time.perf_counter() - t0) * 1000.0
 
-    def _features(self, u: Utterance) -> np.ndarray:
-        """The head input, from the speculation when it covered exactly this audio."""
+    def _features(self, u: Utterance) -> tuple[np.ndarray, tuple | None]:
+        """The head input and the wake scan (None: not computed), from the speculation when it
+        covered exactly this audio."""
         assert self.model is not None
         spec = self._speculated.pop((u.audio_start, u.end, len(u.audio)), None)
         for key in [k for k in self._speculated if k[0] <= u.audio_start]:
             del self._speculated[key]  # earlier candidates of this word: speech resumed
         if spec is not None and spec[0] is self.model:
             self.speculation_hits += 1
-            return spec[1]
-        return self.model.features(u.audio)
+            return spec[1], spec[3] if spec[2] is self.wake else None
+        return self.model.features(u.audio), None
 
     def _decide(self, u: Utterance) -> Decision:
         t0 = time.perf_counter()
@@ -177,9 +179,9 @@ class Pipeline:
         addressed = self.policy.addressing.allows_utterance(u)
         start = u.start
         if runs:
-            feats = self._features(u)
+            feats, scan = self._features(u)
             if self.wake is not None:
-                wake = self.wake.judge(u, feats)
+                wake = self.wake.judge(u, feats, scan)
                 if wake.command_from is not None:  # wake phrase and command in one breath
                     start = u.audio_start + wake.command_from
                     feats = self.model.features(u.audio[wake.command_from:])

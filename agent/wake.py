@@ -143,8 +143,10 @@ class WakeStage:
         """End of stream: an open window gets no command any more."""
         return self.expire(2**62, False)
 
-    def judge(self, u, feats: np.ndarray) -> WakeResult:
-        """`u`: an agent.vad.Utterance; `feats`: its head input (the command model's)."""
+    def judge(self, u, feats: np.ndarray,
+              scan: tuple[np.ndarray, np.ndarray] | None = None) -> WakeResult:
+        """`u`: an agent.vad.Utterance; `feats`: its head input (the command model's); `scan`:
+        `WakeModel.scan` of its audio when already computed (the pipeline speculates it)."""
         rate = u.rate
         unused = 0
         if self.deadline is not None and u.start > self.deadline:
@@ -152,7 +154,7 @@ class WakeStage:
         lead = u.start - u.audio_start
         speech_end = u.end - u.audio_start
         best = float(self.model.score(feats[None, :])[0])
-        scores, centres = self.model.scan(u.audio)
+        scores, centres = scan if scan is not None else self.model.scan(u.audio)
         start = centres <= lead + int(MAX_LEAD_S * rate)
         command_from = None
         if start.any():
