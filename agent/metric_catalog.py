@@ -81,13 +81,14 @@ METRICS: tuple[MetricSpec, ...] = (
                (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0),
                "utterances per minute, one value per window (derived when the window closes)"),
     # --- wake: the wake phrase (addressing.mode = "wake", agent/wake.py) -------------------
+    # (published only by a device in wake mode, so a device in "always" mode sends the same
+    # bytes as before; few bins, so a wake-mode payload stays under the 8 KB limit)
     MetricSpec("wake_score", "wake", "probability",
-               _steps(0.1, 0.95, 0.05) + (0.97, 0.99, 0.995),
+               (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
                "wake mode: the wake head's best score at the start of each segment; a shift "
                "shows the wake phrase heard worse (or everything heard as it)"),
     MetricSpec("wake_latency_ms", "wake", "ms",
-               (50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 400.0, 500.0, 600.0, 800.0, 1000.0,
-                1500.0, 2000.0, 3000.0),
+               (100.0, 200.0, 300.0, 400.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 3000.0),
                "wake mode: end of the wake phrase (audio clock) to the moment it was detected, "
                "per detection; includes the VAD hangover"),
     # --- model: how sure the recogniser is ---------------------------------------------------

@@ -156,6 +156,7 @@ class Monitor:
         self.held_alarms: set[str] = set()
         # Extra payload sections computed as a window closes (agent.rollout: rollout, experience)
         self.sections: list[Callable[[WindowSummary], dict[str, Any]]] = []
+        self.wake_stage = False  # wake mode: the wake stage's metrics go into the payload
 
     # --- observer interface --------------------------------------------------------------
     def on_block(self, clock_s: float, stats: VadBlockStats, dropped: int) -> None:
@@ -285,7 +286,8 @@ class Monitor:
                 s, drift, device_id=self.device_id, boot_id=self.boot_id, seq=self._next(),
                 model=self.model_info, process=self.probe.sample(), utc_anchor=anchor,
                 k=self.k, active_alarms=self.active_alarms, utc_source=self.stamper.source,
-                utc_synced=synced, since_boot=self.since_boot.add(s))
+                utc_synced=synced, since_boot=self.since_boot.add(s),
+                wake_stage=self.wake_stage)
             for section in self.sections:
                 self.last_payload.update(section(s))
             self.emit(Message(topic(self.prefix, self.device_id, "stats"), self.last_payload))

@@ -3,9 +3,10 @@
 source block → mono → resample to the model's rate (16 kHz) → VAD segmenter → front end
 (agent/frontend.py, the same code training uses) → head → policy (threshold and
 addressing: what the VAD knows about the segment, agent/decision.py; in wake mode the wake
-stage, agent/wake.py, on the same head input). No threads, no files, no network here: the service feeds blocks and drains decisions, tests and benchmarks call the
-same object directly. Observers get every measurement the
-monitoring layer needs without the pipeline knowing what they do with it.
+stage, agent/wake.py, on the same speech embedding). No threads, no files, no network here:
+the service feeds blocks and drains decisions, tests and benchmarks call the same object
+directly. Observers get every measurement the monitoring layer needs without the pipeline
+knowing what they do with it.
 
 The front end (about 7 ms per utterance on one thread) runs speculatively while the VAD waits
 out its hangover (see agent/vad.py): the audio it sees is exactly the audio the released

@@ -565,6 +565,7 @@ class Service:
         self.pipeline.personal = personalize(cfg, self.pipeline.model,
                                              microphone=self.microphone, health=self.health)
         self.monitor.sections.append(lambda s: personal_section(self.pipeline))
+        self.monitor.wake_stage = self.pipeline.wake is not None
         self.pipeline.observers.append(self.monitor)
         self.writer = DecisionWriter(cfg.decisions_target(), self.health)
         m = self.pipeline.model.manifest if self.pipeline.model else None
@@ -808,6 +809,7 @@ class Service:
         mon = self.monitor
         mon.rate = self.pipeline.rate
         mon.model_info = model_info(self.pipeline)
+        mon.wake_stage = parts.wake is not None
         mon.agg.unknown_label = parts.policy.unknown_label or "unknown"
         mon.baselines = [b for b in mon.baselines if b.name != "training"] + \
             ([parts.training] if parts.training is not None else [])
