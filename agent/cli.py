@@ -97,9 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     def data_args(q: argparse.ArgumentParser) -> None:
         from agent.samples import DataFolders
 
-        q.add_argument("--data", required=True, action=DataFolders,
-                       help="folder of {digit}_{speaker}_{take}.wav recordings; again for each "
-                       "labelled export of review samples (speaker 'field', its own slice)")
+        q.add_argument("--data", default=None, action=DataFolders,
+                       help="folder of {word}_{speaker}_{take}.wav recordings (a digit is its "
+                       "own word); again for each labelled export of review samples (speaker "
+                       "'field', its own slice); required for the digit model")
+        q.add_argument("--vocabulary", default=None, metavar="WORD,WORD,...",
+                       help="train a model for these words (+ unknown) instead of the digits; "
+                       "a word with few or no recordings is learned from its text (synthetic "
+                       "voices); a phrase joins words with _ (hey_jarvis)")
+        q.add_argument("--text-only", default="", metavar="WORD,WORD,...",
+                       help="with --vocabulary: learn these words from their text alone; their "
+                       "real recordings are only scored (to measure learning from text)")
         q.add_argument("--speakers", default="", help="comma list of speakers; empty = all")
         q.add_argument("--speech-commands", type=Path, default=None,
                        help="folder of the Speech Commands part (clips/{digit}_{speaker}_{n}.wav "
@@ -127,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--calibration-out", type=Path, default=None,
                     help="thresholds, baseline and out-of-fold predictions "
                     "[OUT/calibration: the model directory is then a deliverable bundle]")
-    tr.add_argument("--name", default="fsdd-digits")
+    tr.add_argument("--name", default=None,
+                    help="the model's name [fsdd-digits; with --vocabulary: vocabulary]")
     tr.add_argument("--model-version", default=None,
-                    help="the new build's version, required (a new build needs a new version)")
+                    help="the new build's version, required for the digit model (a new build "
+                    "needs a new version) [with --vocabulary: 1.0.0]")
 
     ev = sub.add_parser("evaluate", help="leave-one-speaker-out evaluation of the training "
                         "recipe: accuracy by speaker, accent, class and condition, confusion, "
@@ -291,6 +301,11 @@ def _recipe(args: argparse.Namespace):
 def train_outputs(args: argparse.Namespace, root: Path = Path()) -> tuple[Path, Path]:
     """(model directory, calibration directory) `train` writes: a new folder under `root` by
     default, so a build never lands on the bundled model (or any model) by accident."""
+    vocabulary = getattr(args, "vocabulary", None)
+    if args.name is None:
+        args.name = "vocabulary" if vocabulary else "fsdd-digits"
+    if not args.model_version and vocabulary:
+        args.model_version = VOCABULARY_VERSION
     if not args.model_version:
         raise ConfigError("train needs --model-version: a new build needs a new version (the "
                           "running build's name and version with another digest is refused "
@@ -302,9 +317,50 @@ def train_outputs(args: argparse.Namespace, root: Path = Path()) -> tuple[Path, 
     return out, args.calibration_out or out / "calibration"
 
 
+VOCABULARY_VERSION = "1.0.0"
+
+
+def _vocabulary(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(words, text-only words) of --vocabulary/--text-only, checked; None for the digits.
+    Also the one-line error when the digit model is asked for without --data."""
+    from agent.training.words import parse_vocabulary
+
+    if args.vocabulary is None:
+        if args.text_only:
+            raise ConfigError("--text-only needs --vocabulary (the words it names are in it)")
+        if args.data is None:
+            raise ConfigError(f"{args.command} needs --data: the folder of FSDD recordings "
+                              "({digit}_{speaker}_{take}.wav), or --vocabulary WORD,...")
+        return None
+    words = parse_vocabulary(args.vocabulary)
+    text_only = parse_vocabulary(args.text_only) if args.text_only else ()
+    stray = [w for w in text_only if w not in words]
+    if stray:
+        raise ConfigError(f"--text-only: {', '.join(stray)} not in --vocabulary; name words "
+                          "of the vocabulary")
+    return words, text_only
+
+
+def _vocab_recipe(args: argparse.Namespace):
+    from agent.training.vocabulary import VocabRecipe
+
+    return VocabRecipe().small() if args.small else VocabRecipe()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    vocab = _vocabulary(args)
     train, _ = _training()
     out, calib = train_outputs(args)
+    if vocab is not None:
+        from agent.training.train_vocabulary import train_vocabulary
+
+        train_vocabulary(vocab[0], args.data, out, calib, name=args.name,
+                         version=args.model_version, seed=args.seed, text_only=vocab[1],
+                         recipe=_vocab_recipe(args), cache=args.cache or train.DEFAULT_CACHE,
+                         workers=args.workers, speech_commands=args.speech_commands,
+                         talk=args.talk, command=" ".join(["edge-voice-agent", *sys.argv[1:]]),
+                         log=_log)
+        return 0
     speakers = {s for s in args.speakers.split(",") if s} or None
     train.train(args.data, out, calib, name=args.name, version=args.model_version,
                 seed=args.seed, speakers=speakers, limit_per_class=args.limit_per_class,
@@ -314,7 +370,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    vocab = _vocabulary(args)
     train, evaluate = _training()
+    if vocab is not None:
+        from agent.training import vocabulary as V
+
+        r = _vocab_recipe(args)
+        d = V.build(vocab[0], args.data, args.cache or train.DEFAULT_CACHE, r, args.seed,
+                    vocab[1], args.workers, _log, args.speech_commands, args.talk)
+        report = train.public(V.evaluate(d, r, args.seed, args.workers, _log))
+        print(json.dumps(report, indent=None if args.json else 1))
+        return 0
     speakers = {s for s in args.speakers.split(",") if s} or None
     r = _recipe(args)
     ds = evaluate.build_dataset(args.data, args.cache or train.DEFAULT_CACHE, r, args.seed,

@@ -85,7 +85,7 @@ def model_stage_hists(oof_probs: np.ndarray) -> dict[str, Histogram]:
     margin = Histogram.for_metric(BY_NAME["margin"])
     margin.add(top2[:, 1] - top2[:, 0])
     digit = Histogram.for_metric(BY_NAME["digit_confidence"])
-    digit.add(oof_probs[:, :10].max(1))  # classes 0-9 are the digits, "unknown" is last
+    digit.add(oof_probs[:, :-1].max(1))  # the known classes (the digits); "unknown" is last
     return {"confidence": conf, "margin": margin, "digit_confidence": digit}
 
 
@@ -117,10 +117,19 @@ def calibrate(model_dir: Path, clips: list[Clip], calibration_dir: Path, *, seed
     model_dir (the reference from `reference_clips`, default `clips`)."""
     write_reference(model_dir, reference_clips if reference_clips is not None else clips,
                     calibration_dir, log=log)
+    rate = ModelRunner(model_dir).manifest.sample_rate
+    return write_baseline(model_dir, [load_audio(c.path, rate) for c in clips], calibration_dir,
+                          seed=seed, vad=vad, log=log)
+
+
+def write_baseline(model_dir: Path, clips: list[np.ndarray], calibration_dir: Path, *,
+                   seed: int = 0, vad: VadConfig | None = None, log=print) -> Path:
+    """Write calibration_dir/baseline.json: `clips` (audio at the model's rate) laid out as a
+    stream through the daemon's pipeline and monitor; model stage from oof.npz if present."""
     model = ModelRunner(model_dir)
     m = model.manifest
     thresholds = json.loads((calibration_dir / "thresholds.json").read_text())
-    audio = lay_out([load_audio(c.path, m.sample_rate) for c in clips], m.sample_rate, seed)
+    audio = lay_out(clips, m.sample_rate, seed)
     log(f"calibrate: {len(clips)} clips laid out as {len(audio) / m.sample_rate / 60:.1f} min "
         "of stream")
     summary = stream_summary(model, audio, vad or VadConfig(), float(thresholds["threshold"]),

@@ -66,7 +66,7 @@ FSDD_CONDITIONS = A.CONDITIONS
 _POOLS: dict[str, list[np.ndarray]] = {}
 
 
-def _init_worker(pools: dict[str, list[np.ndarray]]) -> None:
+def init_worker(pools: dict[str, list[np.ndarray]]) -> None:
     _POOLS.update(pools)
 
 
@@ -268,7 +268,7 @@ def build_dataset(data_dir: Path, cache: Path, r: Recipe, seed: int = 0,
     # with other settings reuses the cached features
     synth_key = [len(x) for x in digits.audio[:50]] + [
         {k: v for k, v in r.to_dict().items() if k.startswith("n_") or "aug" in k}, seed]
-    with Pool(workers, _init_worker, ({"babble_train": babble_train,
+    with Pool(workers, init_worker, ({"babble_train": babble_train,
                                        "babble_test": babble_test},)) as pool:
         def feats(name: str, key: Any, audio: list[np.ndarray], copies: int,
                   ops: tuple[str, ...] = ()) -> tuple[np.ndarray, list[np.ndarray], dict]:

@@ -59,7 +59,29 @@ def head_to_onnx(model, temperature: float, n_features: int) -> bytes:
     return onx.SerializeToString()
 
 
-def rejector_to_onnx(model, platt: tuple[float, float], n_features: int) -> bytes:
+def constant_head(n_features: int) -> bytes:
+    """The head of a one-word vocabulary: P(word | known) = 1, whatever the input (the
+    rejector alone decides)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    f = TensorProto.FLOAT
+    g = helper.make_graph(
+        [helper.make_node("ReduceSum", [INPUT, "axis"], ["s"], keepdims=1),
+         helper.make_node("Mul", ["s", "zero"], ["z"]),
+         helper.make_node("Add", ["z", "one"], [OUTPUT])], "constant_head",
+        [helper.make_tensor_value_info(INPUT, f, [None, n_features])],
+        [helper.make_tensor_value_info(OUTPUT, f, [None, 1])],
+        [helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("zero", f, [], [0.0]), helper.make_tensor("one", f, [], [1.0])])
+    onx = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onx.ir_version = 8
+    onnx.checker.check_model(onx)
+    return onx.SerializeToString()
+
+
+def rejector_to_onnx(model, platt: tuple[float, float], n_features: int,
+                     n_known: int = 10) -> bytes:
     import onnx
     from onnx import TensorProto, helper
 
@@ -73,9 +95,9 @@ def rejector_to_onnx(model, platt: tuple[float, float], n_features: int) -> byte
         helper.make_tensor("one", f, [], [1.0])])
     g.initializer.extend([
         helper.make_tensor("digits_from", TensorProto.INT64, [1], [0]),
-        helper.make_tensor("digits_to", TensorProto.INT64, [1], [10]),
+        helper.make_tensor("digits_to", TensorProto.INT64, [1], [n_known]),
         helper.make_tensor("class_axis", TensorProto.INT64, [1], [1])])
-    g.node.extend([  # p_in = the ten digits' share of the 12-way output
+    g.node.extend([  # p_in = the known classes' share (the ten digits of the 12-way output)
         helper.make_node("Slice", ["raw_probabilities", "digits_from", "digits_to",
                                    "class_axis"], ["digit_probabilities"]),
         helper.make_node("ReduceSum", ["digit_probabilities", "class_axis"], ["p_in_raw"],
@@ -103,10 +125,11 @@ def _run(blob: bytes, x: np.ndarray) -> np.ndarray:
 
 
 def check_against_sklearn(head_blob: bytes, head, temperature: float, rejector_blob: bytes,
-                          rejector, platt: tuple[float, float], x: np.ndarray) -> float:
+                          rejector, platt: tuple[float, float], x: np.ndarray,
+                          n_known: int = 10) -> float:
     """Largest absolute difference between the ONNX and scikit-learn combined probabilities
-    (what the daemon decides on: p_in * P_head and 1 - p_in)."""
-    want = combine(softmax(head_scores(head, x), temperature),
-                   sigmoid(platt[0] * rejector_logit(rejector, x) + platt[1]))
+    (what the daemon decides on: p_in * P_head and 1 - p_in); head None: the constant head."""
+    p_head = np.ones((len(x), 1)) if head is None else softmax(head_scores(head, x), temperature)
+    want = combine(p_head, sigmoid(platt[0] * rejector_logit(rejector, x, n_known) + platt[1]))
     got = combine(_run(head_blob, x), _run(rejector_blob, x)[:, 1])
     return float(np.abs(got - want).max())

@@ -105,9 +105,10 @@ def head_scores(model, x: np.ndarray) -> np.ndarray:
     return np.log(np.clip(model.predict_proba(x), 1e-30, None))
 
 
-def rejector_logit(model, x: np.ndarray) -> np.ndarray:
-    """log(p_in / (1 - p_in)), p_in = the digits' share of the 12-way output."""
-    p = np.clip(model.predict_proba(x)[:, :10].sum(1), 1e-7, 1 - 1e-7)
+def rejector_logit(model, x: np.ndarray, n_known: int = 10) -> np.ndarray:
+    """log(p_in / (1 - p_in)), p_in = the known classes' share of the rejector's output (the
+    digits' share of the 12-way output; the first `n_known` columns)."""
+    p = np.clip(model.predict_proba(x)[:, :n_known].sum(1), 1e-7, 1 - 1e-7)
     return np.log(p) - np.log1p(-p)
 
 

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.training.recipe import UNKNOWN_INDEX
-
 GRID = np.r_[np.linspace(0.30, 0.90, 61), np.linspace(0.905, 0.995, 19),
              [0.996, 0.997, 0.998, 0.999, 0.9995, 0.9999]]
 
 
 def accepted(p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Rows acted on: the top class is a digit and reaches its class's threshold."""
+    """Rows acted on: the top class is a known class (not the last column, unknown) and
+    reaches its class's threshold."""
     pred = p.argmax(1)
-    digit = pred != UNKNOWN_INDEX
+    digit = pred != p.shape[1] - 1
     return digit & (p.max(1) >= thresholds[np.minimum(pred, len(thresholds) - 1)])
 
 
@@ -36,7 +35,7 @@ def group_precision(p: np.ndarray, y: np.ndarray, groups: np.ndarray, thresholds
     of its digits (acted on and right), share of its non-digit words acted on (None: none))."""
     a = accepted(p, thresholds)
     ok = a & (p.argmax(1) == y)
-    word = y == UNKNOWN_INDEX
+    word = y == p.shape[1] - 1
     out = {}
     for g in np.unique(groups):
         m = groups == g
@@ -69,21 +68,21 @@ def _worst_ok(p_ok: np.ndarray, acc: np.ndarray, gi: np.ndarray, n_groups: int,
 def choose_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray, target: float,
                       per_class: bool = True, passes: int = 2,
                       max_words: float | None = None) -> tuple[float, np.ndarray]:
-    """(global threshold, per-class thresholds (10,)) so that every group's accepted
+    """(global threshold, per-class thresholds (classes,)) so that every group's accepted
     decisions reach `target` precision, with as much coverage as the grid allows.
 
-    p: (n, 11) probabilities (last column unknown), y: true class (UNKNOWN_INDEX for a
-    non-digit), groups: held-out group of each row."""
+    p: (n, classes + 1) probabilities (last column unknown), y: true class (the last column's
+    index for anything not in the vocabulary), groups: held-out group of each row."""
     n_cls = p.shape[1] - 1
     _, gi = np.unique(groups, return_inverse=True)
     n_groups = int(gi.max()) + 1
     pred, conf = p.argmax(1), p.max(1)
-    digit = pred != UNKNOWN_INDEX
+    digit = pred != n_cls
     correct = pred == y
 
     def ok(th: np.ndarray) -> bool:
         acc = digit & (conf >= th[np.minimum(pred, n_cls - 1)])
-        return _worst_ok(correct, acc, gi, n_groups, target, y == UNKNOWN_INDEX, max_words)
+        return _worst_ok(correct, acc, gi, n_groups, target, y == n_cls, max_words)
 
     def lowest(trial_of, start: float = 1.0) -> float:
         """Walk the grid down from `start` (a value that holds); the last value before a group
