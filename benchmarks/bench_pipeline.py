@@ -2,6 +2,10 @@
 """Speed and memory of the whole agent on a long stream, against a floor.
 
     python benchmarks/bench_pipeline.py [--minutes 30] [--shared ../shared] [--json]
+        [--wake-model DIR]
+
+With --wake-model, the agent runs in wake mode (`--addressing-mode wake`, agent/wake.py): the
+wake head on the same embedding, slid over every segment; the figures then include its cost.
 
 Builds a stream with ../shared/eval/make_stream.py, then times, as separate processes pinned to
 one core (taskset), each run three times keeping the fastest:
@@ -59,7 +63,7 @@ def timed(cmd: list[str], runs: int = 3, before=lambda: None) -> tuple[float, in
     return best, rss, cpu
 
 
-def pipeline_latency(wav: Path, speculate: bool) -> dict:
+def pipeline_latency(wav: Path, speculate: bool, wake_model: Path | None = None) -> dict:
     """Compute after the release per utterance (ms), in-process, 100 ms blocks."""
     import soundfile as sf
 
@@ -74,6 +78,10 @@ def pipeline_latency(wav: Path, speculate: bool) -> dict:
     x, sr = sf.read(str(wav), dtype="float32", always_2d=True)
     p = Pipeline(VadConfig(), ModelRunner(default_model_dir(), threads=1),
                  Policy("partial", 0.5), speculate=speculate)
+    if wake_model is not None:
+        from agent.wake import WakeModel, WakeStage
+
+        p.wake = WakeStage(WakeModel(wake_model, p.model), 5.0)
     # CPU time of each release → decision (thread_time): on a shared machine wall time also
     # counts the waits for the core, which say nothing about the agent
     cpu: list[float] = []
@@ -118,6 +126,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--wake-model", type=Path, default=None,
+                    help="run in wake mode with this wake model directory")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="eva-bench-"))
     wav = make_bench_stream(a.shared, a.minutes, tmp)
@@ -126,6 +136,8 @@ def main() -> None:
     agent_cmd = [sys.executable, "-m", "agent", "run", "--source", str(wav), "--decisions",
                  str(decisions), "--telemetry", "none", "--state-dir", str(tmp / "state"),
                  "--log-level", "WARNING"]
+    if a.wake_model is not None:
+        agent_cmd += ["--addressing-mode", "wake", "--addressing-wake-model", str(a.wake_model)]
     floor_s, _, _ = timed([sys.executable, "-c", FLOOR, str(wav)])
     agent_s, rss_kib, agent_cpu = timed(agent_cmd,
                                         before=lambda: decisions.unlink(missing_ok=True))
@@ -143,8 +155,9 @@ def main() -> None:
     }
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {0})
-    res["in_process_no_speculation"] = pipeline_latency(wav, speculate=False)
-    res["in_process_speculation"] = pipeline_latency(wav, speculate=True)
+    res["wake_mode"] = a.wake_model is not None
+    res["in_process_no_speculation"] = pipeline_latency(wav, False, a.wake_model)
+    res["in_process_speculation"] = pipeline_latency(wav, True, a.wake_model)
     res["targets_met"] = (res["agent_rtf"] >= 250 and res["peak_rss_mib"] <= 100
                           and res["in_process_no_speculation"]["p95"] <= 10)
     res["stretch_met"] = res["in_process_speculation"]["p95"] <= 3
@@ -152,7 +165,8 @@ def main() -> None:
     if a.json:
         print(json.dumps(res))
         return
-    print(f"stream: {a.minutes:g} min, {res['utterances']} utterances (one core, best of 3)")
+    print(f"stream: {a.minutes:g} min, {res['utterances']} utterances (one core, best of 3)"
+          + (f"; wake mode ({a.wake_model})" if a.wake_model else ""))
     print(f"floor (read + webrtcvad): {floor_s:.3f} s = {res['floor_rtf']}x real time")
     print(f"agent (whole process):    {agent_s:.3f} s = {res['agent_rtf']}x real time "
           f"(target >= 250), {res['agent_over_floor']}x the floor")
