@@ -11,7 +11,8 @@ which finds a wake phrase said in one breath with its command.
 Per segment (`WakeStage.judge`, then `settle` with the decision):
 * the wake phrase at the start, with speech after it ("WORD seven" in one breath): the rest
   of the segment, from the quietest point after the wake phrase, is the command, classified by
-  the same front end;
+  the same front end, provided the audio before that point scores as the whole wake phrase on
+  its own (a pause inside a two-word phrase is not the end of it);
 * the wake phrase alone: a window of `window_s` opens from its end;
 * within the window, segments are commands until one is acted on (an abstention lets the
   person say it again), which closes the window; a window that passes with none is a wake
@@ -143,6 +144,12 @@ class WakeStage:
         """End of stream: an open window gets no command any more."""
         return self.expire(2**62, False)
 
+    def whole_before(self, audio: np.ndarray) -> bool:
+        """The audio before a split holds the whole wake phrase: its own centred window (the
+        front end's `features`, as in training) scores as the wake phrase."""
+        x = self.model.runner.features(audio)
+        return bool(self.model.score(x[None, :])[0] >= self.model.threshold)
+
     def judge(self, u, feats: np.ndarray,
               scan: tuple[np.ndarray, np.ndarray] | None = None) -> WakeResult:
         """`u`: an agent.vad.Utterance; `feats`: its head input (the command model's); `scan`:
@@ -161,6 +168,8 @@ class WakeStage:
             i = int(np.argmax(np.where(start, scores, -1.0)))
             if scores[i] >= self.model.threshold:
                 command_from = split_after(u.audio, int(centres[i]), speech_end, rate)
+            if command_from is not None and not self.whole_before(u.audio[:command_from]):
+                command_from = None  # the split cut the wake phrase itself ("hey jar|vis")
             best = max(best, float(scores[i]))
         heard = best >= self.model.threshold
         if heard:

@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Wake mode end to end through `edge-voice-agent run`: the issue-18 wake targets.
 
-    python benchmarks/bench_wake.py --wake-model DIR [--shared ../shared] [--trials 200]
-        [--json]
+    python benchmarks/bench_wake.py (--wake-model DIR | --make-wake-model TEXT)
+        [--shared ../shared] [--trials 200] [--json]
 
 DIR is a wake model as delivered to a device (classes [WORD, unknown], calibration/ inside),
 e.g. one learned from text alone:
     edge-voice-agent train --vocabulary hey_jarvis --speech-commands
         ../shared/data/speech-commands --out DIR --name wake-hey-jarvis
+or `--make-wake-model "hey jarvis"`: one learned from text alone here (tests/wake_models.py:
+espeak-ng, flite and festival voices except the held-out ones, a logistic-regression head on
+the centred and the sliding head inputs, real Speech Commands words and digits as other
+speech, threshold 0.9; never the talk recordings), written to --keep-model DIR when given.
 
 Builds four streams (16 kHz, low noise floor), runs each through `run` with
 `--addressing-mode wake --addressing-wake-model DIR` (and the first three also in the default
@@ -108,6 +112,20 @@ def talk_stream(shared: Path, path: Path, seed: int) -> float:
     return n / RATE / 3600
 
 
+def speech_commands_words(shared: Path, n: int, seed: int) -> list[np.ndarray]:
+    """`n` real words and digits of many speakers (Speech Commands), 16 kHz."""
+    import soundfile as sf
+    import soxr
+
+    files = sorted((shared / "data" / "speech-commands" / "clips").glob("*.wav"))
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.choice(len(files), min(n, len(files)), replace=False):
+        x, sr = sf.read(str(files[i]), dtype="float32")
+        out.append(soxr.resample(x, sr, RATE).astype(np.float32) if sr != RATE else x)
+    return out
+
+
 def run(wav: Path, tmp: Path, wake_model: Path | None) -> tuple[list[dict], float]:
     """Decisions of `run` on `wav` (wake mode when `wake_model`), and the wall time."""
     out = tmp / f"{wav.stem}-{'wake' if wake_model else 'always'}.jsonl"
@@ -138,17 +156,30 @@ def score_commands(decisions: list[dict], truth: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--wake-model", type=Path, required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--wake-model", type=Path)
+    src.add_argument("--make-wake-model", metavar="TEXT")
+    ap.add_argument("--keep-model", type=Path, default=None)
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-talk", action="store_true", help="skip the 1.2 h talk stream")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="eva-wake-"))
+    if a.make_wake_model:
+        from tests.wake_models import make_wake_model
+
+        t0 = time.perf_counter()
+        a.wake_model = make_wake_model(
+            a.keep_model or tmp / "wake-model", a.make_wake_model, n_pos=600, n_neg=900,
+            festival=True, cache=Path.home() / ".cache" / "edge-voice-agent", threshold=0.9,
+            extra_negatives=speech_commands_words(a.shared, 2000, a.seed))
+        print(f"wake model learned from text alone in {time.perf_counter() - t0:.0f} s: "
+              f"{a.wake_model}", file=sys.stderr)
     m = Manifest.read(a.wake_model / MANIFEST)
     word = [c for c in m.classes if c != m.unknown_label][0]
     text = word.replace("_", " ")
-    tmp = Path(tempfile.mkdtemp(prefix="eva-wake-"))
     rng = np.random.default_rng(a.seed)
     wakes = wake_clips(text, a.trials, a.seed)
     digits = fsdd_digits(a.shared, a.trials, a.seed)

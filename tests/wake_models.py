@@ -28,18 +28,12 @@ NEAR = ("jar", "service", "nervous", "harvest", "marvel", "travis", "carcass", "
         "chances", "garbage", "java", "curious", "jarring", "harness", "jervis", "davis")
 
 
-def synth(words: list[str], n_espeak: int, n_flite: int, seed: int
-          ) -> tuple[list[np.ndarray], list[str]]:
-    """Clips of `words` from the training voices (never HELDOUT_VOICES)."""
-    jobs = [j for j in S.make_jobs(words, n_espeak, n_flite, 0, seed)
-            if S.voice_id(j) not in S.HELDOUT_VOICES]
-    out, labels = [], []
-    for j in jobs:
-        a = S.run_job(j)
-        if a is not None:
-            out.append(a)
-            labels.append(j[4])
-    return out, labels
+def synth(words: list[str], n_espeak: int, n_flite: int, seed: int, cache: Path,
+          n_festival: int = 0) -> list[np.ndarray]:
+    """Clips of `words` from the training voices (never HELDOUT_VOICES), cached in `cache`."""
+    kind = "wake-" + "-".join(w.replace(" ", "_") for w in words[:2])
+    return list(S.synthesize(cache, kind, words, n_espeak, n_flite, n_festival, seed,
+                             log=lambda *_: None).split(heldout=False).audio)
 
 
 def one_breath(wake: np.ndarray, command: np.ndarray, gap_s: float) -> np.ndarray:
@@ -47,14 +41,17 @@ def one_breath(wake: np.ndarray, command: np.ndarray, gap_s: float) -> np.ndarra
     return np.concatenate([wake, gap, command]).astype(np.float32)
 
 
-def training_set(runner: ModelRunner, word: str, n_pos: int, n_neg: int, seed: int,
-                 extra_negatives: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """(head inputs, 1 for the wake word) from synthetic voices (+ real negative clips)."""
+def training_set(runner: ModelRunner, text: str, n_pos: int, n_neg: int, seed: int,
+                 cache: Path, extra_negatives: list[np.ndarray] = (), festival: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(head inputs, 1 for the wake phrase) from synthetic voices (+ real negative clips)."""
     rng = np.random.default_rng(seed)
-    pos, _ = synth([word], n_pos, max(4, n_pos // 6), seed)
+    pos = synth([text], n_pos, max(4, n_pos // 6), seed, cache,
+                n_pos // 6 if festival else 0)
     neg_words = sorted(set(S.DIGIT_WORDS) | set(NEAR) | set(S.NEG_WORDS))
-    neg, _ = synth(neg_words, n_neg, max(10, n_neg // 6), seed + 1)
-    digits, _ = synth(S.DIGIT_WORDS, 40, 10, seed + 2)
+    neg = synth(neg_words, n_neg, max(10, n_neg // 6), seed + 1, cache,
+                n_neg // 6 if festival else 0)
+    digits = synth(S.DIGIT_WORDS, 40, 10, seed + 2, cache)
     neg = neg + list(extra_negatives)
     x, y = [], []
     for a in pos:
@@ -105,10 +102,11 @@ def write_wake_model(dst: Path, word: str, head_blob: bytes, threshold: float,
     return dst
 
 
-def make_wake_model(dst: Path, word: str = WAKE_WORD, *, n_pos: int = 60, n_neg: int = 160,
-                    seed: int = 0, threshold: float = 0.5, c: float = 0.05,
-                    extra_negatives: list[np.ndarray] = (),
-                    runner: ModelRunner | None = None) -> Path:
+def make_wake_model(dst: Path, text: str = WAKE_WORD, *, cache: Path | None = None,
+                    n_pos: int = 60, n_neg: int = 160, seed: int = 0, threshold: float = 0.5,
+                    c: float = 0.05, extra_negatives: list[np.ndarray] = (),
+                    festival: bool = False, runner: ModelRunner | None = None) -> Path:
+    """Train and write a wake model for `text` (classes [text with _ for spaces, unknown])."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -116,12 +114,13 @@ def make_wake_model(dst: Path, word: str = WAKE_WORD, *, n_pos: int = 60, n_neg:
     from agent.training.export import head_to_onnx
 
     runner = runner or ModelRunner(default_model_dir())
-    x, y = training_set(runner, word, n_pos, n_neg, seed, extra_negatives)
+    x, y = training_set(runner, text, n_pos, n_neg, seed, cache or dst.parent / "synth-cache",
+                        extra_negatives, festival)
     clf = make_pipeline(StandardScaler(), LogisticRegression(
         C=c, max_iter=500, class_weight="balanced", random_state=seed)).fit(x, 1 - y)
     # classes_ of the fit are [0 = word, 1 = unknown]: the graph's columns in manifest order
     blob = head_to_onnx(clf, 1.0, x.shape[1])
-    return write_wake_model(dst, word, blob, threshold,
+    return write_wake_model(dst, text.replace(" ", "_"), blob, threshold,
                             {"text_only": True, "positives": int(y.sum()),
                              "negatives": int(len(y) - y.sum()), "seed": seed})
 
