@@ -9,10 +9,10 @@ segment with the head slid over it in 80 ms steps (agent/frontend.py, `sliding_h
 which finds a wake phrase said in one breath with its command.
 
 Per segment (`WakeStage.judge`, then `settle` with the decision):
-* the wake phrase at the start, with speech after it ("WORD seven" in one breath): the rest
-  of the segment, from the quietest point after the wake phrase, is the command, classified by
-  the same front end, provided the audio before that point scores as the whole wake phrase on
-  its own (a pause inside a two-word phrase is not the end of it);
+* the wake phrase at the start, with speech after a pause ("WORD seven" in one breath, the
+  energy back near the background for 30 ms): the rest of the segment is the command,
+  classified by the same front end, provided the audio before the pause still scores as the
+  wake phrase on its own (a pause inside a two-word phrase is not the end of it);
 * the wake phrase alone: a window of `window_s` opens from its end;
 * within the window, segments are commands until one is acted on (an abstention lets the
   person say it again), which closes the window; a window that passes with none is a wake
@@ -40,7 +40,10 @@ TRAIN_ONE = "make one with 'edge-voice-agent train --vocabulary WORD'"
 MAX_LEAD_S = 1.0        # the wake phrase's centre lies this close to the segment's first speech
 MIN_GAP_S = 0.2         # one breath: the command starts at least this long after that centre
 MIN_COMMAND_S = 0.15    # ... and holds at least this much of the segment's speech
-DIP_DB = 6.0            # the split point is this far below the command's loudest frame
+DIP_DB = 10.0           # a pause is this far below the command's loudest frame
+PAUSE_DB = 12.0         # ... and this close to the segment's background
+PREFIX_SCORE = 0.5      # the audio before a pause holds the wake phrase: its own window scores
+                        # this (below the threshold: a trailing pause costs a little score)
 
 
 class WakeModel:
@@ -105,22 +108,27 @@ class WakeResult:
     unused: int = 0              # earlier wakes this segment closed with no command
 
 
-def split_after(audio: np.ndarray, centre: int, speech_end: int, rate: int) -> int | None:
-    """Where the command starts after a wake phrase centred at `centre` (sample indices into
-    `audio`): the quietest 50 ms after it, when enough louder speech follows; else None."""
+def split_points(audio: np.ndarray, centre: int, speech_end: int, rate: int,
+                 most: int = 3) -> list[int]:
+    """Where the command may start after a wake phrase centred at `centre` (sample indices into
+    `audio`): pauses, i.e. 30 ms stretches within PAUSE_DB of the segment's background (its
+    quietest frames, the VAD's pre-roll) and at least DIP_DB below the speech after them, with
+    enough speech after them; the deepest first, at most `most`."""
     frame = rate // 100
-    lo = (centre + int(MIN_GAP_S * rate)) // frame
+    lo = max(1, (centre + int(MIN_GAP_S * rate)) // frame)
     hi = (speech_end - int(MIN_COMMAND_S * rate)) // frame
     n = len(audio) // frame
-    if hi <= lo or hi > n:
-        return None
+    if hi <= lo or hi + 1 >= n:
+        return []
     f = audio[: n * frame].astype(np.float64).reshape(n, frame)
     db = 10.0 * np.log10(np.mean(f * f, axis=1) + 1e-12)
-    smooth = np.convolve(db, np.ones(5) / 5.0, mode="same")
-    k = lo + int(np.argmin(smooth[lo:hi]))
-    if smooth[k] > db[k:speech_end // frame].max() - DIP_DB:
-        return None   # no pause worth the name: one word, not a wake phrase and a command
-    return k * frame
+    smooth = np.convolve(db, np.ones(3) / 3.0, mode="same")
+    background = float(np.percentile(db, 5))
+    after = np.maximum.accumulate(db[: speech_end // frame][::-1])[::-1]  # loudest from k on
+    out = [k for k in range(lo, hi)
+           if smooth[k] <= smooth[k - 1] and smooth[k] < smooth[k + 1]
+           and smooth[k] <= min(after[k] - DIP_DB, background + PAUSE_DB)]
+    return [k * frame for k in sorted(out, key=lambda k: smooth[k])[:most]]
 
 
 class WakeStage:
@@ -145,10 +153,10 @@ class WakeStage:
         return self.expire(2**62, False)
 
     def whole_before(self, audio: np.ndarray) -> bool:
-        """The audio before a split holds the whole wake phrase: its own centred window (the
-        front end's `features`, as in training) scores as the wake phrase."""
+        """The audio before a split holds the wake phrase: its own centred window (the front
+        end's `features`, as in training) scores at least PREFIX_SCORE."""
         x = self.model.runner.features(audio)
-        return bool(self.model.score(x[None, :])[0] >= self.model.threshold)
+        return bool(self.model.score(x[None, :])[0] >= PREFIX_SCORE)
 
     def judge(self, u, feats: np.ndarray,
               scan: tuple[np.ndarray, np.ndarray] | None = None) -> WakeResult:
@@ -167,9 +175,12 @@ class WakeStage:
         if start.any():
             i = int(np.argmax(np.where(start, scores, -1.0)))
             if scores[i] >= self.model.threshold:
-                command_from = split_after(u.audio, int(centres[i]), speech_end, rate)
-            if command_from is not None and not self.whole_before(u.audio[:command_from]):
-                command_from = None  # the split cut the wake phrase itself ("hey jar|vis")
+                # the deepest pause that leaves the wake phrase before it ("hey | jarvis"
+                # does not), when speech follows it
+                for k in split_points(u.audio, int(centres[i]), speech_end, rate):
+                    if self.whole_before(u.audio[:k]):
+                        command_from = k
+                        break
             best = max(best, float(scores[i]))
         heard = best >= self.model.threshold
         if heard:
