@@ -182,7 +182,11 @@ class Pipeline:
         if runs:
             feats, scan = self._features(u)
             if self.wake is not None:
-                wake = self.wake.judge(u, feats, scan)
+                # a wake phrase is said on its own too: not in running speech (quiet before
+                # it, not force-cut); the command after it then needs no quiet before
+                wake = self.wake.judge(u, feats, scan, self.policy.addressing.allows(
+                    0.0, u.forced_cut, None if u.quiet_before is None else
+                    u.quiet_before / u.rate, False))
                 if wake.command_from is not None:  # wake phrase and command in one breath
                     start = u.audio_start + wake.command_from
                     feats = self.model.features(u.audio[wake.command_from:])

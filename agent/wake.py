@@ -19,9 +19,12 @@ Per segment (`WakeStage.judge`, then `settle` with the decision):
   with no command (`unused`);
 * anything else is not addressed to the device and never acts.
 
-The addressing rule's quiet-before requirement does not apply here (the speech just before the
-command is the wake phrase); the rest does: a force-cut piece of long speech, speech right
-after, a segment longer than a command never act (agent/pipeline.py applies it).
+The addressing rule's quiet-before requirement moves from the command to the wake phrase: the
+speech just before the command is the wake phrase, but the wake phrase itself must follow
+quiet (`decision.min_quiet_before_ms`) and not be a force-cut piece of long speech, or it is
+no wake phrase (people talking say words that sound like it, mid-sentence). The rest applies
+to the command: a force-cut piece of long speech, speech right after, a segment longer than a
+command never act (agent/pipeline.py applies it).
 """
 
 from __future__ import annotations
@@ -159,9 +162,12 @@ class WakeStage:
         return bool(self.model.score(x[None, :])[0] >= PREFIX_SCORE)
 
     def judge(self, u, feats: np.ndarray,
-              scan: tuple[np.ndarray, np.ndarray] | None = None) -> WakeResult:
+              scan: tuple[np.ndarray, np.ndarray] | None = None,
+              on_its_own: bool = True) -> WakeResult:
         """`u`: an agent.vad.Utterance; `feats`: its head input (the command model's); `scan`:
-        `WakeModel.scan` of its audio when already computed (the pipeline speculates it)."""
+        `WakeModel.scan` of its audio when already computed (the pipeline speculates it);
+        `on_its_own`: the segment starts after quiet and was not force-cut (the addressing
+        rule): a wake phrase inside running speech is not one."""
         rate = u.rate
         unused = 0
         if self.deadline is not None and u.start > self.deadline:
@@ -182,7 +188,9 @@ class WakeStage:
                         command_from = k
                         break
             best = max(best, float(scores[i]))
-        heard = best >= self.model.threshold
+        heard = best >= self.model.threshold and on_its_own
+        if not heard:
+            command_from = None
         if heard:
             if self.deadline is not None:
                 self.deadline = None     # a new wake phrase: the earlier one went unused

@@ -3,7 +3,8 @@
 `make_wake_model(dst, word)` synthesises the wake word and other words with espeak-ng and
 flite (agent/training/synth.py, held-out voices excluded), trains a logistic-regression head on
 the same head inputs the daemon computes — the centred window of a clip (`features`) and the
-80 ms sliding windows over "WORD, pause, digit" said in one breath (`sliding_head_inputs`) —
+80 ms sliding windows (`sliding_head_inputs`) over "WORD, pause, digit" said in one breath, over
+other words and over synthetic sentences (running speech) —
 and writes a model directory with classes [WORD, unknown] and `calibration/thresholds.json`
 inside, the front end copied from the bundled model (so it shares its embedding). It stands
 in for `edge-voice-agent train --vocabulary WORD` (issue 18b) where that is not available.
@@ -42,8 +43,8 @@ def one_breath(wake: np.ndarray, command: np.ndarray, gap_s: float) -> np.ndarra
 
 
 def training_set(runner: ModelRunner, text: str, n_pos: int, n_neg: int, seed: int,
-                 cache: Path, extra_negatives: list[np.ndarray] = (), festival: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 cache: Path, extra_negatives: list[np.ndarray] = (), festival: bool = False,
+                 sliding_per_clip: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """(head inputs, 1 for the wake phrase) from synthetic voices (+ real negative clips)."""
     rng = np.random.default_rng(seed)
     pos = synth([text], n_pos, max(4, n_pos // 6), seed, cache,
@@ -57,9 +58,20 @@ def training_set(runner: ModelRunner, text: str, n_pos: int, n_neg: int, seed: i
     for a in pos:
         x.append(runner.features(a))
         y.append(1)
+    sentences = synth(S.SENTENCES, max(12, n_neg // 10), max(6, n_neg // 40), seed + 3, cache)
     for a in neg:
         x.append(runner.features(a))
         y.append(0)
+    # every position of the head sliding over other speech is "not the wake phrase": a few
+    # windows of each clip, every window of running speech (synthetic sentences)
+    for a in neg:
+        h, _ = sliding_head_inputs(a, runner.embedder)
+        x.extend(h[rng.choice(len(h), min(len(h), sliding_per_clip), replace=False)])
+        y.extend([0] * min(len(h), sliding_per_clip))
+    for a in sentences:
+        h, _ = sliding_head_inputs(a, runner.embedder)
+        x.extend(h)
+        y.extend([0] * len(h))
     for a in pos:  # one breath: the windows at the wake word are positives, those at the
         d = digits[int(rng.integers(len(digits)))]   # digit negatives
         seg = one_breath(a, d, float(rng.uniform(0.05, 0.25)))
