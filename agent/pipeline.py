@@ -153,7 +153,7 @@ class Pipeline:
         if self.model is None or not self.policy.runs_model:
             return
         t0 = time.perf_counter()
-        scan = self.wake.model.scan(u.audio) if self.wake is not None else None
+        scan = self.wake.scan_for(u) if self.wake is not None else None
         self._speculated[(u.audio_start, u.end, len(u.audio))] = (
             self.model, self.model.features(u.audio), self.wake, scan)
         self.speculations += 1

@@ -41,6 +41,8 @@ from agent.model import ModelRunner
 
 TRAIN_ONE = "make one with 'edge-voice-agent train --vocabulary WORD'"
 MAX_LEAD_S = 1.0        # the wake phrase's centre lies this close to the segment's first speech
+SCAN_MIN_S = 0.8        # a shorter segment cannot hold a wake phrase and a command: its own
+                        # centred window (which covers all of it) is the whole check
 MIN_GAP_S = 0.2         # one breath: the command starts at least this long after that centre
 MIN_COMMAND_S = 0.15    # ... and holds at least this much of the segment's speech
 DIP_DB = 10.0           # a pause is this far below the command's loudest frame
@@ -155,6 +157,17 @@ class WakeStage:
         """End of stream: an open window gets no command any more."""
         return self.expire(2**62, False)
 
+    def scan_for(self, u) -> tuple[np.ndarray, np.ndarray] | None:
+        """The sliding wake scores over the start of segment `u` (an agent.vad.Utterance),
+        where a wake phrase followed by a command could be: None for a segment too short to
+        hold both. Only the audio that windows centred within MAX_LEAD_S of the first speech
+        see is embedded, so a long segment costs no more than a short one."""
+        if u.length_s < SCAN_MIN_S:
+            return None
+        p = self.model.runner.manifest.frontend
+        reach = (u.start - u.audio_start) + int(MAX_LEAD_S * u.rate) + p.window // 2
+        return self.model.scan(u.audio[:reach])
+
     def whole_before(self, audio: np.ndarray) -> bool:
         """The audio before a split holds the wake phrase: its own centred window (the front
         end's `features`, as in training) scores at least PREFIX_SCORE."""
@@ -175,10 +188,13 @@ class WakeStage:
         lead = u.start - u.audio_start
         speech_end = u.end - u.audio_start
         best = float(self.model.score(feats[None, :])[0])
-        scores, centres = scan if scan is not None else self.model.scan(u.audio)
-        start = centres <= lead + int(MAX_LEAD_S * rate)
+        if scan is None:
+            scan = self.scan_for(u)
         command_from = None
-        if start.any():
+        if scan is not None:
+            scores, centres = scan
+            start = centres <= lead + int(MAX_LEAD_S * rate)
+        if scan is not None and start.any():
             i = int(np.argmax(np.where(start, scores, -1.0)))
             if scores[i] >= self.model.threshold:
                 # the deepest pause that leaves the wake phrase before it ("hey | jarvis"
