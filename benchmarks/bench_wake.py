@@ -221,13 +221,14 @@ def main() -> None:
     if not a.no_talk:
         hours = talk_stream(a.shared, tmp / "talk.wav", a.seed)
         dec, wall = run(tmp / "talk.wav", tmp, a.wake_model)
-        always, _ = run(tmp / "talk.wav", tmp, None)
+        always, wall_always = run(tmp / "talk.wav", tmp, None)
         res["talk"] = {"hours": round(hours, 3), "segments": len(dec),
                        "actions_per_hour": round(sum(d["accepted"] for d in dec) / hours, 2),
                        "wakes_per_hour": round(sum(bool(d.get("wake")) for d in dec) / hours, 2),
                        "always_mode_actions_per_hour":
                            round(sum(d["accepted"] for d in always) / hours, 2),
-                       "audio_s_per_wall_s": round(hours * 3600 / wall)}
+                       "audio_s_per_wall_s": round(hours * 3600 / wall),
+                       "always_mode_audio_s_per_wall_s": round(hours * 3600 / wall_always)}
     subprocess.run(["rm", "-rf", str(tmp)], check=False)
     wc, ca = res["wake_command"], res["command_alone"]
     res["targets"] = {"wake_command_acted_on_correctly >= 0.85": wc["acted_on_correctly"] >= 0.85,
@@ -252,7 +253,8 @@ def main() -> None:
         print(f"talk: {t['hours']} h, {t['segments']} segments: {t['actions_per_hour']} actions "
               f"per hour (target <= 0.5; always mode {t['always_mode_actions_per_hour']}), "
               f"{t['wakes_per_hour']} wake detections per hour; "
-              f"{t['audio_s_per_wall_s']}x real time")
+              f"{t['audio_s_per_wall_s']}x real time (always mode "
+              f"{t['always_mode_audio_s_per_wall_s']}x; whole process, load included)")
     print("targets met" if all(v for v in res["targets"].values() if v is not None)
           else "TARGETS MISSED")
 
