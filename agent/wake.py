@@ -196,7 +196,7 @@ class WakeStage:
             start = centres <= lead + int(MAX_LEAD_S * rate)
         if scan is not None and start.any():
             i = int(np.argmax(np.where(start, scores, -1.0)))
-            if scores[i] >= self.model.threshold:
+            if scores[i] >= self.model.threshold and on_its_own:
                 # the deepest pause that leaves the wake phrase before it ("hey | jarvis"
                 # does not), when speech follows it
                 for k in split_points(u.audio, int(centres[i]), speech_end, rate):
@@ -205,8 +205,6 @@ class WakeStage:
                         break
             best = max(best, float(scores[i]))
         heard = best >= self.model.threshold and on_its_own
-        if not heard:
-            command_from = None
         if heard:
             if self.deadline is not None:
                 self.deadline = None     # a new wake phrase: the earlier one went unused

@@ -152,3 +152,20 @@ def test_wake_config_errors_are_one_line_naming_the_fix(tmp_path, wake_model):
     assert r.returncode == 1 and "not valid JSON" in error_line(r)
     r = eva(*run, "--addressing-mode", "sometimes")
     assert r.returncode == 2 and "always, wake" in error_line(r)
+
+
+def test_a_wake_phrase_inside_running_speech_is_no_wake_phrase(tmp_path, wake_model, voice):
+    """Quiet before it, as for a command: "three jarvis seven" said as one run of speech (short
+    pauses) wakes nothing; the same words with quiet before the wake phrase act."""
+    w, seven, three = voice[WAKE_WORD], voice["seven"], voice["three"]
+    stream = tmp_path / "s.wav"
+    write_stream(stream, [("p", 1.5), ("3", three), ("p", 0.3), ("wake", w), ("p", 0.5),
+                          ("7", seven), ("p", 4.0), ("3", three), ("p", 1.5), ("wake", w),
+                          ("p", 0.5), ("7", seven), ("p", 2.0)])
+    woke = decisions(eva("run", "--source", str(stream), "--decisions", "-", "--state-dir",
+                         str(tmp_path / "st"), "--addressing-mode", "wake",
+                         "--addressing-wake-model", str(wake_model)))
+    heard = [d["start"] for d in woke if d.get("wake")]
+    acted = [d["start"] for d in woke if d["accepted"]]
+    assert len(heard) == 1 and heard[0] > 8.0   # only the wake phrase after 1.5 s of quiet
+    assert len(acted) == 1 and acted[0] > heard[0] and woke[-1]["label"] == "7"
