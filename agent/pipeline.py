@@ -153,7 +153,7 @@ class Pipeline:
         if self.model is None or not self.policy.runs_model:
             return
         t0 = time.perf_counter()
-        scan = self.wake.scan_for(u) if self.wake is not None else None
+        scan = self.wake.scan_for(u, self._on_its_own(u)) if self.wake is not None else None
         self._speculated[(u.audio_start, u.end, len(u.audio))] = (
             self.model, self.model.features(u.audio), self.wake, scan)
         self.speculations += 1
@@ -171,6 +171,12 @@ class Pipeline:
             return spec[1], spec[3] if spec[2] is self.wake else None
         return self.model.features(u.audio), None
 
+    def _on_its_own(self, u: Utterance) -> bool:
+        """A wake phrase is said on its own too: not in running speech (quiet before it, not
+        force-cut); the command after it then needs no quiet before."""
+        q = None if u.quiet_before is None else u.quiet_before / u.rate
+        return self.policy.addressing.allows(0.0, u.forced_cut, q, False)
+
     def _decide(self, u: Utterance) -> Decision:
         t0 = time.perf_counter()
         probs = feats = wake = None
@@ -182,11 +188,7 @@ class Pipeline:
         if runs:
             feats, scan = self._features(u)
             if self.wake is not None:
-                # a wake phrase is said on its own too: not in running speech (quiet before
-                # it, not force-cut); the command after it then needs no quiet before
-                wake = self.wake.judge(u, feats, scan, self.policy.addressing.allows(
-                    0.0, u.forced_cut, None if u.quiet_before is None else
-                    u.quiet_before / u.rate, False))
+                wake = self.wake.judge(u, feats, scan, self._on_its_own(u))
                 if wake.command_from is not None:  # wake phrase and command in one breath
                     start = u.audio_start + wake.command_from
                     feats = self.model.features(u.audio[wake.command_from:])

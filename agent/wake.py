@@ -157,12 +157,13 @@ class WakeStage:
         """End of stream: an open window gets no command any more."""
         return self.expire(2**62, False)
 
-    def scan_for(self, u) -> tuple[np.ndarray, np.ndarray] | None:
+    def scan_for(self, u, on_its_own: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
         """The sliding wake scores over the start of segment `u` (an agent.vad.Utterance),
         where a wake phrase followed by a command could be: None for a segment too short to
-        hold both. Only the audio that windows centred within MAX_LEAD_S of the first speech
-        see is embedded, so a long segment costs no more than a short one."""
-        if u.length_s < SCAN_MIN_S:
+        hold both, or one that cannot hold a wake phrase (not `on_its_own`: running speech).
+        Only the audio that windows centred within MAX_LEAD_S of the first speech see is
+        embedded, so a long segment costs no more than a short one."""
+        if u.length_s < SCAN_MIN_S or not on_its_own:
             return None
         p = self.model.runner.manifest.frontend
         reach = (u.start - u.audio_start) + int(MAX_LEAD_S * u.rate) + p.window // 2
@@ -189,7 +190,7 @@ class WakeStage:
         speech_end = u.end - u.audio_start
         best = float(self.model.score(feats[None, :])[0])
         if scan is None:
-            scan = self.scan_for(u)
+            scan = self.scan_for(u, on_its_own)
         command_from = None
         if scan is not None:
             scores, centres = scan
