@@ -89,6 +89,22 @@ class DecisionConfig:
 
 
 @dataclass
+class AddressingConfig:
+    """`[addressing]`: how a command is addressed to the device (docs/wake.md)."""
+
+    mode: str = _f("always", "always: every command said on its own may act; wake: only the "
+                   "one command after the wake phrase (addressing.wake_model)",
+                   choices=("always", "wake"))
+    window_s: float = _f(5.0, "wake mode: seconds after the wake phrase within which the one "
+                         "command must start", lo=0.5, hi=60.0)
+    wake_model: str = _f("", "wake mode: the wake model directory (classes [WORD, unknown], "
+                         "calibration/ inside), made by 'edge-voice-agent train --vocabulary "
+                         "WORD'")
+    wake_threshold: float = _f(-1.0, "wake score that counts as the wake phrase; -1 = the wake "
+                               "model's calibrated threshold", lo=-1.0, hi=1.0)
+
+
+@dataclass
 class OutputConfig:
     decisions: str = _f("", "decisions JSON Lines path, '-' for stdout; empty = STATE_DIR/"
                         "decisions.jsonl", alias="decisions")
@@ -245,6 +261,7 @@ class Config:
     vad: VadConfig = field(default_factory=VadConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)
+    addressing: AddressingConfig = field(default_factory=AddressingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -465,6 +482,10 @@ def validate(cfg: Config) -> None:
     if v.max_utterance_ms <= v.min_speech_ms:
         raise ConfigError(f"vad.max_utterance_ms = {v.max_utterance_ms} must exceed "
                           f"vad.min_speech_ms = {v.min_speech_ms}")
+    if cfg.addressing.mode == "wake" and not cfg.addressing.wake_model:
+        raise ConfigError('addressing.mode = "wake" needs addressing.wake_model (a model '
+                          "directory made by 'edge-voice-agent train --vocabulary WORD'); set "
+                          '--addressing-wake-model DIR or use mode = "always"')
     cfg.alarm_rules()          # raise ConfigError naming the bad rule key, if any
     cfg.rollup_alarm_rules()
 

@@ -43,6 +43,8 @@ class Decision:
     mode: str = "partial"
     forced_cut: bool = False
     addressed: bool = True   # False: the VAD context says it was not a command on its own
+    wake: bool = False       # the wake phrase was heard in this segment (addressing.mode wake)
+    awake: bool | None = None  # wake mode: a command after the wake phrase (None: mode always)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -60,6 +62,10 @@ class Decision:
             d["forced_cut"] = True
         if not self.addressed:
             d["addressed"] = False
+        if self.wake:
+            d["wake"] = True
+        if self.awake is False:
+            d["awake"] = False
         return d
 
 

@@ -29,6 +29,12 @@ From an utterance (mono float32 at 16 kHz, ±1 full scale) to the head input, `f
    one call and returns the same nine embeddings (bit-identical, tested) at a fifth of the cost.
 6. **Head input**: the 9 frames flattened, their mean and their max → 1,056 floats.
 
+A head can also slide over a longer segment (`sliding_head_inputs`, the wake phrase in
+agent/wake.py): the segment goes through steps 1, 3-5 as a whole, with half a window of the
+same padding on each side, and every run of nine consecutive embedding frames (1.5 s, stepped
+by 80 ms) is one head input, exactly as the open wake-word engines slide their heads over the
+streaming embedding. One embedding pass serves every position.
+
 Steps 1-4 and 6 are pure numpy/soxr; step 5 needs the two graph files (`SpeechEmbedding`).
 """
 
@@ -231,6 +237,39 @@ def features(audio: np.ndarray, embedder: SpeechEmbedding) -> np.ndarray:
     """One utterance (16 kHz float32, ±1) → the head input. THE path: training, evaluation
     and the daemon all call this."""
     return head_input(embedder.frames(fit_window(audio, embedder.p)))
+
+
+def sliding_head_inputs(audio: np.ndarray, embedder: SpeechEmbedding
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(head inputs (n, dim), window centres (n,) as sample indices into `audio`): every 1.5 s
+    window stepped by 80 ms over the segment, padded with half a window of background noise on
+    each side (as `fit_window` pads a short word) and levelled by its loudest 10 ms frame."""
+    p = embedder.p
+    x = band_limit(audio, p)
+    half, hop = p.window // 2, p.mel_step * p.frame
+    if len(x) == 0:
+        x = np.zeros(p.frame, np.float32)
+    rms = _frame_rms(x, p.frame)
+    q = np.sort(rms)[: max(1, int(len(rms) * p.quiet_fraction))]
+    level = max(float(np.sqrt(np.mean(q ** 2))), 10.0 ** (p.floor_dbfs / 20.0))
+    noise = _padding_noise(p) * np.float32(level)
+    seg = x.copy()
+    if len(seg) > 2 * p.seam:
+        r = _ramp(p.seam)
+        seg[:p.seam] = seg[:p.seam] * r + noise[half - p.seam:half] * (1.0 - r)
+        seg[-p.seam:] = seg[-p.seam:] * r[::-1] + noise[half:half + p.seam] * (1.0 - r[::-1])
+    y = np.concatenate([noise[:half], seg, noise[half:]])
+    loud = float(_frame_rms(y, p.frame).max())
+    gain_db = min(p.max_gain_db, p.level_dbfs - 20.0 * np.log10(loud + 1e-12))
+    y = (y * np.float32(INT16_SCALE * 10.0 ** (gain_db / 20.0))).astype(np.float32)
+    f = embedder.embed_mel(embedder.mel(y))
+    n = len(f) - p.n_embeddings + 1
+    if n < 1:
+        raise AgentError(f"sliding front end: {len(f)} embedding frames for {len(y)} samples, "
+                         f"fewer than the {p.n_embeddings} of one window")
+    heads = np.stack([head_input(f[i:i + p.n_embeddings]) for i in range(n)])
+    # window i spans y[i*hop, i*hop + window): its centre is y[i*hop + half], audio[i*hop]
+    return heads, np.arange(n) * hop
 
 
 def features_batch(clips: list[np.ndarray], embedder: SpeechEmbedding) -> np.ndarray:

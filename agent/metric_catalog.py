@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STAGES: tuple[str, ...] = ("audio", "vad", "model", "system")
+STAGES: tuple[str, ...] = ("audio", "vad", "wake", "model", "system")
 MAX_BINS = 24
 
 
@@ -80,6 +80,17 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("utterance_rate_per_min", "vad", "1/min",
                (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0),
                "utterances per minute, one value per window (derived when the window closes)"),
+    # --- wake: the wake phrase (addressing.mode = "wake", agent/wake.py) -------------------
+    # (published only by a device in wake mode, so a device in "always" mode sends the same
+    # bytes as before; few bins, so a wake-mode payload stays under the 8 KB limit)
+    MetricSpec("wake_score", "wake", "probability",
+               (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
+               "wake mode: the wake head's best score at the start of each segment; a shift "
+               "shows the wake phrase heard worse (or everything heard as it)"),
+    MetricSpec("wake_latency_ms", "wake", "ms",
+               (100.0, 200.0, 300.0, 400.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 3000.0),
+               "wake mode: end of the wake phrase (audio clock) to the moment it was detected, "
+               "per detection; includes the VAD hangover"),
     # --- model: how sure the recogniser is ---------------------------------------------------
     MetricSpec("confidence", "model", "probability",
                _steps(0.1, 0.95, 0.05) + (0.97, 0.99, 0.995),
@@ -153,7 +164,8 @@ WINDOW_DERIVED: frozenset[str] = frozenset(
 # payload keeps only count and mean there, and only count below MEAN_MIN_VALUES.
 PER_UTTERANCE: frozenset[str] = frozenset(
     {"input_rms_dbfs", "input_peak_dbfs", "clipping_ratio", "snr_db", "utterance_length_s",
-     "confidence", "margin", "digit_confidence", "compute_latency_ms", "eou_latency_ms"})
+     "confidence", "margin", "digit_confidence", "compute_latency_ms", "eou_latency_ms",
+     "wake_score", "wake_latency_ms"})
 MEAN_MIN_VALUES = 3
 
 

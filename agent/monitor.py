@@ -156,6 +156,7 @@ class Monitor:
         self.held_alarms: set[str] = set()
         # Extra payload sections computed as a window closes (agent.rollout: rollout, experience)
         self.sections: list[Callable[[WindowSummary], dict[str, Any]]] = []
+        self.wake_stage = False  # wake mode: the wake stage's metrics go into the payload
 
     # --- observer interface --------------------------------------------------------------
     def on_block(self, clock_s: float, stats: VadBlockStats, dropped: int) -> None:
@@ -215,12 +216,25 @@ class Monitor:
         if d.label is not None:
             self.agg.record_decision(d.label, d.accepted, t, confidence=d.confidence,
                                      margin=d.margin)
+        if o.wake is not None:
+            self.agg.observe("wake_score", o.wake.score, t)
+            if o.wake.heard:
+                self.agg.count("wakes", 1, t)
+                self.agg.observe("wake_latency_ms",
+                                 (o.utterance.emitted_at - o.wake.wake_end) * 1000.0 / self.rate,
+                                 t)
+            if o.wake.awake and d.accepted:
+                self.agg.count("wake_commands", 1, t)
         if d.confidence is not None and d.margin is not None:
             # the best word (a digit for the digit model): the top class, or the runner-up when
             # the top class is "unknown"; the metric keeps its schema-1 name
             best_word = d.confidence - d.margin if d.label == self.unknown_label else \
                 d.confidence
             self.agg.observe("digit_confidence", best_word, t)
+
+    def on_wakes_unused(self, n: int, clock_s: float) -> None:
+        """Wake windows that closed with no command acted on (agent/wake.py)."""
+        self.agg.count("wakes_unused", n, clock_s)
 
     # --- windows → drift → alarms → messages ---------------------------------------------
     def finish(self, clock_s: float) -> None:
@@ -273,7 +287,8 @@ class Monitor:
                 s, drift, device_id=self.device_id, boot_id=self.boot_id, seq=self._next(),
                 model=self.model_info, process=self.probe.sample(), utc_anchor=anchor,
                 k=self.k, active_alarms=self.active_alarms, utc_source=self.stamper.source,
-                utc_synced=synced, since_boot=self.since_boot.add(s))
+                utc_synced=synced, since_boot=self.since_boot.add(s),
+                wake_stage=self.wake_stage)
             for section in self.sections:
                 self.last_payload.update(section(s))
             self.emit(Message(topic(self.prefix, self.device_id, "stats"), self.last_payload))

@@ -32,6 +32,7 @@ ACCURACY_METHOD = "mean_calibrated_top_probability"
 ACCURACY_VALID_IF = "calibration_holds"
 COUNTS = ("frames", "speech_frames", "utterances", "accepted", "abstained", "dropped_frames",
           "state_write_errors")
+WAKE_COUNTS = ("wakes", "wake_commands", "wakes_unused")  # wake mode only, like its metrics
 
 
 def payload_bytes(payload: Any) -> bytes:
@@ -101,7 +102,8 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
                   active_alarms: Collection[str] = (),
                   catalog: Sequence[MetricSpec] = METRICS, min_values: int = 1,
                   utc_source: str = "wall", utc_synced: bool | None = None,
-                  since_boot: Mapping[str, int] | None = None) -> dict[str, Any]:
+                  since_boot: Mapping[str, int] | None = None,
+                  wake_stage: bool = False) -> dict[str, Any]:
     """The `{prefix}/{device_id}/stats` payload for one closed window (or roll-up).
 
     `since_boot` (the boot's cumulative counters including this window, see `SinceBoot`) lets
@@ -111,11 +113,14 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
     `utc_source` says how it was taken (`wall`: the live wall clock, re-anchored on a step;
     `file`: a replayed file's audio clock from the start of processing, not live) and
     `utc_synced` whether that wall clock was synchronised (None: unknown); see agent.clock.
+    `wake_stage`: the device runs in wake mode (agent/wake.py); only then are the wake stage's
+    metrics and counts in the payload.
     `estimated_accuracy` is the mean calibrated top probability of the window's decisions; it
     estimates accuracy only while the model's calibration holds, which the payload states.
     """
     t0 = _anchor_epoch(utc_anchor)
     drift = drift or {}
+    catalog = [m for m in catalog if wake_stage or m.stage != "wake"]
     hists = summary.hists
     # per-utterance metrics (metric_catalog.PER_UTTERANCE): no individual values, see there
     utt_min = max(min_values, MEAN_MIN_VALUES)
@@ -145,7 +150,8 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
                    "start_utc": iso_utc(t0 + summary.start_s),
                    "end_utc": iso_utc(t0 + summary.end_s),
                    "utc_source": utc_source, "utc_synced": utc_synced},
-        "counts": {k_: int(counts.get(k_, 0)) for k_ in COUNTS},
+        "counts": {k_: int(counts.get(k_, 0))
+                   for k_ in COUNTS + (WAKE_COUNTS if wake_stage else ())},
         "metrics": metrics,
         "drift": {m.name: drift_entry(drift.get(m.name), m.name in active_alarms)
                   for m in catalog},

@@ -72,6 +72,7 @@ from agent.sdnotify import Notifier
 from agent.state_health import StateHealth
 from agent.telemetry.device_id import resolve_device_id
 from agent.telemetry.sinks import Sink, make_sink
+from agent.wake import WakeModel, WakeStage
 
 log = logging.getLogger("edge-voice-agent")
 
@@ -98,12 +99,24 @@ def load_policy(cfg: Config, model: ModelRunner) -> Policy:
                   cfg.decision.addressing())
 
 
+def load_wake(cfg: Config, model: ModelRunner) -> WakeStage | None:
+    """The wake stage for `addressing.mode = "wake"` (None for "always"), on `model`'s front
+    end (agent/wake.py)."""
+    a = cfg.addressing
+    if a.mode != "wake":
+        return None
+    return WakeStage(WakeModel(a.wake_model, model, cfg.model.threads, a.wake_threshold),
+                     a.window_s)
+
+
 def build_pipeline(cfg: Config) -> Pipeline:
     if cfg.decision.mode == "off":
         model = load_model(cfg)  # still loaded: its manifest fixes the pipeline's rate
         return Pipeline(cfg.vad, model, Policy("off", 1.0, model.manifest.unknown_label))
     model = load_model(cfg)
-    return Pipeline(cfg.vad, model, load_policy(cfg, model))
+    pipeline = Pipeline(cfg.vad, model, load_policy(cfg, model))
+    pipeline.wake = load_wake(cfg, model)
+    return pipeline
 
 
 def personalize(cfg: Config, model: ModelRunner | None, *, microphone: str = FILE_MICROPHONE,
@@ -226,7 +239,7 @@ TICK_S = 0.25             # longest the loop waits for audio before pinging, pol
 STALL_S = 10.0
 # Settings a SIGHUP applies; every other difference is reported as needing a restart (the
 # source, rates, VAD state and windows are tied to the running clock, sinks to open files).
-LIVE_SECTIONS = ("model", "decision", "personal", "actions", *RULE_SECTIONS)
+LIVE_SECTIONS = ("model", "decision", "addressing", "personal", "actions", *RULE_SECTIONS)
 LIVE_KEYS = frozenset({"monitoring.baseline", "monitoring.k"})
 REASON_MAX = 200          # alarm.schema.json: reason maxLength
 ACTIONS_AT_END_S = 10.0   # at the end of a file source, queued actions may finish for this long
@@ -460,6 +473,7 @@ class LiveParts:
     rollup_rules: list[AlarmRule]
     training: Baseline | None
     actions: ActionTable
+    wake: WakeStage | None = None
 
 
 def build_live_parts(cfg: Config, rate: int | None) -> LiveParts:
@@ -473,7 +487,8 @@ def build_live_parts(cfg: Config, rate: int | None) -> LiveParts:
     policy = Policy("off", 1.0, m.unknown_label) if cfg.decision.mode == "off" else \
         load_policy(cfg, model)
     return LiveParts(cfg, model, policy, cfg.alarm_rules(), cfg.rollup_alarm_rules(),
-                     load_training_baseline(cfg, model), load_table(cfg, m.classes))
+                     load_training_baseline(cfg, model), load_table(cfg, m.classes),
+                     None if cfg.decision.mode == "off" else load_wake(cfg, model))
 
 
 def restart_needed(running: Config, new: Config) -> list[str]:
@@ -493,7 +508,8 @@ def restart_needed(running: Config, new: Config) -> list[str]:
 def merge_live(running: Config, new: Config) -> Config:
     """The configuration actually running after a reload: live settings from `new`."""
     return dataclasses.replace(
-        running, model=new.model, decision=new.decision, personal=new.personal,
+        running, model=new.model, decision=new.decision, addressing=new.addressing,
+        personal=new.personal,
         actions=new.actions, alarms=new.alarms,
         rollup_alarms=new.rollup_alarms,
         monitoring=dataclasses.replace(running.monitoring, baseline=new.monitoring.baseline,
@@ -549,6 +565,7 @@ class Service:
         self.pipeline.personal = personalize(cfg, self.pipeline.model,
                                              microphone=self.microphone, health=self.health)
         self.monitor.sections.append(lambda s: personal_section(self.pipeline))
+        self.monitor.wake_stage = self.pipeline.wake is not None
         self.pipeline.observers.append(self.monitor)
         self.writer = DecisionWriter(cfg.decisions_target(), self.health)
         m = self.pipeline.model.manifest if self.pipeline.model else None
@@ -767,9 +784,11 @@ class Service:
         if update_birth is not None:
             update_birth(self._birth())
         self.rollout.on_reload()
-        log.info("reloaded at audio %.3f s in %.0f ms: model %s, mode %s (threshold %.3f), %d "
-                 "alarm rules, actions: %s", clock, (time.monotonic() - t0) * 1000,
-                 p.model.manifest.ref if p.model else "none", p.policy.mode, p.policy.threshold,
+        log.info("reloaded at audio %.3f s in %.0f ms: model %s, mode %s (threshold %.3f), "
+                 "addressing %s, %d alarm rules, actions: %s", clock,
+                 (time.monotonic() - t0) * 1000, p.model.manifest.ref if p.model else "none",
+                 p.policy.mode, p.policy.threshold,
+                 f"wake ({p.wake.model.ref})" if p.wake is not None else "always",
                  len(parts.rules), parts.actions.describe())
         if pending:
             log.warning("changed settings need a restart and were not applied: %s",
@@ -782,6 +801,7 @@ class Service:
         old = self.pipeline.personal
         self.pipeline, decisions = retarget(self.pipeline, parts.model, parts.policy)
         self.decided(decisions)
+        self.pipeline.wake = parts.wake  # a new wake stage starts with no window open
         if isinstance(old, Personalizer):
             old.close()  # its state is saved; another model starts adaptation afresh
         self.pipeline.personal = personalize(parts.cfg, self.pipeline.model,
@@ -789,6 +809,7 @@ class Service:
         mon = self.monitor
         mon.rate = self.pipeline.rate
         mon.model_info = model_info(self.pipeline)
+        mon.wake_stage = parts.wake is not None
         mon.agg.unknown_label = parts.policy.unknown_label or "unknown"
         mon.baselines = [b for b in mon.baselines if b.name != "training"] + \
             ([parts.training] if parts.training is not None else [])

@@ -126,6 +126,11 @@ class Segmenter:
     def clock(self) -> int:
         return self._clock + len(self._pending)
 
+    @property
+    def busy(self) -> bool:
+        """An utterance is in progress or held: it has started and is not released yet."""
+        return self._active is not None or self._held is not None
+
     def push(self, samples: np.ndarray) -> tuple[list[Utterance], VadBlockStats]:
         """Consume mono float32 samples; return utterances finished inside them, and stats."""
         buf = np.concatenate([self._pending, samples]) if len(self._pending) else samples

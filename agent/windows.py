@@ -24,7 +24,7 @@ from agent.metric_catalog import METRICS, WINDOW_DERIVED, MetricSpec
 
 COUNTERS: tuple[str, ...] = (
     "frames", "speech_frames", "utterances", "accepted", "abstained", "dropped_frames",
-    "state_write_errors")
+    "state_write_errors", "wakes", "wake_commands", "wakes_unused")
 HOUR_S = 3600.0
 DAY_S = 86400.0
 _EPS_S = 1e-9  # tolerance when comparing audio-clock boundaries

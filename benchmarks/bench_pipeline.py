@@ -2,6 +2,10 @@
 """Speed and memory of the whole agent on a long stream, against a floor.
 
     python benchmarks/bench_pipeline.py [--minutes 30] [--shared ../shared] [--json]
+        [--wake-model DIR]
+
+With --wake-model, the agent runs in wake mode (`--addressing-mode wake`, agent/wake.py): the
+wake head on the same embedding, slid over every segment; the figures then include its cost.
 
 Builds a stream with ../shared/eval/make_stream.py, then times, as separate processes pinned to
 one core (taskset), each run three times keeping the fastest:
@@ -59,7 +63,7 @@ def timed(cmd: list[str], runs: int = 3, before=lambda: None) -> tuple[float, in
     return best, rss, cpu
 
 
-def pipeline_latency(wav: Path, speculate: bool) -> dict:
+def pipeline_latency(wav: Path, speculate: bool, wake_model: Path | None = None) -> dict:
     """Compute after the release per utterance (ms), in-process, 100 ms blocks."""
     import soundfile as sf
 
@@ -74,6 +78,10 @@ def pipeline_latency(wav: Path, speculate: bool) -> dict:
     x, sr = sf.read(str(wav), dtype="float32", always_2d=True)
     p = Pipeline(VadConfig(), ModelRunner(default_model_dir(), threads=1),
                  Policy("partial", 0.5), speculate=speculate)
+    if wake_model is not None:
+        from agent.wake import WakeModel, WakeStage
+
+        p.wake = WakeStage(WakeModel(wake_model, p.model), 5.0)
     # CPU time of each release → decision (thread_time): on a shared machine wall time also
     # counts the waits for the core, which say nothing about the agent
     cpu: list[float] = []
@@ -112,9 +120,10 @@ def make_bench_stream(shared: Path, minutes: float, tmp: Path) -> Path:
     return stream.with_suffix(".wav")
 
 
-def stream_bench_args(doc: str, minutes: float, **extra: float) -> argparse.Namespace:
+def stream_bench_args(doc: str, minutes: float, wake_option: bool = False,
+                      **extra: float) -> argparse.Namespace:
     """The options of a benchmark on the FSDD stream: --minutes, the `extra` numbers
-    (flood_minutes=45 is --flood-minutes 45), --shared and --json."""
+    (flood_minutes=45 is --flood-minutes 45), --shared and --json (and --wake-model)."""
     ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=minutes)
@@ -122,11 +131,14 @@ def stream_bench_args(doc: str, minutes: float, **extra: float) -> argparse.Name
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=default)
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--json", action="store_true")
+    if wake_option:
+        ap.add_argument("--wake-model", type=Path, default=None,
+                        help="run in wake mode with this wake model directory")
     return ap.parse_args()
 
 
 def main() -> None:
-    a = stream_bench_args(__doc__, 30)
+    a = stream_bench_args(__doc__, 30, wake_option=True)
     tmp = Path(tempfile.mkdtemp(prefix="eva-bench-"))
     wav = make_bench_stream(a.shared, a.minutes, tmp)
     audio_s = a.minutes * 60
@@ -134,6 +146,8 @@ def main() -> None:
     agent_cmd = [sys.executable, "-m", "agent", "run", "--source", str(wav), "--decisions",
                  str(decisions), "--telemetry", "none", "--state-dir", str(tmp / "state"),
                  "--log-level", "WARNING"]
+    if a.wake_model is not None:
+        agent_cmd += ["--addressing-mode", "wake", "--addressing-wake-model", str(a.wake_model)]
     floor_s, _, _ = timed([sys.executable, "-c", FLOOR, str(wav)])
     agent_s, rss_kib, agent_cpu = timed(agent_cmd,
                                         before=lambda: decisions.unlink(missing_ok=True))
@@ -151,8 +165,9 @@ def main() -> None:
     }
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {0})
-    res["in_process_no_speculation"] = pipeline_latency(wav, speculate=False)
-    res["in_process_speculation"] = pipeline_latency(wav, speculate=True)
+    res["wake_mode"] = a.wake_model is not None
+    res["in_process_no_speculation"] = pipeline_latency(wav, False, a.wake_model)
+    res["in_process_speculation"] = pipeline_latency(wav, True, a.wake_model)
     res["targets_met"] = (res["agent_rtf"] >= 250 and res["peak_rss_mib"] <= 100
                           and res["in_process_no_speculation"]["p95"] <= 10)
     res["stretch_met"] = res["in_process_speculation"]["p95"] <= 3
@@ -160,7 +175,8 @@ def main() -> None:
     if a.json:
         print(json.dumps(res))
         return
-    print(f"stream: {a.minutes:g} min, {res['utterances']} utterances (one core, best of 3)")
+    print(f"stream: {a.minutes:g} min, {res['utterances']} utterances (one core, best of 3)"
+          + (f"; wake mode ({a.wake_model})" if a.wake_model else ""))
     print(f"floor (read + webrtcvad): {floor_s:.3f} s = {res['floor_rtf']}x real time")
     print(f"agent (whole process):    {agent_s:.3f} s = {res['agent_rtf']}x real time "
           f"(target >= 250), {res['agent_over_floor']}x the floor")

@@ -145,6 +145,9 @@ def test_full_stats_payload_validates_and_fits_in_8_kb():
                       device_id="d" * 64, boot_id="b" * 64, seq=123456789, since_boot=big)
     assert _valid(STATS, p) == []
     for m in METRICS:
+        if m.stage == "wake":  # published in wake mode only (below)
+            assert m.name not in p["metrics"]
+            continue
         entry = p["metrics"][m.name]
         assert entry["count"] > 0 and len(entry["hist"]) == m.bins + 1  # every bin filled
     size = len(payload_bytes(p))
@@ -154,6 +157,16 @@ def test_full_stats_payload_validates_and_fits_in_8_kb():
     # filled, a year-long boot's since_boot totals: ~170 B of it); real windows are ~5.3 KB.
     # (15 % until the three action/socket metrics of agent/actions took ~650 B of it.)
     assert size <= 0.9 * MAX_PAYLOAD_BYTES
+    # wake mode adds the wake stage (two small histograms, three counts): still under 8 KB
+    # (7,904 bytes in this worst case when it was added)
+    woke = stats_payload(_full_summary(), _drift_all(), utc_anchor=ANCHOR, model=MODEL,
+                         process=PROCESS, historical=True, active_alarms={"snr_db"},
+                         device_id="d" * 64, boot_id="b" * 64, seq=123456789, since_boot=big,
+                         wake_stage=True)
+    assert _valid(STATS, woke) == []
+    assert {"wake_score", "wake_latency_ms"} <= set(woke["metrics"])
+    assert {"wakes", "wake_commands", "wakes_unused"} <= set(woke["counts"])
+    assert len(payload_bytes(woke)) <= MAX_PAYLOAD_BYTES
 
 
 def test_stats_payload_content():

@@ -26,7 +26,8 @@ def test_catalogue_is_complete_and_small():
     assert names == [
         "input_rms_dbfs", "input_peak_dbfs", "clipping_ratio", "snr_db", "noise_floor_dbfs",
         "audio_outage_s", "utterance_length_s", "vad_speech_ratio", "utterance_rate_per_min",
-        "confidence", "margin", "digit_confidence", "unknown_ratio",
+        "wake_score", "wake_latency_ms", "confidence", "margin", "digit_confidence",
+        "unknown_ratio",
         "compute_latency_ms", "eou_latency_ms", "queue_depth", "config_reload_ok",
         "state_write_errors", "state_files_quarantined",
         "telemetry_restarts", "action_latency_ms", "action_outcome", "socket_dropped"]

@@ -94,6 +94,9 @@ class Counts(TypedDict):
     abstained: Count
     dropped_frames: Count
     state_write_errors: NotRequired[Count]  # added after schema 1: 0 when absent
+    wakes: NotRequired[Count]               # wake mode only (agent/wake.py): 0 when absent
+    wake_commands: NotRequired[Count]
+    wakes_unused: NotRequired[Count]
 
 
 class Accuracy(TypedDict):
