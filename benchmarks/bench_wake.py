@@ -6,7 +6,7 @@
 
 DIR is a wake model as delivered to a device (classes [WORD, unknown], calibration/ inside),
 e.g. one learned from text alone:
-    edge-voice-agent train --vocabulary hey_jarvis --speech-commands
+    edge-voice-agent train --vocabulary "hey jarvis" --speech-commands
         ../shared/data/speech-commands --out DIR --name wake-hey-jarvis
 or `--make-wake-model "hey jarvis"`: one learned from text alone here (tests/wake_models.py:
 espeak-ng, flite and festival voices except the held-out ones, a logistic-regression head on
