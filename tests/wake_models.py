@@ -103,7 +103,7 @@ def write_wake_model(dst: Path, word: str, head_blob: bytes, threshold: float,
     comps.append(Component(name="head", file="head.onnx", role="head", version="1.0.0",
                            licence="same as the project", sha256=sha256_file(dst / "head.onnx"),
                            source=f"tests/wake_models.py, text only: {word}"))
-    wm = Manifest(name=f"wake-{word}", version="1.0.0", classes=(word, "unknown"),
+    wm = Manifest(name="wake-" + word.replace(" ", "-"), version="1.0.0", classes=(word, "unknown"),
                   sample_rate=m.sample_rate, frontend=m.frontend, components=tuple(comps),
                   unknown_label="unknown", training=training)
     (dst / MANIFEST).write_text(json.dumps(wm.to_dict(), indent=2) + "\n")
@@ -118,7 +118,7 @@ def make_wake_model(dst: Path, text: str = WAKE_WORD, *, cache: Path | None = No
                     n_pos: int = 60, n_neg: int = 160, seed: int = 0, threshold: float = 0.5,
                     c: float = 0.05, extra_negatives: list[np.ndarray] = (),
                     festival: bool = False, runner: ModelRunner | None = None) -> Path:
-    """Train and write a wake model for `text` (classes [text with _ for spaces, unknown])."""
+    """Train and write a wake model for `text` (classes [text, unknown])."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -132,7 +132,7 @@ def make_wake_model(dst: Path, text: str = WAKE_WORD, *, cache: Path | None = No
         C=c, max_iter=500, class_weight="balanced", random_state=seed)).fit(x, 1 - y)
     # classes_ of the fit are [0 = word, 1 = unknown]: the graph's columns in manifest order
     blob = head_to_onnx(clf, 1.0, x.shape[1])
-    return write_wake_model(dst, text.replace(" ", "_"), blob, threshold,
+    return write_wake_model(dst, text, blob, threshold,
                             {"text_only": True, "positives": int(y.sum()),
                              "negatives": int(len(y) - y.sum()), "seed": seed})
 
