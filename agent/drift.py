@@ -530,9 +530,12 @@ DEFAULT_ALARMS: dict[str, Any] = {
                        "clear_after": 2, "min_count": 1},
     # What people say shifts legitimately (a household that counts, a quiet day of "unknown"),
     # so the class mix alarms only on a large, lasting shift against the device's own start:
-    # size-corrected JS >= 0.5 (far beyond chance) for 3 windows of >= k decisions in a row,
-    # e.g. a model that hears one class or only unknown after the room or microphone changed.
-    "class_distribution": {"on": "drift", "threshold": 0.5, "raise_after": 3, "clear_after": 3,
+    # size-corrected JS >= 0.4 for 3 windows of >= k decisions in a row. Measured on 30
+    # decisions a window (tests/test_drift_classes.py, 19 of them one word): half of that
+    # word's decisions going to another word scores 0.0 (chance at this size), all of them
+    # 0.50, every decision unknown 0.85 -- e.g. a model that hears one class or only unknown
+    # after the room or microphone changed.
+    "class_distribution": {"on": "drift", "threshold": 0.4, "raise_after": 3, "clear_after": 3,
                            "min_count": 20, "baseline": "device"},
 }
 
