@@ -177,3 +177,23 @@ def test_class_drift_unit():
     # another vocabulary: no baseline scores it
     other = class_drift(window({"x": 30}), [b], ["x", "y", "unknown"], k=20)
     assert other is not None and other.score is None and other.by_baseline == {}
+
+
+def test_the_fleet_takes_and_exports_the_class_drift_score():
+    from agent.fleet.exporter import exposition
+    from agent.fleet.ingest import FleetModel
+    from agent.fleet.schema import check_stats, decode_stats
+    from agent.payloads import payload_bytes
+
+    sevens, threes = mix("7", DIGITS, 30), mix("3", DIGITS, 30)
+    stats, _, _ = run(DIGITS, [sevens, sevens, sevens, threes])
+    score = stats[-1]["drift"]["class_distribution"]["score"]
+    body = payload_bytes(stats[-1])
+    p = decode_stats(body)  # the bounded wire contract
+    check_stats(p, "dev-1")
+    assert p["drift"]["class_distribution"]["score"] == score
+    model = FleetModel()
+    model.ingest("eva/dev-1/stats", body)
+    text = exposition(model).decode()
+    assert f'eva_device_drift_score{{device="dev-1",metric="class_distribution"}} {score}' in text
+    assert 'eva_metric_info{metric="class_distribution",stage="model"' in text
