@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from agent.errors import AgentError, ConfigError
-from agent.metric_catalog import BY_NAME, METRICS, MetricSpec
+from agent.metric_catalog import BY_NAME, CLASS_DISTRIBUTION, METRICS, MetricSpec
 from agent.state_health import StateHealth
 from agent.windows import Histogram, WindowSummary, copy_summary, merge_into
 
@@ -121,16 +121,27 @@ def drift_score(window: Histogram, baseline: Histogram, method: str = "js",
     0..1 for JS (0 = indistinguishable from the baseline at that size, 1 = disjoint). Exact and
     deterministic: the chance level is simulated once per (baseline, size) with a fixed seed.
     """
-    check_method(method)
     if not np.array_equal(window.edges, baseline.edges):
         raise ValueError("window and baseline histograms have different edges")
-    if window.count == 0 or baseline.count == 0:
+    return counts_drift_score(window.counts, baseline.counts, method, corrected)
+
+
+def counts_drift_score(window: ArrayLike, baseline: ArrayLike, method: str = "js",
+                       corrected: bool = True) -> float | None:
+    """`drift_score` on two count vectors over the same bins (or classes); None when either
+    is empty."""
+    check_method(method)
+    w = np.asarray(window, dtype=np.int64)
+    b = np.asarray(baseline, dtype=np.int64)
+    if w.shape != b.shape:
+        raise ValueError("window and baseline have different numbers of bins")
+    n = int(w.sum())
+    if n == 0 or int(b.sum()) == 0:
         return None
-    raw = js_distance(window.counts, baseline.counts) if method == "js" else \
-        psi(window.counts, baseline.counts)
+    raw = js_distance(w, b) if method == "js" else psi(w, b)
     if not corrected:
         return raw
-    chance = _null_score(tuple(int(c) for c in baseline.counts), int(window.count), method)
+    chance = _null_score(tuple(int(c) for c in b), n, method)
     if method == "js":
         return max(0.0, (raw - chance) / (1.0 - chance)) if chance < 1.0 else 0.0
     return max(0.0, raw - chance)
@@ -156,17 +167,20 @@ class Baseline:
     name: str
     hists: dict[str, Histogram]
     meta: dict[str, Any] = field(default_factory=dict)
+    classes: dict[str, int] = field(default_factory=dict)  # decisions per class (device only)
 
     @classmethod
     def from_summary(cls, name: str, summary: WindowSummary,
                      meta: Mapping[str, Any] | None = None) -> Baseline:
         m = {"seconds": summary.duration_s, "windows": summary.windows,
              "utterances": summary.counts.get("utterances", 0), **(meta or {})}
-        return cls(name, {k: h.copy() for k, h in summary.hists.items()}, m)
+        return cls(name, {k: h.copy() for k, h in summary.hists.items()}, m,
+                   dict(sorted(summary.classes.items())))
 
     def to_dict(self) -> dict:
         return {"format": BASELINE_FORMAT, "version": BASELINE_VERSION, "name": self.name,
-                "meta": self.meta, "metrics": {k: h.to_dict() for k, h in self.hists.items()}}
+                "meta": self.meta, "metrics": {k: h.to_dict() for k, h in self.hists.items()},
+                "classes": self.classes}
 
     @classmethod
     def from_dict(cls, d: Mapping, *, catalog: Sequence[MetricSpec] = METRICS,
@@ -189,7 +203,14 @@ class Baseline:
                 raise AgentError(f"{origin}: metric {k} has bin edges that differ from the "
                                  "catalogue; rebuild the baseline with this version")
             hists[k] = h
-        return cls(str(d.get("name", "baseline")), hists, dict(d.get("meta", {})))
+        classes = d.get("classes", {})  # absent in training baselines and older files
+        if not isinstance(classes, Mapping) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for v in classes.values()):
+            raise AgentError(f"{origin}: classes must map class names to counts >= 0; "
+                             "delete the file to relearn it")
+        return cls(str(d.get("name", "baseline")), hists, dict(d.get("meta", {})),
+                   {str(c): int(v) for c, v in classes.items()})
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file + rename) so a crash never leaves half a baseline."""
@@ -264,6 +285,14 @@ class DeviceBaselineLearner:
         except AgentError as e:
             learner.note = f"relearning device baseline: {e}"
             return learner
+        labels = learner.meta.get("labels")
+        if labels is not None and b.meta.get("labels") != labels:
+            have = b.meta.get("labels")
+            learner.note = (f"relearning device baseline: learned for another vocabulary "
+                            f"({len(have) if isinstance(have, list) else 'no'} classes "
+                            f"{have!r:.80}), running {len(labels)} classes {labels!r:.80}; "
+                            "the old class distribution is discarded")
+            return learner
         want = learner.meta.get("model")
         if want is not None and b.meta.get("model") != want:
             learner.note = (f"relearning device baseline: learned for model "
@@ -314,6 +343,30 @@ class DeviceBaselineLearner:
     def _ready(self) -> bool:
         n = self._acc.counts.get("utterances", 0) if self._acc is not None else 0
         return n >= self.min_utterances
+
+
+def class_drift(summary: WindowSummary, baselines: Iterable[Baseline], labels: Sequence[str],
+                method: str = "js", k: int = 1) -> DriftScore | None:
+    """Drift of the window's class distribution (decisions per class of `labels`, the model's
+    manifest incl. unknown) against each baseline that counted classes for the same labels.
+
+    None when the window holds fewer than `k` decisions (as for `outputs`, the anonymity set
+    is the smaller of its utterances and decisions): a distribution score of a handful of
+    decisions would say what was said, so it is neither computed nor published.
+    """
+    labels = list(labels)
+    n = min(int(summary.counts.get("utterances", 0)), sum(summary.classes.values()))
+    if not labels or n < max(1, k):
+        return None
+    w = [int(summary.classes.get(c, 0)) for c in labels]
+    by: dict[str, float | None] = {}
+    for b in baselines:
+        if b.classes and b.meta.get("labels") == labels:
+            by[b.name] = counts_drift_score(w, [int(b.classes.get(c, 0)) for c in labels],
+                                            method)
+    scored = [(s, b) for b, s in by.items() if s is not None]
+    score, which = max(scored) if scored else (None, None)
+    return DriftScore(CLASS_DISTRIBUTION, score, which, method, sum(w), by)
 
 
 def score_window(summary: WindowSummary, baselines: Iterable[Baseline], method: str = "js"
@@ -475,6 +528,15 @@ DEFAULT_ALARMS: dict[str, Any] = {
                           "clear_after": 2, "min_count": 3},
     "socket_dropped": {"on": "value_high", "stat": "mean", "threshold": 0.01, "raise_after": 1,
                        "clear_after": 2, "min_count": 1},
+    # What people say shifts legitimately (a household that counts, a quiet day of "unknown"),
+    # so the class mix alarms only on a large, lasting shift against the device's own start:
+    # size-corrected JS >= 0.4 for 3 windows of >= k decisions in a row. Measured on 30
+    # decisions a window (tests/test_drift_classes.py, 19 of them one word): half of that
+    # word's decisions going to another word scores 0.0 (chance at this size), all of them
+    # 0.50, every decision unknown 0.85 -- e.g. a model that hears one class or only unknown
+    # after the room or microphone changed.
+    "class_distribution": {"on": "drift", "threshold": 0.4, "raise_after": 3, "clear_after": 3,
+                           "min_count": 20, "baseline": "device"},
 }
 
 

@@ -153,7 +153,18 @@ METRICS: tuple[MetricSpec, ...] = (
 # histogram in the stats payload (which keeps its size headroom): an automatic model rollback.
 EVENT_ALARMS: tuple[str, ...] = ("model_probation",)
 
-BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
+# Drift scored on something that is not a histogram of the catalogue, so it has a `drift` entry
+# and alarm rules but no `metrics` entry: the window's class distribution (its counts are only
+# published k-suppressed under `outputs`). The edges are unused (one dummy edge).
+CLASS_DISTRIBUTION = "class_distribution"
+DRIFT_ONLY: tuple[MetricSpec, ...] = (
+    MetricSpec(CLASS_DISTRIBUTION, "model", "JS distance", (0.5,),
+               "the window's decisions per class (every class of the model's manifest incl. "
+               "unknown) against the device baseline's; scored and published only for windows "
+               "with >= k decisions, like the class counts"),
+)
+
+BY_NAME: dict[str, MetricSpec] = {m.name: m for m in (*METRICS, *DRIFT_ONLY)}
 
 # Metrics the window aggregator computes itself, once per window, when the window closes.
 WINDOW_DERIVED: frozenset[str] = frozenset(

@@ -28,6 +28,7 @@ from agent.drift import (
     AlarmTracker,
     Baseline,
     DeviceBaselineLearner,
+    class_drift,
     score_window,
 )
 from agent.payloads import SinceBoot, alarm_payload, stats_payload
@@ -120,7 +121,8 @@ class Monitor:
                  boot_id: str | None = None, utc_anchor: float | None = None,
                  probe: ProcessProbe | None = None,
                  on_window: Callable[[WindowSummary], None] | None = None,
-                 stamper: UtcStamper | None = None, health: StateHealth | None = None) -> None:
+                 stamper: UtcStamper | None = None, health: StateHealth | None = None,
+                 labels: Sequence[str] | None = None) -> None:
         self.emit = emit
         self.on_window = on_window
         self.device_id = device_id
@@ -131,6 +133,8 @@ class Monitor:
         self.k = k
         self.baselines = list(baselines)
         self.learner = learner
+        # the model's classes (manifest order, incl. unknown): the class distribution's bins
+        self.labels = list(labels) if labels is not None else None
         if learner is not None and learner.baseline is not None:
             self.baselines.append(learner.baseline)
         self.tracker = AlarmTracker(rules)
@@ -281,6 +285,10 @@ class Monitor:
                 self.on_window(s)
             view = self.trailing.add(s)
             drift = score_window(view, self.baselines, self.drift_method)
+            if self.labels is not None:  # the window's own classes, k-gated (not the view's)
+                cd = class_drift(s, self.baselines, self.labels, self.drift_method, self.k)
+                if cd is not None:
+                    drift[cd.metric] = cd
             events = self.tracker.update(view, drift)
             anchor, synced = self.stamper.current()
             self.last_payload = stats_payload(
@@ -302,6 +310,19 @@ class Monitor:
             for rollup, tracker, label in self.rollups:
                 for r in rollup.add(s):
                     self._score_rollup(r, tracker, label)
+
+    def set_labels(self, labels: Sequence[str] | None) -> str:
+        """A model switch: score the class distribution over the new model's classes. A device
+        baseline counted for another vocabulary no longer counts for it; returns one log line
+        saying so ("" when nothing is discarded)."""
+        self.labels = list(labels) if labels is not None else None
+        stale = [b.name for b in self.baselines
+                 if b.classes and b.meta.get("labels") != self.labels]
+        if not stale:
+            return ""
+        return (f"class distribution drift: the {', '.join(stale)} baseline was counted for "
+                f"another vocabulary; its class distribution is discarded (relearned with the "
+                f"device baseline after a restart)")
 
     def _score_rollup(self, s: WindowSummary, tracker: AlarmTracker, label: str) -> None:
         training = [b for b in self.baselines if b.name == "training"]

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.drift import AlarmEvent, DriftScore
-from agent.metric_catalog import MEAN_MIN_VALUES, METRICS, PER_UTTERANCE, MetricSpec
+from agent.metric_catalog import DRIFT_ONLY, MEAN_MIN_VALUES, METRICS, PER_UTTERANCE, MetricSpec
 from agent.privacy import DEFAULT_K, class_outputs
 from agent.telemetry.message import json_bytes
 from agent.windows import Histogram, WindowSummary
@@ -154,7 +154,7 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
                    for k_ in COUNTS + (WAKE_COUNTS if wake_stage else ())},
         "metrics": metrics,
         "drift": {m.name: drift_entry(drift.get(m.name), m.name in active_alarms)
-                  for m in catalog},
+                  for m in (*catalog, *DRIFT_ONLY)},  # class_distribution: None below k
         "estimated_accuracy": {"value": _num(conf.mean, 4) if n_conf else None, "n": n_conf,
                                "method": ACCURACY_METHOD, "valid_if": ACCURACY_VALID_IF},
         "outputs": class_outputs(summary.classes, counts.get("utterances", 0), k),

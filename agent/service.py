@@ -192,10 +192,11 @@ def build_monitor(cfg: Config, pipeline: Pipeline, device_id: str, emit, *,
     state = cfg.state_path()
     baselines = [b for b in [load_training_baseline(cfg, pipeline.model)] if b is not None]
     ref = pipeline.model.manifest.ref if pipeline.model else "none"
+    labels = list(pipeline.model.manifest.classes) if pipeline.model else None
     learner = DeviceBaselineLearner.resume(
         state / "device-baseline.json", cfg.monitoring.device_baseline_s,
-        meta={"model": ref}, min_utterances=cfg.monitoring.device_baseline_min_utterances,
-        health=health)
+        meta={"model": ref, "labels": labels},
+        min_utterances=cfg.monitoring.device_baseline_min_utterances, health=health)
     log.info("device baseline: %s", learner.note)
     return Monitor(emit=emit, device_id=device_id, model_info=model_info(pipeline),
                    rate=pipeline.rate, window_s=cfg.monitoring.window_s,
@@ -204,7 +205,8 @@ def build_monitor(cfg: Config, pipeline: Pipeline, device_id: str, emit, *,
                    baselines=baselines, learner=learner, rules=cfg.alarm_rules(),
                    rollup_rules=cfg.rollup_alarm_rules(),
                    unknown_label=pipeline.policy.unknown_label, prefix=cfg.telemetry.prefix,
-                   stamper=UtcStamper("wall" if live else "file"), health=health)
+                   stamper=UtcStamper("wall" if live else "file"), health=health,
+                   labels=labels)
 
 
 def build_sink(cfg: Config, device_id: str, birth: dict,
@@ -811,6 +813,10 @@ class Service:
         mon.model_info = model_info(self.pipeline)
         mon.wake_stage = parts.wake is not None
         mon.agg.unknown_label = parts.policy.unknown_label or "unknown"
+        note = mon.set_labels(list(self.pipeline.model.manifest.classes)
+                              if self.pipeline.model else None)
+        if note:
+            log.info("%s", note)
         mon.baselines = [b for b in mon.baselines if b.name != "training"] + \
             ([parts.training] if parts.training is not None else [])
 

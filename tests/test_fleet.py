@@ -19,7 +19,7 @@ import pytest
 
 from agent.drift import AlarmEvent
 from agent.fleet.state import FleetState, SeqSet
-from agent.metric_catalog import BY_NAME, METRICS
+from agent.metric_catalog import BY_NAME, DRIFT_ONLY, METRICS
 from agent.payloads import alarm_payload, stats_payload
 from agent.telemetry import Message, topic
 from agent.telemetry.mqtt import MqttOptions, MqttSink
@@ -721,7 +721,7 @@ def test_metrics_per_device_bytes_fit_10000_devices_in_20_mb() -> None:
     assert device_bytes / n * 10_000 <= 19_000_000, device_bytes / n
     fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
     stage = {s.labels["metric"]: s.labels["stage"] for s in fams["eva_metric_info"].samples}
-    assert stage == {m.name: m.stage for m in METRICS}
+    assert stage == {m.name: m.stage for m in (*METRICS, *DRIFT_ONLY)}
     drift = fams["eva_device_drift_score"].samples
     assert drift and all(set(s.labels) == {"device", "metric"} for s in drift)
     for name in ("eva_device_missing_messages", "eva_device_duplicates",

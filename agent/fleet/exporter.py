@@ -31,7 +31,7 @@ from prometheus_client.samples import Sample
 from agent import __version__
 from agent.fleet.ingest import CUMULATIVE, METRIC_NAMES, FleetModel
 from agent.fleet.state import ERROR_KINDS, GROUP_LABELS
-from agent.metric_catalog import METRICS
+from agent.metric_catalog import DRIFT_ONLY, METRICS
 from agent.windows import COUNTERS
 
 GROUP_COUNTERS = ("utterances", "accepted", "abstained", "dropped_frames")
@@ -137,7 +137,7 @@ class FleetCollector(Collector):
         info = InfoMetricFamily("eva_metric", "each catalogue metric's pipeline stage and "
                                 "unit (join: * on (metric) group_left (stage) eva_metric_info)",
                                 labels=("metric", "stage", "unit"))
-        for spec in METRICS:
+        for spec in (*METRICS, *DRIFT_ONLY):  # drift-only metrics: drift score, alarms
             info.add_metric((spec.name, spec.stage, spec.unit), {})
         yield info
         gl = list(GROUP_LABELS)

@@ -33,12 +33,12 @@ from typing import Any
 from msgspec.json import decode as _loads
 
 from agent.fleet.bins import MetricSum
-from agent.metric_catalog import METRICS
+from agent.metric_catalog import DRIFT_ONLY, METRICS
 
 BUCKET_S = 300
 GROUP_COLUMNS = ("model", "model_version", "rollout", "cohort")
 COUNTS = ("windows", "utterances", "accepted", "abstained", "dropped_frames")
-DRIFT = tuple(m.name for m in METRICS)
+DRIFT = tuple(m.name for m in (*METRICS, *DRIFT_ONLY))
 # Histograms kept over time (each costs one merge per message): what the page plots and what
 # an operator compares between model versions. `--history-metrics all` keeps every metric.
 HIST_METRICS = ("input_rms_dbfs", "snr_db", "noise_floor_dbfs", "utterance_length_s",

@@ -30,7 +30,7 @@ from typing import Any
 from agent.fleet.history import BUCKET_S
 from agent.fleet.schema import FUTURE_S, PAST_S, Invalid, decode_json, decode_stats, utc_epoch
 from agent.fleet.state import FleetState, Totals
-from agent.metric_catalog import METRICS
+from agent.metric_catalog import DRIFT_ONLY, METRICS
 from agent.payloads import SinceBoot
 from agent.telemetry.message import DEFAULT_PREFIX
 
@@ -38,7 +38,7 @@ CUMULATIVE = SinceBoot.FIELDS          # windows, frames, speech_frames, utteran
 MAX_BOOTS = 4                          # boots kept per device for the cumulative series
 RECENT = 16                            # windows per device kept for the drill-down plots
 RECENT_FIELDS = ("end", "utterances", "accepted", "abstained", "accuracy", "rms_dbfs")
-METRIC_NAMES = tuple(m.name for m in METRICS)
+METRIC_NAMES = tuple(m.name for m in (*METRICS, *DRIFT_ONLY))  # drift entries, in order
 GroupKey = tuple[str, str, str, str]   # (model, model version, rollout, cohort)
 DEVICE_METRICS = frozenset({"input_rms_dbfs"})  # metrics summed per device (see FleetState)
 _NAN = math.nan
