@@ -35,6 +35,18 @@ COUNTS = ("frames", "speech_frames", "utterances", "accepted", "abstained", "dro
 WAKE_COUNTS = ("wakes", "wake_commands", "wakes_unused")  # wake mode only, like its metrics
 
 
+# Room for the command model's class names in a wake-mode payload: the wake stage's two
+# histograms, three counts and their drift entries take ~535 B of the 8 KB, so a worst-case
+# window fits when the names take at most this many bytes (`class_names_bytes`; measured in
+# tests/test_privacy_payloads.py). In always mode every vocabulary the word rule allows fits.
+WAKE_CLASS_NAMES_BUDGET = 240
+
+
+def class_names_bytes(classes: Sequence[str]) -> int:
+    """What a vocabulary's names take in `outputs.classes`: each quoted name, colon, comma."""
+    return sum(len(json_bytes(c)) + 2 for c in classes)
+
+
 def payload_bytes(payload: Any) -> bytes:
     """Compact UTF-8 JSON, the same encoding the telemetry sinks put on the wire."""
     return json_bytes(payload)

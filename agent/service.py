@@ -56,6 +56,7 @@ from agent.errors import AgentError, one_line
 from agent.metric_catalog import METRICS
 from agent.model import ModelRunner
 from agent.monitor import Monitor
+from agent.payloads import WAKE_CLASS_NAMES_BUDGET, class_names_bytes
 from agent.personal.adaptation import AdaptationParams
 from agent.personal.device import (
     FILE_MICROPHONE,
@@ -105,6 +106,13 @@ def load_wake(cfg: Config, model: ModelRunner) -> WakeStage | None:
     a = cfg.addressing
     if a.mode != "wake":
         return None
+    m = model.manifest
+    if class_names_bytes(m.classes) > WAKE_CLASS_NAMES_BUDGET:
+        raise AgentError(f"addressing.mode = \"wake\": the words of {m.ref} take "
+                         f"{class_names_bytes(m.classes)} bytes of the stats payload, and beside "
+                         f"the wake stage at most {WAKE_CLASS_NAMES_BUDGET} fit in its 8 KB; use "
+                         "a model with fewer or shorter words (docs/wake.md), or mode = "
+                         "\"always\"")
     return WakeStage(WakeModel(a.wake_model, model, cfg.model.threads, a.wake_threshold),
                      a.window_s)
 

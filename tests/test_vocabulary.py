@@ -277,3 +277,45 @@ def test_the_largest_vocabulary_keeps_the_worst_stats_payload_within_8_kb() -> N
                       boot_id="b" * 64, seq=123456789, since_boot=year)
     STATS.validate(p)
     assert len(payload_bytes(p)) <= MAX_PAYLOAD_BYTES
+
+
+def test_wake_mode_keeps_the_worst_stats_payload_within_8_kb_for_words_within_budget() -> None:
+    """Beside the wake stage only WAKE_CLASS_NAMES_BUDGET bytes of names fit: a vocabulary at
+    the budget fits, and one that does not is refused at start (test_wake)."""
+    from agent.payloads import (
+        MAX_PAYLOAD_BYTES,
+        WAKE_CLASS_NAMES_BUDGET,
+        SinceBoot,
+        class_names_bytes,
+        payload_bytes,
+        stats_payload,
+    )
+    from agent.vocabulary import MAX_WORD, MAX_WORDS
+    from tests.test_privacy_payloads import ANCHOR, MODEL, PROCESS, _drift_all, _full_summary
+
+    year = dict(zip(SinceBoot.FIELDS, (525_600, 3_153_600_000, 1_500_000_000, 9_999_999,
+                                       9_000_000, 999_999, 99_999_999), strict=True))
+
+    def worst(names: list[str]) -> int:
+        s = _full_summary(classes=len(names), utterances=400)
+        s.classes = {w: 16 for w in names}
+        p = stats_payload(s, _drift_all(), utc_anchor=ANCHOR, model=MODEL, process=PROCESS,
+                          historical=True, active_alarms={"snr_db"}, device_id="d" * 64,
+                          boot_id="b" * 64, seq=123456789, since_boot=year, wake_stage=True)
+        STATS.validate(p)
+        return len(payload_bytes(p))
+
+    # the fullest vocabulary the word rule allows would not fit beside the wake stage
+    longest = [f"w{i:02d}".ljust(MAX_WORD, "x") for i in range(MAX_WORDS)] + ["unknown"]
+    assert class_names_bytes(longest) > WAKE_CLASS_NAMES_BUDGET
+    assert worst(longest) > MAX_PAYLOAD_BYTES
+    # names filling the budget exactly (many short words, or fewer long ones) fit
+    for length in (2, 8, 24):
+        names = ["unknown"]
+        while True:
+            nxt = f"{len(names):02d}".ljust(length, "x")
+            if (len(names) > MAX_WORDS
+                    or class_names_bytes([*names, nxt]) > WAKE_CLASS_NAMES_BUDGET):
+                break
+            names.append(nxt)
+        assert worst(names) <= MAX_PAYLOAD_BYTES, (length, len(names))

@@ -142,6 +142,17 @@ def test_wake_config_errors_are_one_line_naming_the_fix(tmp_path, wake_model):
             str(default_model_dir()))
     line = error_line(r)
     assert r.returncode == 1 and "[WORD, unknown]" in line and "--vocabulary WORD" in line
+    # a command model whose words leave no room for the wake stage in the 8 KB payload
+    from tests.rollout_models import derive
+
+    wordy = derive(tmp_path / "wordy", classes=[f"{w}-long-enough-word" for w in
+                                               ("alpha", "bravo", "charlie", "delta", "echo",
+                                                "foxtrot", "golf", "hotel", "india", "juliet")])
+    r = eva(*run, "--model", str(wordy), "--model-thresholds",
+            str(wordy / "calibration" / "thresholds.json"), "--addressing-mode", "wake",
+            "--addressing-wake-model", str(wake_model))
+    line = error_line(r)
+    assert r.returncode == 1 and "bytes of the stats payload" in line and "fewer or shorter" in line
     # a corrupt head
     bad = tmp_path / "bad"
     shutil.copytree(wake_model, bad)
