@@ -87,7 +87,9 @@ class _GmqttLog(logging.Filter):
     """On the logger gmqtt's client is given: lets ERROR and above through once the link has
     started (a refused reconnection: gmqtt gives up on a permanent refusal), and turns gmqtt's
     (info-level) note that it falls back to MQTT 3.1.1 into a refusal: without MQTT 5 nothing
-    bounds the packet size."""
+    bounds the packet size. gmqtt has no callback or flag for the fall-back, so its log record
+    (through the public `logger` parameter) is the signal: the range of gmqtt in pyproject.toml
+    is the one tested, and tests/test_fleet_subscriber.py fails if the note ever changes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         link = SUBSCRIBERS.get(threading.get_ident())
@@ -132,7 +134,7 @@ class Subscriber:
         self.keepalive_s = keepalive_s
         self.backoff_s = backoff_s
         self.ssl = client_tls(ca_file, cert_file, key_file) if tls else None
-        self.loop = asyncio.new_event_loop()
+        self.loop = asyncio.new_event_loop()  # run by `thread` from start() on
         self.thread = threading.Thread(target=self._run_loop, daemon=True,
                                        name=f"mqtt-{client_id}")
         self.client: Any = None
@@ -176,6 +178,8 @@ class Subscriber:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Disconnect politely and end the loop thread, bounded."""
         if not self.thread.is_alive():
+            if self.thread.ident is None and not self.loop.is_closed():
+                self.loop.close()  # never started
             return
         self.stopping = True
         if self.client is not None:
