@@ -49,7 +49,7 @@ def _config(args: argparse.Namespace, **forced) -> config_mod.Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="On-device spoken-digit recognition with "
+    p = argparse.ArgumentParser(prog=PROG, description="On-device spoken-command recognition with "
                                 "calibrated confidence and aggregated fleet monitoring.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = argparse.ArgumentParser(add_help=False)

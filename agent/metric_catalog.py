@@ -88,8 +88,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "top minus runner-up probability of each decision"),
     MetricSpec("digit_confidence", "model", "probability",
                _steps(0.1, 0.95, 0.05) + (0.97, 0.99, 0.995),
-               "calibrated probability of the best digit (the top class, or the runner-up when "
-               "the top is unknown); its mean is the label-free accuracy estimate"),
+               "calibrated probability of the best word of the vocabulary (the top class, or the "
+               "runner-up when the top is unknown; named for the first vocabulary, digits); its "
+               "mean is the label-free accuracy estimate"),
     MetricSpec("unknown_ratio", "model", "ratio",
                (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                "decisions labelled unknown / decisions, one value per window (derived)"),

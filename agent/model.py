@@ -14,6 +14,8 @@ its name, file, role, version, licence and sha256:
   the chain rule, so the decision policy, calibration files and monitoring keep reading one
   probability vector over the manifest's classes.
 
+The classes are the model's vocabulary (its words plus `unknown`, agent.vocabulary): any list
+of words works on the device; a class name that breaks the word rule is refused at reading.
 Loading refuses, with one line naming the file and the fix, anything that does not match:
 a component's hash, the rate, the head's input size, the number of classes. The manifest's
 `sha256` is the model build's identity (a digest over every component's hash): thresholds,
@@ -32,6 +34,7 @@ import numpy as np
 
 from agent.errors import AgentError
 from agent.frontend import FrontendParams, SpeechEmbedding, features
+from agent.vocabulary import vocabulary_problem
 
 MANIFEST = "manifest.json"
 FORMAT = 2
@@ -131,6 +134,10 @@ class Manifest:
                     unknown_label=d.get("unknown_label"), training=d.get("training", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise AgentError(f"model manifest {path} lacks or garbles {e}; {RETRAIN}") from None
+        why = vocabulary_problem(m.classes, m.unknown_label)
+        if why:
+            raise AgentError(f"model manifest {path}: {why}; {RETRAIN} (agent/vocabulary.py "
+                             "says what a word may be)")
         missing = [r for r in REQUIRED_ROLES if m.component(r) is None]
         if missing:
             raise AgentError(f"model manifest {path} lists no {', '.join(missing)} component; "

@@ -216,10 +216,11 @@ class Monitor:
             self.agg.record_decision(d.label, d.accepted, t, confidence=d.confidence,
                                      margin=d.margin)
         if d.confidence is not None and d.margin is not None:
-            # best digit: the top class, or the runner-up when the top class is "unknown"
-            best_digit = d.confidence - d.margin if d.label == self.unknown_label else \
+            # the best word (a digit for the digit model): the top class, or the runner-up when
+            # the top class is "unknown"; the metric keeps its schema-1 name
+            best_word = d.confidence - d.margin if d.label == self.unknown_label else \
                 d.confidence
-            self.agg.observe("digit_confidence", best_digit, t)
+            self.agg.observe("digit_confidence", best_word, t)
 
     # --- windows → drift → alarms → messages ---------------------------------------------
     def finish(self, clock_s: float) -> None:

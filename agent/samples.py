@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import AgentError
+from agent.vocabulary import word_problem
 
 log = logging.getLogger("edge-voice-agent.samples")
 
@@ -138,7 +139,8 @@ class SampleStore:
 
     def export(self, dest: str | Path, speaker: str) -> int:
         """Copy every sample to `dest` as `<speaker>-<take>.wav` (+ its JSON) with labelling
-        instructions: renamed to `<digit>_<speaker>_<take>.wav`, the folder is accepted by
+        instructions: renamed to `<word>_<speaker>_<take>.wav` (a word of the model's vocabulary,
+        agent.vocabulary), the folder is accepted by
         `edge-voice-agent train --data` as an extra source. Unrenamed files are ignored there."""
         dest = Path(dest)
         items = self.list()
@@ -146,6 +148,9 @@ class SampleStore:
             raise AgentError(f"no review samples in {self.dir}; enable samples.enabled and let "
                              "the agent run first")
         speaker = speaker.replace("_", "-")
+        guess = next((str(s.meta.get("device_label")) for s in items
+                      if s.meta.get("device_label") != "unknown"
+                      and word_problem(s.meta.get("device_label")) is None), "yes")
         dest.mkdir(parents=True, exist_ok=True)
         for take, s in enumerate(items):
             name = f"{speaker}-{take}"
@@ -155,9 +160,10 @@ class SampleStore:
         (dest / EXPORT_README).write_text(
             "Review samples exported from an edge-voice-agent device (audio of real people: "
             "handle with care, delete when done).\n"
-            "Listen to each <speaker>-<take>.wav and rename it to <digit>_<speaker>_<take>.wav "
-            f"(for example {speaker}-0.wav -> 7_{speaker}_0.wav); delete files that hold no "
-            "digit. The .json next to each file holds the device's own guess.\n"
+            "Listen to each <speaker>-<take>.wav and rename it to <word>_<speaker>_<take>.wav, "
+            "<word> being what was said, one of the model's words (for example "
+            f"{speaker}-0.wav -> {guess}_{speaker}_0.wav); delete files that hold none of its "
+            "words. The .json next to each file holds the device's own guess.\n"
             "Then: edge-voice-agent train --data FSDD_FOLDER --data THIS_FOLDER (these files "
             "become the speaker 'field': held out together in evaluate, a row of the model "
             "card)\n")
@@ -265,7 +271,8 @@ def training_folder(folders: list[Path], root: Path | None = None) -> Path:
     """One folder the training code reads, from the main data folder and labelled exports.
 
     The first folder is used as it is; every further folder is an extra source whose labelled
-    files (`<digit>_<speaker>_<take>.wav`) join as speaker `field`, so leave-one-speaker-out
+    files (`<word>_<speaker>_<take>.wav`, a word as agent.vocabulary allows) join as speaker
+    `field`, so leave-one-speaker-out
     evaluation holds them out together and reports them as their own slice (and the model card
     lists it). Unlabelled files (`<speaker>-<take>.wav`, as exported) are skipped. The folder
     is made of symbolic links under `root` (default $XDG_CACHE_HOME/edge-voice-agent), named by
@@ -291,12 +298,12 @@ def training_folder(folders: list[Path], root: Path | None = None) -> Path:
     for extra in folders[1:]:
         for p in sorted(extra.glob("*.wav")):
             parts = p.stem.split("_")
-            if len(parts) != 3 or not parts[2].isdigit():
-                continue  # not labelled (yet)
+            if len(parts) != 3 or not parts[2].isdigit() or word_problem(parts[0]):
+                continue  # not labelled (yet), or labelled with no vocabulary word
             (out / f"{parts[0]}_{FIELD_SPEAKER}_{n}.wav").symlink_to(p.resolve())
             n += 1
     if n == 0:
-        raise AgentError(f"no labelled recordings (<digit>_<speaker>_<take>.wav) in "
+        raise AgentError(f"no labelled recordings (<word>_<speaker>_<take>.wav) in "
                          f"{', '.join(map(str, folders[1:]))}; label the exported samples first "
                          f"(see {EXPORT_README} there)")
     log.info("training data: %s + %d labelled field recordings (speaker %r)", folders[0], n,

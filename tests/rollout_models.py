@@ -6,6 +6,12 @@ for `behaviour="abstain"`, rewrites the graph that produces the probabilities so
 uniform distribution (it then abstains on everything). Every file's sha256 is rewritten in the
 manifest and the calibration by replacing the old digest with the new one wherever it appears,
 so this works for a one-file manifest and for one that lists several components.
+
+`classes=("yes", "no", ...)` relabels the model: a vocabulary of words instead of digits
+without training (the head's outputs map one to one, in manifest order). The head graph gets
+the vocabulary in its metadata, so the build has its own sha256, and the calibration (per-class
+thresholds, head-input reference) is renamed and re-digested with it. A test model with a
+non-digit vocabulary in about a second.
 """
 
 from __future__ import annotations
@@ -55,11 +61,38 @@ def _head(model_dir: Path, m: Manifest) -> tuple[Path, str]:
     raise AssertionError(f"no graph in {model_dir} outputs {output!r}")
 
 
+def _relabel_head(model_dir: Path, m: Manifest, classes: tuple[str, ...]) -> None:
+    """Stamp the vocabulary into the head graph's metadata: a new file, hence a new build."""
+    import onnx
+
+    path, _ = _head(model_dir, m)
+    g = onnx.load(str(path))
+    entry = g.metadata_props.add()
+    entry.key, entry.value = "vocabulary", ",".join(classes)
+    onnx.save(g, str(path))
+
+
+def _relabel_reference(cal: Path, src_cal: Path, mapping: dict[str, str], name: str,
+                       sha256: str) -> None:
+    from dataclasses import replace
+
+    from agent.personal.reference import REFERENCE_FILE, Reference
+
+    if not (src_cal / REFERENCE_FILE).is_file():
+        return
+    r = Reference.load(src_cal / REFERENCE_FILE)
+    replace(r, model=name, sha256=sha256,
+            classes=tuple(mapping.get(c, c) for c in r.classes)).save(cal / REFERENCE_FILE)
+
+
 def derive(dst: Path, *, version: str = "9.0.0-test", behaviour: str = "same",
-           src: Path | None = None, threshold: float | None = None) -> Path:
+           src: Path | None = None, threshold: float | None = None,
+           classes: tuple[str, ...] | list[str] | None = None, name: str | None = None
+           ) -> Path:
     """A complete, installable model directory at `dst`; returns `dst`. `threshold` replaces
     the calibrated threshold in calibration/thresholds.json (a build that accepts more or
-    less than its calibration says it should)."""
+    less than its calibration says it should). `classes` relabels the known classes (one word
+    per digit, in order; `unknown` stays), `name` renames the model."""
     src = src or default_model_dir()
     shutil.copytree(src, dst)
     m = Manifest.read(src / MANIFEST)
@@ -82,15 +115,26 @@ def derive(dst: Path, *, version: str = "9.0.0-test", behaviour: str = "same",
         _uniform_output(path, output, n_out)
     elif behaviour != "same":
         raise ValueError(behaviour)
+    mapping: dict[str, str] = {}
+    if classes is not None:
+        known = [c for c in m.classes if c != m.unknown_label]
+        if len(classes) != len(known):
+            raise ValueError(f"{len(classes)} words for {len(known)} classes")
+        mapping = dict(zip(known, classes, strict=True))
+        _relabel_head(dst, m, tuple(classes))
     text = (dst / MANIFEST).read_text()
     swaps = {}
-    for name, old in before.items():
-        new = sha256_file(dst / name)
+    for fname, old in before.items():
+        new = sha256_file(dst / fname)
         if new != old:
             swaps[old] = new
             text = text.replace(old, new)
     d = json.loads(text)
     d["version"] = version
+    if name is not None:
+        d["name"] = name
+    if mapping:
+        d["classes"] = [mapping.get(c, c) for c in d["classes"]]
     if "components" in d:  # the build digest over the components' hashes
         from agent.model import Component, build_digest
 
@@ -102,6 +146,17 @@ def derive(dst: Path, *, version: str = "9.0.0-test", behaviour: str = "same",
         for old, new in swaps.items():
             t = t.replace(old, new)
         p.write_text(t)
+    new = Manifest.read(dst / MANIFEST)
+    if mapping:
+        t = json.loads((cal / "thresholds.json").read_text())
+        t["model"] = new.ref
+        t["per_class"] = {mapping.get(k, k): v for k, v in (t.get("per_class") or {}).items()}
+        (cal / "thresholds.json").write_text(json.dumps(t, indent=1))
+        from agent.personal.reference import REFERENCE_FILE
+
+        own = src / "calibration"
+        _relabel_reference(cal, own if (own / REFERENCE_FILE).is_file()
+                           else calibration_dir(m.name), mapping, new.ref, new.sha256)
     if threshold is not None:
         t = json.loads((cal / "thresholds.json").read_text())
         t["threshold"] = threshold

@@ -78,7 +78,7 @@ def test_incompatible_models_refused_with_the_reason(tmp_path):
     d["classes"] = [c if c != d["unknown_label"] else "other" for c in d["classes"]]
     d["unknown_label"] = "other"
     (renamed / MANIFEST).write_text(json.dumps(d))
-    with pytest.raises(AgentError, match="classes .* differ from the running model"):
+    with pytest.raises(AgentError, match="another vocabulary than .*--allow-vocabulary-change"):
         ModelStore(tmp_path / "s1").install(renamed, RUNNING)
     uncalibrated = derive(tmp_path / "uncal", version="9.3.0-test", behaviour="abstain")
     (uncalibrated / "calibration" / "thresholds.json").unlink()

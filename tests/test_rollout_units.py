@@ -320,7 +320,7 @@ def test_the_sequential_verdict_needs_a_clean_probation_and_weighs_the_noise():
     assert verdict([many, many, ok]).action == "rollback"
     # the previous model on the same utterances replaces the recent baseline: a room where
     # both abstain more is not the candidate's fault
-    noisy_room = Paired(n=20, abstained=13, best_digit_sum=18.0)
+    noisy_room = Paired(n=20, abstained=13, best_word_sum=18.0)
     assert verdict([bad, bad, bad], paired=noisy_room.figures(5),
                    paired_so_far=noisy_room.figures(5)).action == "commit"
 

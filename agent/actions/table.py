@@ -5,11 +5,13 @@
     "7" = ["/usr/local/bin/door", "open"]          # ... actions are argv lists, one per label
     "*" = ["/usr/bin/logger", "-t", "eva"]         # every label without its own entry
 
-Labels are whatever class names the running model's manifest has (digits today, an
-integrator's own words later), so nothing here knows a vocabulary: a key is a label, `"*"`
-matches every label, and the most specific entry wins (a label's own entry over `"*"`). A key
-that the model does not have is one warning at load, not an error: the table may be written for
-the next model.
+Labels are whatever class names the running model's manifest has (its vocabulary: the
+digits of the bundled model, or an integrator's own words, docs/vocabulary.md), so nothing here
+knows a vocabulary: a key is a label, `"*"` matches every label, and the most specific entry
+wins (a label's own entry over `"*"`). A key that the model does not have is one warning at
+load and at every model switch, not an error: the table may be written for the next model (or
+kept from the last one, after a vocabulary change). A key that no model can have (it breaks the
+word rule of agent.vocabulary, e.g. "Lights") is refused in one line.
 
 Parsing is pure (`parse_entry`, used by the config loader, so a typo names the file); `check`
 looks at the disk: an action whose program does not exist or cannot be run is refused there,
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.vocabulary import word_problem
 
 ANY = "*"
 SETTINGS = ("timeout_s", "queue_max")  # agent.config.ActionsConfig; every other key is a label
@@ -66,6 +69,10 @@ def parse_entry(key: str, value: Any, origin: str = "config") -> Action:
     if not key:
         raise ConfigError(f"{where}: a label cannot be empty; use a class name of the model "
                           f"or \"{ANY}\"")
+    why = word_problem(key) if key != ANY else None
+    if why:
+        raise ConfigError(f"{where}: {why}, so no model has it as a class; use a class name "
+                          f"of the model or \"{ANY}\"")
     if isinstance(value, str):
         first = value.split()[0] if value.split() else "program"
         raise ConfigError(f"{where} = {value!r} is a string; an action is a list (program, "
@@ -100,8 +107,11 @@ def check(table: ActionTable, classes: Iterable[str] | None = None) -> list[str]
             raise ConfigError(f"action for label {key!r}: program {a.argv[0]!r} does not exist "
                              "or is not executable (as the service sees the file system: see "
                              "docs/actions.md); install it or fix [actions] in the config")
-    if classes is None:
-        return []
+    return [] if classes is None else label_warnings(table, classes)
+
+
+def label_warnings(table: ActionTable, classes: Iterable[str]) -> list[str]:
+    """One line per action key the model has no class for (`"*"` always has one)."""
     known = set(classes)
     shown = ", ".join(sorted(known)[:20]) + (", …" if len(known) > 20 else "")
     return [f"action for label {k!r}: the model has no such class (its classes: {shown}); "

@@ -53,6 +53,9 @@ def add_parser(fsub: Any) -> None:
     s.add_argument("--mode", choices=[m for m in cmd_mod.MODES if m != "finish"],
                    required=True)
     s.add_argument("--device", default=None, help="one device only ({prefix}/{device}/rollout)")
+    s.add_argument("--allow-vocabulary-change", action="store_true",
+                   help="the model's classes may differ from what the devices run (a new "
+                   "vocabulary, on purpose); without it devices refuse such a model")
     a = broker_options(rsub.add_parser("abort", help="withdraw the rollout message (devices stop "
                                    "the shadow or roll back)"))
     a.add_argument("--device", default=None)
@@ -92,6 +95,8 @@ def command_from_args(args: argparse.Namespace) -> RolloutCommand:
     payload = {"schema": cmd_mod.SCHEMA, "id": args.id,
                "model": {"name": name, "version": version, "sha256": sha},
                "percent": args.percent, "mode": args.mode}
+    if getattr(args, "allow_vocabulary_change", False):
+        payload["vocabulary_change"] = True
     try:
         c = cmd_mod.parse(json.dumps(payload))
     except CommandError as e:
@@ -239,7 +244,8 @@ def finish(args: argparse.Namespace) -> int:
     if c.mode == "finish":
         print(f"rollout {c.id} on {topic} is already finished")
         return 0
-    done = RolloutCommand(c.id, c.name, c.version, c.sha256, c.percent, "finish")
+    done = RolloutCommand(c.id, c.name, c.version, c.sha256, c.percent, "finish",
+                          c.vocabulary_change)
     body = json.dumps(done.to_payload(), separators=(",", ":"))
     publish(args, topic, body.encode())
     print(f"finished: published (retained) on {topic}: {body}; devices keep the model they "

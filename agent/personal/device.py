@@ -142,13 +142,17 @@ class Personalizer:
 
     def scorer_for(self, model: ModelRunner) -> Callable[[np.ndarray], np.ndarray] | None:
         """Score another model (a shadow candidate) with this device's state, or None when it
-        cannot be done like for like (another front end, or no reference for its build)."""
+        cannot be done like for like (another front end, no reference for its build, or an
+        enrollment that lacks some of its words: another vocabulary)."""
         if model is None or frontend_id(model.manifest) != frontend_id(self.manifest):
             return None
         ref, _ = reference_for(model)
         if ref is None:
             return None
         cm = model.manifest
+        if self.enrollment is not None and missing_classes(
+                self.enrollment.labels, [c for c in cm.classes if c != cm.unknown_label]):
+            return None
         rescorer = Rescorer(self.enrollment, ref, cm.classes, cm.unknown_label, self.weight) \
             if self.enrollment is not None else None
 

@@ -9,8 +9,8 @@ added to the head's log-probability of the class with weight `weight`:
     log q(c) = log P_head(c | known) - weight * (d2(c) - min d2) / 2
 
 The probability that the utterance is one of the known classes at all (the rejector's p_in,
-1 - P(unknown)) is left as the model gave it: enrollment can change which digit, and how sure,
-but no decision's confidence can rise above p_in, so a sound the model takes for "not a digit"
+1 - P(unknown)) is left as the model gave it: enrollment can change which word, and how sure,
+but no decision's confidence can rise above p_in, so a sound the model takes for "not a word"
 (p_in below the threshold) is never acted on because of it. The weight was chosen on speaker-
 grouped data (benchmarks/bench_personal.py).
 """

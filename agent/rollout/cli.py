@@ -9,13 +9,17 @@ activation starts the same probation as a rollout, compared with the model that 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from agent import config as config_mod
+from agent.actions.table import label_warnings
+from agent.actions.table import parse as parse_actions
 from agent.errors import AgentError, one_line
 from agent.model import MANIFEST, Manifest
 from agent.resources import default_model_dir
+from agent.rollout.compat import vocabulary_changes, vocabulary_difference
 from agent.rollout.store import ModelStore, Probation
 
 RELOAD_HINT = "a running agent applies it on reload: systemctl reload edge-voice-agent"
@@ -35,12 +39,16 @@ def add_parser(sub: Any) -> None:
     i = common(msub.add_parser("install", help="verify a model directory (sha256 of every "
                                "file, compatibility) and copy it into its own slot"))
     i.add_argument("path", type=Path)
+    vocab = ("its classes may differ from the running model's (a new vocabulary, on purpose); "
+             "without it such a model is refused")
+    i.add_argument("--allow-vocabulary-change", action="store_true", help=vocab)
     a = common(msub.add_parser("activate", help="make an installed model active (blue-green; "
                                "the previous one stays for rollback; starts probation)"))
     a.add_argument("ref", metavar="NAME@VERSION")
     a.add_argument("--override-failed", action="store_true",
                    help="activate a build this device remembers as failed (the operator's "
                    "explicit decision; the device reports it)")
+    a.add_argument("--allow-vocabulary-change", action="store_true", help=vocab)
     common(msub.add_parser("rollback", help="back to the previous model (never to a build "
                            "that failed probation)"))
     k = msub.add_parser("keygen", help="make an ed25519 signing key pair (offline; the .pub "
@@ -78,16 +86,27 @@ def run(args: argparse.Namespace) -> int:
         raise AgentError(f"model.path = {cfg.model.path} pins the model in the configuration; "
                          "empty it to run models from the store")
     if args.models_command == "install":
-        ref = store.install(args.path, _running(cfg, store))
+        ref = store.install(args.path, _running(cfg, store),
+                            allow_vocabulary_change=args.allow_vocabulary_change)
         print(f"installed {ref} (bundle sha256 {store.digest(ref)}) in {store.slot_dir(ref)}")
     elif args.models_command == "activate":
-        previous = _running(cfg, store).ref
+        running = _running(cfg, store)
+        previous = running.ref
         failed = store.failure(args.ref)
-        p = store.activate(args.ref, _running(cfg, store), Probation(
-            ref=args.ref, previous=previous, windows_total=cfg.rollout.probation_windows),
-            override=args.override_failed)
+        new = Manifest.read(store.slot_dir(args.ref) / MANIFEST) if store.has(args.ref) \
+            else None
+        changed = new is not None and vocabulary_changes(new, running)
+        p = store.activate(args.ref, running, Probation(
+            ref=args.ref, previous=previous, windows_total=cfg.rollout.probation_windows,
+            vocabulary_change=changed), override=args.override_failed,
+            allow_vocabulary_change=args.allow_vocabulary_change)
         note = (f"; OVERRIDE: it failed probation before ({failed.get('reason', '')}), the "
                 "device reports this override") if failed is not None else ""
+        if changed and new is not None:
+            note += f"; vocabulary changed ({vocabulary_difference(new, running)})"
+            table = parse_actions(cfg.actions.labels, origin=str(args.config or "config"))
+            for warning in label_warnings(table, new.classes):
+                print(f"warning: {warning}", file=sys.stderr)
         print(f"active: {p.active} (previous: {previous}); probation "
               f"{cfg.rollout.probation_windows} windows{note}; {RELOAD_HINT}")
     elif args.models_command == "rollback":

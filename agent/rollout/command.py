@@ -3,6 +3,10 @@
 The schema is docs/rollout.schema.json; this module checks the same rules by hand, because the
 device does not carry a JSON-schema library (tests check both agree). A payload that fails is
 refused as a whole, with a one-line reason that the device reports in an `event`.
+
+`vocabulary_change` (optional, default false) is the operator saying that the model's classes
+may differ from the running model's: without it a device refuses such a model (a new
+vocabulary changes what every consumer of decisions hears; it is rolled out on purpose).
 """
 
 from __future__ import annotations
@@ -36,22 +40,28 @@ class RolloutCommand:
     sha256: str
     percent: float
     mode: str
+    vocabulary_change: bool = False
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
     def to_payload(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "id": self.id,
-                "model": {"name": self.name, "version": self.version, "sha256": self.sha256},
-                "percent": self.percent, "mode": self.mode}
+        d: dict[str, Any] = {
+            "schema": SCHEMA, "id": self.id,
+            "model": {"name": self.name, "version": self.version, "sha256": self.sha256},
+            "percent": self.percent, "mode": self.mode}
+        if self.vocabulary_change:
+            d["vocabulary_change"] = True
+        return d
 
 
-def _keys(d: dict, required: set[str], where: str) -> None:
+def _keys(d: dict, required: set[str], where: str, optional: frozenset[str] = frozenset()
+          ) -> None:
     missing = sorted(required - d.keys())
     if missing:
         raise CommandError(f"{where} lacks {', '.join(missing)}")
-    extra = sorted(d.keys() - required)
+    extra = sorted(d.keys() - required - optional)
     if extra:
         raise CommandError(f"{where} has unknown field(s) {', '.join(extra)}")
 
@@ -81,7 +91,8 @@ def parse(payload: bytes | str) -> RolloutCommand | None:
             from None
     if not isinstance(d, dict):
         raise CommandError("rollout message is not a JSON object")
-    _keys(d, {"schema", "id", "model", "percent", "mode"}, "rollout")
+    _keys(d, {"schema", "id", "model", "percent", "mode"}, "rollout",
+          frozenset({"vocabulary_change"}))
     if d["schema"] != SCHEMA or isinstance(d["schema"], bool):
         raise CommandError(f"rollout schema {str(d['schema'])[:20]!r} is unknown "
                            f"(this agent reads {SCHEMA})")
@@ -95,11 +106,15 @@ def parse(payload: bytes | str) -> RolloutCommand | None:
     if d["mode"] not in MODES:
         raise CommandError(f"rollout.mode = {str(d['mode'])[:20]!r} is unknown; allowed: "
                            f"{', '.join(MODES)}")
+    vocab = d.get("vocabulary_change", False)
+    if not isinstance(vocab, bool):
+        raise CommandError(f"rollout.vocabulary_change = {str(vocab)[:20]!r} is not true or "
+                           "false")
     return RolloutCommand(id=_str(d, "id", _ID, "rollout"),
                           name=_str(m, "name", _ID, "rollout.model"),
                           version=_str(m, "version", _VERSION, "rollout.model"),
                           sha256=_str(m, "sha256", _SHA, "rollout.model"),
-                          percent=float(pct), mode=d["mode"])
+                          percent=float(pct), mode=d["mode"], vocabulary_change=vocab)
 
 
 def depth(payload: bytes) -> int:

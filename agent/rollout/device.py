@@ -36,9 +36,17 @@ from agent.rollout import command as cmd_mod
 from agent.rollout.bundle import bundle_digest
 from agent.rollout.cohort import in_cohort
 from agent.rollout.command import CommandError, RolloutCommand
-from agent.rollout.compat import thresholds_path
+from agent.rollout.compat import thresholds_path, vocabulary_changes, vocabulary_difference
 from agent.rollout.experience import ExperienceTracker
-from agent.rollout.probation import Limits, Paired, Recent, judge, kpis_of
+from agent.rollout.probation import (
+    VOCABULARY_BOUND,
+    Limits,
+    Paired,
+    Recent,
+    judge,
+    kpis_of,
+    not_compared_note,
+)
 from agent.rollout.shadow import ShadowRunner
 from agent.rollout.store import ModelStore, Probation, atomic_write_json, failed_text
 from agent.windows import WindowSummary
@@ -328,7 +336,8 @@ class RolloutController:
         src = find_in_inbox(self.inbox, c)
         if src is None:
             return False
-        self.store.install(src, self._running_manifest(), expect_digest=c.sha256, load=False)
+        self.store.install(src, self._running_manifest(), expect_digest=c.sha256, load=False,
+                           allow_vocabulary_change=c.vocabulary_change)
         log.info("installed %s from %s into the model store", c.ref, src)
         return True
 
@@ -338,28 +347,35 @@ class RolloutController:
                 self._set("shadow", c, "")
             return
         self._stop_shadow()
-        model = self._load_candidate(c.ref)
+        model = self._load_candidate(c.ref, c.vocabulary_change)
         m = model.manifest
+        running = self._running_manifest()
+        changed = vocabulary_changes(m, running)
         t = Thresholds.read(thresholds_path(model.directory, m))
         self.shadow = ShadowRunner(model, Policy("partial", t.threshold, m.unknown_label,
                                                  t.per_class, self.host.pipeline.policy.addressing),
                                    self.host.pipeline.rate,
                                    active=lambda: self.host.pipeline.model,
                                    personal=lambda: self.host.pipeline.personal,
-                                   active_policy=lambda: self.host.pipeline.policy)
+                                   active_policy=lambda: self.host.pipeline.policy,
+                                   comparable=not changed)
         self.shadow.on_result.extend(self._shadow_listeners)
         self.host.pipeline.observers.append(self.shadow)
         self.store.set_candidate(c.ref)
-        self._set("shadow", c, f"candidate {c.ref} runs beside {self._running_ref()}",
+        note = (f"; vocabulary changes ({vocabulary_difference(m, running)}): agreement and "
+                "estimated accuracy not compared, abstain rate and latency are"
+                if changed and running is not None else "")
+        self._set("shadow", c, f"candidate {c.ref} runs beside {self._running_ref()}{note}",
                   event="shadow_started")
 
-    def _load_candidate(self, ref: str) -> ModelRunner:
+    def _load_candidate(self, ref: str, allow_vocabulary_change: bool = False) -> ModelRunner:
         """The candidate's runner; the active one itself when it is the very same build
         (same manifest sha256), so a shadow of an identical model costs no memory."""
         active = self.host.pipeline.model
         if active is not None and active.manifest.ref == ref:
             return active
-        cand = self.store.verify(ref, self._running_manifest(), share_from=active)
+        cand = self.store.verify(ref, self._running_manifest(), share_from=active,
+                                 allow_vocabulary_change=allow_vocabulary_change)
         assert cand is not None
         if active is not None and cand.embedder is active.embedder:
             log.info("shadow %s shares the front end of %s (same sha256)", ref,
@@ -383,10 +399,14 @@ class RolloutController:
             return
         self._stop_shadow()
         previous = self._running_ref()
+        running = self._running_manifest()
+        new = Manifest.read(self.store.slot_dir(c.ref) / MANIFEST)
+        changed = vocabulary_changes(new, running)
         prob = Probation(ref=c.ref, previous=previous, windows_total=self.rc.probation_windows,
-                         rollout_id=c.id, baseline=self._baseline())
+                         rollout_id=c.id, baseline=self._baseline(), vocabulary_change=changed)
         before = self.store.pointers()
-        self.store.activate(c.ref, self._running_manifest(), prob, load=False)  # switch loads
+        self.store.activate(c.ref, running, prob, load=False,  # the switch loads it
+                            allow_vocabulary_change=c.vocabulary_change)
         try:
             self.host.switch_model()
         except AgentError as e:
@@ -398,8 +418,11 @@ class RolloutController:
         self._pool = []
         self.recent.clear()
         self._clear_alarm(f"{c.ref} activated")
+        note = f"; {not_compared_note(True)}; {vocabulary_difference(new, running)}" \
+            if changed and running is not None else ""
         self._set("probation", c, f"{c.ref} replaced {previous}; probation "
-                  f"{self.rc.probation_windows} windows", event="activated", previous=previous)
+                  f"{self.rc.probation_windows} windows{note}", event="activated",
+                  previous=previous)
 
     def _rollback(self, reason: str) -> None:
         prob = self.probation
@@ -421,6 +444,8 @@ class RolloutController:
         self.recent.clear()
         back = self._running_ref()
         text = f"{bad} rolled back to {back}: {reason}"
+        if prob is not None and prob.vocabulary_change:
+            text += f" ({not_compared_note(True)})"
         log.warning("probation: %s", text)
         self.host.monitor.service_alarm(AlarmEvent(
             ALARM, "model", "raised", 1.0, 0.0, self.host.pipeline.clock_s, text[:REASON_MAX]))
@@ -454,7 +479,8 @@ class RolloutController:
         self.store.commit()
         self.probation = None
         self._set("committed", self.command, f"{prob.ref if prob else ''} passed probation"
-                  + (f" ({prob.windows_done} windows of its own, none breached)" if prob else ""),
+                  + (f" ({prob.windows_done} windows of its own, none breached)" if prob else "")
+                  + (f"; {not_compared_note(True)}" if prob and prob.vocabulary_change else ""),
                   event="probation_passed")
 
     def _abort(self) -> None:
@@ -521,8 +547,10 @@ class RolloutController:
             self.recent.clear()
             self._clear_alarm(f"{p.ref} activated")
             self._report_override(p.ref)
+            note = f"; {not_compared_note(True)}" if p.vocabulary_change else ""
             self._set("probation", self.command, f"{p.ref} activated locally, replacing "
-                      f"{p.previous}", event="activated", model=p.ref, previous=p.previous)
+                      f"{p.previous}{note}", event="activated", model=p.ref,
+                      previous=p.previous)
         elif p is None and self.probation is not None:
             self.probation = None
             self.recent.clear()
@@ -538,7 +566,7 @@ class RolloutController:
         paired = None
         if self._paired is not None and self._paired[1] is not None:
             c = self._paired[1].take()
-            paired = Paired(c.n, c.abstained, c.best_digit_sum, c.accepted_n,
+            paired = Paired(c.n, c.abstained, c.best_word_sum, c.accepted_n,
                             c.accepted_conf_sum)
         p = self.probation
         decided_by = set(exp.by_model)
@@ -560,7 +588,8 @@ class RolloutController:
                       breached=p.breached, done=p.windows_done + 1, total=p.windows_total,
                       breach_windows=self.rc.breach_windows,
                       paired=paired.figures(mu) if paired is not None else None,
-                      paired_so_far=self._paired_pool.figures(mu))
+                      paired_so_far=self._paired_pool.figures(mu),
+                      not_compared=VOCABULARY_BOUND if p.vocabulary_change else ())
             self._breach_run = v.breach_run
             if v.reasons:
                 self._last_breach = "; ".join(v.reasons)

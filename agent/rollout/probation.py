@@ -17,6 +17,12 @@ shadows the candidate (`Paired`): abstain rate, estimated accuracy and estimated
 then compared on the very same utterances, so a change of room is neither blamed on nor
 credited to the candidate; latency (pooled only: one window's p95 is mostly the machine's load)
 and the people's reactions are compared with the previous model's recent windows.
+
+A model with another vocabulary (rolled out on purpose, agent.rollout.compat) is judged on what
+does not depend on which words exist: abstain rate, latency and the people's reactions (asked
+again after an abstention, repeated after an accept). Estimated accuracy and estimated
+precision are calibrated probabilities of *which word* was heard; over other words they are
+other quantities, so they are not compared (`VOCABULARY_BOUND`), and the verdict says so.
 """
 
 from __future__ import annotations
@@ -64,6 +70,17 @@ class WindowKpis:
 
 FIGURES = ("abstain_rate", "estimated_accuracy", "latency_p95_ms", "retry_after_abstain",
            "repeat_after_accept", "accepted_confidence")
+# figures that mean something else for another vocabulary (its words' probabilities)
+VOCABULARY_BOUND = ("estimated_accuracy", "accepted_confidence")
+
+
+def not_compared_note(vocabulary_change: bool) -> str:
+    """What a verdict on a model with another vocabulary could not compare, for its event."""
+    if not vocabulary_change:
+        return ""
+    # short: it shares an event's 200-character reason
+    return ("vocabulary changed: accuracy and precision estimates not compared (abstain rate, "
+            "latency, asked-again rates are)")
 
 
 def kpis_of(s: WindowSummary, exp: ExperienceCounts) -> WindowKpis:
@@ -192,13 +209,13 @@ class Paired:
 
     n: int = 0
     abstained: int = 0
-    best_digit_sum: float = 0.0
+    best_word_sum: float = 0.0
     accepted_n: int = 0
     accepted_conf_sum: float = 0.0
 
     def __add__(self, o: Paired) -> Paired:
         return Paired(self.n + o.n, self.abstained + o.abstained,
-                      self.best_digit_sum + o.best_digit_sum, self.accepted_n + o.accepted_n,
+                      self.best_word_sum + o.best_word_sum, self.accepted_n + o.accepted_n,
                       self.accepted_conf_sum + o.accepted_conf_sum)
 
     def figures(self, min_n: int) -> dict[str, float]:
@@ -207,7 +224,7 @@ class Paired:
         if self.n < max(min_n, 1):
             return {}
         out = {"abstain_rate": round(self.abstained / self.n, 6),
-               "estimated_accuracy": round(self.best_digit_sum / self.n, 6)}
+               "estimated_accuracy": round(self.best_word_sum / self.n, 6)}
         if self.accepted_n >= MIN_EVENTS:
             out["accepted_confidence"] = round(self.accepted_conf_sum / self.accepted_n, 6)
         return out
@@ -229,13 +246,20 @@ class Verdict:
 def judge(window: WindowKpis, so_far: list[WindowKpis], base: dict[str, float], lim: Limits,
           *, breach_run: int, breached: int, done: int, total: int, breach_windows: int,
           paired: dict[str, float] | None = None,
-          paired_so_far: dict[str, float] | None = None) -> Verdict:
+          paired_so_far: dict[str, float] | None = None,
+          not_compared: tuple[str, ...] = ()) -> Verdict:
     """The sequential verdict after one more eligible probation window (`so_far` includes it;
     `done` counts it). A breach of the window itself or of the pooled probation counts; a
     run of `breach_windows` rolls back at once; the end of probation commits only a probation
     without any breaching window, and rolls back one that had some. `paired` (and
     `paired_so_far`): the previous model's figures on the same utterances (`Paired`), which
-    replace the recent baseline's where they exist."""
+    replace the recent baseline's where they exist. Figures in `not_compared` (e.g.
+    VOCABULARY_BOUND for a model with another vocabulary) are left out of every comparison."""
+    if not_compared:
+        base = {k: v for k, v in base.items() if k not in not_compared}
+        paired = {k: v for k, v in (paired or {}).items() if k not in not_compared}
+        paired_so_far = {k: v for k, v in (paired_so_far or {}).items()
+                         if k not in not_compared}
     # latency p95 of one window is mostly the machine's load at that moment: only the
     # probation's pooled latency is a verdict
     reasons = [r for r in breaches(window, {**base, **(paired or {})}, lim)

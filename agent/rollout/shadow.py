@@ -6,6 +6,10 @@ service calls `run_pending()` after the active decisions of a block were written
 bounded: when the device cannot keep up, utterances are skipped for the shadow (counted), never
 delayed for the active model. Only per-window aggregates leave (agreement, abstain rate,
 estimated accuracy, latency), each withheld below `MIN_VALUES` utterances.
+
+A candidate with another vocabulary (`comparable=False`, a rollout that allows it) is compared
+on abstain rate and latency only: agreement (the same word acted on) and estimated accuracy
+(the probability of its own words) are null, and the rollout's event says why.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class ShadowResult:
     confidence: float
     accepted: bool
     agrees: bool
-    best_digit: float
+    best_word: float
     latency_ms: float
 
 
@@ -63,12 +67,13 @@ class ShadowCounts:
     n: int = 0
     agreed: int = 0
     abstained: int = 0
-    best_digit_sum: float = 0.0
+    best_word_sum: float = 0.0
     latencies: list[float] = field(default_factory=list)
     skipped: int = 0
     accepted_conf_sum: float = 0.0  # local (probation's paired comparison), never published
     accepted_n: int = 0
     personalised: int = 0  # comparisons with both models personalised alike (else both plain)
+    comparable: bool = True  # the same vocabulary: agreement and accuracy mean something
 
     def scored(self) -> str | None:
         """How the window's comparisons were made: both models with the device's
@@ -81,11 +86,12 @@ class ShadowCounts:
 
     def section(self) -> dict[str, Any]:
         ok = self.n >= MIN_VALUES
+        words = ok and self.comparable
         lat = np.asarray(self.latencies) if ok else None
         return {"n": self.n, "skipped": self.skipped, "scored": self.scored(),
-                "agreement": round(self.agreed / self.n, 4) if ok else None,
+                "agreement": round(self.agreed / self.n, 4) if words else None,
                 "abstain_rate": round(self.abstained / self.n, 4) if ok else None,
-                "estimated_accuracy": round(self.best_digit_sum / self.n, 4) if ok else None,
+                "estimated_accuracy": round(self.best_word_sum / self.n, 4) if words else None,
                 "latency_ms_mean": round(float(lat.mean()), 3) if lat is not None else None,
                 "latency_ms_p95": round(float(np.quantile(lat, 0.95)), 3)
                 if lat is not None else None}
@@ -97,17 +103,19 @@ class ShadowRunner:
     def __init__(self, model: ModelRunner, policy: Policy, rate: int,
                  active: Callable[[], ModelRunner | None] = lambda: None,
                  personal: Callable[[], Any] = lambda: None,
-                 active_policy: Callable[[], Policy | None] = lambda: None) -> None:
+                 active_policy: Callable[[], Policy | None] = lambda: None,
+                 comparable: bool = True) -> None:
         """`personal`: the running pipeline's personalisation (agent.personal.device), asked
         each time; the candidate is scored with the same state, or — when that cannot be done
         like for like — both models are compared without it (`active_policy` re-decides the
-        running model's side then)."""
+        running model's side then). `comparable` False: another vocabulary (see above)."""
         self.model, self.policy, self.rate = model, policy, rate
         self.active = active  # the running model, asked each time (a reload may swap it)
         self.personal = personal
         self.active_policy = active_policy
         self._scorers: dict[int, Any] = {}  # id(personalizer) → scorer for the candidate
-        self.counts = ShadowCounts()
+        self.comparable = comparable
+        self.counts = ShadowCounts(comparable=comparable)
         self._pending: deque[Outcome] = deque()
         self.on_result: list[Callable[[Outcome, ShadowResult], None]] = []
 
@@ -166,7 +174,7 @@ class ShadowRunner:
         c.personalised += personalised
         c.agreed += r.agrees
         c.abstained += not accepted
-        c.best_digit_sum += best
+        c.best_word_sum += best
         if accepted:
             c.accepted_n += 1
             c.accepted_conf_sum += conf
@@ -192,5 +200,5 @@ class ShadowRunner:
                        accepted=accepted)
 
     def take(self) -> ShadowCounts:
-        c, self.counts = self.counts, ShadowCounts()
+        c, self.counts = self.counts, ShadowCounts(comparable=self.comparable)
         return c

@@ -60,6 +60,9 @@ class Probation:
     # the previous model's recent values the new one is compared with (agent.rollout.probation)
     baseline: dict[str, Any] = field(default_factory=dict)
     breached: int = 0         # probation windows that breached a limit (a pass needs none)
+    # its classes differ from the previous model's: figures about which word was heard
+    # (agent.rollout.probation.VOCABULARY_BOUND) are not compared
+    vocabulary_change: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,14 +165,16 @@ class ModelStore:
         return (self.slot_dir(ref) / MANIFEST).is_file()
 
     def install(self, src: str | Path, reference: Manifest | None = None,
-                expect_digest: str | None = None, load: bool = True) -> str:
+                expect_digest: str | None = None, load: bool = True,
+                allow_vocabulary_change: bool = False) -> str:
         """Copy a model directory into its slot after verifying it; returns NAME@VERSION.
 
         `reference` is the running model's manifest (compatibility is checked against it);
         `expect_digest` is the bundle digest a rollout command named (agent.rollout.bundle).
         `load` False checks every file's sha256 and the compatibility without opening ONNX
         sessions (the daemon: its memory budget; the model is loaded, and checked again, when
-        it is used).
+        it is used). `allow_vocabulary_change`: its classes may differ from `reference`'s
+        (agent.rollout.compat).
         Installing the same build again is a no-op; another build under the same NAME@VERSION
         is refused.
         """
@@ -192,7 +197,8 @@ class ModelStore:
         if dest.exists():
             have = bundle_digest(dest) if (dest / MANIFEST).is_file() else ""
             if have == digest:
-                self._check(dest, reference, load)
+                self._check(dest, reference, load,
+                            allow_vocabulary_change=allow_vocabulary_change)
                 self._record(m.ref, digest)
                 return m.ref
             raise AgentError(f"model {m.ref} is already installed as another build (bundle "
@@ -206,7 +212,8 @@ class ModelStore:
                 raise AgentError(f"model directory {src} changed while it was being copied; "
                                  "install it again")
             try:
-                self._check(tmp, reference, load)
+                self._check(tmp, reference, load,
+                            allow_vocabulary_change=allow_vocabulary_change)
             except AgentError as e:  # name the delivered directory, not our temporary copy
                 raise AgentError(str(e).replace(str(tmp), str(src))) from None
             os.replace(tmp, dest)
@@ -248,18 +255,20 @@ class ModelStore:
         return have
 
     def _check(self, directory: Path, reference: Manifest | None, load: bool = True,
-               share_from: ModelRunner | None = None) -> ModelRunner | None:
+               share_from: ModelRunner | None = None, allow_vocabulary_change: bool = False
+               ) -> ModelRunner | None:
         if load:
             runner = ModelRunner(directory, share_from=share_from)  # hashes, shapes, classes
             m = runner.manifest
         else:
             runner, m = None, Manifest.read(directory / MANIFEST)
             verify_components(directory, m)
-        check_compatible(m, directory, reference)
+        check_compatible(m, directory, reference, allow_vocabulary_change)
         return runner
 
     def verify(self, ref: str, reference: Manifest | None = None, load: bool = True,
-               share_from: ModelRunner | None = None) -> ModelRunner | None:
+               share_from: ModelRunner | None = None, allow_vocabulary_change: bool = False
+               ) -> ModelRunner | None:
         """Check an installed model again (every file's sha256, compatibility; with `load`
         also opened in ONNX Runtime); raises AgentError if not fit."""
         d = self.slot_dir(ref)
@@ -267,7 +276,7 @@ class ModelStore:
             raise AgentError(f"model {ref} is not installed in {self.slots}; install it first "
                              "with 'edge-voice-agent models install PATH'")
         self.check_slot(ref)
-        return self._check(d, reference, load, share_from)
+        return self._check(d, reference, load, share_from, allow_vocabulary_change)
 
     def thresholds(self, ref: str) -> Path:
         d = self.slot_dir(ref)
@@ -276,11 +285,11 @@ class ModelStore:
     # --- pointer moves ------------------------------------------------------------------
     def activate(self, ref: str, reference: Manifest | None = None,
                  probation: Probation | None = None, load: bool = True,
-                 override: bool = False) -> Pointers:
+                 override: bool = False, allow_vocabulary_change: bool = False) -> Pointers:
         """`ref` becomes active; what was active becomes `previous` (the rollback target).
         A build in the memory of failures is refused unless `override` (the operator's
         explicit decision, remembered so the device reports it)."""
-        self.verify(ref, reference, load)
+        self.verify(ref, reference, load, allow_vocabulary_change=allow_vocabulary_change)
         p = self.pointers()
         failed = p.failure(ref)
         failed_digest = p.bundles.get(ref)

@@ -12,9 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from agent.errors import AgentError
 from agent.frontend import EMBEDDING_FILE, MEL_FILE, STREAM_FILE, FrontendParams
 from agent.model import MANIFEST, Component, Manifest, ModelRunner, sha256_file
 from agent.training import pretrained as P
+from agent.vocabulary import vocabulary_problem
 
 NOTICE_FILE = "NOTICE"
 HEAD_LICENCE = ("MIT (this project); trained on FSDD (CC BY-SA 4.0), Speech Commands (CC BY 4.0, "
@@ -100,6 +102,9 @@ def write_model_directory(out_dir: str | Path, *, name: str, version: str,
     Files not written by this call are left alone; the result is loaded once by ModelRunner
     before returning, so a broken export fails here, not on a device.
     """
+    why = vocabulary_problem(classes, unknown_label)
+    if why:
+        raise AgentError(f"model {name}: {why}; choose other words")
     out = Path(out_dir)
     src = Path(pretrained_dir) if pretrained_dir is not None else P.fetch()
     P.verify_extracted(src)
