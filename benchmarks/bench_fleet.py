@@ -17,7 +17,7 @@ Reported:
   shared machine.
 
     python benchmarks/bench_fleet.py                      # 10,000 devices x 6 windows
-    python benchmarks/bench_fleet.py --mqtt-version 3.1.1 --devices 2000 --windows 10
+    python benchmarks/bench_fleet.py --devices 2000 --windows 10
 
 With `--hostile N` one more device publishes every attack of issue 20 next to the honest fleet
 (benchmarks/hostile_device.py: N windows per flooding attack, from its own publisher) and the
@@ -26,11 +26,10 @@ benchmark checks the targets: peak RSS <= 300 MiB, every view 200 within its bud
 
     python benchmarks/bench_fleet.py --devices 10000 --windows 3 --hostile 1000
 
-With `--client gmqtt` or `--client paho` the replica is the same `fleet serve` with its MQTT
-layer (agent.fleet.mqttin) replaced by a well-kept library (benchmarks/mqtt_alternatives.py;
-issue 21's comparison, docs/fleet.md).
-
-    python benchmarks/bench_fleet.py --devices 2000 --windows 5 --history-days 1 --client gmqtt
+The replica reads MQTT through gmqtt (agent.fleet.subscriber). Issue 21's comparison of MQTT
+layers (a hand-written reader, gmqtt, a tuned paho: `--client`, mqtt_alternatives.py and
+bench_mqttin.py, removed with the hand-written reader; last at commit cab805b) is in
+docs/fleet.md.
 """
 
 from __future__ import annotations
@@ -233,14 +232,11 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--windows", type=int, default=6, help="stats windows per device")
     ap.add_argument("--publishers", type=int, default=2)
-    ap.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5")
+    ap.add_argument("--mqtt-version", choices=("5",), default="5")
     ap.add_argument("--core", type=int, default=0, help="CPU the replica is pinned to")
     ap.add_argument("--history-days", type=float, default=14.0)
     ap.add_argument("--fleet-only", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--client", choices=("lean", "gmqtt", "paho"), default="lean",
-                    help="the replica's MQTT layer: agent.fleet.mqttin (lean), or a library "
-                    "(benchmarks/mqtt_alternatives.py)")
     ap.add_argument("--hostile", type=int, default=0, metavar="N",
                     help="add one hostile device: N windows per flooding attack (issue 20)")
     args = ap.parse_args()
@@ -289,9 +285,6 @@ def main() -> int:
            "--log-level", "WARNING"]
     if args.fleet_only:
         cmd.append("--fleet-only")
-    if args.client != "lean":
-        i = cmd.index("fleet")
-        cmd[i - 2:i] = [str(ROOT / "benchmarks" / "mqtt_alternatives.py"), args.client]
     if shutil.which("taskset") is None:
         cmd = cmd[3:]
     serve = subprocess.Popen(cmd, cwd=d, stderr=open(d / "serve.log", "wb"))
@@ -352,14 +345,13 @@ def main() -> int:
         for p in pubs:
             p.wait(60)
         wall = t_end - (first or t_start)
-        print(f"ingest ({args.mqtt_version=}, {args.client=}): {done} stats messages in "
+        print(f"ingest ({args.mqtt_version=}): {done} stats messages in "
               f"{wall:.2f} s = "
               f"{done / wall:,.0f} msg/s wall; replica CPU {cpu:.2f} s = "
               f"{done / cpu:,.0f} msg per CPU-second")
         r = json.loads(_get(base + "/api/ingest.json")).get("stats_reader")
         if r:
-            print(f"stats reader: {r['messages'] / max(1, r['reads']):.1f} messages per read, "
-                  f"{r['connections']} connection(s)")
+            print(f"stats link: {r['messages']} messages, {r['connections']} connection(s)")
         print(f"load average after: {os.getloadavg()}")
         rss, hwm = (_status_kb(serve.pid, k) / 1024 for k in ("VmRSS", "VmHWM"))
         print(f"replica RSS with {args.devices} devices: {rss:.0f} MiB (peak {hwm:.0f} MiB; "

@@ -15,7 +15,6 @@ import io
 import json
 import random
 import socket
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent.fleet import mqttin
 from agent.fleet.history import History
 from agent.fleet.ingest import FleetModel
 from agent.fleet.schema import MAX_COUNT, Stats
@@ -445,59 +443,58 @@ def test_row7_idle_connections_time_out_are_capped_and_views_answer(
         s.stop()
 
 
-# --- row 8: the MQTT reader ---------------------------------------------------------------------
-def test_row8_a_packet_beyond_the_brokers_limit_is_refused_from_its_header() -> None:
-    head = b"\x30" + bytes([0x80, 0x80, 0x80, 0x7c])  # PUBLISH announcing ~260 MB
-    packets, used, err = mqttin.parse_packets(head + b"\x00\x01t", v5=False)
-    assert packets == [] and used == 0 and isinstance(err, mqttin.MalformedPacket)
+# --- row 8: the MQTT link ----------------------------------------------------------------------
+def _vm(field: str) -> int:
+    """This process's /proc/self/status field, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_row8_a_huge_packet_never_reaches_the_link_and_costs_it_no_memory(
+        mosquitto: BrokerFactory, tmp_path: Path) -> None:  # noqa: F811
+    """A 24 MB publish (the row's 260 MB cost 800 MiB when the reader grew a buffer to hold
+    it) to a broker without a max_packet_size of its own: the link's MQTT 5 Maximum Packet
+    Size (the same limit as our broker configuration's) keeps the broker from sending it, so
+    the next message arrives on the same connection and the peak RSS does not move."""
+    import shutil
+    import subprocess
+    import threading
+
+    from agent.fleet.subscriber import MAX_PACKET, Subscriber
+
+    pytest.importorskip("gmqtt", reason="the fleet extra (gmqtt)")
+    pub = shutil.which("mosquitto_pub")
+    if pub is None:
+        pytest.skip("mosquitto_pub not found (apt-get install -y mosquitto-clients)")
     conf = (ROOT / "docs" / "mosquitto" / "mosquitto.conf").read_text()
-    assert f"max_packet_size {mqttin.MAX_PACKET}" in conf  # the same limit as the broker's
+    assert f"max_packet_size {MAX_PACKET}" in conf  # the same limit as the broker's
+    broker = mosquitto()
+    got: list[bytes] = []
+    arrived = threading.Event()
 
+    def ingest(topic: str, payload: bytes, retained: bool) -> None:
+        got.append(payload)
+        if payload == b"end":
+            arrived.set()
 
-class _TrickleSocket:
-    """A socket that delivers `data` `step` bytes per recv, then EOF."""
-
-    def __init__(self, data: bytes, step: int) -> None:
-        self.data, self.step, self.pos = data, step, 0
-        self.sent = b""
-
-    def recv_into(self, view: memoryview) -> int:
-        n = min(self.step, len(self.data) - self.pos, len(view))
-        view[:n] = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-    def sendall(self, b: bytes) -> None:
-        self.sent += b
-
-    def settimeout(self, t: Any) -> None:
-        pass
-
-    def setsockopt(self, *a: Any) -> None:
-        pass
-
-
-def test_row8_a_trickle_into_one_packet_is_parsed_once_not_on_every_read(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    payload = b"x" * 60_000
-    body = struct.pack(">H", 6) + b"eva/d1" + b"\x00\x07" + payload
-    packet = b"\x32" + mqttin._remaining(len(body)) + body
-    calls = []
-    real = mqttin.parse_packets
-
-    def counting(*a: Any, **kw: Any) -> Any:
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(mqttin, "parse_packets", counting)
-    got: list[tuple[str, bytes]] = []
-    sub = mqttin.Subscriber(lambda t, p, r: got.append((t, p)), host="127.0.0.1", port=1,
-                            tls=False, topic_filter="eva/+/stats", client_id="t", version="3")
-    sock = _TrickleSocket(packet, 100)
-    with pytest.raises(mqttin._Lost):
-        sub._session(sock)  # type: ignore[arg-type]
-    assert got == [("eva/d1", payload)] and sock.sent.endswith(b"\x40\x02\x00\x07")
-    assert len(calls) <= 3, len(calls)  # was one parse (and copy) per 100-byte read: 600
+    link = Subscriber(ingest, host=broker.host, port=broker.port, tls=False,
+                      topic_filter="eva/+/stats", client_id="eva-serve-row8")
+    link.start()
+    try:
+        huge = tmp_path / "huge"
+        huge.write_bytes(b"x" * (24 << 20))
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to now
+        rss0 = _vm("VmRSS")
+        for args in (["-f", str(huge)], ["-m", "end"]):
+            subprocess.run([pub, "-h", broker.host, "-p", str(broker.port), "-q", "1",
+                            "-t", "eva/d1/stats", *args], check=True, timeout=60)
+        assert arrived.wait(10)
+        assert got == [b"end"] and link.connections == 1 and link.connected
+        assert _vm("VmHWM") - rss0 < 16 * 1024  # KiB: no 24 MB buffer ever
+    finally:
+        link.stop()
 
 
 # --- row 9: terminal output ----------------------------------------------------------------------

@@ -46,7 +46,7 @@ class FleetCollector(Collector):
     def __init__(self, model: FleetModel, *, per_device: bool = True,
                  replica: str = "", link: Any = None) -> None:
         self.model = model
-        self.link = link  # the stats connection (agent.fleet.mqttin.Subscriber), if any
+        self.link = link  # the stats connection (agent.fleet.subscriber.Subscriber), if any
         self.per_device = per_device
         self.replica = replica
         self._snap: dict[str, Any] | None = None
@@ -129,8 +129,6 @@ class FleetCollector(Collector):
             for name, value, help_ in (
                     ("connections", r.connections, "stats subscriptions made (1 + reconnects)"),
                     ("messages", r.messages, "stats messages handed to the model"),
-                    ("reads", r.reads, "socket reads that returned data (messages per read = "
-                     "messages / reads: ~50 when the replica is behind)"),
                     ("ingest_errors", r.ingest_errors, "messages the model raised on (a bug; "
                      "acknowledged and logged)")):
                 yield CounterMetricFamily(f"eva_serve_stats_{name}", help_, value=value)

@@ -1,9 +1,9 @@
 """`edge-voice-agent fleet serve`: the fleet's telemetry as Prometheus metrics, a web page with
 history, and `/api/fleet.json`, from one process that can run as several replicas.
 
-The network edges live here: two MQTT connections feeding `FleetModel` through the lean
-subscriber of agent.fleet.mqttin, which costs a tenth of paho's CPU per message (the stats, the
-bulk; the control plane, rare and partly retained, on its own connection), an HTTP server
+The network edges live here: two MQTT 5 connections feeding `FleetModel` through
+agent.fleet.subscriber (gmqtt, packet size bounded; the stats, the bulk; the control plane, rare
+and partly retained, on its own connection), an HTTP server
 (the standard library's, bounded: `BoundedHTTPServer`) for
 `/metrics`, `/`, `/device/ID`, `/api/fleet.json`, `/healthz`, and a maintenance thread
 flushing the history. Scale-out: with `--share GROUP`, stats come through the shared
@@ -30,8 +30,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.errors import AgentError, ConfigError
-from agent.fleet.mqttin import Subscriber
 from agent.fleet.options import broker_options, check_args, parse_broker
+from agent.fleet.subscriber import Subscriber
 from agent.telemetry.message import DEFAULT_PREFIX
 
 log = logging.getLogger("edge-voice-agent.fleet")
@@ -65,8 +65,8 @@ def add_parser(fsub: Any) -> None:
     s.add_argument("--history-mb", type=float, default=512.0, metavar="MB",
                    help="bound the history file to this size; oldest dropped first [512]")
     s.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
-                   help="protocol of both broker connections; mosquitto and EMQX also "
-                        "accept $share from 3.1.1 clients [5]")
+                   help="protocol of both broker connections: 5 only (3.1.1 has no Maximum "
+                        "Packet Size to bound what serve reads; kept to say so) [5]")
     s.set_defaults(fleet_func=cmd_serve)
 
 
@@ -174,9 +174,8 @@ class App:
                                    "devices": len(m.state.devices),
                                    "outcomes": dict(m.outcomes), "replica": self.replica}
         r = self.stats
-        if r is not None:  # the stats connection: reconnects, reads (messages per read)
-            out["stats_reader"] = {"messages": r.messages, "reads": r.reads,
-                                   "connections": r.connections,
+        if r is not None:  # the stats connection: messages, reconnects
+            out["stats_reader"] = {"messages": r.messages, "connections": r.connections,
                                    "ingest_errors": r.ingest_errors}
         return json.dumps(out).encode()
 

@@ -59,7 +59,7 @@ def prepare_client(c: Any, handler: Any, *, username: str | None, password: str 
                    tls: bool, ca_file: Any, cert_file: Any, key_file: Any) -> Any:
     """Credentials, TLS, reconnect back-off and callbacks of the paho subscriber of `fleet watch`
     and `fleet rollout status` (a Watcher: `handler` has the four `_on_*` methods; `fleet
-    serve` reads through agent.fleet.mqttin)."""
+    serve` reads through agent.fleet.subscriber)."""
     if username:
         c.username_pw_set(username, password)
     if tls:
