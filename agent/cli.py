@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(en, sections=ENROLL_SECTIONS)
 
     def data_args(q: argparse.ArgumentParser) -> None:
-        from agent.samples import DataFolders
+        from agent.monitoring.samples import DataFolders
 
         q.add_argument("--data", default=None, action=DataFolders,
                        help="folder of {word}_{speaker}_{take}.wav recordings (a digit is its "
@@ -188,13 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     fleet_cli.add_parser(sub)
     from agent.rollout import cli as models_cli
     models_cli.add_parser(sub)
-    from agent import samples
+    from agent.monitoring import samples
     samples.add_parser(sub)
     return p
 
 
 def cmd_run(args: argparse.Namespace, **forced) -> int:
-    from agent import service
+    from agent.daemon import service
 
     cfg = _config(args, **forced)
     signals = service.install_signal_handlers()
@@ -227,7 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from agent import service
+    from agent.daemon import service
     from agent.training.dataset import load_audio
 
     cfg = _config(args)
@@ -269,7 +269,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             raise AgentError("enroll --forget takes no files; run it alone")
         print(enroll.forget(cfg), flush=True)
         return 0
-    from agent import service
+    from agent.daemon import service
 
     print(enroll.enroll(cfg, args.files, service.load_model(cfg)), flush=True)
     return 0
@@ -396,7 +396,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     _training()
-    from agent.model import Manifest
+    from agent.recognition.model import Manifest
     from agent.resources import default_model_dir
     from agent.training.calibrate import calibrate, write_reference
     from agent.training.dataset import discover
@@ -420,7 +420,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from agent.control import send_reload
+    from agent.daemon.control import send_reload
 
     send_reload(args.pid)
     return 0
@@ -433,7 +433,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from agent import doctor
+    from agent.daemon import doctor
 
     return doctor.main(lambda: _config(args), as_json=args.json)
 
@@ -459,8 +459,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from agent import logs
-    from agent.decision_log import silence_stdout
+    from agent.actions.decision_log import silence_stdout
+    from agent.daemon import logs
 
     logs.setup(args.log_level)  # stderr, one line per event (journald priorities under systemd)
     try:

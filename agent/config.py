@@ -81,8 +81,8 @@ class DecisionConfig:
     act_on_forced_cut: bool = _f(False, "let a segment force-cut at vad.max_utterance_ms act")
 
     def addressing(self):
-        """The addressing rule these settings make (agent/decision.py)."""
-        from agent.decision import Addressing
+        """The addressing rule these settings make (agent/recognition/decision.py)."""
+        from agent.recognition.decision import Addressing
 
         return Addressing(self.max_command_ms / 1000, self.min_quiet_before_ms / 1000,
                           self.act_on_forced_cut)
@@ -269,17 +269,18 @@ class Config:
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
     actions: ActionsConfig = field(default_factory=ActionsConfig)
-    # Alarm rules are tables keyed by metric ([alarms.snr_db] ...); validated by agent.drift.
+    # Alarm rules are tables keyed by metric ([alarms.snr_db] ...); validated by
+    # agent.monitoring.drift.
     alarms: dict = field(default_factory=dict)
     rollup_alarms: dict = field(default_factory=dict)
 
     def alarm_rules(self) -> list:
-        from agent.drift import DEFAULT_ALARMS, rules_from_config
+        from agent.monitoring.drift import DEFAULT_ALARMS, rules_from_config
 
         return rules_from_config(self.alarms or DEFAULT_ALARMS, "alarms")
 
     def rollup_alarm_rules(self) -> list:
-        from agent.drift import DEFAULT_ROLLUP_ALARMS, rules_from_config
+        from agent.monitoring.drift import DEFAULT_ROLLUP_ALARMS, rules_from_config
 
         return rules_from_config(self.rollup_alarms or DEFAULT_ROLLUP_ALARMS, "rollup_alarms")
 

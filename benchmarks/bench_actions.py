@@ -5,7 +5,7 @@ pipeline, and what a reader that never reads does to it.
     python benchmarks/bench_actions.py [--minutes 3] [--speed 10] [--flood-minutes 45]
                                        [--shared ../shared] [--json]
 
-1. Latency. The agent (`agent.service.run`, in this process) plays a stream of FSDD speech
+1. Latency. The agent (`agent.daemon.service.run`, in this process) plays a stream of FSDD speech
    (../shared/eval/make_stream.py, seed 3) paced at --speed times real time, threshold 0 so
    every digit is accepted, with an `[actions]` entry for every label and one reader process on
    the decision socket. Each decision is stamped (CLOCK_REALTIME, ns) when the service hands it
@@ -90,7 +90,8 @@ def q(values: list[float], p: float) -> float:
 def paced_run(wav: Path, speed: float, tmp: Path, outlets: bool,
               stamp: list[str] | None = None) -> dict:
     """One in-process paced run; with `outlets`, an action for every label and a reader."""
-    from agent import config, service
+    from agent import config
+    from agent.daemon import service
 
     state = tmp / ("on" if outlets else "off")
     shutil.rmtree(state, ignore_errors=True)
@@ -138,8 +139,8 @@ def paced_run(wav: Path, speed: float, tmp: Path, outlets: bool,
                 (x.split(" ", 1) for x in starts.read_text().splitlines())]
     stats = [json.loads(x)["payload"] for x in (state / "telemetry.jsonl").read_text()
              .splitlines() if json.loads(x)["topic"].endswith("/stats")]
-    from agent.metric_catalog import spec
-    from agent.windows import Histogram
+    from agent.monitoring.metric_catalog import spec
+    from agent.monitoring.windows import Histogram
 
     lat = Histogram(spec("action_latency_ms").edges)
     outcome = Histogram(spec("action_outcome").edges)
@@ -197,7 +198,7 @@ def publish_flood(tmp: Path, n: int = 1000) -> dict:
     import socket
 
     from agent.actions.socket_server import DecisionSocket
-    from agent.decision import Decision
+    from agent.recognition.decision import Decision
 
     server = DecisionSocket(tmp / "pub.sock")
     held = socket.socket(socket.AF_UNIX)

@@ -39,11 +39,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.decision import Thresholds  # noqa: E402
-from agent.model import ModelRunner  # noqa: E402
 from agent.personal.adaptation import AdaptationParams, AdaptationState, Adapter  # noqa: E402
 from agent.personal.enrollment import Enrollment, Rescorer  # noqa: E402
 from agent.personal.reference import fit_reference  # noqa: E402
+from agent.recognition.decision import Thresholds  # noqa: E402
+from agent.recognition.model import ModelRunner  # noqa: E402
 from agent.resources import calibration_dir, default_model_dir  # noqa: E402
 
 DIGITS = tuple(str(d) for d in range(10))

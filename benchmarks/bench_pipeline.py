@@ -4,8 +4,9 @@
     python benchmarks/bench_pipeline.py [--minutes 30] [--shared ../shared] [--json]
         [--wake-model DIR]
 
-With --wake-model, the agent runs in wake mode (`--addressing-mode wake`, agent/wake.py): the
-wake head on the same embedding, slid over every segment; the figures then include its cost.
+With --wake-model, the agent runs in wake mode (`--addressing-mode wake`,
+agent/recognition/wake.py): the wake head on the same embedding, slid over every segment; the
+figures then include its cost.
 
 Builds a stream with ../shared/eval/make_stream.py, then times, as separate processes pinned to
 one core (taskset), each run three times keeping the fastest:
@@ -70,16 +71,16 @@ def pipeline_latency(wav: Path, speculate: bool, wake_model: Path | None = None)
     sys.path.insert(0, str(ROOT))
     from agent.audio.sources import AudioBlock
     from agent.config import VadConfig
-    from agent.decision import Policy
-    from agent.model import ModelRunner
-    from agent.pipeline import Pipeline
+    from agent.recognition.decision import Policy
+    from agent.recognition.model import ModelRunner
+    from agent.recognition.pipeline import Pipeline
     from agent.resources import default_model_dir
 
     x, sr = sf.read(str(wav), dtype="float32", always_2d=True)
     p = Pipeline(VadConfig(), ModelRunner(default_model_dir(), threads=1),
                  Policy("partial", 0.5), speculate=speculate)
     if wake_model is not None:
-        from agent.wake import WakeModel, WakeStage
+        from agent.recognition.wake import WakeModel, WakeStage
 
         p.wake = WakeStage(WakeModel(wake_model, p.model), 5.0)
     # CPU time of each release → decision (thread_time): on a shared machine wall time also

@@ -5,7 +5,7 @@
 
 What is timed is what the monitor does on the pipeline thread for each closed window once its
 drift scores exist: sample the process probe, build the stats payload with
-`agent.payloads.stats_payload` and hand it to `MqttSink.publish` (which commits it to the
+`agent.monitoring.payloads.stats_payload` and hand it to `MqttSink.publish` (which commits it to the
 SQLite outbox and wakes the publisher thread). `publish()` alone is reported too.
 
 The windows are real: the bundled demo recording is looped through the agent's own pipeline and
@@ -40,23 +40,23 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import agent.monitor  # noqa: E402
+import agent.monitoring.monitor  # noqa: E402
 from agent import service  # noqa: E402
 from agent.audio.sources import open_source  # noqa: E402
 from agent.config import load  # noqa: E402
-from agent.drift import AlarmEvent, DriftScore  # noqa: E402
-from agent.monitor import ProcessProbe  # noqa: E402
-from agent.payloads import (  # noqa: E402
+from agent.monitoring.drift import AlarmEvent, DriftScore  # noqa: E402
+from agent.monitoring.monitor import ProcessProbe  # noqa: E402
+from agent.monitoring.payloads import (  # noqa: E402
     MAX_PAYLOAD_BYTES,
     alarm_payload,
     payload_bytes,
     stats_payload,
 )
+from agent.monitoring.windows import WindowSummary  # noqa: E402
 from agent.resources import demo_audio  # noqa: E402
 from agent.telemetry.message import Message, topic  # noqa: E402
 from agent.telemetry.mqtt import MqttOptions, MqttSink  # noqa: E402
 from agent.telemetry.outbox import OUTBOX_FILENAME, OutboxLimits  # noqa: E402
-from agent.windows import WindowSummary  # noqa: E402
 
 TARGET_MS = 1.0
 DEVICE = "bench-device"
@@ -83,7 +83,7 @@ def real_windows(window_s: float, minutes: float, state: Path) -> tuple[list[Win
 
     pipeline.observers.append(monitor)
     clip = str(demo_audio())
-    with mock.patch.object(agent.monitor, "stats_payload", recording):
+    with mock.patch.object(agent.monitoring.monitor, "stats_payload", recording):
         while pipeline.clock_s < minutes * 60:
             for block in open_source(clip, cfg.audio.block_ms, 0.0):
                 pipeline.feed(block)

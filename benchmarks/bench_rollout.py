@@ -41,7 +41,7 @@ def make_stream(shared: Path, minutes: float, drift_at: float, tmp: Path) -> Pat
 
 
 def deliver(state: Path, src: Path) -> str:
-    from agent.model import MANIFEST, Manifest
+    from agent.recognition.model import MANIFEST, Manifest
     from agent.rollout.bundle import bundle_digest
     from agent.rollout.command import RolloutCommand
 

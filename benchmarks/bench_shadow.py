@@ -29,7 +29,7 @@ from benchmarks.bench_pipeline import make_bench_stream, stream_bench_args, time
 
 
 def deliver(state: Path, src: Path, rollout_id: str) -> None:
-    from agent.model import MANIFEST, Manifest
+    from agent.recognition.model import MANIFEST, Manifest
     from agent.rollout.bundle import bundle_digest
     from agent.rollout.command import RolloutCommand
 

@@ -3,7 +3,7 @@
 
     python benchmarks/bench_soak.py [--hours 24] [--window 60] [--json]
 
-Runs the whole daemon in this process (`agent.service.run`: capture thread, pipeline, VAD,
+Runs the whole daemon in this process (`agent.daemon.service.run`: capture thread, pipeline, VAD,
 model, monitoring windows, hourly and daily roll-ups, device baseline, drift, alarms, telemetry
 payloads to a file sink) on generated audio as fast as it goes: each minute of audio is the
 bundled demo recording (real spoken digits, about ten utterances) at a gain that varies from
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from agent import config as config_mod  # noqa: E402
 from agent import service  # noqa: E402
 from agent.audio.sources import AudioBlock  # noqa: E402
-from agent.monitor import rss_mb  # noqa: E402
+from agent.monitoring.monitor import rss_mb  # noqa: E402
 from agent.resources import demo_audio  # noqa: E402
 
 BLOCK_S = 2.0  # the unpaced file source's block length

@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.model import MANIFEST, Manifest  # noqa: E402
+from agent.recognition.model import MANIFEST, Manifest  # noqa: E402
 from agent.training import synth as S  # noqa: E402
 from tests.wake_models import lay_out  # noqa: E402
 

@@ -10,7 +10,7 @@ import json
 import time
 from typing import Any
 
-from agent.payloads import payload_bytes
+from agent.monitoring.payloads import payload_bytes
 from tests.fleet_sim import SimFleet
 
 DEVICE = "evil"

@@ -23,7 +23,7 @@ TALK = SHARED / "data" / "talk"
 @pytest.fixture(autouse=True)
 def _root_logging_restored() -> object:
     """A test that runs `cli.main` in-process points the root logger at the stream pytest is
-    capturing into (agent.logs.setup); once pytest closes that stream, every later log line
+    capturing into (agent.daemon.logs.setup); once pytest closes that stream, every later log line
     printed "--- Logging error ---". Each test gets the root logger back as it found it."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.payloads import SinceBoot, payload_bytes
+from agent.monitoring.payloads import SinceBoot, payload_bytes
 
 DATA = Path(__file__).resolve().parent / "data" / "fleet" / "agent-telemetry.jsonl"
 COUNTED = ("utterances", "accepted", "abstained", "dropped_frames")
@@ -116,7 +116,7 @@ class SimFleet:
 
 
 def _iso(t: float) -> str:
-    from agent.payloads import iso_utc
+    from agent.monitoring.payloads import iso_utc
 
     return iso_utc(t)
 

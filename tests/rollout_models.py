@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.model import MANIFEST, Manifest, sha256_file
+from agent.recognition.model import MANIFEST, Manifest, sha256_file
 from agent.resources import calibration_dir, default_model_dir
 
 
@@ -136,7 +136,7 @@ def derive(dst: Path, *, version: str = "9.0.0-test", behaviour: str = "same",
     if mapping:
         d["classes"] = [mapping.get(c, c) for c in d["classes"]]
     if "components" in d:  # the build digest over the components' hashes
-        from agent.model import Component, build_digest
+        from agent.recognition.model import Component, build_digest
 
         d["sha256"] = build_digest([Component.from_dict(c) for c in d["components"]])
     (dst / MANIFEST).write_text(json.dumps(d, indent=2))

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from agent.decision import Policy
 from agent.errors import AgentError
+from agent.recognition.decision import Policy
 from agent.resources import demo_audio
 from tests.conftest import eva
 
@@ -82,7 +82,7 @@ def test_per_class_thresholds_replace_the_single_one():
     (0.6, True, 2.0, False),      # force-cut at max_utterance_ms: running speech
 ])
 def test_addressing_rule(length, forced, quiet, ok):
-    from agent.decision import Addressing
+    from agent.recognition.decision import Addressing
 
     rule = Addressing()
     assert rule.allows(length, forced, quiet) is ok

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import doctor
 from agent.config import Config
+from agent.daemon import doctor
 from agent.resources import default_model_dir, demo_audio
 from tests.conftest import eva
 from tests.mqtt_fixtures import BrokerFactory, Pki, free_port, mosquitto, pki  # noqa: F401

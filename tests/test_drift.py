@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from agent.drift import (
+from agent.errors import AgentError, ConfigError
+from agent.monitoring.drift import (
     DEFAULT_ALARMS,
     AlarmRule,
     AlarmTracker,
@@ -21,9 +22,14 @@ from agent.drift import (
     rules_from_config,
     score_window,
 )
-from agent.errors import AgentError, ConfigError
-from agent.metric_catalog import BY_NAME
-from agent.windows import Histogram, Trailing, WindowAggregator, WindowSummary, empty_hists
+from agent.monitoring.metric_catalog import BY_NAME
+from agent.monitoring.windows import (
+    Histogram,
+    Trailing,
+    WindowAggregator,
+    WindowSummary,
+    empty_hists,
+)
 
 RMS = BY_NAME["input_rms_dbfs"].edges
 

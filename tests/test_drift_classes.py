@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.decision import Decision
-from agent.drift import (
+from agent.audio.vad import Utterance, VadBlockStats
+from agent.monitoring.drift import (
     DEFAULT_ALARMS,
     Baseline,
     DeviceBaselineLearner,
     class_drift,
     rules_from_config,
 )
-from agent.model import MANIFEST, Manifest
-from agent.monitor import Monitor
-from agent.pipeline import Outcome
-from agent.privacy import find_violations
+from agent.monitoring.monitor import Monitor
+from agent.monitoring.privacy import find_violations
+from agent.recognition.decision import Decision
+from agent.recognition.model import MANIFEST, Manifest
+from agent.recognition.pipeline import Outcome
 from agent.telemetry.message import Message
-from agent.vad import Utterance, VadBlockStats
 from tests.rollout_models import derive
 
 RATE = 8000
@@ -162,7 +162,7 @@ def test_a_baseline_for_another_vocabulary_is_discarded_after_a_model_switch(tmp
 def test_class_drift_unit():
     b = Baseline("device", {}, {"labels": ["a", "b", "unknown"]}, {"a": 90, "b": 5,
                                                                    "unknown": 5})
-    from agent.windows import WindowSummary
+    from agent.monitoring.windows import WindowSummary
 
     def window(classes: dict[str, int]) -> WindowSummary:
         n = sum(classes.values())
@@ -183,7 +183,7 @@ def test_the_fleet_takes_and_exports_the_class_drift_score():
     from agent.fleet.exporter import exposition
     from agent.fleet.ingest import FleetModel
     from agent.fleet.schema import check_stats, decode_stats
-    from agent.payloads import payload_bytes
+    from agent.monitoring.payloads import payload_bytes
 
     sevens, threes = mix("7", DIGITS, 30), mix("3", DIGITS, 30)
     stats, _, _ = run(DIGITS, [sevens, sevens, sevens, threes])

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from agent import service
+from agent.actions.decision_log import DecisionWriter
 from agent.config import Config
-from agent.decision import Decision
-from agent.decision_log import DecisionWriter
-from agent.drift import DeviceBaselineLearner
+from agent.daemon import service
+from agent.daemon.state_health import QUARANTINED, WRITE_ERRORS, StateHealth
 from agent.errors import AgentError
+from agent.monitoring.drift import DeviceBaselineLearner
+from agent.monitoring.windows import WindowAggregator
+from agent.recognition.decision import Decision
 from agent.resources import demo_audio
-from agent.state_health import QUARANTINED, WRITE_ERRORS, StateHealth
 from agent.telemetry.message import Message
 from agent.telemetry.outbox import OUTBOX_FILENAME, Outbox, OutboxLimits, OutboxUnusable
-from agent.windows import WindowAggregator
 from tests.fs_fixtures import FailingInserts, fill, read_only, tiny_fs
 from tests.mqtt_fixtures import BrokerFactory, Subscriber, mosquitto
 

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from jsonschema import Draft202012Validator
 
-from agent import service
-from agent.clock import SYNC_FLOOR, ClockWatch, UtcStamper
+from agent.audio.vad import VadBlockStats
 from agent.config import Config
-from agent.monitor import Monitor
-from agent.payloads import iso_utc
+from agent.daemon import service
+from agent.daemon.clock import SYNC_FLOOR, ClockWatch, UtcStamper
+from agent.monitoring.monitor import Monitor
+from agent.monitoring.payloads import iso_utc
 from agent.resources import demo_audio
 from agent.telemetry.message import Message
 from agent.telemetry.outbox import Outbox, OutboxLimits
-from agent.vad import VadBlockStats
 from tests.conftest import ROOT
 
 DAY = 86400.0

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.drift import AlarmEvent
 from agent.fleet.state import FleetState, SeqSet
-from agent.metric_catalog import BY_NAME, DRIFT_ONLY, METRICS
-from agent.payloads import alarm_payload, stats_payload
+from agent.monitoring.drift import AlarmEvent
+from agent.monitoring.metric_catalog import BY_NAME, DRIFT_ONLY, METRICS
+from agent.monitoring.payloads import alarm_payload, stats_payload
+from agent.monitoring.windows import COUNTERS, WindowAggregator, WindowSummary, merge_summaries
 from agent.telemetry import Message, topic
 from agent.telemetry.mqtt import MqttOptions, MqttSink
-from agent.windows import COUNTERS, WindowAggregator, WindowSummary, merge_summaries
 from tests.mqtt_fixtures import Broker, BrokerFactory, free_port, mosquitto
 
 __all__ = ["mosquitto"]  # fixture
@@ -229,7 +229,7 @@ def test_histograms_merge_exactly_across_windows_and_devices() -> None:
     j = st.to_json()
     union = merge_summaries([*a, *b])
     for m in METRICS:
-        if m.stage == "wake":  # only a device in wake mode publishes them (agent/wake.py)
+        if m.stage == "wake":  # only a device in wake mode publishes them
             assert m.name not in j["fleet"]["metrics"]
             continue
         got = j["fleet"]["metrics"][m.name]
@@ -473,7 +473,7 @@ def test_fleet_watch_json_merges_two_devices(mosquitto: BrokerFactory, tmp_path:
     # Merged histograms: the sum of every window's published bins, and the union's histogram.
     union = merge_summaries(all_windows)
     for m in METRICS:
-        if m.stage == "wake":  # only a device in wake mode publishes them (agent/wake.py)
+        if m.stage == "wake":  # only a device in wake mode publishes them
             continue
         published = sum((dense(m.edges, msg.payload["metrics"][m.name]["hist"])
                          for dev in msgs for msg in msgs[dev] if msg.topic.endswith("/stats")),

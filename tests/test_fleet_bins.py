@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from agent.fleet.bins import MetricSum, compact
-from agent.metric_catalog import BY_NAME
-from agent.windows import Histogram
+from agent.monitoring.metric_catalog import BY_NAME
+from agent.monitoring.windows import Histogram
 
 
 def test_metric_sum_merges_payload_hists_exactly_and_quantiles_match_histogram() -> None:

@@ -14,8 +14,8 @@ import numpy as np
 from agent.fleet.history import HIST_METRICS, History
 from agent.fleet.options import parse_broker  # noqa: F401 - the module the command lives beside
 from agent.fleet.state import group_key
-from agent.metric_catalog import BY_NAME
-from agent.windows import Histogram
+from agent.monitoring.metric_catalog import BY_NAME
+from agent.monitoring.windows import Histogram
 from tests.fleet_sim import SimFleet, utc_epoch_of
 
 END = 1_800_000_000.0

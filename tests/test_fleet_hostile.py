@@ -32,7 +32,7 @@ from agent.fleet.state import (
     MAX_SEQ_RANGES,
     OTHER,
 )
-from agent.payloads import payload_bytes
+from agent.monitoring.payloads import payload_bytes
 from tests.fleet_sim import SimFleet
 from tests.mqtt_fixtures import BrokerFactory, mosquitto  # noqa: F401
 

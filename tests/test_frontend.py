@@ -12,10 +12,17 @@ import soundfile as sf
 from agent.audio.resample import Resampler
 from agent.audio.sources import AudioBlock, FileSource
 from agent.config import VadConfig
-from agent.decision import Policy
-from agent.frontend import DEFAULT, band_limit, features, fit_window, head_input, speech_centre
-from agent.model import ModelRunner
-from agent.pipeline import Pipeline
+from agent.recognition.decision import Policy
+from agent.recognition.frontend import (
+    DEFAULT,
+    band_limit,
+    features,
+    fit_window,
+    head_input,
+    speech_centre,
+)
+from agent.recognition.model import ModelRunner
+from agent.recognition.pipeline import Pipeline
 from agent.resources import default_model_dir, demo_audio, demo_truth
 from agent.training.dataset import load_audio
 

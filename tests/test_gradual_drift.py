@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.decision import Decision
-from agent.drift import (
+from agent.audio.vad import Utterance, VadBlockStats
+from agent.monitoring.drift import (
     DEFAULT_ALARMS,
     DEFAULT_ROLLUP_ALARMS,
     Baseline,
     DeviceBaselineLearner,
     rules_from_config,
 )
-from agent.metric_catalog import BY_NAME
-from agent.monitor import Monitor
-from agent.pipeline import Outcome
+from agent.monitoring.metric_catalog import BY_NAME
+from agent.monitoring.monitor import Monitor
+from agent.monitoring.windows import Histogram
+from agent.recognition.decision import Decision
+from agent.recognition.pipeline import Outcome
 from agent.telemetry.message import Message
-from agent.vad import Utterance, VadBlockStats
-from agent.windows import Histogram
 
 RATE = 8000
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from agent.errors import AgentError
-from agent.frontend import DEFAULT
-from agent.model import Manifest, ModelRunner, build_digest, sha256_file
+from agent.recognition.frontend import DEFAULT
+from agent.recognition.model import Manifest, ModelRunner, build_digest, sha256_file
 from agent.resources import default_model_dir
 from tests.conftest import ROOT
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from agent.privacy import find_violations
+from agent.monitoring.privacy import find_violations
 from tests.conftest import ROOT, eva
 
 # A model trained without theo (tests/data/no-theo, made by `edge-voice-agent train --speakers

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
-from agent import service
+from agent.daemon import service
 from agent.resources import demo_audio
 from agent.telemetry import Message, make_sink, topic
 from agent.telemetry import mqtt as mqtt_mod

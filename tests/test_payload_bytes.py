@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from agent.drift import AlarmEvent, DriftScore
-from agent.metric_catalog import spec
-from agent.payloads import alarm_payload, iso_utc, payload_bytes, stats_payload
+from agent.monitoring.drift import AlarmEvent, DriftScore
+from agent.monitoring.metric_catalog import spec
+from agent.monitoring.payloads import alarm_payload, iso_utc, payload_bytes, stats_payload
+from agent.monitoring.windows import Histogram, WindowSummary
 from agent.telemetry.message import Message, json_bytes
-from agent.windows import Histogram, WindowSummary
 
 FROZEN = json.loads((Path(__file__).parent / "data" / "payloads" /
                      "stats_payloads.json").read_text())

@@ -21,19 +21,19 @@ from jsonschema import Draft202012Validator
 from agent import cli
 from agent.audio.sources import AudioBlock
 from agent.config import Config, VadConfig
-from agent.decision import Policy
+from agent.daemon.state_health import StateHealth
 from agent.errors import AgentError
-from agent.model import ModelRunner
+from agent.monitoring.privacy import find_violations
 from agent.personal.adaptation import AdaptationParams, AdaptationState, Adapter
 from agent.personal.device import FILE_MICROPHONE, build_personalizer, reference_for
 from agent.personal.enrollment import Enrollment, Rescorer, label_of
 from agent.personal.reference import Reference, fit_reference
 from agent.personal.store import AdaptationKey, PersonalStore
-from agent.pipeline import Pipeline
-from agent.privacy import find_violations
+from agent.recognition.decision import Policy
+from agent.recognition.model import ModelRunner
+from agent.recognition.pipeline import Pipeline
 from agent.resources import calibration_dir, default_model_dir, demo_audio, demo_truth
 from agent.rollout.shadow import ShadowRunner
-from agent.state_health import StateHealth
 from tests.test_microphone import pulse, pulse_proc  # noqa: F401 (fixtures for the mic test)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -392,7 +392,7 @@ def numbers(x) -> set[float]:
 
 def test_enrolled_data_never_appears_in_any_published_payload(tmp_path, demo_clips, model):
     from agent import config as config_mod
-    from agent import service
+    from agent.daemon import service
     from agent.personal.enroll import from_files
 
     enroll, _ = demo_clips
@@ -471,7 +471,7 @@ def test_another_model_starts_adaptation_afresh_and_is_shadowed_like_for_like(tm
     import dataclasses
 
     from agent import config as config_mod
-    from agent import service
+    from agent.daemon import service
     from agent.personal.device import reference_path
     from tests.rollout_models import derive
 
@@ -501,7 +501,7 @@ def test_another_model_starts_adaptation_afresh_and_is_shadowed_like_for_like(tm
 
 def test_doctor_reports_the_personal_state_without_touching_it(tmp_path):
     from agent import config as config_mod
-    from agent.doctor import check_personal
+    from agent.daemon.doctor import check_personal
 
     cfg = config_mod.load(None, {"agent.state_dir": str(tmp_path)})
     c = check_personal(cfg, cfg)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from jsonschema import Draft202012Validator
 
-from agent.drift import AlarmEvent, AlarmRule, AlarmTracker, DriftScore
-from agent.metric_catalog import DRIFT_ONLY, EVENT_ALARMS, METRICS, STAGES
-from agent.payloads import (
+from agent.monitoring.drift import AlarmEvent, AlarmRule, AlarmTracker, DriftScore
+from agent.monitoring.metric_catalog import DRIFT_ONLY, EVENT_ALARMS, METRICS, STAGES
+from agent.monitoring.payloads import (
     MAX_PAYLOAD_BYTES,
     SinceBoot,
     alarm_payload,
@@ -21,8 +21,8 @@ from agent.payloads import (
     payload_bytes,
     stats_payload,
 )
-from agent.privacy import DEFAULT_K, assert_private, class_outputs, find_violations
-from agent.windows import Histogram, WindowAggregator, WindowSummary, empty_hists
+from agent.monitoring.privacy import DEFAULT_K, assert_private, class_outputs, find_violations
+from agent.monitoring.windows import Histogram, WindowAggregator, WindowSummary, empty_hists
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 STATS = Draft202012Validator(json.loads((DOCS / "stats.schema.json").read_text()))

@@ -10,8 +10,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from agent.model import MANIFEST, Manifest
-from agent.privacy import find_violations
+from agent.monitoring.privacy import find_violations
+from agent.recognition.model import MANIFEST, Manifest
 from agent.resources import default_model_dir
 from agent.rollout.bundle import bundle_digest
 from agent.rollout.command import RolloutCommand

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.model import MANIFEST, Manifest
+from agent.recognition.model import MANIFEST, Manifest
 from agent.rollout.bundle import bundle_digest
 from tests.conftest import ROOT
 from tests.mqtt_fixtures import BrokerFactory, Subscriber, free_port, mosquitto  # noqa: F401

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import Config, VadConfig
-from agent.decision import Policy
-from agent.model import ModelRunner
-from agent.pipeline import Pipeline
+from agent.recognition.decision import Policy
+from agent.recognition.model import ModelRunner
+from agent.recognition.pipeline import Pipeline
 from agent.resources import default_model_dir
 from agent.rollout.command import RolloutCommand
 from agent.rollout.store import ModelStore
@@ -165,7 +165,7 @@ def test_a_restart_with_the_retained_command_over_mqtt_keeps_the_failed_build_ou
         mosquitto: BrokerFactory, tmp_path: Path, make_stream) -> None:
     """The issue's trial: the retained `activate` is still on the broker when the device
     restarts; the failed build must not run again."""
-    from agent.model import MANIFEST, Manifest
+    from agent.recognition.model import MANIFEST, Manifest
     from agent.rollout.bundle import bundle_digest
 
     broker = mosquitto()

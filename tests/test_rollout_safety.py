@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from agent.config import Config, VadConfig
-from agent.decision import Decision, Policy
 from agent.errors import AgentError
-from agent.model import MANIFEST, Manifest, ModelRunner
-from agent.pipeline import Outcome, Pipeline
+from agent.monitoring.windows import WindowSummary
+from agent.recognition.decision import Decision, Policy
+from agent.recognition.model import MANIFEST, Manifest, ModelRunner
+from agent.recognition.pipeline import Outcome, Pipeline
 from agent.resources import default_model_dir
 from agent.rollout.bundle import bundle_digest
 from agent.rollout.command import RolloutCommand
 from agent.rollout.store import ModelStore, Probation
-from agent.windows import WindowSummary
 from tests.conftest import eva
 from tests.rollout_models import derive
 from tests.test_rollout_device import deliver, of

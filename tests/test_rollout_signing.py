@@ -11,7 +11,7 @@ import pytest
 
 from agent.config import load
 from agent.errors import AgentError, ConfigError
-from agent.model import MANIFEST, Manifest
+from agent.recognition.model import MANIFEST, Manifest
 from agent.resources import default_model_dir
 from agent.rollout.bundle import SIGNATURE, bundle_digest
 from agent.rollout.signing import keygen, sign

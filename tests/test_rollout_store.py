@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import AgentError
-from agent.model import MANIFEST, Manifest
+from agent.recognition.model import MANIFEST, Manifest
 from agent.resources import default_model_dir
 from agent.rollout.bundle import bundle_digest
 from agent.rollout.cohort import bucket, in_cohort
@@ -126,8 +126,8 @@ def test_models_cli_install_activate_list_rollback(tmp_path, good):
 
 
 def test_doctor_checks_the_model_the_store_makes_active(tmp_path, good):
-    from agent import doctor
     from agent.config import Config
+    from agent.daemon import doctor
 
     cfg = Config()
     cfg.agent.state_dir = str(tmp_path)

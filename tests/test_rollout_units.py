@@ -7,15 +7,15 @@ import dataclasses
 import numpy as np
 
 from agent.audio.sources import FileSource
+from agent.audio.vad import VadBlockStats
 from agent.config import VadConfig
-from agent.decision import Decision, Policy
-from agent.pipeline import Outcome, Pipeline
+from agent.recognition.decision import Decision, Policy
+from agent.recognition.pipeline import Outcome, Pipeline
 from agent.resources import default_model_dir, demo_audio
 from agent.rollout.command import CommandError, parse
 from agent.rollout.experience import ExperienceTracker
 from agent.rollout.probation import Limits, Recent, WindowKpis, baseline_of, breaches, pooled
 from agent.rollout.switch import retarget
-from agent.vad import VadBlockStats
 
 
 def kpis(n, abstain, acc=0.9, lat=1.0, retry=None):
@@ -125,7 +125,7 @@ class Clocks:
 
 
 def test_switch_to_another_rate_keeps_the_clock_and_observers():
-    from agent.model import ModelRunner
+    from agent.recognition.model import ModelRunner
 
     runner = ModelRunner(default_model_dir())
     other = 16000 if runner.manifest.sample_rate != 16000 else 8000
@@ -232,7 +232,7 @@ def test_local_activation_starts_probation_against_the_models_recent_values(tmp_
     """`models activate` + reload: the daemon picks the probation up with a baseline from
     what ran before; `models rollback` + reload ends it."""
     from agent.config import Config
-    from agent.model import ModelRunner
+    from agent.recognition.model import ModelRunner
     from agent.rollout.device import RolloutController
 
     cfg = Config()
@@ -258,7 +258,7 @@ def test_local_activation_starts_probation_against_the_models_recent_values(tmp_
 
 
 def test_a_candidate_with_the_same_front_end_files_shares_its_sessions(tmp_path):
-    from agent.model import ModelRunner
+    from agent.recognition.model import ModelRunner
     from tests.rollout_models import derive
 
     active = ModelRunner(default_model_dir())
@@ -271,9 +271,9 @@ def test_a_candidate_with_the_same_front_end_files_shares_its_sessions(tmp_path)
 
 
 def test_shadow_reuses_the_active_head_input_when_the_front_end_is_shared(tmp_path):
-    from agent.model import ModelRunner
+    from agent.audio.vad import Utterance
+    from agent.recognition.model import ModelRunner
     from agent.rollout.shadow import ShadowRunner
-    from agent.vad import Utterance
     from tests.rollout_models import derive
 
     active = ModelRunner(default_model_dir())
@@ -330,9 +330,9 @@ def test_probation_compares_like_with_like_on_a_personalised_device(tmp_path):
     its own adaptation (reset with the model) is active; a new model that cannot be
     personalised like the old one counts its windows but says it is not like for like."""
     from agent.config import Config
-    from agent.model import ModelRunner
+    from agent.monitoring.windows import WindowAggregator
+    from agent.recognition.model import ModelRunner
     from agent.rollout.device import RolloutController
-    from agent.windows import WindowAggregator
 
     class Personal:
         def __init__(self, adapting):

@@ -10,7 +10,7 @@ import stat
 import numpy as np
 import pytest
 
-from agent.samples import EXPORT_README, SampleStore
+from agent.monitoring.samples import EXPORT_README, SampleStore
 from tests.conftest import eva
 
 RATE = 8000

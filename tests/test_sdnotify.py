@@ -1,4 +1,5 @@
-"""agent.sdnotify against a fake $NOTIFY_SOCKET: a bound AF_UNIX datagram socket, as systemd uses.
+"""agent.daemon.sdnotify against a fake $NOTIFY_SOCKET: a bound AF_UNIX datagram socket, as systemd
+uses.
 
 Every receive has a bounded timeout, so a missing datagram fails the test instead of hanging it.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import Notifier, socket_address, watchdog_ping_interval
+from agent.daemon.sdnotify import Notifier, socket_address, watchdog_ping_interval
 
 RECV_TIMEOUT_S = 2.0
 
@@ -132,7 +133,7 @@ def test_abstract_namespace_socket(systemd_abstract: FakeSystemd) -> None:
 
 
 def test_relative_or_unknown_socket_address_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="agent.daemon.sdnotify"):
         n = Notifier(env={"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not n.enabled
     assert n.ready() is False
@@ -232,7 +233,7 @@ def test_undeliverable_notification_is_logged_once_and_ping_retried(
         short_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = short_dir / "notify"  # nobody listening yet
     env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"}
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"), \
+    with caplog.at_level(logging.WARNING, logger="agent.daemon.sdnotify"), \
             Notifier(env=env, clock=FakeClock()) as n:
         assert n.ready() is False
         assert n.maybe_ping(0.0) is False

@@ -28,9 +28,9 @@ import pytest
 import soundfile as sf
 from jsonschema import Draft202012Validator
 
-from agent import service
 from agent.audio.sources import AudioBlock
 from agent.config import Config
+from agent.daemon import service
 from agent.errors import AgentError
 from agent.resources import default_model_dir, demo_audio
 from tests.conftest import ROOT
@@ -196,8 +196,8 @@ def test_watchdog_pings_come_from_the_pipeline_loop_idle_or_busy_but_not_stuck(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Idle (an empty queue) keeps pinging; a pipeline stuck in the model stops pinging, so
     systemd would restart it; once unstuck the pings resume."""
-    from agent.model import ModelRunner
-    from agent.sdnotify import Notifier
+    from agent.daemon.sdnotify import Notifier
+    from agent.recognition.model import ModelRunner
 
     x, sr = sf.read(str(demo_audio()), dtype="float32", always_2d=True)
     blocks = [AudioBlock(x[i:i + sr // 10], sr) for i in range(0, 3 * sr, sr // 10)]
@@ -266,7 +266,7 @@ def test_a_live_device_stuck_in_a_read_withholds_the_watchdog(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A driver that blocks in read() forever raises nothing to reopen on; the loop notices no
     audio for STALL_S and stops pinging, so systemd's watchdog restarts the service."""
-    from agent.sdnotify import Notifier
+    from agent.daemon.sdnotify import Notifier
 
     monkeypatch.setattr(service, "STALL_S", 0.4)
     x, sr = sf.read(str(demo_audio()), dtype="float32", always_2d=True)
@@ -607,7 +607,7 @@ def test_mic_opener_reopens_by_name_not_index(monkeypatch: pytest.MonkeyPatch) -
 # --- logging ------------------------------------------------------------------------------------
 def test_log_records_are_one_line_with_journal_priorities(tmp_path: Path) -> None:
     """journald splits on newlines and reads "<N>" as the priority when stderr is its stream."""
-    from agent import logs
+    from agent.daemon import logs
 
     with open(tmp_path / "stderr", "w+") as f:
         st = os.fstat(f.fileno())

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from agent.model import ModelRunner
+from agent.recognition.model import ModelRunner
 from agent.resources import calibration_dir, default_model_dir, demo_audio
 from tests.conftest import eva
 

@@ -17,10 +17,17 @@ import pytest
 import soundfile as sf
 
 from agent import config as config_mod
-from agent import service
-from agent.drift import DeviceBaselineLearner
+from agent.daemon import service
+from agent.monitoring.drift import DeviceBaselineLearner
+from agent.monitoring.windows import (
+    DAY_S,
+    HOUR_S,
+    RollUp,
+    WindowAggregator,
+    WindowSummary,
+    merge_summaries,
+)
 from agent.resources import demo_audio
-from agent.windows import DAY_S, HOUR_S, RollUp, WindowAggregator, WindowSummary, merge_summaries
 
 
 def windows(n: int, window_s: float = 60.0, seed: int = 0) -> list[WindowSummary]:

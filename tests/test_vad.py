@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from agent.audio.vad import Segmenter
 from agent.config import VadConfig
 from agent.errors import ConfigError
 from agent.resources import demo_audio, demo_truth
-from agent.vad import Segmenter
 
 RATE = 8000
 
@@ -179,8 +179,8 @@ def test_training_streams_cut_and_address_exactly_as_the_daemon():
     daemon pipeline's utterances on the same audio, and its default rule is the config's."""
     from agent.audio.sources import AudioBlock
     from agent.config import DecisionConfig
-    from agent.decision import Addressing, Policy
-    from agent.pipeline import Pipeline
+    from agent.recognition.decision import Addressing, Policy
+    from agent.recognition.pipeline import Pipeline
     from agent.training.streams import segment
 
     x, sr = sf.read(str(demo_audio()), dtype="float32")

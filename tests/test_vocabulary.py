@@ -18,10 +18,10 @@ import soundfile as sf
 from jsonschema import Draft202012Validator
 
 from agent.errors import AgentError
-from agent.model import MANIFEST, Manifest
-from agent.privacy import find_violations
+from agent.monitoring.privacy import find_violations
+from agent.recognition.model import MANIFEST, Manifest
+from agent.recognition.vocabulary import MAX_CLASSES, parse_words, vocabulary_problem, word_problem
 from agent.resources import default_model_dir, demo_audio, demo_truth
-from agent.vocabulary import MAX_CLASSES, parse_words, vocabulary_problem, word_problem
 from tests.conftest import ROOT, eva
 from tests.rollout_models import derive
 from tests.test_actions import recorder, runs, toml_argv
@@ -188,7 +188,7 @@ def test_classify_prints_words(words_model: Path, tmp_path: Path) -> None:
 def test_review_samples_are_labelled_with_words(tmp_path: Path) -> None:
     import numpy as np
 
-    from agent.samples import EXPORT_README, SampleStore, training_folder
+    from agent.monitoring.samples import EXPORT_README, SampleStore, training_folder
 
     main = tmp_path / "main"
     main.mkdir()
@@ -262,8 +262,8 @@ def test_the_actions_table_is_checked_against_the_model_words() -> None:
 
 
 def test_the_largest_vocabulary_keeps_the_worst_stats_payload_within_8_kb() -> None:
-    from agent.payloads import MAX_PAYLOAD_BYTES, SinceBoot, payload_bytes, stats_payload
-    from agent.vocabulary import MAX_WORD, MAX_WORDS
+    from agent.monitoring.payloads import MAX_PAYLOAD_BYTES, SinceBoot, payload_bytes, stats_payload
+    from agent.recognition.vocabulary import MAX_WORD, MAX_WORDS
     from tests.test_privacy_payloads import ANCHOR, MODEL, PROCESS, _drift_all, _full_summary
 
     s = _full_summary(classes=MAX_WORDS + 1, utterances=400)
@@ -282,7 +282,7 @@ def test_the_largest_vocabulary_keeps_the_worst_stats_payload_within_8_kb() -> N
 def test_wake_mode_keeps_the_worst_stats_payload_within_8_kb_for_words_within_budget() -> None:
     """Beside the wake stage only WAKE_CLASS_NAMES_BUDGET bytes of names fit: a vocabulary at
     the budget fits, and one that does not is refused at start (test_wake)."""
-    from agent.payloads import (
+    from agent.monitoring.payloads import (
         MAX_PAYLOAD_BYTES,
         WAKE_CLASS_NAMES_BUDGET,
         SinceBoot,
@@ -290,7 +290,7 @@ def test_wake_mode_keeps_the_worst_stats_payload_within_8_kb_for_words_within_bu
         payload_bytes,
         stats_payload,
     )
-    from agent.vocabulary import MAX_WORD, MAX_WORDS
+    from agent.recognition.vocabulary import MAX_WORD, MAX_WORDS
     from tests.test_privacy_payloads import ANCHOR, MODEL, PROCESS, _drift_all, _full_summary
 
     year = dict(zip(SinceBoot.FIELDS, (525_600, 3_153_600_000, 1_500_000_000, 9_999_999,

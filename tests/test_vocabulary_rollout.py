@@ -15,7 +15,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from agent.model import MANIFEST, Manifest
+from agent.recognition.model import MANIFEST, Manifest
 from agent.resources import default_model_dir, demo_audio
 from agent.rollout import command as cmd_mod
 from agent.rollout.bundle import bundle_digest
@@ -228,11 +228,11 @@ def test_models_install_and_activate_need_the_flag_and_warn_about_actions(tmp_pa
 def test_a_digit_enrollment_is_not_applied_to_a_candidate_with_other_words(tmp_path: Path):
     """The shadow compares both models plain rather than rescoring words with digit
     recordings (their prototypes would not exist)."""
-    from agent.model import ModelRunner
     from agent.personal.adaptation import AdaptationParams
     from agent.personal.device import FILE_MICROPHONE, build_personalizer
     from agent.personal.enrollment import Enrollment
     from agent.personal.store import PersonalStore, frontend_id
+    from agent.recognition.model import ModelRunner
 
     digits = ModelRunner(default_model_dir())
     x = digits.features(np.zeros(8000, np.float32))

@@ -86,8 +86,8 @@ def text_only(tmp_path_factory):
 
 
 def test_text_only_model_recognises_a_voice_it_never_heard(text_only, tmp_path):
-    from agent.decision import Thresholds
-    from agent.model import ModelRunner
+    from agent.recognition.decision import Thresholds
+    from agent.recognition.model import ModelRunner
 
     runner = ModelRunner(text_only)
     m = runner.manifest

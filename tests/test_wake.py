@@ -1,5 +1,5 @@
-"""Wake mode (`[addressing] mode = "wake"`, agent/wake.py) through `run`: a wake phrase learned
-from text alone, commands after it and without it, in two segments and in one breath;
+"""Wake mode (`[addressing] mode = "wake"`, agent/recognition/wake.py) through `run`: a wake phrase
+learned from text alone, commands after it and without it, in two segments and in one breath;
 monitoring of the wake stage; reload between modes; config errors in one line."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from agent.model import MANIFEST
+from agent.recognition.model import MANIFEST
 from agent.resources import default_model_dir, demo_audio
 from tests.conftest import ROOT, eva
 from tests.test_cli_messages import error_line

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from agent.metric_catalog import BY_NAME, MAX_BINS, METRICS, STAGES, WINDOW_DERIVED
-from agent.windows import (
+from agent.monitoring.metric_catalog import BY_NAME, MAX_BINS, METRICS, STAGES, WINDOW_DERIVED
+from agent.monitoring.windows import (
     HOUR_S,
     Histogram,
     RollUp,

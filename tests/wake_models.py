@@ -18,8 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.frontend import sliding_head_inputs
-from agent.model import MANIFEST, Component, Manifest, ModelRunner, build_digest, sha256_file
+from agent.recognition.frontend import sliding_head_inputs
+from agent.recognition.model import (
+    MANIFEST,
+    Component,
+    Manifest,
+    ModelRunner,
+    build_digest,
+    sha256_file,
+)
 from agent.resources import default_model_dir
 from agent.training import synth as S
 

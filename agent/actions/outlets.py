@@ -17,8 +17,8 @@ from agent.actions.runner import ActionRunner
 from agent.actions.socket_server import DecisionSocket, socket_path
 from agent.actions.table import ActionTable, check, parse
 from agent.config import Config
-from agent.decision import Decision
 from agent.errors import AgentError
+from agent.recognition.decision import Decision
 
 log = logging.getLogger("edge-voice-agent.actions")
 

@@ -32,8 +32,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.actions.table import Action, ActionTable
-from agent.decision import Decision
 from agent.errors import one_line
+from agent.recognition.decision import Decision
 
 log = logging.getLogger("edge-voice-agent.actions")
 

@@ -31,8 +31,8 @@ from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
-from agent.decision import Decision
 from agent.errors import AgentError
+from agent.recognition.decision import Decision
 
 log = logging.getLogger("edge-voice-agent.socket")
 

@@ -11,7 +11,7 @@ knows a vocabulary: a key is a label, `"*"` matches every label, and the most sp
 wins (a label's own entry over `"*"`). A key that the model does not have is one warning at
 load and at every model switch, not an error: the table may be written for the next model (or
 kept from the last one, after a vocabulary change). A key that no model can have (it breaks the
-word rule of agent.vocabulary, e.g. "Lights") is refused in one line.
+word rule of agent.recognition.vocabulary, e.g. "Lights") is refused in one line.
 
 Parsing is pure (`parse_entry`, used by the config loader, so a typo names the file); `check`
 looks at the disk: an action whose program does not exist or cannot be run is refused there,
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.vocabulary import word_problem
+from agent.recognition.vocabulary import word_problem
 
 ANY = "*"
 SETTINGS = ("timeout_s", "queue_max")  # agent.config.ActionsConfig; every other key is a label

@@ -1,1 +1,2 @@
-"""Audio I/O edge (sources) and the stream conditioning that follows it (mono, resampling)."""
+"""Sound in, speech segments out: the audio I/O edge (`sources`: microphone, file), mono and
+resampling (`resample`) and the VAD segmenter (`vad`, webrtcvad) that cuts utterances out."""

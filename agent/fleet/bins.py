@@ -1,8 +1,8 @@
 """Exact fixed-edge metric sums for the operator side, lean enough for 10,000 devices.
 
-`agent.windows.Histogram` is the device's tool (numpy counts, a per-histogram edge list for fast
-scalar adds). An operator holds one merged histogram per device and metric and merges ~35 of
-them per message, thousands of messages a second: there a plain list of ints that adds the
+`agent.monitoring.windows.Histogram` is the device's tool (numpy counts, a per-histogram edge list
+for fast scalar adds). An operator holds one merged histogram per device and metric and merges ~35
+of them per message, thousands of messages a second: there a plain list of ints that adds the
 payload's run-trimmed `hist` in place is ~10x cheaper in time and memory. Counts stay exact
 integers; quantiles use the same inverted-CDF estimate as `Histogram.quantiles` (tested equal).
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.windows import Histogram
+from agent.monitoring.windows import Histogram
 
 _EDGE_LISTS: dict[int, tuple[np.ndarray, list[float]]] = {}
 

@@ -31,8 +31,8 @@ from prometheus_client.samples import Sample
 from agent import __version__
 from agent.fleet.ingest import CUMULATIVE, METRIC_NAMES, FleetModel
 from agent.fleet.state import ERROR_KINDS, GROUP_LABELS
-from agent.metric_catalog import DRIFT_ONLY, METRICS
-from agent.windows import COUNTERS
+from agent.monitoring.metric_catalog import DRIFT_ONLY, METRICS
+from agent.monitoring.windows import COUNTERS
 
 GROUP_COUNTERS = ("utterances", "accepted", "abstained", "dropped_frames")
 OUTCOMES = ("stats", "alarm", "status", "birth", "duplicate", *ERROR_KINDS, "unknown_topic")

@@ -33,7 +33,7 @@ from typing import Any
 from msgspec.json import decode as _loads
 
 from agent.fleet.bins import MetricSum
-from agent.metric_catalog import DRIFT_ONLY, METRICS
+from agent.monitoring.metric_catalog import DRIFT_ONLY, METRICS
 
 BUCKET_S = 300
 GROUP_COLUMNS = ("model", "model_version", "rollout", "cohort")

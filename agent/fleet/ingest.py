@@ -30,8 +30,8 @@ from typing import Any
 from agent.fleet.history import BUCKET_S
 from agent.fleet.schema import FUTURE_S, PAST_S, Invalid, decode_json, decode_stats, utc_epoch
 from agent.fleet.state import FleetState, Totals
-from agent.metric_catalog import DRIFT_ONLY, METRICS
-from agent.payloads import SinceBoot
+from agent.monitoring.metric_catalog import DRIFT_ONLY, METRICS
+from agent.monitoring.payloads import SinceBoot
 from agent.telemetry.message import DEFAULT_PREFIX
 
 CUMULATIVE = SinceBoot.FIELDS          # windows, frames, speech_frames, utterances, ...

@@ -74,7 +74,7 @@ def add_parser(fsub: Any) -> None:
 def command_from_args(args: argparse.Namespace) -> RolloutCommand:
     """The command `start` publishes, validated exactly as a device will validate it."""
     if args.model_dir is not None:
-        from agent.model import MANIFEST, Manifest
+        from agent.recognition.model import MANIFEST, Manifest
         from agent.rollout.bundle import bundle_digest, bundle_problem
 
         why = bundle_problem(args.model_dir)

@@ -47,7 +47,7 @@ Key = Annotated[str, Meta(max_length=64)]       # a metric name: LEVEL, checked 
 Short = Annotated[str, Meta(max_length=32)]     # a baseline or a class: WORD / LABEL, likewise
 LEVEL = r"^[A-Za-z0-9._-]{1,64}\Z"
 WORD = r"^[A-Za-z0-9._-]{0,32}\Z"
-LABEL = r"^[a-z0-9](?:[a-z0-9.-]| [a-z0-9.-])*\Z"  # a vocabulary word (agent.vocabulary)
+LABEL = r"^[a-z0-9](?:[a-z0-9.-]| [a-z0-9.-])*\Z"  # a vocabulary word (recognition.vocabulary)
 Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 Finite = Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]  # an int is taken as a float
 NonNeg = Annotated[float, Meta(ge=0, le=_FLOAT_MAX)]
@@ -58,7 +58,7 @@ Word = Annotated[str, Meta(pattern=WORD)]     # a mode, a state
 Utc = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
                                   r"(\.[0-9]{1,6})?Z\Z")]
 MAX_METRICS = 64           # metric entries per window (the catalogue has ~20)
-MAX_CLASSES = 64           # a device sends at most agent.vocabulary.MAX_CLASSES (25)
+MAX_CLASSES = 64           # a device sends at most agent.recognition.vocabulary.MAX_CLASSES (25)
 MAX_HIST = 25              # [first bin, up to 24 counts]
 REASONS = ("invalid_json", "too_large", "too_deep", "schema", "implausible_time")
 
@@ -94,7 +94,7 @@ class Counts(TypedDict):
     abstained: Count
     dropped_frames: Count
     state_write_errors: NotRequired[Count]  # added after schema 1: 0 when absent
-    wakes: NotRequired[Count]               # wake mode only (agent/wake.py): 0 when absent
+    wakes: NotRequired[Count]               # wake mode only (recognition/wake.py): 0 when absent
     wake_commands: NotRequired[Count]
     wakes_unused: NotRequired[Count]
 
@@ -170,7 +170,8 @@ class Rollout(TypedDict):
 
 
 class Stats(TypedDict):
-    """agent.payloads' stats payload, schema 1: every field bounded (see the module's doc)."""
+    """agent.monitoring.payloads' stats payload, schema 1: every field bounded (see the module's
+    doc)."""
 
     schema: Literal[1]
     device_id: Level
@@ -191,7 +192,8 @@ class Stats(TypedDict):
 
 
 class BirthInfo(TypedDict):
-    """What `fleet serve` keeps of a birth (agent.service.birth_payload): shown, so bounded."""
+    """What `fleet serve` keeps of a birth (agent.daemon.service.birth_payload): shown, so
+    bounded."""
 
     agent_version: NotRequired[Name]
     config_digest: NotRequired[Annotated[str, Meta(pattern=r"^[0-9a-f]{0,64}\Z")]]

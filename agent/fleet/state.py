@@ -10,9 +10,9 @@ Semantics (see docs/fleet.md):
 * Gaps are the seq numbers missing between the lowest and highest seen of each boot: messages
   lost for good (an outbox that had to drop) or not arrived yet (a replay still running).
 * Counts and histograms are sums over every distinct window received, whatever its order or
-  `historical` flag. Histograms use fixed edges (agent.metric_catalog, or the device's birth for
-  metrics the catalogue does not know), so merging across windows and devices adds integer counts
-  and is exact; a payload whose device declared different edges is refused (`edges_mismatch`)
+  `historical` flag. Histograms use fixed edges (agent.monitoring.metric_catalog, or the device's
+  birth for metrics the catalogue does not know), so merging across windows and devices adds integer
+  counts and is exact; a payload whose device declared different edges is refused (`edges_mismatch`)
   rather than merged into meaningless bins.
 * Active alarms are those of the device's current boot: a restarted agent starts with no raised
   rule and never clears the previous boot's alarms itself.
@@ -47,9 +47,9 @@ from agent.fleet.schema import (
     decode_stats,
 )
 from agent.fleet.schema import Invalid as _Invalid
-from agent.metric_catalog import METRICS, MetricSpec
+from agent.monitoring.metric_catalog import METRICS, MetricSpec
+from agent.monitoring.windows import COUNTERS
 from agent.telemetry.message import DEFAULT_PREFIX
-from agent.windows import COUNTERS
 
 FLEET_SCHEMA = 1
 # mosquitto's count of messages it dropped (queue limits); subscribed to where the ACL allows

@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 
 from agent.audio.sources import stable_device_name
+from agent.daemon.state_health import StateHealth
 from agent.errors import AgentError, one_line
-from agent.model import ModelRunner
 from agent.personal.adaptation import AdaptationParams, AdaptationState, Adapter
 from agent.personal.enrollment import Enrollment, Rescorer, missing_classes
 from agent.personal.reference import REFERENCE_FILE, Reference
 from agent.personal.store import AdaptationKey, PersonalStore, frontend_id
+from agent.recognition.model import ModelRunner
 from agent.resources import calibration_dir
-from agent.state_health import StateHealth
 
 log = logging.getLogger("edge-voice-agent")
 

@@ -17,13 +17,13 @@ import numpy as np
 
 from agent.audio.sources import AudioBlock
 from agent.config import Config
-from agent.decision import Policy
 from agent.errors import AgentError
-from agent.model import ModelRunner
 from agent.personal.device import reference_for
 from agent.personal.enrollment import Enrollment, label_of, missing_classes
 from agent.personal.store import PersonalStore, frontend_id
-from agent.pipeline import Outcome, Pipeline
+from agent.recognition.decision import Policy
+from agent.recognition.model import ModelRunner
+from agent.recognition.pipeline import Outcome, Pipeline
 
 PROMPT_TIMEOUT_S = 10.0  # audio seconds waited for each prompted word
 MAX_PER_CLASS = 20       # the state stays small (about 4 KB per recording)

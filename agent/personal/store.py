@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from agent.atomic import atomic_write
-from agent.model import Manifest
+from agent.daemon.state_health import StateHealth, describe_error
 from agent.personal.adaptation import AdaptationState
 from agent.personal.enrollment import Enrollment
-from agent.state_health import StateHealth, describe_error
+from agent.recognition.model import Manifest
 
 log = logging.getLogger("edge-voice-agent")
 

@@ -18,9 +18,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from agent.decision import Thresholds
 from agent.errors import AgentError
-from agent.model import MANIFEST, Manifest, sha256_file, verify_components
+from agent.recognition.decision import Thresholds
+from agent.recognition.model import MANIFEST, Manifest, sha256_file, verify_components
 
 SIGNATURE = "bundle.sig"   # agent.rollout.signing: not part of what it signs
 CALIBRATION = "calibration"

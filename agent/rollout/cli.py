@@ -17,7 +17,7 @@ from agent import config as config_mod
 from agent.actions.table import label_warnings
 from agent.actions.table import parse as parse_actions
 from agent.errors import AgentError, one_line
-from agent.model import MANIFEST, Manifest
+from agent.recognition.model import MANIFEST, Manifest
 from agent.resources import default_model_dir
 from agent.rollout.compat import vocabulary_changes, vocabulary_difference
 from agent.rollout.store import ModelStore, Probation

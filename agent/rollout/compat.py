@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.decision import Thresholds
+from agent.audio.vad import VAD_RATES
 from agent.errors import AgentError
-from agent.model import Manifest
+from agent.recognition.decision import Thresholds
+from agent.recognition.model import Manifest
+from agent.recognition.vocabulary import differs
 from agent.resources import calibration_dir
-from agent.vad import VAD_RATES
-from agent.vocabulary import differs
 
 CALIBRATION = "calibration"
 

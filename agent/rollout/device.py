@@ -27,10 +27,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.decision import Policy, Thresholds
-from agent.drift import AlarmEvent
 from agent.errors import AgentError, one_line
-from agent.model import MANIFEST, Manifest, ModelRunner
+from agent.monitoring.drift import AlarmEvent
+from agent.monitoring.windows import WindowSummary
+from agent.recognition.decision import Policy, Thresholds
+from agent.recognition.model import MANIFEST, Manifest, ModelRunner
 from agent.resources import default_model_dir
 from agent.rollout import command as cmd_mod
 from agent.rollout.bundle import bundle_digest
@@ -49,12 +50,11 @@ from agent.rollout.probation import (
 )
 from agent.rollout.shadow import ShadowRunner
 from agent.rollout.store import ModelStore, Probation, atomic_write_json, failed_text
-from agent.windows import WindowSummary
 
 if TYPE_CHECKING:
     from agent.config import Config
-    from agent.monitor import Monitor
-    from agent.pipeline import Pipeline
+    from agent.monitoring.monitor import Monitor
+    from agent.recognition.pipeline import Pipeline
 
 log = logging.getLogger("edge-voice-agent.rollout")
 
@@ -127,7 +127,7 @@ class RolloutController:
         self._retry_at = 0.0
         self._shadow_listeners: list = []
         self._warm_logged = False
-        self.samples: Any = None  # agent.samples.SampleRecorder when samples.enabled
+        self.samples: Any = None  # agent.monitoring.samples.SampleRecorder when samples.enabled
         host.pipeline.observers.append(self.experience)
         host.monitor.sections.append(self.window_sections)
         self.probation = self.store.pointers().probation

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.metric_catalog import MEAN_MIN_VALUES
-from agent.pipeline import Outcome
-from agent.vad import VadBlockStats
+from agent.audio.vad import VadBlockStats
+from agent.monitoring.metric_catalog import MEAN_MIN_VALUES
+from agent.recognition.pipeline import Outcome
 
 MIN_EVENTS = MEAN_MIN_VALUES
 

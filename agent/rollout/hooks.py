@@ -12,7 +12,7 @@ def attach_rollout(service: Any, *, pinned: bool) -> RolloutController:
     rollout topics when the telemetry sink is MQTT (other sinks: the saved rollout only)."""
     ctl = RolloutController(service.cfg, service, pinned=pinned)
     if service.cfg.samples.enabled:  # opt-in: audio of hard cases stays on the device
-        from agent.samples import SampleRecorder, SampleStore
+        from agent.monitoring.samples import SampleRecorder, SampleStore
 
         rec = SampleRecorder(SampleStore.from_config(service.cfg),
                              service.cfg.samples.confidence_below)

@@ -34,8 +34,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agent.monitoring.windows import WindowSummary
 from agent.rollout.experience import MIN_EVENTS, ExperienceCounts
-from agent.windows import WindowSummary
 
 LATENCY_SLACK_MS = 5.0  # latency below this growth is never a breach (timer noise)
 Z_ONE_SIDED = 1.645     # estimated precision and the experience rates must pass their limit

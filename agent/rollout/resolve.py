@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from agent.config import Config
-from agent.model import MANIFEST, Manifest
+from agent.recognition.model import MANIFEST, Manifest
 from agent.resources import default_model_dir
 from agent.rollout.compat import baseline_path, thresholds_path
 from agent.rollout.store import SLOTS, STORE, ModelStore

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from agent.decision import Decision, Policy
-from agent.metric_catalog import MEAN_MIN_VALUES
-from agent.model import ModelRunner
-from agent.pipeline import Outcome
-from agent.vad import VadBlockStats
+from agent.audio.vad import VadBlockStats
+from agent.monitoring.metric_catalog import MEAN_MIN_VALUES
+from agent.recognition.decision import Decision, Policy
+from agent.recognition.model import ModelRunner
+from agent.recognition.pipeline import Outcome
 
 MIN_VALUES = MEAN_MIN_VALUES
 MAX_PENDING = 32

@@ -16,9 +16,9 @@ the failed build back.
 
 Every bundle is verified on install (its digest over every file, agent.rollout.bundle, against
 the one the rollout names; with `rollout.trusted_keys`, its signature; copied to a temporary
-slot, opened with `agent.model.ModelRunner`, checked for compatibility, then renamed into place;
-the digest is recorded in `bundles`) and again on every load (the slot's digest against the
-recorded one, the signature, ModelRunner's own checks), so a slot changed on disk — an edited
+slot, opened with `agent.recognition.model.ModelRunner`, checked for compatibility, then renamed
+into place; the digest is recorded in `bundles`) and again on every load (the slot's digest against
+the recorded one, the signature, ModelRunner's own checks), so a slot changed on disk — an edited
 calibration file included — is refused instead of run.
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 
 from agent.atomic import atomic_write, fsync_dir
 from agent.errors import AgentError, one_line
-from agent.model import MANIFEST, Manifest, ModelRunner, verify_components
+from agent.recognition.model import MANIFEST, Manifest, ModelRunner, verify_components
 from agent.rollout.bundle import bundle_digest
 from agent.rollout.compat import check_compatible, thresholds_path
 from agent.rollout.signing import check_signature

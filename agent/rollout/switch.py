@@ -9,9 +9,9 @@ noise floor carried over, so windows and the clock continue without a jump.
 
 from __future__ import annotations
 
-from agent.decision import Decision, Policy
-from agent.model import ModelRunner
-from agent.pipeline import Pipeline
+from agent.recognition.decision import Decision, Policy
+from agent.recognition.model import ModelRunner
+from agent.recognition.pipeline import Pipeline
 
 
 def retarget(p: Pipeline, model: ModelRunner | None, policy: Policy

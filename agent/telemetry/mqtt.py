@@ -32,8 +32,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.daemon.state_health import StateHealth
 from agent.errors import ConfigError, one_line
-from agent.state_health import StateHealth
 from agent.telemetry.link import CauseLog, connect_error_cause
 from agent.telemetry.message import DEFAULT_PREFIX, Message, check_level, json_bytes, topic
 from agent.telemetry.outbox import Outbox, OutboxLimits

@@ -31,7 +31,7 @@ Contract:
   it is over its bound, or over a quarter of the room left when space runs short).
 - Ages use the outbox clock: monotonic within a process (a wall-clock step expires nothing);
   across a restart it continues from the last stored value plus the downtime the wall clock
-  reports, trusted only when both readings are plausible (after `agent.clock.SYNC_FLOOR`) and
+  reports, trusted only when both readings are plausible (after `agent.daemon.clock.SYNC_FLOOR`) and
   bounded by `[0, 2 × max_age_s]` (a clock behind the last run's counts as no downtime).
 - One process at a time: an exclusive `flock` on `PATH.lock`; a second opener gets an error
   instead of publishing the same rows twice.
@@ -55,9 +55,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.clock import plausible
+from agent.daemon.clock import plausible
+from agent.daemon.state_health import StateHealth, describe_error
 from agent.errors import AgentError
-from agent.state_health import StateHealth, describe_error
 from agent.telemetry.message import Message, json_bytes
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from agent.errors import ConfigError
 from agent.telemetry.message import DEFAULT_PREFIX, Message, topic
 
 if TYPE_CHECKING:
-    from agent.state_health import StateHealth
+    from agent.daemon.state_health import StateHealth
     from agent.telemetry.mqtt import MqttOptions
     from agent.telemetry.outbox import OutboxLimits
 

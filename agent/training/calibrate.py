@@ -18,13 +18,13 @@ import numpy as np
 
 from agent.audio.sources import AudioBlock
 from agent.config import DecisionConfig, VadConfig
-from agent.decision import Policy
-from agent.drift import Baseline
-from agent.model import ModelRunner
-from agent.monitor import Monitor
-from agent.pipeline import Pipeline
+from agent.monitoring.drift import Baseline
+from agent.monitoring.monitor import Monitor
+from agent.monitoring.windows import Histogram, WindowSummary, merge_summaries
+from agent.recognition.decision import Policy
+from agent.recognition.model import ModelRunner
+from agent.recognition.pipeline import Pipeline
 from agent.training.dataset import Clip, load_audio
-from agent.windows import Histogram, WindowSummary, merge_summaries
 
 OOF_FILE = "oof.npz"
 BASELINE_FILE = "baseline.json"
@@ -77,7 +77,7 @@ def stream_summary(model: ModelRunner, audio: np.ndarray, vad: VadConfig,
 
 
 def model_stage_hists(oof_probs: np.ndarray) -> dict[str, Histogram]:
-    from agent.metric_catalog import BY_NAME
+    from agent.monitoring.metric_catalog import BY_NAME
 
     top2 = np.sort(oof_probs, axis=1)[:, -2:]
     conf = Histogram.for_metric(BY_NAME["confidence"])

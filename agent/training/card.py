@@ -160,7 +160,8 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "",
         "## Method",
         "",
-        "Front end (`agent/frontend.py`, the same code in training, evaluation and the daemon): "
+        "Front end (`agent/recognition/frontend.py`, the same code in training, evaluation and "
+        "the daemon): "
         "band-limit to the 4 kHz telephone band FSDD has, a 1.5 s window centred on the "
         "utterance and padded with background noise, the two embedding graphs → 9 frames × 96; "
         "head input = the 9 frames flattened + their mean + their max (1,056 values).",
@@ -177,7 +178,8 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
         "exported with skl2onnx (checked equal to scikit-learn within "
         f"{tr.get('onnx_max_abs_diff', 0):.1e}).",
         "",
-        "Addressing (`agent/decision.py`, the same rule in `evaluate` and in the daemon): a "
+        "Addressing (`agent/recognition/decision.py`, the same rule in `evaluate` and in the "
+        "daemon): a "
         "VAD segment acts only when it looks like a command said on its own: speech span at "
         f"most {fa_rule.get('max_length_s', '?')} s, at least "
         f"{fa_rule.get('min_quiet_before_s', '?')} s of quiet before it, no other segment "

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from agent import frontend as F
 from agent.config import VadConfig
-from agent.decision import Addressing
+from agent.recognition import frontend as F
+from agent.recognition.decision import Addressing
 from agent.training import augment as A
 from agent.training import streams as T
 from agent.training import synth as S
@@ -630,7 +630,7 @@ def loso(ds: DataSet, r: Recipe, seed: int = 0, workers: int = 2, log=print) -> 
 def stream_report(ds: DataSet, scores: dict[str, list[tuple]], prob, th: np.ndarray
                   ) -> dict[str, Any]:
     """False activations per hour of each stream, out of fold: by the model alone (threshold)
-    and with the addressing rule the daemon applies (agent/decision.py)."""
+    and with the addressing rule the daemon applies (agent/recognition/decision.py)."""
     rule = Addressing()
     out: dict[str, Any] = {}
     parts = {"talk": ds.talk, "words": ds.word_stream, "sounds": ds.sound_stream}

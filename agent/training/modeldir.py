@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
-from agent.frontend import EMBEDDING_FILE, MEL_FILE, STREAM_FILE, FrontendParams
-from agent.model import MANIFEST, Component, Manifest, ModelRunner, sha256_file
+from agent.recognition.frontend import EMBEDDING_FILE, MEL_FILE, STREAM_FILE, FrontendParams
+from agent.recognition.model import MANIFEST, Component, Manifest, ModelRunner, sha256_file
+from agent.recognition.vocabulary import vocabulary_problem
 from agent.training import pretrained as P
-from agent.vocabulary import vocabulary_problem
 
 NOTICE_FILE = "NOTICE"
 HEAD_LICENCE = ("MIT (this project); trained on FSDD (CC BY-SA 4.0), Speech Commands (CC BY 4.0, "

@@ -21,8 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from agent.errors import AgentError
-from agent.frontend import DEFAULT, EMBEDDING_FILE, MEL_FILE, STREAM_FILE, SpeechEmbedding
-from agent.model import sha256_file
+from agent.recognition.frontend import (
+    DEFAULT,
+    EMBEDDING_FILE,
+    MEL_FILE,
+    STREAM_FILE,
+    SpeechEmbedding,
+)
+from agent.recognition.model import sha256_file
 
 PACKAGE = "openwakeword"
 VERSION = "0.4.0"

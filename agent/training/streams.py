@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.audio.vad import Segmenter, Utterance
 from agent.config import VadConfig
 from agent.errors import AgentError
 from agent.training.calibrate import lay_out
-from agent.vad import Segmenter, Utterance
 
 SR = 16000
 TALK_GAP_S = (0.5, 2.0)   # pauses between the sentences of one speaker

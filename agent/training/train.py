@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.model import ModelRunner
+from agent.recognition.model import ModelRunner
 from agent.training import card
 from agent.training.calibrate import OOF_FILE, calibrate
 from agent.training.dataset import load_audio
@@ -112,7 +112,7 @@ def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path
           recipe: Recipe | None = None, cache: Path | None = None, workers: int = 2,
           speech_commands: Path | None = None, talk: Path | None = None,
           log=print) -> TrainResult:
-    from agent.frontend import FrontendParams
+    from agent.recognition.frontend import FrontendParams
     from agent.training.modeldir import write_model_directory
 
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.recognition.vocabulary import UNKNOWN
 from agent.training import vocab_card
 from agent.training import vocabulary as V
 from agent.training.calibrate import OOF_FILE, write_baseline
@@ -21,7 +22,6 @@ from agent.training.export import (
 )
 from agent.training.train import TrainResult, measure_latency, public
 from agent.training.words import spoken
-from agent.vocabulary import UNKNOWN
 
 
 def train_vocabulary(vocabulary: tuple[str, ...], data_dir: Path | None, out_dir: Path,
@@ -30,8 +30,8 @@ def train_vocabulary(vocabulary: tuple[str, ...], data_dir: Path | None, out_dir
                      recipe: V.VocabRecipe | None = None, cache: Path,
                      workers: int = 2, speech_commands: Path | None = None,
                      talk: Path | None = None, command: str = "", log=print) -> TrainResult:
-    from agent.frontend import FrontendParams
     from agent.personal.reference import REFERENCE_FILE, fit_reference
+    from agent.recognition.frontend import FrontendParams
     from agent.training.modeldir import write_model_directory
 
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.decision import Addressing
+from agent.recognition.decision import Addressing
 from agent.training import augment as A
 from agent.training import synth as S
 from agent.training import words as W

@@ -1,10 +1,10 @@
 """A vocabulary as the integrator writes it: validation, what each word is called in the
 recordings and how it is spoken, and its near-words (one sound away) from its text alone.
 
-A word obeys agent.vocabulary's rule (a phrase is words with single spaces, `hey jarvis`), and
-a digit is its own word as in the digit model: `3` and `three` both mean the recordings
-labelled 3 (the class keeps the name that was written).
-Pure functions except `phonemes`, which asks espeak-ng.
+A word obeys agent.recognition.vocabulary's rule (a phrase is words with single spaces, `hey
+jarvis`), and a digit is its own word as in the digit model: `3` and `three` both mean the
+recordings labelled 3 (the class keeps the name that was written). Pure functions except `phonemes`,
+which asks espeak-ng.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import zlib
 import numpy as np
 
 from agent.errors import ConfigError
+from agent.recognition.vocabulary import MAX_WORDS, UNKNOWN, word_problem
 from agent.training.synth import DIGIT_WORDS
-from agent.vocabulary import MAX_WORDS, UNKNOWN, word_problem
 
 
 def parse_vocabulary(text: str) -> tuple[str, ...]:
     """`yes,no,turn on` → ("yes", "no", "turn on"); a bad list raises ONE ConfigError line.
-    The word rule is agent.vocabulary's, the one every manifest is read with."""
+    The word rule is agent.recognition.vocabulary's, the one every manifest is read with."""
     words = [w.strip().lower() for w in text.split(",")]
     if not text.strip() or any(not w for w in words):
         raise ConfigError(f"--vocabulary {text!r}: an empty word; give words separated by "

@@ -31,15 +31,15 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-import agent.monitor  # noqa: E402
+import agent.monitoring.monitor  # noqa: E402
 from agent import service  # noqa: E402
 from agent.audio.sources import open_source  # noqa: E402
 from agent.config import load  # noqa: E402
-from agent.drift import AlarmEvent, DriftScore  # noqa: E402
-from agent.metric_catalog import METRICS  # noqa: E402
-from agent.payloads import alarm_payload, payload_bytes, stats_payload  # noqa: E402
+from agent.monitoring.drift import AlarmEvent, DriftScore  # noqa: E402
+from agent.monitoring.metric_catalog import METRICS  # noqa: E402
+from agent.monitoring.payloads import alarm_payload, payload_bytes, stats_payload  # noqa: E402
+from agent.monitoring.windows import WindowSummary, empty_hists  # noqa: E402
 from agent.resources import demo_audio  # noqa: E402
-from agent.windows import WindowSummary, empty_hists  # noqa: E402
 
 MODEL = {"name": "fsdd-digits", "version": "2.0.0", "sha256": "b5" * 32, "mode": "partial",
          "threshold": 0.746984, "slot": "bundled"}
@@ -74,7 +74,7 @@ def pipeline_windows(window_s: float, seconds: float) -> list[tuple[WindowSummar
 
         pipeline.observers.append(monitor)
         clip = str(demo_audio())
-        with mock.patch.object(agent.monitor, "stats_payload", recording):
+        with mock.patch.object(agent.monitoring.monitor, "stats_payload", recording):
             while pipeline.clock_s < seconds:
                 for block in open_source(clip, cfg.audio.block_ms, 0.0):
                     pipeline.feed(block)

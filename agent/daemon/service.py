@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import __version__
+from agent.actions.decision_log import DecisionWriter
 from agent.actions.outlets import Outlets, load_table
 from agent.actions.table import ActionTable
 from agent.audio.sources import (
@@ -47,16 +48,15 @@ from agent.audio.sources import (
     MicOpener,
     waits_for_devices,
 )
-from agent.clock import UtcStamper
 from agent.config import RULE_SECTIONS, Config, to_dict
-from agent.decision import Policy, Thresholds
-from agent.decision_log import DecisionWriter
-from agent.drift import AlarmEvent, AlarmRule, Baseline, DeviceBaselineLearner
+from agent.daemon.clock import UtcStamper
+from agent.daemon.sdnotify import Notifier
+from agent.daemon.state_health import StateHealth
 from agent.errors import AgentError, one_line
-from agent.metric_catalog import METRICS
-from agent.model import ModelRunner
-from agent.monitor import Monitor
-from agent.payloads import WAKE_CLASS_NAMES_BUDGET, class_names_bytes
+from agent.monitoring.drift import AlarmEvent, AlarmRule, Baseline, DeviceBaselineLearner
+from agent.monitoring.metric_catalog import METRICS
+from agent.monitoring.monitor import Monitor
+from agent.monitoring.payloads import WAKE_CLASS_NAMES_BUDGET, class_names_bytes
 from agent.personal.adaptation import AdaptationParams
 from agent.personal.device import (
     FILE_MICROPHONE,
@@ -64,16 +64,16 @@ from agent.personal.device import (
     build_personalizer,
     microphone_identity,
 )
-from agent.pipeline import Pipeline
+from agent.recognition.decision import Policy, Thresholds
+from agent.recognition.model import ModelRunner
+from agent.recognition.pipeline import Pipeline
+from agent.recognition.wake import WakeModel, WakeStage
 from agent.resources import calibration_dir, default_model_dir
 from agent.rollout.hooks import attach_rollout
 from agent.rollout.resolve import slot_of, store_config
 from agent.rollout.switch import retarget
-from agent.sdnotify import Notifier
-from agent.state_health import StateHealth
 from agent.telemetry.device_id import resolve_device_id
 from agent.telemetry.sinks import Sink, make_sink
-from agent.wake import WakeModel, WakeStage
 
 log = logging.getLogger("edge-voice-agent")
 
@@ -102,7 +102,7 @@ def load_policy(cfg: Config, model: ModelRunner) -> Policy:
 
 def load_wake(cfg: Config, model: ModelRunner) -> WakeStage | None:
     """The wake stage for `addressing.mode = "wake"` (None for "always"), on `model`'s front
-    end (agent/wake.py)."""
+    end (agent/recognition/wake.py)."""
     a = cfg.addressing
     if a.mode != "wake":
         return None

@@ -14,7 +14,7 @@ from agent.errors import AgentError
 
 
 def send_reload(pid: int) -> None:
-    """SIGHUP to `pid`: the agent re-reads its config (see agent.service, SIGHUP)."""
+    """SIGHUP to `pid`: the agent re-reads its config (see agent.daemon.service, SIGHUP)."""
     if pid <= 1:
         raise AgentError(f"refusing to signal process {pid}; give the agent's main PID "
                          "(systemd passes $MAINPID)")

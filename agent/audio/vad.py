@@ -9,7 +9,7 @@ utterance starts after `trigger_frames` speech frames within `trigger_window`, k
 closure inside "six" or "eight" does not split a word), and is force-cut at `max_utterance_ms`.
 An utterance ended by silence is held until `quiet_after_ms` of quiet follow its last speech, or
 released as `speech_after` when the next utterance starts sooner: a command is said on its own,
-a piece of a sentence is followed by more speech (see agent/decision.py, `Addressing`).
+a piece of a sentence is followed by more speech (see agent/recognition/decision.py, `Addressing`).
 
 Time is the sample counter of the stream pushed in (one clock): every position in an
 `Utterance` is a sample index, so a replayed file gives identical results in any block size.

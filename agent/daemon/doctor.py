@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.clock import SYNC_FLOOR
 from agent.config import Config
+from agent.daemon.clock import SYNC_FLOOR
 
 OK, FAIL, SKIP = "OK", "FAIL", "SKIP"
 # The wall clock must be past this release's date: a board without a real-time clock boots at
@@ -118,7 +118,7 @@ def check_audio_source(cfg: Config) -> Check:
 # --- model and calibration ------------------------------------------------------------------
 def check_model(cfg: Config) -> Check:
     """Loads the model the way the service does: every component's sha256 against the manifest."""
-    from agent.service import load_model
+    from agent.daemon.service import load_model
 
     try:
         m = load_model(cfg).manifest
@@ -149,7 +149,7 @@ def check_actions(cfg: Config) -> Check:
 
 
 def _manifest(cfg: Config):
-    from agent.model import MANIFEST, Manifest
+    from agent.recognition.model import MANIFEST, Manifest
     from agent.resources import default_model_dir
 
     return Manifest.read(Path(cfg.model.path or default_model_dir()) / MANIFEST)
@@ -157,7 +157,7 @@ def _manifest(cfg: Config):
 
 def check_thresholds(cfg: Config) -> Check:
     """thresholds.json exists, parses, and was calibrated for this model build (sha256)."""
-    from agent.decision import Thresholds
+    from agent.recognition.decision import Thresholds
     from agent.resources import calibration_dir
 
     if cfg.decision.mode == "off":
@@ -181,7 +181,7 @@ def check_thresholds(cfg: Config) -> Check:
 
 def check_baseline(cfg: Config) -> Check:
     """The training baseline drift is scored against: present, readable, for this model."""
-    from agent.drift import Baseline
+    from agent.monitoring.drift import Baseline
     from agent.resources import calibration_dir
 
     try:
@@ -207,9 +207,9 @@ def check_personal(cfg: Config, state_cfg: Config) -> Check:
     personal state files read back (doctor never moves or changes them)."""
     import json as json_
 
+    from agent.daemon.service import load_model
     from agent.personal.device import reference_for
     from agent.personal.store import Corrupt, PersonalStore, read_npz
-    from agent.service import load_model
 
     p = cfg.personal
     if cfg.decision.mode == "off" or not (p.adaptation or p.enrollment):

@@ -1,7 +1,7 @@
 """Drift scores against baselines, baselines themselves, and alarm rules with hysteresis.
 
 Drift is scored per metric by comparing a window's histogram with a baseline histogram over the
-same fixed edges (agent.metric_catalog). Two scores are available, chosen by config:
+same fixed edges (agent.monitoring.metric_catalog). Two scores are available, chosen by config:
 
 * ``js`` (default): Jensen-Shannon *distance*, sqrt of the JS divergence in base 2. Chosen over
   PSI because it is bounded to [0, 1] (one threshold scale for every metric), symmetric, a true
@@ -13,7 +13,7 @@ same fixed edges (agent.metric_catalog). Two scores are available, chosen by con
 
 Both are biased upwards on small samples (a window of n values cannot fill the baseline's
 shape), which is why alarm rules carry `min_count` and why drift can be scored on a trailing
-merge of windows (agent.windows.Trailing) or on roll-ups.
+merge of windows (agent.monitoring.windows.Trailing) or on roll-ups.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from agent.daemon.state_health import StateHealth
 from agent.errors import AgentError, ConfigError
-from agent.metric_catalog import BY_NAME, CLASS_DISTRIBUTION, METRICS, MetricSpec
-from agent.state_health import StateHealth
-from agent.windows import Histogram, WindowSummary, copy_summary, merge_into
+from agent.monitoring.metric_catalog import BY_NAME, CLASS_DISTRIBUTION, METRICS, MetricSpec
+from agent.monitoring.windows import Histogram, WindowSummary, copy_summary, merge_into
 
 DRIFT_METHODS: tuple[str, ...] = ("js", "psi")
 PSI_EPS = 1e-4

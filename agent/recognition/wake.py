@@ -5,8 +5,8 @@ WORD`, from text alone if need be) whose classes are [WORD, unknown], with its `
 inside. It must share the command model's front end: it is only another head on the same 96-d
 speech embedding, as in the open wake-word engines. The check on a VAD segment costs one head
 call on the features the command model computes anyway, plus one embedding pass over the
-segment with the head slid over it in 80 ms steps (agent/frontend.py, `sliding_head_inputs`),
-which finds a wake phrase said in one breath with its command.
+segment with the head slid over it in 80 ms steps (agent/recognition/frontend.py,
+`sliding_head_inputs`), which finds a wake phrase said in one breath with its command.
 
 Per segment (`WakeStage.judge`, then `settle` with the decision):
 * the wake phrase at the start, with speech after a pause ("WORD seven" in one breath, the
@@ -24,7 +24,7 @@ speech just before the command is the wake phrase, but the wake phrase itself mu
 quiet (`decision.min_quiet_before_ms`) and not be a force-cut piece of long speech, or it is
 no wake phrase (people talking say words that sound like it, mid-sentence). The rest applies
 to the command: a force-cut piece of long speech, speech right after, a segment longer than a
-command never act (agent/pipeline.py applies it).
+command never act (agent/recognition/pipeline.py applies it).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.decision import Thresholds
 from agent.errors import AgentError
-from agent.frontend import sliding_head_inputs
-from agent.model import ModelRunner
+from agent.recognition.decision import Thresholds
+from agent.recognition.frontend import sliding_head_inputs
+from agent.recognition.model import ModelRunner
 
 TRAIN_ONE = "make one with 'edge-voice-agent train --vocabulary WORD'"
 MAX_LEAD_S = 1.0        # the wake phrase's centre lies this close to the segment's first speech
@@ -158,7 +158,7 @@ class WakeStage:
         return self.expire(2**62, False)
 
     def scan_for(self, u, on_its_own: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
-        """The sliding wake scores over the start of segment `u` (an agent.vad.Utterance),
+        """The sliding wake scores over the start of segment `u` (an agent.audio.vad.Utterance),
         where a wake phrase followed by a command could be: None for a segment too short to
         hold both, or one that cannot hold a wake phrase (not `on_its_own`: running speech).
         Only the audio that windows centred within MAX_LEAD_S of the first speech see is
@@ -178,7 +178,7 @@ class WakeStage:
     def judge(self, u, feats: np.ndarray,
               scan: tuple[np.ndarray, np.ndarray] | None = None,
               on_its_own: bool = True) -> WakeResult:
-        """`u`: an agent.vad.Utterance; `feats`: its head input (the command model's); `scan`:
+        """`u`: an agent.audio.vad.Utterance; `feats`: its head input (the command model's); `scan`:
         `WakeModel.scan` of its audio when already computed (the pipeline speculates it);
         `on_its_own`: the segment starts after quiet and was not force-cut (the addressing
         rule): a wake phrase inside running speech is not one."""

@@ -80,7 +80,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("utterance_rate_per_min", "vad", "1/min",
                (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0),
                "utterances per minute, one value per window (derived when the window closes)"),
-    # --- wake: the wake phrase (addressing.mode = "wake", agent/wake.py) -------------------
+    # --- wake: the wake phrase (addressing.mode = "wake", agent/recognition/wake.py) ---
     # (published only by a device in wake mode, so a device in "always" mode sends the same
     # bytes as before; few bins, so a wake-mode payload stays under the 8 KB limit)
     MetricSpec("wake_score", "wake", "probability",

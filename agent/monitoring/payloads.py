@@ -5,9 +5,10 @@ wall-clock anchor for audio time 0 (the only place wall time enters: to label wi
 
 Encoding choices that keep a payload with every metric filled far below 8 KB:
 * `hist` is run-trimmed: [first_bin, count, count, ...] -- the counts of consecutive bins from
-  the first to the last non-empty one ([] when empty); bin indices as in agent.metric_catalog
-  (0 = underflow, len(edges) = overflow). Edges are not repeated: they are part of schema 1.
-  `Histogram.from_compact(spec.edges, hist, ...)` rebuilds it on the operator side.
+  the first to the last non-empty one ([] when empty); bin indices as in
+  agent.monitoring.metric_catalog (0 = underflow, len(edges) = overflow). Edges are not repeated:
+  they are part of schema 1. `Histogram.from_compact(spec.edges, hist, ...)` rebuilds it on the
+  operator side.
 * floats are rounded to 5 significant digits (window bounds to 1 ms, drift scores to 4
   decimals); counts are exact, so operators can still merge histograms exactly.
 """
@@ -19,11 +20,17 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.drift import AlarmEvent, DriftScore
-from agent.metric_catalog import DRIFT_ONLY, MEAN_MIN_VALUES, METRICS, PER_UTTERANCE, MetricSpec
-from agent.privacy import DEFAULT_K, class_outputs
+from agent.monitoring.drift import AlarmEvent, DriftScore
+from agent.monitoring.metric_catalog import (
+    DRIFT_ONLY,
+    MEAN_MIN_VALUES,
+    METRICS,
+    PER_UTTERANCE,
+    MetricSpec,
+)
+from agent.monitoring.privacy import DEFAULT_K, class_outputs
+from agent.monitoring.windows import Histogram, WindowSummary
 from agent.telemetry.message import json_bytes
-from agent.windows import Histogram, WindowSummary
 
 STATS_SCHEMA = 1
 ALARM_SCHEMA = 1
@@ -124,11 +131,11 @@ def stats_payload(summary: WindowSummary, drift: Mapping[str, DriftScore] | None
     `utc_anchor` is the wall-clock time (epoch seconds or an aware datetime) of audio time 0;
     `utc_source` says how it was taken (`wall`: the live wall clock, re-anchored on a step;
     `file`: a replayed file's audio clock from the start of processing, not live) and
-    `utc_synced` whether that wall clock was synchronised (None: unknown); see agent.clock.
-    `wake_stage`: the device runs in wake mode (agent/wake.py); only then are the wake stage's
-    metrics and counts in the payload.
-    `estimated_accuracy` is the mean calibrated top probability of the window's decisions; it
-    estimates accuracy only while the model's calibration holds, which the payload states.
+    `utc_synced` whether that wall clock was synchronised (None: unknown); see agent.daemon.clock.
+    `wake_stage`: the device runs in wake mode (agent/recognition/wake.py); only then are the wake
+    stage's metrics and counts in the payload. `estimated_accuracy` is the mean calibrated top
+    probability of the window's decisions; it estimates accuracy only while the model's calibration
+    holds, which the payload states.
     """
     t0 = _anchor_epoch(utc_anchor)
     drift = drift or {}

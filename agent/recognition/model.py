@@ -4,8 +4,8 @@ A model directory holds several components, each an ONNX graph listed in `manife
 its name, file, role, version, licence and sha256:
 
 * `melspectrogram` and `embedding` — the pretrained front end the daemon runs (see
-  agent/frontend.py, NOTICE), and `embedding_source`, the pinned graph `embedding` was derived
-  from (kept for provenance and checked like the rest, never loaded);
+  agent/recognition/frontend.py, NOTICE), and `embedding_source`, the pinned graph `embedding` was
+  derived from (kept for provenance and checked like the rest, never loaded);
 * `head` — the trained classifier: head input (1,056 floats) → calibrated class probabilities;
 * `rejector` (optional) — head input → p_in, the probability that the utterance is one of the
   known classes at all ((n, 2) with p_in in column 1, or (n, 1)). With a rejector, `predict`
@@ -14,12 +14,12 @@ its name, file, role, version, licence and sha256:
   the chain rule, so the decision policy, calibration files and monitoring keep reading one
   probability vector over the manifest's classes.
 
-The classes are the model's vocabulary (its words plus `unknown`, agent.vocabulary): any list
-of words works on the device; a class name that breaks the word rule is refused at reading.
-Loading refuses, with one line naming the file and the fix, anything that does not match:
-a component's hash, the rate, the head's input size, the number of classes. The manifest's
-`sha256` is the model build's identity (a digest over every component's hash): thresholds,
-baselines and telemetry refer to it. The daemon never runs a model it cannot vouch for.
+The classes are the model's vocabulary (its words plus `unknown`, agent.recognition.vocabulary):
+any list of words works on the device; a class name that breaks the word rule is refused at reading.
+Loading refuses, with one line naming the file and the fix, anything that does not match: a
+component's hash, the rate, the head's input size, the number of classes. The manifest's `sha256` is
+the model build's identity (a digest over every component's hash): thresholds, baselines and
+telemetry refer to it. The daemon never runs a model it cannot vouch for.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from agent.errors import AgentError
-from agent.frontend import FrontendParams, SpeechEmbedding, features
-from agent.vocabulary import vocabulary_problem
+from agent.recognition.frontend import FrontendParams, SpeechEmbedding, features
+from agent.recognition.vocabulary import vocabulary_problem
 
 MANIFEST = "manifest.json"
 FORMAT = 2
@@ -136,7 +136,8 @@ class Manifest:
             raise AgentError(f"model manifest {path} lacks or garbles {e}; {RETRAIN}") from None
         why = vocabulary_problem(m.classes, m.unknown_label)
         if why:
-            raise AgentError(f"model manifest {path}: {why}; {RETRAIN} (agent/vocabulary.py "
+            raise AgentError(f"model manifest {path}: {why}; {RETRAIN} "
+                             "(agent/recognition/vocabulary.py "
                              "says what a word may be)")
         missing = [r for r in REQUIRED_ROLES if m.component(r) is None]
         if missing:

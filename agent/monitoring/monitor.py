@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.clock import UtcStamper
-from agent.drift import (
+from agent.audio.vad import VadBlockStats
+from agent.daemon.clock import UtcStamper
+from agent.daemon.state_health import StateHealth
+from agent.monitoring.drift import (
     AlarmEvent,
     AlarmRule,
     AlarmTracker,
@@ -31,12 +33,17 @@ from agent.drift import (
     class_drift,
     score_window,
 )
-from agent.payloads import SinceBoot, alarm_payload, stats_payload
-from agent.pipeline import Outcome
-from agent.state_health import StateHealth
+from agent.monitoring.payloads import SinceBoot, alarm_payload, stats_payload
+from agent.monitoring.windows import (
+    DAY_S,
+    HOUR_S,
+    RollUp,
+    Trailing,
+    WindowAggregator,
+    WindowSummary,
+)
+from agent.recognition.pipeline import Outcome
 from agent.telemetry.message import DEFAULT_PREFIX, Message, topic
-from agent.vad import VadBlockStats
-from agent.windows import DAY_S, HOUR_S, RollUp, Trailing, WindowAggregator, WindowSummary
 
 CLIP_LEVEL = 0.999  # |sample| at or above this counts as clipped
 
@@ -110,7 +117,8 @@ def rss_mb() -> float:
 
 
 class Monitor:
-    """Observer of the pipeline (see `agent.pipeline.Observer`); emits `Message`s via `emit`."""
+    """Observer of the pipeline (see `agent.recognition.pipeline.Observer`); emits `Message`s via
+    `emit`."""
 
     def __init__(self, *, emit: Callable[[Message], None], device_id: str,
                  model_info: Mapping[str, Any], rate: int, window_s: float = 60.0,
@@ -237,7 +245,7 @@ class Monitor:
             self.agg.observe("digit_confidence", best_word, t)
 
     def on_wakes_unused(self, n: int, clock_s: float) -> None:
-        """Wake windows that closed with no command acted on (agent/wake.py)."""
+        """Wake windows that closed with no command acted on (agent/recognition/wake.py)."""
         self.agg.count("wakes_unused", n, clock_s)
 
     # --- windows → drift → alarms → messages ---------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from agent.metric_catalog import METRICS, WINDOW_DERIVED, MetricSpec
+from agent.monitoring.metric_catalog import METRICS, WINDOW_DERIVED, MetricSpec
 
 COUNTERS: tuple[str, ...] = (
     "frames", "speech_frames", "utterances", "accepted", "abstained", "dropped_frames",

@@ -1,15 +1,15 @@
 """The pure pipeline: audio blocks in, decisions out, on one audio clock.
 
 source block → mono → resample to the model's rate (16 kHz) → VAD segmenter → front end
-(agent/frontend.py, the same code training uses) → head → policy (threshold and
-addressing: what the VAD knows about the segment, agent/decision.py; in wake mode the wake
-stage, agent/wake.py, on the same speech embedding). No threads, no files, no network here:
-the service feeds blocks and drains decisions, tests and benchmarks call the same object
-directly. Observers get every measurement the monitoring layer needs without the pipeline
+(agent/recognition/frontend.py, the same code training uses) → head → policy (threshold and
+addressing: what the VAD knows about the segment, agent/recognition/decision.py; in wake mode the
+wake stage, agent/recognition/wake.py, on the same speech embedding). No threads, no files, no
+network here: the service feeds blocks and drains decisions, tests and benchmarks call the same
+object directly. Observers get every measurement the monitoring layer needs without the pipeline
 knowing what they do with it.
 
 The front end (about 7 ms per utterance on one thread) runs speculatively while the VAD waits
-out its hangover (see agent/vad.py): the audio it sees is exactly the audio the released
+out its hangover (see agent/audio/vad.py): the audio it sees is exactly the audio the released
 utterance holds, so the result is reused as is and after the release only the head runs.
 `Decision.latency_ms` is the compute after the release; `speculative_ms` counts the rest.
 """
@@ -24,11 +24,11 @@ import numpy as np
 
 from agent.audio.resample import Resampler, to_mono
 from agent.audio.sources import AudioBlock
+from agent.audio.vad import Segmenter, Utterance, VadBlockStats
 from agent.config import VadConfig
-from agent.decision import Decision, Policy
-from agent.model import ModelRunner
-from agent.vad import Segmenter, Utterance, VadBlockStats
-from agent.wake import WakeResult, WakeStage
+from agent.recognition.decision import Decision, Policy
+from agent.recognition.model import ModelRunner
+from agent.recognition.wake import WakeResult, WakeStage
 
 
 @dataclass(frozen=True)

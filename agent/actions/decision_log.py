@@ -20,9 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from agent.decision import Decision
+from agent.daemon.state_health import StateHealth
 from agent.errors import AgentError
-from agent.state_health import StateHealth
+from agent.recognition.decision import Decision
 
 PART = "decisions"
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import AgentError
-from agent.vocabulary import word_problem
+from agent.recognition.vocabulary import word_problem
 
 log = logging.getLogger("edge-voice-agent.samples")
 
@@ -140,7 +140,7 @@ class SampleStore:
     def export(self, dest: str | Path, speaker: str) -> int:
         """Copy every sample to `dest` as `<speaker>-<take>.wav` (+ its JSON) with labelling
         instructions: renamed to `<word>_<speaker>_<take>.wav` (a word of the model's vocabulary,
-        agent.vocabulary), the folder is accepted by
+        agent.recognition.vocabulary), the folder is accepted by
         `edge-voice-agent train --data` as an extra source. Unrenamed files are ignored there."""
         dest = Path(dest)
         items = self.list()
@@ -271,12 +271,12 @@ def training_folder(folders: list[Path], root: Path | None = None) -> Path:
     """One folder the training code reads, from the main data folder and labelled exports.
 
     The first folder is used as it is; every further folder is an extra source whose labelled
-    files (`<word>_<speaker>_<take>.wav`, a word as agent.vocabulary allows) join as speaker
-    `field`, so leave-one-speaker-out
-    evaluation holds them out together and reports them as their own slice (and the model card
-    lists it). Unlabelled files (`<speaker>-<take>.wav`, as exported) are skipped. The folder
-    is made of symbolic links under `root` (default $XDG_CACHE_HOME/edge-voice-agent), named by
-    a digest of the sources so a repeated run reuses its cached features.
+    files (`<word>_<speaker>_<take>.wav`, a word as agent.recognition.vocabulary allows) join as
+    speaker `field`, so leave-one-speaker-out evaluation holds them out together and reports them as
+    their own slice (and the model card lists it). Unlabelled files (`<speaker>-<take>.wav`, as
+    exported) are skipped. The folder is made of symbolic links under `root` (default
+    $XDG_CACHE_HOME/edge-voice-agent), named by a digest of the sources so a repeated run reuses its
+    cached features.
     """
     import hashlib
 

@@ -30,10 +30,10 @@ From an utterance (mono float32 at 16 kHz, ±1 full scale) to the head input, `f
 6. **Head input**: the 9 frames flattened, their mean and their max → 1,056 floats.
 
 A head can also slide over a longer segment (`sliding_head_inputs`, the wake phrase in
-agent/wake.py): the segment goes through steps 1, 3-5 as a whole, with half a window of the
-same padding on each side, and every run of nine consecutive embedding frames (1.5 s, stepped
-by 80 ms) is one head input, exactly as the open wake-word engines slide their heads over the
-streaming embedding. One embedding pass serves every position.
+agent/recognition/wake.py): the segment goes through steps 1, 3-5 as a whole, with half a window of
+the same padding on each side, and every run of nine consecutive embedding frames (1.5 s, stepped by
+80 ms) is one head input, exactly as the open wake-word engines slide their heads over the streaming
+embedding. One embedding pass serves every position.
 
 Steps 1-4 and 6 are pure numpy/soxr; step 5 needs the two graph files (`SpeechEmbedding`).
 """

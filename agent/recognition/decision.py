@@ -10,7 +10,7 @@ piece of a sentence is not. `Addressing` reads what the VAD knows about the segm
 length, whether `max_utterance_ms` force-cut it, how long it was quiet before, whether the next
 segment started within `vad.quiet_after_ms`) and never lets a segment that fails it act,
 whatever the model says. The same rule runs in training evaluation (agent/training/streams.py)
-and in the daemon (agent/pipeline.py).
+and in the daemon (agent/recognition/pipeline.py).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class Addressing:
         return quiet_before_s is None or quiet_before_s >= self.min_quiet_before_s
 
     def allows_utterance(self, u: Any) -> bool:
-        """`allows` for an agent.vad.Utterance (its length, force-cut, quiet before)."""
+        """`allows` for an agent.audio.vad.Utterance (its length, force-cut, quiet before)."""
         q = u.quiet_before
         return self.allows(u.length_s, u.forced_cut, None if q is None else q / u.rate,
                            u.speech_after)
