@@ -27,13 +27,13 @@ import pytest
 import soundfile as sf
 
 from agent import config as config_mod
-from agent import service
 from agent.actions.listen import candidates
 from agent.actions.runner import ActionRunner
 from agent.actions.socket_server import SOCKET_NAME, DecisionSocket, connect, socket_path
 from agent.actions.table import ActionTable, check, parse
-from agent.decision import Decision
+from agent.daemon import service
 from agent.errors import AgentError, ConfigError
+from agent.recognition.decision import Decision
 from agent.resources import demo_audio
 from tests.conftest import ROOT
 from tests.test_service_lifecycle import Agent, agents  # noqa: F401 - the fixture
@@ -473,9 +473,10 @@ def test_reload_swaps_the_table_and_refuses_a_missing_program_keeping_the_old_on
 
 # --- the README's example works -----------------------------------------------------------------
 def _readme_blocks() -> tuple[str, str]:
+    """The README's "Speak to it" shell lines and its [actions] table, as a reader copies them."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Wiring decisions to actions\n", 1)[1].split("\n## ", 1)[0]
-    sh = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    section = text.split("## Speak to it\n", 1)[1].split("\n## ", 1)[0]
+    sh = "".join(b.split("```", 1)[0] for b in section.split("```sh\n")[1:])
     toml = section.split("```toml\n", 1)[1].split("```", 1)[0]
     return sh, toml
 
