@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.audio.vad import Utterance, VadBlockStats
 from agent.monitoring.drift import (
     DEFAULT_ALARMS,
     Baseline,
@@ -16,31 +15,13 @@ from agent.monitoring.drift import (
 )
 from agent.monitoring.monitor import Monitor
 from agent.monitoring.privacy import find_violations
-from agent.recognition.decision import Decision
 from agent.recognition.model import MANIFEST, Manifest
-from agent.recognition.pipeline import Outcome
 from agent.telemetry.message import Message
+from tests.monitor_inputs import RATE, frames, outcome
 from tests.rollout_models import derive
 
-RATE = 8000
 DIGITS = [*(str(i) for i in range(10)), "unknown"]
 K = 20
-
-
-def outcome(t: float, label: str, rng: np.random.Generator) -> Outcome:
-    audio = (rng.standard_normal(4000) * 0.05).astype(np.float32)
-    start = int(t * RATE)
-    u = Utterance(start=start, end=start + 4000, audio_start=start, audio=audio, rate=RATE,
-                  speech_frames=15, forced_cut=False, emitted_at=start + 6000)
-    d = Decision(start=t, end=t + 0.5, decided_at=t + 0.75, label=label, confidence=0.95,
-                 accepted=label != "unknown", model="m@1", latency_ms=0.5, margin=0.9)
-    return Outcome(u, d, None)
-
-
-def frames(t0: float, seconds: float) -> VadBlockStats:
-    n = int(seconds * RATE) // 240
-    return VadBlockStats(np.full(n, -60.0, np.float32), np.zeros(n, bool), -60.0,
-                         int(t0 * RATE), 240)
 
 
 def mix(main: str, labels: list[str], n: int) -> list[str]:
@@ -66,7 +47,7 @@ def run(labels: list[str], minutes: list[list[str]], monitor: Monitor | None = N
     for minute, decisions in enumerate(minutes):
         t0 = t_base + minute * 60.0
         for i, label in enumerate(decisions):
-            mon.on_outcome(outcome(t0 + 50.0 * i / len(decisions), label, rng))
+            mon.on_outcome(outcome(t0 + 50.0 * i / len(decisions), rng, label=label))
         mon.on_block(t0 + 60, frames(t0, 60.0), 0)
     stats = [m.payload for m in messages if m.topic.endswith("/stats")]
     return stats, [m.payload for m in messages if m.topic.endswith("/alarm")], mon

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.audio.vad import Utterance, VadBlockStats
 from agent.monitoring.drift import (
     DEFAULT_ALARMS,
     DEFAULT_ROLLUP_ALARMS,
@@ -17,28 +16,8 @@ from agent.monitoring.drift import (
 from agent.monitoring.metric_catalog import BY_NAME
 from agent.monitoring.monitor import Monitor
 from agent.monitoring.windows import Histogram
-from agent.recognition.decision import Decision
-from agent.recognition.pipeline import Outcome
 from agent.telemetry.message import Message
-
-RATE = 8000
-
-
-def outcome(t: float, confidence: float, rng: np.random.Generator) -> Outcome:
-    audio = (rng.standard_normal(4000) * 0.05).astype(np.float32)
-    start = int(t * RATE)
-    u = Utterance(start=start, end=start + 4000, audio_start=start, audio=audio, rate=RATE,
-                  speech_frames=15, forced_cut=False, emitted_at=start + 6000)
-    d = Decision(start=t, end=t + 0.5, decided_at=t + 0.75, label="3", confidence=confidence,
-                 accepted=confidence >= 0.9, model="m@1", latency_ms=0.5,
-                 margin=confidence - 0.05)
-    return Outcome(u, d, None)
-
-
-def frames(t0: float, seconds: float) -> VadBlockStats:
-    n = int(seconds * RATE) // 240
-    return VadBlockStats(np.full(n, -60.0, np.float32), np.zeros(n, bool), -60.0,
-                         int(t0 * RATE), 240)
+from tests.monitor_inputs import RATE, frames, outcome
 
 
 def run_hour(population_mean: float) -> list[dict]:
@@ -56,7 +35,7 @@ def run_hour(population_mean: float) -> list[dict]:
         t0 = minute * 60.0
         for i in range(20):
             c = float(np.clip(rng.normal(population_mean, 0.05), 0, 1))
-            mon.on_outcome(outcome(t0 + 3 * i, c, rng))
+            mon.on_outcome(outcome(t0 + 3 * i, rng, confidence=c))
         mon.on_block(t0 + 60, frames(t0, 60.0), 0)
     return [m.payload for m in messages if m.topic.endswith("/alarm")]
 

@@ -23,7 +23,10 @@ SCHEMAS = {k: json.loads((ROOT / "docs" / f"{k}.schema.json").read_text())
 ACTIVE = Manifest.read(default_model_dir() / MANIFEST)
 
 
-def run(tmp: Path, wav: Path, state: Path, *extra: str) -> tuple[list[dict], list[dict]]:
+def run_agent(tmp: Path, wav: Path, state: Path, *extra: str
+              ) -> tuple[list[dict], list[dict], str]:
+    """`run` over `wav` with telemetry to a file: (messages, decisions, stderr), every message
+    schema-valid, free of per-utterance data and within 8 KB."""
     tel, dec = tmp / "telemetry.jsonl", tmp / "decisions.jsonl"
     r = eva("run", "--source", str(wav), "--decisions", str(dec), "--telemetry", f"file:{tel}",
             "--window", "10", "--state-dir", str(state), "--device-id", "dev-1",
@@ -36,7 +39,12 @@ def run(tmp: Path, wav: Path, state: Path, *extra: str) -> tuple[list[dict], lis
             jsonschema.validate(m["payload"], SCHEMAS[kind])
             assert find_violations(m["payload"]) == [], m["payload"]
             assert len(json.dumps(m["payload"], separators=(",", ":"))) <= 8192
-    return msgs, [json.loads(x) for x in dec.read_text().splitlines()]
+    return msgs, [json.loads(x) for x in dec.read_text().splitlines()], r.stderr
+
+
+def run(tmp: Path, wav: Path, state: Path, *extra: str) -> tuple[list[dict], list[dict]]:
+    msgs, decisions, _ = run_agent(tmp, wav, state, *extra)
+    return msgs, decisions
 
 
 def of(msgs: list[dict], kind: str) -> list[dict]:

@@ -23,7 +23,8 @@ from agent.rollout.command import CommandError, RolloutCommand
 from agent.rollout.probation import VOCABULARY_BOUND, Limits, WindowKpis, judge
 from tests.conftest import ROOT, eva
 from tests.rollout_models import derive
-from tests.test_rollout_device import SCHEMAS, of
+from tests.test_rollout_device import of
+from tests.test_rollout_device import run_agent as run
 from tests.test_vocabulary import WORDS
 
 ACTIVE = Manifest.read(default_model_dir() / MANIFEST)
@@ -48,20 +49,6 @@ def deliver(state: Path, model_dir: Path, mode: str, vocabulary_change: bool,
     (state / "models").mkdir(parents=True, exist_ok=True)
     (state / "models" / "rollout.json").write_text(json.dumps(c.to_payload()))
     return c
-
-
-def run(tmp: Path, wav: Path, state: Path, *extra: str):
-    tel, dec = tmp / "telemetry.jsonl", tmp / "decisions.jsonl"
-    r = eva("run", "--source", str(wav), "--decisions", str(dec), "--telemetry", f"file:{tel}",
-            "--window", "10", "--state-dir", str(state), "--device-id", "dev-1",
-            "--log-level", "WARNING", *extra, timeout=300)
-    assert r.returncode == 0, r.stderr
-    msgs = [json.loads(x) for x in tel.read_text().splitlines()]
-    for m in msgs:
-        kind = m["topic"].rsplit("/", 1)[1]
-        if kind in SCHEMAS:
-            jsonschema.validate(m["payload"], SCHEMAS[kind])
-    return msgs, [json.loads(x) for x in dec.read_text().splitlines()], r.stderr
 
 
 # --- the command ---------------------------------------------------------------------------
