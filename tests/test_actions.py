@@ -234,15 +234,17 @@ def test_listen_with_no_agent_says_so_in_one_line_and_exits_2(tmp_path: Path) ->
     assert r.returncode == 2 and "no agent is running" in r.stderr
 
 
-def test_listen_accepted_only_and_exit_0_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_listen_accepted_only_and_exit_0_on_sigterm_and_sigint(tmp_path: Path, sig) -> None:
     server = DecisionSocket(tmp_path / SOCKET_NAME)
     try:
         p = listen_proc("--state-dir", str(tmp_path), "--accepted")
         eventually(lambda: len(server.readers) == 1, "the reader")
         server.publish([decision("3", accepted=False), decision("7")])
         assert json.loads(p.stdout.readline())["label"] == "7"  # type: ignore[union-attr]
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         assert p.wait(WAIT_S) == 0
+        assert "Traceback" not in p.stderr.read()  # type: ignore[union-attr]
     finally:
         server.close()
 

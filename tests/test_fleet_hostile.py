@@ -1,7 +1,7 @@
 """One device cannot take the fleet down (issue 20): a test per row of the issue's table.
 
 Each attack is scaled down to what proves the point in seconds (the full-scale figures, 10,000
-honest devices next to a hostile one, are benchmarks/bench_fleet_hostile.py). What every test
+honest devices next to a hostile one, are `benchmarks/bench_fleet.py --hostile`). What every test
 holds: the hostile messages are refused whole and counted against their device (or, where they
 are valid, bounded by a budget with a counter), every view still renders (/metrics valid,
 /api/fleet.json valid JSON, the page, `fleet watch`, `fleet rollout status`), and the honest
