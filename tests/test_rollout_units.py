@@ -318,6 +318,17 @@ def test_the_sequential_verdict_needs_a_clean_probation_and_weighs_the_noise():
     many = dataclasses.replace(ok, retry_after_abstain=0.67, abstentions=30, retried=20)
     assert verdict([few, few, ok]).action == "commit"
     assert verdict([many, many, ok]).action == "rollback"
+    # a build that accepts too much: people say it again right after it acted (correcting it)
+    # while its abstain rate looks better; 3 of 18 repeats is within the noise, 12 of 18 is not
+    base["repeat_after_accept"] = 0.05
+    eager = kpis(20, 0.0)
+    some = dataclasses.replace(eager, repeat_after_accept=0.17, accepts=18, repeated=3)
+    most = dataclasses.replace(eager, repeat_after_accept=0.67, accepts=18, repeated=12)
+    assert verdict([some, some, some]).action == "commit"
+    corrected = verdict([most, most, ok])
+    assert corrected.action == "rollback" and corrected.breach_run == 2
+    assert corrected.reasons[0] == "repeated after accept 0.67 vs 0.05"
+    del base["repeat_after_accept"]
     # the previous model on the same utterances replaces the recent baseline: a room where
     # both abstain more is not the candidate's fault
     noisy_room = Paired(n=20, abstained=13, best_word_sum=18.0)
