@@ -85,7 +85,8 @@ def fit_head(x: np.ndarray, y: np.ndarray, r: Recipe, seed: int):
 WORD, SOUND = 10, 11  # the rejector's two non-digit classes
 
 
-def fit_rejector(x: np.ndarray, y12: np.ndarray, r: Recipe, seed: int):
+def fit_rejector(x: np.ndarray, y12: np.ndarray, r: Recipe, seed: int,
+                 weight: np.ndarray | None = None):
     """Digit-vs-not, trained 12-way (the ten digits, "word", "sound"); p_in is the digits'
     total probability. Out of fold on real Speech Commands speakers this covered 0.73 of digits
     at 1 % words accepted against 0.63 for a binary digit-vs-not MLP: learning each digit
@@ -94,10 +95,17 @@ def fit_rejector(x: np.ndarray, y12: np.ndarray, r: Recipe, seed: int):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return _quiet_fit(make_pipeline(StandardScaler(), MLPClassifier(
+    model = make_pipeline(StandardScaler(), MLPClassifier(
         hidden_layer_sizes=tuple(r.rejector_hidden), alpha=r.rejector_alpha,
         max_iter=r.rejector_max_iter, batch_size=256, learning_rate_init=1e-3,
-        random_state=seed)), x, y12.astype(int))
+        random_state=seed))
+    if weight is None:
+        return _quiet_fit(model, x, y12.astype(int))
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(x, y12.astype(int), mlpclassifier__sample_weight=weight)
 
 
 def head_scores(model, x: np.ndarray) -> np.ndarray:
@@ -137,11 +145,14 @@ def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
     return float(ts[int(np.argmin(nll))])
 
 
-def fit_platt(logit: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(a, b) of p = sigmoid(a * logit + b) minimising held-out log-loss (Platt scaling)."""
+def fit_platt(logit: np.ndarray, y: np.ndarray, balanced: bool = False
+              ) -> tuple[float, float]:
+    """(a, b) of p = sigmoid(a * logit + b) minimising held-out log-loss (Platt scaling);
+    `balanced`: as if both classes were equally frequent in the held-out pool."""
     from sklearn.linear_model import LogisticRegression
 
-    lr = LogisticRegression(C=1e4).fit(logit[:, None], y.astype(int))
+    lr = LogisticRegression(C=1e4, class_weight="balanced" if balanced else None).fit(
+        logit[:, None], y.astype(int))
     return float(lr.coef_[0, 0]), float(lr.intercept_[0])
 
 
