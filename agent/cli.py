@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs the 'train' extra)")
     data_args(ev)
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
+    ev.add_argument("--enrollment", action="store_true",
+                    help="instead: the bundled model's enrollment slice (one recording per digit "
+                    "of each held-out FSDD speaker enrolled, the rest scored from the recipe's "
+                    "out-of-fold probabilities; --data is the FSDD folder)")
+    ev.add_argument("--reps", type=int, default=10, help="enrollment draws per speaker [10]")
 
     ca = sub.add_parser("calibrate", help="write the training baseline (baseline.json) for a "
                         "model by running its training recordings through the daemon's pipeline")
@@ -372,6 +377,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     vocab = _vocabulary(args)
     train, evaluate = _training()
+    if args.enrollment:
+        return evaluate_enrollment(args)
     if vocab is not None:
         from agent.training import vocabulary as V
 
@@ -391,6 +398,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     print(evaluate.render_text(report))
+    return 0
+
+
+def evaluate_enrollment(args: argparse.Namespace) -> int:
+    """`evaluate --enrollment`: agent.training.enrollment_slice on the bundled model."""
+    import numpy as np
+
+    from agent.config import PersonalConfig
+    from agent.recognition.decision import Thresholds
+    from agent.recognition.model import ModelRunner
+    from agent.resources import calibration_dir, default_model_dir
+    from agent.training import enrollment_slice as E
+
+    if args.data is None:
+        raise ConfigError("evaluate --enrollment needs --data FSDD_RECORDINGS_DIR")
+    model = ModelRunner(default_model_dir())
+    m = model.manifest
+    cal = calibration_dir(m.name)
+    thr = E.class_thresholds(Thresholds.read(cal / "thresholds.json"), m.classes)
+    with np.load(cal / "oof.npz") as z:
+        oof, oof_labels = z["probabilities"], z["labels"]
+    f = E.shared_head_inputs(model, args.data, args.speech_commands)
+    if len(oof) != len(f["fsdd_x"]) or \
+            [m.classes[i] for i in oof_labels] != f["fsdd_label"].tolist():
+        raise ConfigError(f"--data {args.data} has {len(f['fsdd_x'])} recordings, the "
+                          f"out-of-fold probabilities of {m.ref} ({cal / 'oof.npz'}) "
+                          f"{len(oof)}: give the FSDD folder it was trained on")
+    weight = PersonalConfig().enrollment_weight
+    report = {"model": m.ref, "enrollment_weight": weight, "reps": args.reps,
+              "enrollment": E.enrollment_slice(f, oof, model, thr, args.reps, weight)}
+    print(json.dumps(report) if args.json else E.render(report))
     return 0
 
 

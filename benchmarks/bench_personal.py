@@ -45,74 +45,14 @@ from agent.personal.reference import fit_reference  # noqa: E402
 from agent.recognition.decision import Thresholds  # noqa: E402
 from agent.recognition.model import ModelRunner  # noqa: E402
 from agent.resources import calibration_dir, default_model_dir  # noqa: E402
-
-DIGITS = tuple(str(d) for d in range(10))
-
-
-def features(model: ModelRunner, shared: Path) -> dict[str, np.ndarray]:
-    from agent.training.dataset import discover, discover_speech_commands, load_audio
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / \
-        "edge-voice-agent" / f"personal-bench-{model.manifest.sha256[:16]}.npz"
-    if cache.is_file():
-        with np.load(cache) as z:
-            return {k: z[k] for k in z.files}
-    out = {}
-    for name, clips in (("fsdd", discover(shared / "data" / "fsdd" / "recordings")),
-                        ("sc", discover_speech_commands(shared / "data" / "speech-commands"))):
-        print(f"front end over {len(clips)} {name} recordings ...", file=sys.stderr, flush=True)
-        out[f"{name}_x"] = np.stack([model.features(load_audio(c.path, 16000)) for c in clips])
-        out[f"{name}_label"] = np.array([c.label for c in clips])
-        out[f"{name}_speaker"] = np.array([c.speaker for c in clips])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **out)
-    return out
-
-
-def rates(p: np.ndarray, y: np.ndarray, thr: float, unknown: int) -> dict[str, float]:
-    top = p.argmax(1)
-    acc = top == y
-    a = (top != unknown) & (p.max(1) >= thr)
-    return {"accuracy": float(acc.mean()), "coverage": float(a.mean()),
-            "precision": float(acc[a].mean()) if a.any() else float("nan"),
-            "wrong_accepted": int((a & ~acc).sum()), "n": int(len(y))}
-
-
-def enrollment_slice(f: dict, oof: np.ndarray, model: ModelRunner, thr: float, reps: int,
-                     weight: float, seed: int = 0) -> dict:
-    m = model.manifest
-    unknown = m.classes.index(m.unknown_label)
-    fx, fy, fs = f["fsdd_x"], f["fsdd_label"], f["fsdd_speaker"]
-    y = np.array([m.classes.index(v) for v in fy])
-    scd = np.array([v in DIGITS for v in f["sc_label"]])
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in sorted(set(fs)):
-        other = fs != s
-        ref = fit_reference(np.concatenate([fx[other], f["sc_x"][scd]]),
-                            np.concatenate([fy[other], f["sc_label"][scd]]), DIGITS,
-                            model=m.ref, sha256=m.sha256)
-        idx = np.flatnonzero(fs == s)
-        before, after = [], []
-        for _ in range(reps):
-            enr = np.array([rng.choice(idx[fy[idx] == d]) for d in DIGITS])
-            rest = np.setdiff1d(idx, enr)
-            e = Enrollment(fx[enr], tuple(fy[enr]), "bench", m.ref)
-            r = Rescorer(e, ref, m.classes, m.unknown_label, weight)
-            q = np.stack([r.rescore(oof[i], fx[i]) for i in rest])
-            before.append(rates(oof[rest], y[rest], thr, unknown))
-            after.append(rates(q, y[rest], thr, unknown))
-        out[s] = {k: summarise(v) for k, v in (("before", before), ("after", after))}
-    return out
-
-
-def summarise(rs: list[dict]) -> dict:
-    keys = ("accuracy", "coverage", "precision")
-    d = {k: round(float(np.nanmean([r[k] for r in rs])), 4) for k in keys}
-    d.update({f"worst_{k}": round(float(np.nanmin([r[k] for r in rs])), 4) for k in keys})
-    d["wrong_accepted_per_draw"] = round(float(np.mean([r["wrong_accepted"] for r in rs])), 2)
-    d["scored_per_draw"] = rs[0]["n"]
-    return d
+from agent.training.enrollment_slice import (  # noqa: E402
+    DIGITS,
+    class_thresholds,
+    enrollment_slice,
+    rates,
+    shared_head_inputs,
+    summarise,
+)
 
 
 def stream(head, x: np.ndarray, ref_mean: np.ndarray, ref_scale: np.ndarray,
@@ -142,7 +82,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, c: float):
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500)).fit(x, y)
 
 
-def adaptation(f: dict, model: ModelRunner, thr: float, params: AdaptationParams,
+def adaptation(f: dict, model: ModelRunner, thr: np.ndarray, params: AdaptationParams,
                weight: float, draws: int = 3, seed: int = 0) -> dict:
     m = model.manifest
     unknown = m.classes.index(m.unknown_label)
@@ -249,10 +189,13 @@ def main() -> int:
     weight = pc.enrollment_weight if args.weight is None else args.weight
     model = ModelRunner(default_model_dir())
     m = model.manifest
-    thr = Thresholds.read(calibration_dir(m.name) / "thresholds.json").threshold
+    thr = class_thresholds(Thresholds.read(calibration_dir(m.name) / "thresholds.json"),
+                           m.classes)
     oof = np.load(calibration_dir(m.name) / "oof.npz")["probabilities"]
-    f = features(model, args.shared)
-    report: dict = {"model": m.ref, "threshold": thr, "enrollment_weight": weight}
+    f = shared_head_inputs(model, args.shared / "data" / "fsdd" / "recordings",
+                           args.shared / "data" / "speech-commands")
+    report: dict = {"model": m.ref, "thresholds": thr.round(4).tolist(),
+                    "enrollment_weight": weight}
     report["enrollment"] = enrollment_slice(f, oof, model, thr, args.reps, weight)
     if args.sweep:
         report["sweep"] = {}
@@ -271,7 +214,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"{m.ref}, threshold {thr:.3f}, enrollment weight {weight:g}")
+    print(f"{m.ref}, thresholds per class {thr.min():.3f}-{thr.max():.3f}, enrollment weight "
+          f"{weight:g}")
     print("\nEnrollment slice (FSDD, out-of-fold recipe models; one clip per digit enrolled, "
           f"the rest scored; {args.reps} draws): accuracy / precision / coverage, mean "
           "(worst draw)")

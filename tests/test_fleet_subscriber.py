@@ -7,6 +7,7 @@ that keeps dropping us: the back-off).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -256,7 +257,13 @@ class FakeBroker:
                     pass
 
     def close(self) -> None:
+        # shutdown wakes the accept() the thread sits in; close() alone leaves it blocked on a
+        # number the next open file reuses (a thread spinning on ENOTSOCK for the whole suite)
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
+        self.thread.join(self.hold_s + 5)
+        assert not self.thread.is_alive(), "the fake broker's thread did not end"
 
 
 def test_mqtt_3_1_1_is_refused_in_one_line_never_a_silent_fall_back() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -338,6 +339,8 @@ class V311OnlyProxy:
                     pass
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accept() of the serving thread
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
         for c in self.conns:
             c.close()

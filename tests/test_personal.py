@@ -30,10 +30,11 @@ from agent.personal.enrollment import Enrollment, Rescorer, label_of
 from agent.personal.reference import Reference, fit_reference
 from agent.personal.store import AdaptationKey, PersonalStore
 from agent.recognition.decision import Policy
-from agent.recognition.model import ModelRunner
+from agent.recognition.model import MANIFEST, Manifest, ModelRunner
 from agent.recognition.pipeline import Pipeline
 from agent.resources import calibration_dir, default_model_dir, demo_audio, demo_truth
 from agent.rollout.shadow import ShadowRunner
+from tests.conftest import eva
 from tests.test_microphone import pulse, pulse_proc  # noqa: F401 (fixtures for the mic test)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -578,3 +579,35 @@ def test_force_cut_segments_do_not_teach_the_adaptation(model):
     out += p.finish()
     cut = sum(d.forced_cut for d in out)
     assert 0 < cut < len(out) and len(seen) == len(out) - cut
+
+
+def test_enrollment_slice_counts_at_the_per_class_thresholds_and_never_unknown():
+    from agent.recognition.decision import Thresholds
+    from agent.training.enrollment_slice import class_thresholds, rates
+
+    classes = ("0", "1", "unknown")
+    thr = class_thresholds(Thresholds(model="m@1", sha256="x", threshold=0.9,
+                                      target_precision=0.99, source="test",
+                                      per_class=(("1", 0.5),)), classes)
+    assert thr.tolist() == [0.9, 0.5, 0.9]
+    p = np.array([[0.8, 0.1, 0.1],    # "0" at 0.8: under its 0.9, not acted on
+                  [0.1, 0.6, 0.3],    # "1" at 0.6: over its own 0.5, acted on (right)
+                  [0.0, 0.05, 0.95],  # unknown, however sure: never acted on
+                  [0.3, 0.7, 0.0]])   # "1" acted on, but it was a "0": wrong
+    r = rates(p, np.array([0, 1, 2, 0]), thr, unknown=2)
+    assert r == {"accuracy": 0.75, "coverage": 0.5, "precision": 0.5, "wrong_accepted": 1,
+                 "n": 4}
+
+
+def test_evaluate_enrollment_prints_the_slice_for_every_fsdd_speaker(fsdd, speech_commands):
+    """issue 16's figure: `evaluate` with an enrollment slice (one draw here; the card and
+    docs/personal.md quote ten)."""
+    r = eva("evaluate", "--enrollment", "--data", str(fsdd), "--speech-commands",
+            str(speech_commands), "--reps", "1", "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["model"] == Manifest.read(default_model_dir() / MANIFEST).ref
+    assert set(report["enrollment"]) == {"jackson", "lucas", "nicolas", "theo", "yweweler"}
+    for v in report["enrollment"].values():
+        assert v["before"]["scored_per_draw"] == v["after"]["scored_per_draw"] == 490
+        assert 0.9 <= v["after"]["accuracy"] <= 1 and v["after"]["precision"] >= 0.99

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +200,9 @@ def synthesize(cache: Path, kind: str, words: list[str], n_espeak: int, n_flite:
     require_engines()
     log(f"synth: {len(jobs)} {kind} clips with espeak-ng, flite and festival ({workers} "
         "workers)")
-    with Pool(workers) as p:
+    # forkserver, not fork: a caller with threads (the test process, a service) would fork
+    # children holding other threads' locks, which then never finish (seen in CI)
+    with get_context("forkserver").Pool(workers) as p:
         res = p.map(run_job, jobs, chunksize=16)
     keep = [i for i, r in enumerate(res) if r is not None]
     if len(keep) < 0.9 * len(jobs):
