@@ -16,7 +16,7 @@ def targets(report: dict[str, Any], seconds: float) -> list[tuple[str, str, str]
              _f(report["per_speaker_accuracy"]["mean"])),
             ("coverage of the words at the thresholds (held-out real speakers)",
              "≥ 0.85 commands / ≥ 0.80 few recordings", _f(real["coverage"])),
-            ("coverage, each group at thresholds chosen without it (mean)", "",
+            ("coverage, each real group with words at thresholds chosen without it (mean)", "",
              _f(th["nested_mean_coverage"])),
             ("precision of accepted decisions on the words (held-out real speakers)",
              "≥ 0.99 commands / ≥ 0.98 few recordings", _f(real["precision"], 4)),

@@ -489,7 +489,7 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
         if m.any():
             syn_by_kind[src] = _rate(acc & m, m)
     nested_real = {k: v for k, v in nested.items() if k.startswith("fold")}
-    n_cov = [v["coverage"] for v in nested_real.values()]
+    n_cov = [v["coverage"] for k, v in nested_real.items() if (pos & (g == k)).any()]
     report: dict[str, Any] = {
         "vocabulary": list(d.vocabulary), "text_only": list(d.text_only),
         "method": f"{len(folds)} seeded groups of real speakers, each scored by a model "
