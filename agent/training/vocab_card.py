@@ -71,8 +71,9 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
             f"{100 * report['threshold']['max_other_rate']:.1f} % of other speech acted on, "
             "in every held-out group (each real speaker group, the held-out synthetic voices), "
             f"and at most {100 * recipe['max_synthetic_other_rate']:.0f} % of the held-out "
-            "synthetic open set (a near-word one vowel away is often the word in another "
-            "accent); \"thresholds chosen without it\" rows are each "
+            f"synthetic other words and sounds, {100 * recipe['max_near_word_rate']:.0f} % of "
+            "the held-out near-words (one vowel away is often the word in another accent); "
+            "\"thresholds chosen without it\" rows are each "
             "group scored at thresholds chosen on the others (what a new group of voices gets).",
             "", "## Per word", "",
             "| word | real recordings trained on | real held back (text only) | synthetic "

@@ -62,6 +62,8 @@ from agent.training.thresholds import choose_thresholds, group_precision, nested
 
 HOMOPHONE_OF = {"for": "4", "too": "2", "to": "2", "ate": "8", "won": "1", "nein": "9"}
 REAL, TRAIN_SYNTH, HELDOUT_SYNTH = "real", "synthetic", "synthetic-heldout"
+NEAR = "synthetic near-words"                       # held-out groups of the synthetic open set
+SYNTHETIC_OPEN = ("synthetic open set", NEAR)
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,11 @@ class VocabRecipe:
     rejector_max_iter: int = 25
     target_precision: float = 0.99   # in every held-out group
     max_other_rate: float = 0.005    # other speech acted on, at most, in every group
-    # the held-out synthetic open set (near-words...), in every fold: many near-words one
-    # vowel away are the word in another accent ("sheela", "marven"); at 0.02 text only
-    # covered 0.25 of real clips, at 0.10 0.63 with real other speech at 0.2 %
-    max_synthetic_other_rate: float = 0.10
+    max_synthetic_other_rate: float = 0.02  # the held-out synthetic open set: other words, sounds
+    # its held-out near-words (one sound away: "sheelo", "marven"), bound on their own: held
+    # to 0.10, few recordings covered 0.68 of real clips and text only 0.27; at 0.30 0.81 and
+    # 0.57, real other speech within 0.5 % either way (the real open set's bound)
+    max_near_word_rate: float = 0.30
     per_class_thresholds: bool = True
 
     def to_dict(self) -> dict:
@@ -362,11 +365,12 @@ def train_mask(d: VocabData, held_fold: int | None, r: VocabRecipe | None = None
 
 
 def learned_from_text(d: VocabData, r: VocabRecipe) -> bool:
-    """Some word trains on synthetic voices: its real clips (if any) are a handful against
-    thousands of other real clips, so the rejector's training and its calibration weigh the
-    words as much as everything else (below). Not for words with enough real clips: commands,
-    coverage 0.832 without, 0.822 with the balanced rejector, 0.804 with both."""
-    return bool(synthetic_only_for(d, r))
+    """Some word trains on synthetic voices next to real other speech: its real clips (if
+    any) are a handful against thousands of other real clips, so the rejector's training and
+    its calibration weigh the words as much as everything else (below). Not for words with
+    enough real clips (commands, coverage 0.832 without, 0.822 with the balanced rejector,
+    0.804 with both), nor without real speech at all (a wake phrase from its text alone)."""
+    return bool(synthetic_only_for(d, r)) and bool(d.fold_of)
 
 
 def rejector_weights(t: Table, k: int, balance: bool) -> np.ndarray:
@@ -419,6 +423,8 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
     test_real = (t.role == REAL) & ~t.aug
     held_syn = (t.role == HELDOUT_SYNTH) & ~t.aug
     zs, ls, ys, gs, idx = [], [], [], [], []
+    # near-words get their own bound only where real other speech bounds the thresholds too
+    near = NEAR if d.fold_of else "synthetic open set"
     for f, mdl in zip(folds, models, strict=True):
         m = test_real & (fold == f)
         if m.any():
@@ -427,7 +433,8 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
             gs.append(np.char.add(f"fold{f}-", t.source[m].astype(str)))
         z, lg = scores(mdl, t.x[held_syn], K)
         zs.append(z), ls.append(lg), ys.append(t.y[held_syn]), idx.append(np.flatnonzero(held_syn))
-        gs.append(np.where(t.y[held_syn] < K, "synthetic voices", "synthetic open set"))
+        gs.append(np.where(t.y[held_syn] < K, "synthetic voices", np.where(
+            t.source[held_syn] == "near-word", near, "synthetic open set")))
     z, lg = np.concatenate(zs), np.concatenate(ls)
     y, g, row = np.concatenate(ys), np.concatenate(gs), np.concatenate(idx)
     y_u = np.minimum(y, K)                    # other speech and sounds → unknown
@@ -441,7 +448,7 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
         return combine(ph, sigmoid(platt[0] * lg_ + platt[1]))
 
     p = prob(z, lg).astype(np.float32)
-    caps = {"synthetic open set": r.max_synthetic_other_rate}
+    caps = {"synthetic open set": r.max_synthetic_other_rate, NEAR: r.max_near_word_rate}
     glob, th = choose_thresholds(p, y_u, g, r.target_precision, r.per_class_thresholds,
                                  max_words=r.max_other_rate, group_max_words=caps)
     nested = nested_thresholds(p, y_u, g, r.target_precision, r.per_class_thresholds,
@@ -485,7 +492,7 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
         other_by_word[str(s)] = _rate(acc & m, m)
     syn_by_kind = {}
     for src in ("synthetic", "near-word", "sound"):
-        m = (g == "synthetic open set") & (t.source[row] == src)
+        m = np.isin(g, SYNTHETIC_OPEN) & (t.source[row] == src)
         if m.any():
             syn_by_kind[src] = _rate(acc & m, m)
     nested_real = {k: v for k, v in nested.items() if k.startswith("fold")}
@@ -504,8 +511,8 @@ def evaluate(d: VocabData, r: VocabRecipe, seed: int = 0, workers: int = 2, log=
         "text_only_words": summary(real & text_only_rows) if d.text_only else None,
         "by_source": sources, "per_word": per_word, "other_accepted_by_word": other_by_word,
         "synthetic_voices": summary(g == "synthetic voices"),
-        "synthetic_open_set": {"accepted": _rate(acc & (g == "synthetic open set"),
-                                                 g == "synthetic open set"),
+        "synthetic_open_set": {"accepted": _rate(acc & np.isin(g, SYNTHETIC_OPEN),
+                                                 np.isin(g, SYNTHETIC_OPEN)),
                                "by_kind": syn_by_kind},
         "calibration": {"temperature": temp, "platt": list(platt), "platt_balanced": balanced,
                         "ece": ece(p[real], y_u[real]) if real.any() else None},
