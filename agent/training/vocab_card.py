@@ -86,13 +86,10 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
                    f"{v['real_scored']} | {_f(v['coverage'])} | {_f(v['precision'], 4)} | "
                    f"{_f(v['heldout_voices_recall'])} | {v['threshold']:.3f} |")
     out += ["", "Synthetic: espeak-ng (8 English accents × its voice variants, speed and "
-            "pitch), flite and festival voices" + (
-                f", each clip also augmented {recipe['synth_aug_copies']}× (speed, room, "
-                "microphone colour, gain, noise)" if recipe["synth_aug_copies"] else
-                " (not augmented: augmented synthetic words taught the rejector that "
-                "augmented synthetic speech is a word; real clips are augmented)") +
-            f"; voices never trained on: {', '.join(HELDOUT_VOICES)}.", "",
-            "## By source (real, held out)", "",
+            "pitch), flite and festival voices, each clip also augmented (speed, room, "
+            "microphone colour, gain, noise; the head learns from both, the rejector, next to "
+            "real other speech, from the clean clips only); voices never trained on: "
+            f"{', '.join(HELDOUT_VOICES)}.", "", "## By source (real, held out)", "",
             "| source | word clips | coverage | precision | other clips | other accepted |",
             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for s, v in report["by_source"].items():
