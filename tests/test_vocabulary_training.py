@@ -122,3 +122,35 @@ def test_card_states_real_and_synthetic_counts_per_word(text_only):
     m = json.loads((text_only / "manifest.json").read_text())
     assert m["training"]["counts"]["per_word"]["happy"]["synthetic"] == \
         ev["per_word"]["happy"]["synthetic"]
+
+
+def test_rejector_weighs_a_words_few_real_clips_like_its_synthetic_ones():
+    """A word with 3 real and 30 synthetic clips next to 200 other clips: its real clips
+    together weigh as much as its synthetic ones, the words as much as everything else."""
+    from agent.training.vocabulary import REAL, TRAIN_SYNTH, Table, rejector_weights
+
+    y = np.r_[np.zeros(3), np.zeros(30), np.ones(10), np.full(200, 2)].astype(int)
+    role = np.r_[[REAL] * 3, [TRAIN_SYNTH] * 30, [TRAIN_SYNTH] * 10, [REAL] * 200]
+    n = len(y)
+    t = Table(np.zeros((n, 2), np.float32), y, np.full(n, "g"), np.full(n, "w"),
+              np.full(n, "s"), role, np.zeros(n, bool))
+    w = rejector_weights(t, k=2)
+    real0, syn0 = (y == 0) & (role == REAL), (y == 0) & (role == TRAIN_SYNTH)
+    assert w[real0].sum() == pytest.approx(w[syn0].sum())
+    assert w[y < 2].sum() == pytest.approx(w[y == 2].sum())
+    assert w[y == 1].sum() < w[y == 0].sum()          # one word's clips are not inflated
+    assert w.mean() == pytest.approx(1.0)
+
+
+def test_balanced_platt_is_the_pools_prior_removed():
+    """Fitted as if words and other speech were equally frequent: on a pool with ten times more
+    other speech, the same logit reads higher than with the pool's prior, by about log(10)."""
+    from agent.training.recipe import fit_platt
+
+    rng = np.random.default_rng(0)
+    lg = np.r_[rng.normal(2, 1, 200), rng.normal(-2, 1, 2000)]
+    y = np.r_[np.ones(200), np.zeros(2000)]
+    a0, b0 = fit_platt(lg, y)
+    a1, b1 = fit_platt(lg, y, balanced=True)
+    assert a1 == pytest.approx(a0, rel=0.1)
+    assert (b1 - b0) == pytest.approx(np.log(10), abs=0.3)
