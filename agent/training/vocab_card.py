@@ -72,8 +72,8 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
             "in every held-out group (each real speaker group, the held-out synthetic voices), "
             f"and at most {100 * recipe['max_synthetic_other_rate']:.0f} % of the held-out "
             f"synthetic other words and sounds, {100 * recipe['max_near_word_rate']:.0f} % of "
-            "the held-out near-words (one vowel away is often the word in another accent); "
-            "\"thresholds chosen without it\" rows are each "
+            "the held-out near-words where real other speech is held out too (without it they "
+            "count with the synthetic open set); \"thresholds chosen without it\" rows are each "
             "group scored at thresholds chosen on the others (what a new group of voices gets).",
             "", "## Per word", "",
             "| word | real recordings trained on | real held back (text only) | synthetic "
@@ -87,8 +87,8 @@ def render(manifest: dict[str, Any], report: dict[str, Any], recipe: dict[str, A
                    f"{_f(v['heldout_voices_recall'])} | {v['threshold']:.3f} |")
     out += ["", "Synthetic: espeak-ng (8 English accents × its voice variants, speed and "
             "pitch), flite and festival voices, each clip also augmented (speed, room, "
-            "microphone colour, gain, noise; the head learns from both, the rejector, next to "
-            "real other speech, from the clean clips only); voices never trained on: "
+            "microphone colour, gain, noise; the head learns from both, the rejector of words "
+            "with few real clips from the clean ones only); voices never trained on: "
             f"{', '.join(HELDOUT_VOICES)}.", "", "## By source (real, held out)", "",
             "| source | word clips | coverage | precision | other clips | other accepted |",
             "| --- | ---: | ---: | ---: | ---: | ---: |"]
