@@ -172,6 +172,9 @@ class MqttSink:
         self._restart_not_before = 0.0
         self._protocol = mqtt.MQTTv311 if opts.protocol == "3.1.1" else mqtt.MQTTv5
         self._subscriptions: list[str] = []
+        # one SUBSCRIBE per link: a second one delivers every retained command twice
+        self._subscribe_lock = threading.Lock()
+        self._link_subscribed = False
         self._on_command: Callable[[str, bytes], None] | None = None
         self._client = self._new_client()
         self._thread = threading.Thread(target=self._run, name="telemetry-publisher",
@@ -328,8 +331,10 @@ class MqttSink:
         self.connects += 1
         self._connected_at = self._outbox.now()  # the outbox clock
         client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
-        for t in self._subscriptions:  # retained commands arrive again after every connect
-            client.subscribe(t, qos=1)
+        with self._subscribe_lock:  # retained commands arrive again after every connect
+            for t in self._subscriptions:
+                client.subscribe(t, qos=1)
+            self._link_subscribed = True
         if self._birth is not None:
             client.publish(self.birth_topic, self._birth, qos=1, retain=True)
         self._rewind = True
@@ -341,10 +346,12 @@ class MqttSink:
     def subscribe(self, topics: list[str], callback: Callable[[str, bytes], None]) -> None:
         """Receive messages on `topics` (e.g. rollout commands) on every connection; the
         callback runs on paho's thread and must only hand the message over."""
-        self._subscriptions = list(topics)
-        self._on_command = callback
-        for t in self._subscriptions:  # not connected yet: harmless, on_connect subscribes
-            self._client.subscribe(t, qos=1)
+        with self._subscribe_lock:
+            self._subscriptions = list(topics)
+            self._on_command = callback
+            if self._link_subscribed:  # connected already; otherwise on_connect subscribes
+                for t in self._subscriptions:
+                    self._client.subscribe(t, qos=1)
 
     def _on_message(self, msg: Any) -> None:
         if self._on_command is not None and msg.topic in self._subscriptions:
@@ -353,6 +360,8 @@ class MqttSink:
     def _on_disconnect(self, gen: int, rc: ReasonCode) -> None:
         if gen != self._gen:
             return
+        with self._subscribe_lock:
+            self._link_subscribed = False
         was = self._connected.is_set()
         self._connected.clear()
         self._wake.set()
