@@ -181,11 +181,13 @@ def test_a_thread_that_keeps_dying_is_restarted_with_back_off(
     caplog.set_level(logging.INFO, LOGGER)
     try:
         assert sink.wait_connected(5)
+        dead = sink._client
         kill_network_thread(sink)
         wait(lambda: sink.stats()["restarts"] == 1, 5, "the first restart")
         first = time.monotonic()
-        wait(lambda: sink._net_thread is not None and sink._net_thread.is_alive(), 5,
-             "the new network thread")
+        # the new client's thread can run before the sink holds the new client: wait for both
+        wait(lambda: sink._client is not dead and sink._net_thread is not None
+             and sink._net_thread.is_alive(), 5, "the new client and its network thread")
         kill_network_thread(sink)
         wait(lambda: sink.stats()["restarts"] == 2, 10, "the second restart")
         assert time.monotonic() - first >= 0.9  # not at once: 1 s back-off after a recent one
