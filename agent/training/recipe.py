@@ -64,12 +64,12 @@ class Recipe:
                        rejector_max_iter=20)
 
 
-def _quiet_fit(model, x: np.ndarray, y: np.ndarray):
+def _quiet_fit(model, x: np.ndarray, y: np.ndarray, **fit_params):
     from sklearn.exceptions import ConvergenceWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return model.fit(x, y)
+        return model.fit(x, y, **fit_params)
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, r: Recipe, seed: int):
@@ -99,13 +99,8 @@ def fit_rejector(x: np.ndarray, y12: np.ndarray, r: Recipe, seed: int,
         hidden_layer_sizes=tuple(r.rejector_hidden), alpha=r.rejector_alpha,
         max_iter=r.rejector_max_iter, batch_size=256, learning_rate_init=1e-3,
         random_state=seed))
-    if weight is None:
-        return _quiet_fit(model, x, y12.astype(int))
-    from sklearn.exceptions import ConvergenceWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return model.fit(x, y12.astype(int), mlpclassifier__sample_weight=weight)
+    weighted = {} if weight is None else {"mlpclassifier__sample_weight": weight}
+    return _quiet_fit(model, x, y12.astype(int), **weighted)
 
 
 def head_scores(model, x: np.ndarray) -> np.ndarray:
