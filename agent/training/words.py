@@ -16,22 +16,18 @@ import zlib
 import numpy as np
 
 from agent.errors import ConfigError
-from agent.recognition.vocabulary import MAX_WORDS, UNKNOWN, word_problem
+from agent.recognition.vocabulary import UNKNOWN, parse_words
 from agent.training.synth import DIGIT_WORDS
 
 
 def parse_vocabulary(text: str) -> tuple[str, ...]:
     """`yes,no,turn on` → ("yes", "no", "turn on"); a bad list raises ONE ConfigError line.
-    The word rule is agent.recognition.vocabulary's, the one every manifest is read with."""
+    agent.recognition.vocabulary.parse_words applies the rule every manifest is read with;
+    here upper case is lowered and a digit and its name (`3`, `three`) are one word."""
     words = [w.strip().lower() for w in text.split(",")]
     if not text.strip() or any(not w for w in words):
         raise ConfigError(f"--vocabulary {text!r}: an empty word; give words separated by "
                           "commas, e.g. --vocabulary yes,no,stop")
-    for w in words:
-        why = word_problem(w)
-        if why:
-            raise ConfigError(f"--vocabulary: {why}; a phrase is words with single spaces, "
-                              "e.g. --vocabulary 'turn on,lights'")
     if UNKNOWN in words:
         raise ConfigError(f"--vocabulary: {UNKNOWN!r} is the model's own class for everything "
                           "else; remove it from the list")
@@ -41,10 +37,11 @@ def parse_vocabulary(text: str) -> tuple[str, ...]:
         if key in seen:
             raise ConfigError(f"--vocabulary: {w!r} repeats {seen[key]!r}; list every word once")
         seen[key] = w
-    if len(words) > MAX_WORDS:
-        raise ConfigError(f"--vocabulary: {len(words)} words; at most {MAX_WORDS} fit a stats "
-                          "payload")
-    return tuple(words)
+    try:
+        return tuple(parse_words(",".join(words)))
+    except ValueError as e:
+        raise ConfigError(f"--vocabulary: {e} (a phrase is words with single spaces, e.g. "
+                          "--vocabulary 'turn on,lights')") from None
 
 
 def recording_label(word: str) -> str:
