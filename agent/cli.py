@@ -403,31 +403,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def evaluate_enrollment(args: argparse.Namespace) -> int:
     """`evaluate --enrollment`: agent.training.enrollment_slice on the bundled model."""
-    import numpy as np
-
     from agent.config import PersonalConfig
-    from agent.recognition.decision import Thresholds
-    from agent.recognition.model import ModelRunner
-    from agent.resources import calibration_dir, default_model_dir
     from agent.training import enrollment_slice as E
 
     if args.data is None:
         raise ConfigError("evaluate --enrollment needs --data FSDD_RECORDINGS_DIR")
-    model = ModelRunner(default_model_dir())
-    m = model.manifest
-    cal = calibration_dir(m.name)
-    thr = E.class_thresholds(Thresholds.read(cal / "thresholds.json"), m.classes)
-    with np.load(cal / "oof.npz") as z:
-        oof, oof_labels = z["probabilities"], z["labels"]
-    f = E.shared_head_inputs(model, args.data, args.speech_commands)
-    if len(oof) != len(f["fsdd_x"]) or \
-            [m.classes[i] for i in oof_labels] != f["fsdd_label"].tolist():
-        raise ConfigError(f"--data {args.data} has {len(f['fsdd_x'])} recordings, the "
-                          f"out-of-fold probabilities of {m.ref} ({cal / 'oof.npz'}) "
-                          f"{len(oof)}: give the FSDD folder it was trained on")
-    weight = PersonalConfig().enrollment_weight
-    report = {"model": m.ref, "enrollment_weight": weight, "reps": args.reps,
-              "enrollment": E.enrollment_slice(f, oof, model, thr, args.reps, weight)}
+    report = E.bundled_slice(args.data, args.speech_commands, args.reps,
+                             PersonalConfig().enrollment_weight)
     print(json.dumps(report) if args.json else E.render(report))
     return 0
 

@@ -42,13 +42,12 @@ sys.path.insert(0, str(ROOT))
 from agent.personal.adaptation import AdaptationParams, AdaptationState, Adapter  # noqa: E402
 from agent.personal.enrollment import Enrollment, Rescorer  # noqa: E402
 from agent.personal.reference import fit_reference  # noqa: E402
-from agent.recognition.decision import Thresholds  # noqa: E402
 from agent.recognition.model import ModelRunner  # noqa: E402
-from agent.resources import calibration_dir, default_model_dir  # noqa: E402
+from agent.resources import default_model_dir  # noqa: E402
 from agent.training.enrollment_slice import (  # noqa: E402
     DIGITS,
-    class_thresholds,
     enrollment_slice,
+    out_of_fold,
     rates,
     shared_head_inputs,
     summarise,
@@ -189,9 +188,7 @@ def main() -> int:
     weight = pc.enrollment_weight if args.weight is None else args.weight
     model = ModelRunner(default_model_dir())
     m = model.manifest
-    thr = class_thresholds(Thresholds.read(calibration_dir(m.name) / "thresholds.json"),
-                           m.classes)
-    oof = np.load(calibration_dir(m.name) / "oof.npz")["probabilities"]
+    thr, oof, _ = out_of_fold(model)
     f = shared_head_inputs(model, args.shared / "data" / "fsdd" / "recordings",
                            args.shared / "data" / "speech-commands")
     report: dict = {"model": m.ref, "thresholds": thr.round(4).tolist(),

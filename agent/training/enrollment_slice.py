@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.errors import ConfigError
 from agent.personal.enrollment import Enrollment, Rescorer
 from agent.personal.reference import fit_reference
 from agent.recognition.decision import Thresholds
 from agent.recognition.model import ModelRunner
+from agent.resources import calibration_dir, default_model_dir
 
 DIGITS = tuple(str(d) for d in range(10))
 
@@ -56,6 +58,31 @@ def class_thresholds(t: Thresholds, classes: tuple[str, ...]) -> np.ndarray:
     """The threshold of each class as the daemon applies it (per class where given)."""
     per = dict(t.per_class)
     return np.array([per.get(c, t.threshold) for c in classes])
+
+
+def out_of_fold(model: ModelRunner) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bundled model's per-class thresholds, and its recipe's out-of-fold FSDD
+    probabilities and labels (calibration/<model>/: thresholds.json, oof.npz)."""
+    m = model.manifest
+    cal = calibration_dir(m.name)
+    thr = class_thresholds(Thresholds.read(cal / "thresholds.json"), m.classes)
+    with np.load(cal / "oof.npz") as z:
+        return thr, z["probabilities"], z["labels"]
+
+
+def bundled_slice(fsdd: Path, speech_commands: Path | None, reps: int, weight: float) -> dict:
+    """The enrollment slice of the bundled model, as `evaluate --enrollment` reports it."""
+    model = ModelRunner(default_model_dir())
+    m = model.manifest
+    thr, oof, oof_labels = out_of_fold(model)
+    f = shared_head_inputs(model, fsdd, speech_commands)
+    if len(oof) != len(f["fsdd_x"]) or \
+            [m.classes[i] for i in oof_labels] != f["fsdd_label"].tolist():
+        raise ConfigError(f"--data {fsdd} has {len(f['fsdd_x'])} recordings, the out-of-fold "
+                          f"probabilities of {m.ref} ({calibration_dir(m.name) / 'oof.npz'}) "
+                          f"{len(oof)}: give the FSDD folder it was trained on")
+    return {"model": m.ref, "enrollment_weight": weight, "reps": reps,
+            "enrollment": enrollment_slice(f, oof, model, thr, reps, weight)}
 
 
 def rates(p: np.ndarray, y: np.ndarray, thr: np.ndarray, unknown: int) -> dict[str, float]:
