@@ -261,22 +261,30 @@ def test_the_actions_table_is_checked_against_the_model_words() -> None:
     assert "'Lights' is not a vocabulary word" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_the_largest_vocabulary_keeps_the_worst_stats_payload_within_8_kb() -> None:
-    from agent.monitoring.payloads import MAX_PAYLOAD_BYTES, SinceBoot, payload_bytes, stats_payload
-    from agent.recognition.vocabulary import MAX_WORD, MAX_WORDS
+def worst_payload_bytes(names: list[str], wake_stage: bool = False) -> int:
+    """The schema-valid stats payload of a window with every bin of every metric filled, a
+    year-long boot and these class names, in bytes."""
+    from agent.monitoring.payloads import SinceBoot, payload_bytes, stats_payload
     from tests.test_privacy_payloads import ANCHOR, MODEL, PROCESS, _drift_all, _full_summary
 
-    s = _full_summary(classes=MAX_WORDS + 1, utterances=400)
-    words = [f"w{i:02d}".ljust(MAX_WORD, "x") for i in range(MAX_WORDS)]
-    assert vocabulary_problem([*words, "unknown"], "unknown") is None
-    s.classes = {w: 16 for w in [*words, "unknown"]}
+    s = _full_summary(classes=len(names), utterances=400)
+    s.classes = {w: 16 for w in names}
     year = dict(zip(SinceBoot.FIELDS, (525_600, 3_153_600_000, 1_500_000_000, 9_999_999,
                                        9_000_000, 999_999, 99_999_999), strict=True))
     p = stats_payload(s, _drift_all(), utc_anchor=ANCHOR, model=MODEL, process=PROCESS,
                       historical=True, active_alarms={"snr_db"}, device_id="d" * 64,
-                      boot_id="b" * 64, seq=123456789, since_boot=year)
+                      boot_id="b" * 64, seq=123456789, since_boot=year, wake_stage=wake_stage)
     STATS.validate(p)
-    assert len(payload_bytes(p)) <= MAX_PAYLOAD_BYTES
+    return len(payload_bytes(p))
+
+
+def test_the_largest_vocabulary_keeps_the_worst_stats_payload_within_8_kb() -> None:
+    from agent.monitoring.payloads import MAX_PAYLOAD_BYTES
+    from agent.recognition.vocabulary import MAX_WORD, MAX_WORDS
+
+    words = [f"w{i:02d}".ljust(MAX_WORD, "x") for i in range(MAX_WORDS)]
+    assert vocabulary_problem([*words, "unknown"], "unknown") is None
+    assert worst_payload_bytes([*words, "unknown"]) <= MAX_PAYLOAD_BYTES
 
 
 def test_wake_mode_keeps_the_worst_stats_payload_within_8_kb_for_words_within_budget() -> None:
@@ -285,25 +293,12 @@ def test_wake_mode_keeps_the_worst_stats_payload_within_8_kb_for_words_within_bu
     from agent.monitoring.payloads import (
         MAX_PAYLOAD_BYTES,
         WAKE_CLASS_NAMES_BUDGET,
-        SinceBoot,
         class_names_bytes,
-        payload_bytes,
-        stats_payload,
     )
     from agent.recognition.vocabulary import MAX_WORD, MAX_WORDS
-    from tests.test_privacy_payloads import ANCHOR, MODEL, PROCESS, _drift_all, _full_summary
-
-    year = dict(zip(SinceBoot.FIELDS, (525_600, 3_153_600_000, 1_500_000_000, 9_999_999,
-                                       9_000_000, 999_999, 99_999_999), strict=True))
 
     def worst(names: list[str]) -> int:
-        s = _full_summary(classes=len(names), utterances=400)
-        s.classes = {w: 16 for w in names}
-        p = stats_payload(s, _drift_all(), utc_anchor=ANCHOR, model=MODEL, process=PROCESS,
-                          historical=True, active_alarms={"snr_db"}, device_id="d" * 64,
-                          boot_id="b" * 64, seq=123456789, since_boot=year, wake_stage=True)
-        STATS.validate(p)
-        return len(payload_bytes(p))
+        return worst_payload_bytes(names, wake_stage=True)
 
     # the fullest vocabulary the word rule allows would not fit beside the wake stage
     longest = [f"w{i:02d}".ljust(MAX_WORD, "x") for i in range(MAX_WORDS)] + ["unknown"]
