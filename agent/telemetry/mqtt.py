@@ -146,7 +146,6 @@ class MqttSink:
                 raise ConfigError(f"telemetry.{name} {value!r} does not exist")
         self._outbox = Outbox(outbox_path, outbox_limits, autocheckpoint=False, health=health)
         self._rng = random.Random()
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._connected = threading.Event()
