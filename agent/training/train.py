@@ -95,6 +95,22 @@ def target_table(report: dict[str, Any], seconds: float) -> dict[str, tuple]:
     return out
 
 
+def write_decision_files(out_dir: Path, calibration_dir: Path, manifest, pub: dict,
+                         oof: dict, max_word_rate: float, out_of_fold: dict) -> None:
+    """evaluation.json beside the model; thresholds.json (the model's build, its thresholds
+    and how they were chosen, `out_of_fold`) and the out-of-fold pool they were chosen on
+    (OOF_FILE) in the calibration directory."""
+    calibration_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "evaluation.json").write_text(json.dumps(pub, indent=1) + "\n")
+    th = pub["threshold"]
+    (calibration_dir / "thresholds.json").write_text(json.dumps({
+        "model": manifest.ref, "sha256": manifest.sha256, "threshold": round(th["value"], 6),
+        "per_class": {k: round(v, 6) for k, v in th["per_class"].items()},
+        "target_precision": th["target_precision"], "max_word_rate": max_word_rate,
+        "out_of_fold": out_of_fold}, indent=2) + "\n")
+    np.savez_compressed(calibration_dir / OOF_FILE, **oof)
+
+
 def measure_latency(model_dir: Path, clips: list[np.ndarray], n: int = 100) -> float:
     """Median front end + head + rejector time per utterance, one ONNX Runtime thread."""
     runner = ModelRunner(model_dir, threads=1)
@@ -152,24 +168,17 @@ def train(data_dir: str | Path, out_dir: str | Path, calibration_dir: str | Path
                   "onnx_max_abs_diff": gap,
                   "loso_accuracy": {k: round(v["mean"], 4)
                                     for k, v in pub["conditions"].items()}})
-    calibration_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluation.json").write_text(json.dumps(pub, indent=1) + "\n")
     th = pub["threshold"]
-    (calibration_dir / "thresholds.json").write_text(json.dumps({
-        "model": manifest.ref, "sha256": manifest.sha256, "threshold": round(th["value"], 6),
-        "per_class": {k: round(v, 6) for k, v in th["per_class"].items()},
-        "target_precision": th["target_precision"], "max_word_rate": th["max_word_rate"],
-        "out_of_fold": {"coverage": round(th["coverage"], 4),
-                        "precision": round(th["precision"] or 0.0, 4),
-                        "worst_group_precision": th["worst_group"],
-                        "nested_worst_group_precision": th["nested_worst"],
-                        "nested_worst_group_words_accepted": th["nested_words_worst"],
-                        "method": "agent/training/thresholds.py choose_thresholds over "
-                        f"{OOF_FILE} (pool_probabilities, pool_labels, pool_groups): the "
-                        "digits' precision target and max_word_rate hold in every held-out "
-                        "group (each FSDD speaker, each Speech Commands speaker group)"}},
-        indent=2) + "\n")
-    np.savez_compressed(calibration_dir / OOF_FILE, **report["_oof"])
+    write_decision_files(out_dir, calibration_dir, manifest, pub, report["_oof"],
+                         th["max_word_rate"], {
+        "coverage": round(th["coverage"], 4), "precision": round(th["precision"] or 0.0, 4),
+        "worst_group_precision": th["worst_group"],
+        "nested_worst_group_precision": th["nested_worst"],
+        "nested_worst_group_words_accepted": th["nested_words_worst"],
+        "method": "agent/training/thresholds.py choose_thresholds over "
+        f"{OOF_FILE} (pool_probabilities, pool_labels, pool_groups): the digits' precision "
+        "target and max_word_rate hold in every held-out group (each FSDD speaker, each "
+        "Speech Commands speaker group)"})
     calibrate(out_dir, ds.clips, calibration_dir, seed=seed, log=log)
     latency = measure_latency(out_dir, [load_audio(c.path, 16000) for c in ds.clips[::50]])
     secs = time.perf_counter() - t0

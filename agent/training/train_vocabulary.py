@@ -4,7 +4,6 @@ out-of-fold predictions, baseline, head-input reference and card."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from agent.training.export import (
     head_to_onnx,
     rejector_to_onnx,
 )
-from agent.training.train import TrainResult, measure_latency, public
+from agent.training.train import TrainResult, measure_latency, public, write_decision_files
 from agent.training.words import spoken
 
 
@@ -75,24 +74,18 @@ def train_vocabulary(vocabulary: tuple[str, ...], data_dir: Path | None, out_dir
                   " → Platt sigmoid", "composition": "P(word k) = p_in * P_head(k), "
                   "P(unknown) = 1 - p_in", "temperature": temp, "platt": list(platt),
                   "onnx_max_abs_diff": gap})
-    calibration_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluation.json").write_text(json.dumps(pub, indent=1) + "\n")
     th = pub["threshold"]
     real = pub["real"]
-    (calibration_dir / "thresholds.json").write_text(json.dumps({
-        "model": manifest.ref, "sha256": manifest.sha256, "threshold": round(th["value"], 6),
-        "per_class": {w: round(v, 6) for w, v in th["per_class"].items()},
-        "target_precision": th["target_precision"], "max_word_rate": th["max_other_rate"],
-        "out_of_fold": {"coverage": real["coverage"], "precision": real["precision"],
-                        "other_accepted": real["other_accepted"],
-                        "nested_worst_group_precision": th["nested_worst_precision"],
-                        "nested_worst_group_other_accepted": th["nested_worst_other"],
-                        "method": "agent/training/thresholds.py choose_thresholds over "
-                        f"{OOF_FILE} (pool_probabilities, pool_labels, pool_groups): the words' "
-                        "precision target and max_word_rate hold in every held-out group "
-                        "(real speaker groups, held-out synthetic voices, synthetic open set)"}},
-        indent=2) + "\n")
-    np.savez_compressed(calibration_dir / OOF_FILE, **report["_oof"])
+    write_decision_files(out_dir, calibration_dir, manifest, pub, report["_oof"],
+                         th["max_other_rate"], {
+        "coverage": real["coverage"], "precision": real["precision"],
+        "other_accepted": real["other_accepted"],
+        "nested_worst_group_precision": th["nested_worst_precision"],
+        "nested_worst_group_other_accepted": th["nested_worst_other"],
+        "method": "agent/training/thresholds.py choose_thresholds over "
+        f"{OOF_FILE} (pool_probabilities, pool_labels, pool_groups): the words' precision "
+        "target and max_word_rate hold in every held-out group (real speaker groups, "
+        "held-out synthetic voices, synthetic open set)"})
     # the head-input reference (enrollment, adaptation): the words' training examples
     t = d.table
     use = m & ~t.aug & (t.y < k)
